@@ -1,0 +1,22 @@
+"""Pallas GPU kernels for Stable Diffusion's hot ops.
+
+Each kernel module holds one public function, its pure-jnp reference, and a frozen config of
+block sizes. Off GPU the kernels run through Pallas interpret mode (for tests, not speed).
+"""
+
+from custom_calls.flash_attention import flash_attention, flash_attention_reference
+from custom_calls.fused_softmax import fused_softmax_attention, fused_softmax_attention_reference
+from custom_calls.geglu import geglu, geglu_elementwise, geglu_reference
+from custom_calls.group_norm import group_norm, group_norm_reference
+
+__all__ = [
+    "flash_attention",
+    "flash_attention_reference",
+    "fused_softmax_attention",
+    "fused_softmax_attention_reference",
+    "geglu",
+    "geglu_elementwise",
+    "geglu_reference",
+    "group_norm",
+    "group_norm_reference",
+]

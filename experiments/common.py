@@ -1,0 +1,175 @@
+"""Timing and recording helpers shared by every experiment.
+
+Timing rules (see BUILD.md): warm up first, time many back-to-back calls inside one jitted
+program so that host dispatch is amortized, subtract the fixed cost of one launch, repeat,
+and quote the median.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+
+def device_info() -> dict:
+    """What ran the experiment: device kind, backend, jax/jaxlib versions, host."""
+    dev = jax.devices()[0]
+    info = {
+        "backend": jax.default_backend(),
+        "device_kind": getattr(dev, "device_kind", str(dev)),
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        import flax
+
+        info["flax"] = flax.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _jaxlib_version():
+    try:
+        import jaxlib
+
+        return jaxlib.__version__
+    except ImportError:
+        return None
+
+
+def _chain(fn: Callable, n: int) -> Callable:
+    """A jitted program that calls fn n times back to back.
+
+    Each call's inputs pass through an optimization barrier together with the previous
+    output, so XLA can neither hoist a call out nor drop one as dead code.
+    """
+
+    def body(*args):
+        out = fn(*args)
+        for _ in range(n - 1):
+            args, _ = jax.lax.optimization_barrier((args, out))
+            out = fn(*args)
+        return out
+
+    return jax.jit(body)
+
+
+def time_jax(fn: Callable, *args, calls: int = 20, repeats: int = 7) -> dict:
+    """Median device time of one call of fn(*args), in milliseconds.
+
+    Times a program of `calls + 1` chained calls and one of a single call, and takes the
+    difference over `calls`: that cancels the fixed dispatch and synchronization cost.
+    """
+    one, many = _chain(fn, 1), _chain(fn, calls + 1)
+    jax.block_until_ready(one(*args))  # compile and warm up
+    jax.block_until_ready(many(*args))
+    per_call = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(one(*args))
+        t1 = time.perf_counter()
+        jax.block_until_ready(many(*args))
+        t2 = time.perf_counter()
+        per_call.append(max((t2 - t1) - (t1 - t0), 0.0) / calls * 1e3)
+    return {"median_ms": statistics.median(per_call), "all_ms": per_call, "calls": calls}
+
+
+def time_host(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> dict:
+    """Wall-clock median of a whole callable that blocks until done (end-to-end timings)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "all_ms": times}
+
+
+def time_torch(fn: Callable[[], object], *, calls: int = 50, repeats: int = 7) -> dict:
+    """Median per-call time of a torch CUDA callable, with CUDA events over back-to-back calls."""
+    import torch
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        per_call.append(start.elapsed_time(end) / calls)
+    return {"median_ms": statistics.median(per_call), "all_ms": per_call, "calls": calls}
+
+
+def relative_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
+
+
+def results_dir(default: str = "experiments/results") -> pathlib.Path:
+    """$OUT on the device machine (so that files come back), else the repo's results folder."""
+    path = pathlib.Path(os.environ.get("OUT") or default)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: os.PathLike, record: dict) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A GitHub-style table of the given columns; floats to 4 significant digits."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache (default ~/.cache/sdjax/jax)."""
+    path = path or os.environ.get("SDJAX_CACHE_DIR") or os.path.expanduser("~/.cache/sdjax/jax")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

@@ -1,0 +1,35 @@
+"""Per-shape implementation choices recorded by `experiments/kernel_bench.py` on a GPU.
+
+The table lives in `sdjax/assets/autotune.json`:
+    {"device": "...", "jax": "...", "choices": {"attention": {"<key>": "flash", ...}, ...}}
+A key is `shape_key(op, shape_a, shape_b, dtype)`. A shape that was never measured gets the
+op's default, which `sdjax.ops` names per op. `auto` consults this table only on GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import numpy as np
+
+TABLE_PATH = pathlib.Path(__file__).parent / "assets" / "autotune.json"
+
+
+def shape_key(op: str, shape_a, shape_b, dtype) -> str:
+    b = "x".join(map(str, shape_b)) if shape_b is not None else "-"
+    return f"{op}:{'x'.join(map(str, shape_a))}:{b}:{np.dtype(dtype).name}"
+
+
+@functools.cache
+def _table(path: str = str(TABLE_PATH)) -> dict:
+    p = pathlib.Path(path)
+    if not p.exists():
+        return {}
+    return json.loads(p.read_text()).get("choices", {})
+
+
+def choose(op: str, shape_a, shape_b, dtype, *, default: str) -> str:
+    """The recorded fastest implementation of `op` at this shape, else `default`."""
+    return _table().get(op, {}).get(shape_key(op, shape_a, shape_b, dtype), default)

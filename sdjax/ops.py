@@ -1,0 +1,333 @@
+"""The one seam through which the models call their hot ops.
+
+The models never call a kernel directly. They call `attention`, `group_norm` and `geglu`
+here, and the implementation is chosen once, outside the model, with `use(...)`:
+
+    with sdjax.ops.use(Implementations(attention="flash")):
+        out = unet.apply(params, ...)   # traced with the flash kernel
+
+The choice is read when a function is *traced*. A jitted function that should switch
+implementations must therefore take the choice as a static argument and enter `use(...)`
+inside the traced function (the pipeline does this), otherwise jit's cache would replay
+the implementation it saw first.
+
+Implementation names:
+  reference      plain jnp, float32 math throughout; the ground truth.
+  xla            what plain XLA does well: low-precision operands, float32 accumulation.
+  cudnn          (attention) jax.nn.dot_product_attention(implementation="cudnn"); GPU only.
+  flash          (attention) our Pallas FlashAttention kernel.
+  fused_softmax  (attention) our Pallas partially fused softmax (the paper's variant).
+  pallas         (group_norm, geglu) our Pallas kernels.
+  auto           the fastest recorded choice for the shape and backend (see `_auto_*`).
+
+An unknown name raises `ValueError`. A chosen implementation that cannot run a shape raises;
+nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from typing import Literal, get_args
+
+import jax
+import jax.numpy as jnp
+
+AttentionImpl = Literal["reference", "xla", "cudnn", "flash", "fused_softmax", "auto"]
+GroupNormImpl = Literal["reference", "xla", "pallas", "auto"]
+GegluImpl = Literal["reference", "xla", "pallas", "auto"]
+Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Implementations:
+    """Which implementation each hot op uses. Hashable, so it can be a static jit argument."""
+
+    attention: AttentionImpl = "reference"
+    group_norm: GroupNormImpl = "reference"
+    geglu: GegluImpl = "reference"
+
+    def __post_init__(self):
+        for field, kind in (
+            ("attention", AttentionImpl),
+            ("group_norm", GroupNormImpl),
+            ("geglu", GegluImpl),
+        ):
+            value = getattr(self, field)
+            if value not in get_args(kind):
+                raise ValueError(
+                    f"unknown {field} implementation {value!r}; choose from {get_args(kind)}"
+                )
+
+    @classmethod
+    def preset(cls, name: str) -> Implementations:
+        """Named presets: 'reference', 'xla', 'auto' (every op the same), or one from PRESETS."""
+        if name in PRESETS:
+            return PRESETS[name]
+        raise ValueError(f"unknown kernel preset {name!r}; choose from {sorted(PRESETS)}")
+
+
+PRESETS: dict[str, Implementations] = {
+    "reference": Implementations(),
+    "xla": Implementations(attention="xla", group_norm="xla", geglu="xla"),
+    "cudnn": Implementations(attention="cudnn", group_norm="xla", geglu="xla"),
+    "pallas": Implementations(attention="flash", group_norm="pallas", geglu="pallas"),
+    "auto": Implementations(attention="auto", group_norm="auto", geglu="auto"),
+}
+
+_state = threading.local()
+
+
+def current() -> Implementations:
+    """The implementations in force for code traced now."""
+    return getattr(_state, "impls", PRESETS["reference"])
+
+
+@contextlib.contextmanager
+def use(impls: Implementations | str) -> Iterator[Implementations]:
+    """Sets the implementations for everything traced inside the `with` block."""
+    if isinstance(impls, str):
+        impls = Implementations.preset(impls)
+    previous = current()
+    _state.impls = impls
+    try:
+        yield impls
+    finally:
+        _state.impls = previous
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+
+def attention_reference(q, k, v, *, scale: float | None = None):
+    """Exact softmax attention in float32.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim].
+    Returns [batch, q_len, heads, head_dim] in q's dtype.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = (t.astype(jnp.float32) for t in (q, k, v))
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, vf).astype(q.dtype)
+
+
+def _attention_xla(q, k, v, *, scale):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+
+
+def _attention_cudnn(q, k, v, *, scale):
+    if not on_gpu():
+        raise ValueError("attention implementation 'cudnn' needs a GPU backend")
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+
+
+def _attention_flash(q, k, v, *, scale):
+    import custom_calls
+
+    return custom_calls.flash_attention(q, k, v, scale=scale)
+
+
+def _attention_fused_softmax(q, k, v, *, scale):
+    import custom_calls
+
+    return custom_calls.fused_softmax_attention(q, k, v, scale=scale)
+
+
+def _auto_attention(q, k, v) -> str:
+    """Per-shape choice. On CPU the Pallas kernels would run in interpret mode: never pick them."""
+    if not on_gpu():
+        return "xla"
+    from sdjax import autotune
+
+    return autotune.choose("attention", q.shape, k.shape, q.dtype, default="cudnn")
+
+
+_ATTENTION: dict[str, Callable] = {
+    "reference": lambda q, k, v, *, scale: attention_reference(q, k, v, scale=scale),
+    "xla": _attention_xla,
+    "cudnn": _attention_cudnn,
+    "flash": _attention_flash,
+    "fused_softmax": _attention_fused_softmax,
+}
+
+
+def attention(q, k, v, *, scale: float | None = None, implementation: AttentionImpl | None = None):
+    """Softmax attention. q: [B, Lq, H, D]; k, v: [B, Lk, H, D] -> [B, Lq, H, D]."""
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"attention wants q [B,Lq,H,D], k=v [B,Lk,H,D]; got {q.shape=} {k.shape=} {v.shape=}"
+        )
+    impl = implementation or current().attention
+    if impl == "auto":
+        impl = _auto_attention(q, k, v)
+    if impl not in _ATTENTION:
+        raise ValueError(
+            f"unknown attention implementation {impl!r}; choose from {get_args(AttentionImpl)}"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _ATTENTION[impl](q, k, v, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# GroupNorm (+ activation)
+# --------------------------------------------------------------------------------------------
+
+
+def apply_activation(x, activation: Activation):
+    if activation is None:
+        return x
+    if activation == "silu":
+        return jax.nn.silu(x)
+    if activation == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if activation == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    raise ValueError(f"unknown activation {activation!r}; choose from {get_args(Activation)}")
+
+
+def group_norm_reference(
+    x, scale, bias, *, groups: int = 32, eps: float = 1e-5, activation: Activation = None
+):
+    """GroupNorm over NHWC (or N...C) input, statistics and math in float32.
+
+    x: [N, ..., C]; scale, bias: [C]. Returns x's shape and dtype.
+    """
+    n, c = x.shape[0], x.shape[-1]
+    if c % groups:
+        raise ValueError(f"group_norm: channels {c} not divisible by {groups=}")
+    xf = x.astype(jnp.float32).reshape(n, -1, groups, c // groups)
+    mean = xf.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
+    y = ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return apply_activation(y, activation).astype(x.dtype)
+
+
+def _group_norm_xla(x, scale, bias, *, groups, eps, activation):
+    """Statistics in float32 (two-pass), the normalization in x's dtype: what XLA fuses well."""
+    n, c = x.shape[0], x.shape[-1]
+    xg = x.reshape(n, -1, groups, c // groups)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True, dtype=jnp.float32)
+    var = jnp.mean(jnp.square(xg.astype(jnp.float32) - mean), axis=(1, 3), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return apply_activation(y, activation).astype(x.dtype)
+
+
+def _group_norm_pallas(x, scale, bias, *, groups, eps, activation):
+    import custom_calls
+
+    return custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation)
+
+
+def _auto_group_norm(x) -> str:
+    if not on_gpu():
+        return "xla"
+    from sdjax import autotune
+
+    return autotune.choose("group_norm", x.shape, None, x.dtype, default="xla")
+
+
+_GROUP_NORM: dict[str, Callable] = {
+    "reference": group_norm_reference,
+    "xla": _group_norm_xla,
+    "pallas": _group_norm_pallas,
+}
+
+
+def group_norm(
+    x,
+    scale,
+    bias,
+    *,
+    groups: int = 32,
+    eps: float = 1e-5,
+    activation: Activation = None,
+    implementation: GroupNormImpl | None = None,
+):
+    """GroupNorm (+ optional activation). x: [N, ..., C] channels-last; scale, bias: [C]."""
+    if scale.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+        raise ValueError(
+            f"group_norm: scale/bias must be [{x.shape[-1]}]; got {scale.shape}, {bias.shape}"
+        )
+    if x.shape[-1] % groups:
+        raise ValueError(f"group_norm: channels {x.shape[-1]} not divisible by {groups=}")
+    apply_activation(jnp.zeros((), jnp.float32), activation)  # validates the name
+    impl = implementation or current().group_norm
+    if impl == "auto":
+        impl = _auto_group_norm(x)
+    if impl not in _GROUP_NORM:
+        raise ValueError(
+            f"unknown group_norm implementation {impl!r}; choose from {get_args(GroupNormImpl)}"
+        )
+    return _GROUP_NORM[impl](x, scale, bias, groups=groups, eps=eps, activation=activation)
+
+
+# --------------------------------------------------------------------------------------------
+# GEGLU: the first half of the SD feed-forward
+# --------------------------------------------------------------------------------------------
+
+
+def geglu_reference(x, w, b):
+    """hidden * gelu(gate) where [hidden, gate] = x @ w + b (exact erf GELU, as diffusers).
+
+    x: [..., D]; w: [D, 2F]; b: [2F]. Returns [..., F] in x's dtype.
+    """
+    h = jnp.einsum("...d,df->...f", x.astype(jnp.float32), w.astype(jnp.float32)) + b.astype(
+        jnp.float32
+    )
+    hidden, gate = jnp.split(h, 2, axis=-1)
+    return (hidden * jax.nn.gelu(gate, approximate=False)).astype(x.dtype)
+
+
+def _geglu_xla(x, w, b):
+    h = jnp.einsum("...d,df->...f", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    h = h + b.astype(jnp.float32)
+    hidden, gate = jnp.split(h, 2, axis=-1)
+    return (hidden * jax.nn.gelu(gate, approximate=False)).astype(x.dtype)
+
+
+def _geglu_pallas(x, w, b):
+    import custom_calls
+
+    return custom_calls.geglu(x, w, b)
+
+
+def _auto_geglu(x, w) -> str:
+    if not on_gpu():
+        return "xla"
+    from sdjax import autotune
+
+    return autotune.choose("geglu", x.shape, w.shape, x.dtype, default="xla")
+
+
+_GEGLU: dict[str, Callable] = {
+    "reference": geglu_reference,
+    "xla": _geglu_xla,
+    "pallas": _geglu_pallas,
+}
+
+
+def geglu(x, w, b, *, implementation: GegluImpl | None = None):
+    """GEGLU projection. x: [..., D]; w: [D, 2F]; b: [2F] -> [..., F]."""
+    if w.ndim != 2 or w.shape[0] != x.shape[-1] or w.shape[1] % 2 or b.shape != (w.shape[1],):
+        raise ValueError(
+            f"geglu wants x [..., D], w [D, 2F], b [2F]; got {x.shape=} {w.shape=} {b.shape=}"
+        )
+    impl = implementation or current().geglu
+    if impl == "auto":
+        impl = _auto_geglu(x, w)
+    if impl not in _GEGLU:
+        raise ValueError(
+            f"unknown geglu implementation {impl!r}; choose from {get_args(GegluImpl)}"
+        )
+    return _GEGLU[impl](x, w, b)
