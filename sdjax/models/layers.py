@@ -1,0 +1,291 @@
+"""Building blocks shared by the UNet and the VAE, channels-last (NHWC) throughout.
+
+Parameter names follow diffusers' PyTorch modules so that a checkpoint loads by renaming
+(`name.N` -> `name_N`, `weight` -> `kernel`/`scale`) and transposing. Layers compute in
+their input's dtype: parameters are cast to it at use, except where `sdjax.ops` does the
+math in float32 (attention softmax, GroupNorm statistics, GEGLU accumulation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdjax import ops
+
+Padding = int | Sequence[tuple[int, int]]
+
+_kernel_init = nn.initializers.lecun_normal()
+_zeros = nn.initializers.zeros_init()
+_ones = nn.initializers.ones_init()
+
+
+class Linear(nn.Module):
+    """torch.nn.Linear: params `kernel` [in, out] and (optionally) `bias` [out]."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def weights(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        """The raw (kernel, bias), for callers that fuse the matmul themselves (GEGLU)."""
+        kernel = self.param("kernel", _kernel_init, (in_features, self.features))
+        bias = self.param("bias", _zeros, (self.features,)) if self.use_bias else None
+        return kernel, bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., out]."""
+        kernel, bias = self.weights(x.shape[-1])
+        y = jnp.dot(x, kernel.astype(x.dtype))
+        return y if bias is None else y + bias.astype(x.dtype)
+
+
+class Conv2d(nn.Module):
+    """torch.nn.Conv2d on NHWC input: params `kernel` [kh, kw, in, out] (HWIO) and `bias`.
+
+    `padding` is an int (symmetric, as torch) or explicit ((top, bottom), (left, right)).
+    """
+
+    features: int
+    kernel_size: int = 3
+    stride: int = 1
+    padding: Padding = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [N, H, W, in] -> [N, H', W', out]."""
+        k = self.kernel_size
+        kernel = self.param("kernel", _kernel_init, (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", _zeros, (self.features,))
+        pad = self.padding
+        if isinstance(pad, int):
+            pad = ((pad, pad), (pad, pad))
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel.astype(x.dtype),
+            window_strides=(self.stride, self.stride),
+            padding=tuple(tuple(p) for p in pad),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + bias.astype(x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over the last axis, with an optional fused activation (`ops`)."""
+
+    groups: int = 32
+    eps: float = 1e-5
+    activation: ops.Activation = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [N, ..., C] -> same shape and dtype."""
+        c = x.shape[-1]
+        scale = self.param("scale", _ones, (c,))
+        bias = self.param("bias", _zeros, (c,))
+        return ops.group_norm(
+            x, scale, bias, groups=self.groups, eps=self.eps, activation=self.activation
+        )
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis; statistics in float32, output in x's dtype."""
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", _ones, (c,))
+        bias = self.param("bias", _zeros, (c,))
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, plus the time embedding in between; 1x1 conv shortcut
+    when the channel count changes. Without `temb` (the VAE) there is no `time_emb_proj`."""
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-5
+
+    def setup(self):
+        self.norm1 = GroupNorm(self.groups, self.eps, activation="silu")
+        self.conv1 = Conv2d(self.out_channels)
+        self.time_emb_proj = Linear(self.out_channels)
+        self.norm2 = GroupNorm(self.groups, self.eps, activation="silu")
+        self.conv2 = Conv2d(self.out_channels)
+        self.conv_shortcut = Conv2d(self.out_channels, kernel_size=1, padding=0)
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        """x: [N, H, W, C_in]; temb: [N, T] or None -> [N, H, W, out_channels]."""
+        h = self.conv1(self.norm1(x))
+        if temb is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(self.norm2(h))
+        if x.shape[-1] != self.out_channels:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    """Strided 3x3 conv halving H and W. `padding=0` is the VAE's variant: pad one row and
+    one column at the bottom/right only, as diffusers does."""
+
+    out_channels: int
+    padding: int = 1
+
+    def setup(self):
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
+        self.conv = Conv2d(self.out_channels, stride=2, padding=pad)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [N, H, W, C] -> [N, ceil(H/2), ceil(W/2), out_channels]."""
+        return self.conv(x)
+
+
+def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+    """Nearest-neighbour upsampling of [N, H, W, C] to `size` (default 2H, 2W), as torch's
+    F.interpolate(mode="nearest"): output pixel i reads input pixel floor(i * in / out)."""
+    n, h, w, c = x.shape
+    out_h, out_w = size if size is not None else (2 * h, 2 * w)
+    if (out_h, out_w) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    rows = (jnp.arange(out_h) * h) // out_h
+    cols = (jnp.arange(out_w) * w) // out_w
+    return x[:, rows][:, :, cols]
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x (or to an explicit size) followed by a 3x3 conv."""
+
+    out_channels: int
+
+    def setup(self):
+        self.conv = Conv2d(self.out_channels)
+
+    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        """x: [N, H, W, C] -> [N, 2H, 2W, out_channels] (or `size`)."""
+        return self.conv(upsample_nearest(x, size))
+
+
+class Attention(nn.Module):
+    """Multi-head attention, diffusers' `Attention` with `heads * head_dim == dim`.
+
+    Self-attention when `context` is None, cross-attention otherwise; the context width is
+    taken from the input. The softmax itself runs in `ops.attention`.
+    """
+
+    dim: int
+    heads: int
+    qkv_bias: bool = False
+
+    def setup(self):
+        if self.dim % self.heads:
+            raise ValueError(f"attention {self.dim=} not divisible by {self.heads=}")
+        self.to_q = Linear(self.dim, use_bias=self.qkv_bias)
+        self.to_k = Linear(self.dim, use_bias=self.qkv_bias)
+        self.to_v = Linear(self.dim, use_bias=self.qkv_bias)
+        self.to_out_0 = Linear(self.dim)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        """x: [B, L, dim]; context: [B, S, C_ctx] or None -> [B, L, dim]."""
+        context = x if context is None else context
+        b, length, _ = x.shape
+        head_dim = self.dim // self.heads
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, head_dim) for t in (q, k, v))
+        out = ops.attention(q, k, v, scale=head_dim**-0.5)
+        return self.to_out_0(out.reshape(b, length, self.dim))
+
+
+class GEGLU(nn.Module):
+    """`proj` [D, 2F] split into (hidden, gate), returning hidden * gelu(gate), in one
+    `ops.geglu` call. The `proj` submodule only holds the params (diffusers' name)."""
+
+    features: int
+
+    def setup(self):
+        self.proj = Linear(2 * self.features)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] -> [..., F]."""
+        kernel, bias = self.proj.weights(x.shape[-1])
+        return ops.geglu(x, kernel, bias)
+
+
+class FeedForward(nn.Module):
+    """GEGLU up to `mult * dim`, then a linear back to `dim` (`net_1` is dropout)."""
+
+    dim: int
+    mult: int = 4
+
+    def setup(self):
+        self.net_0 = GEGLU(self.mult * self.dim)
+        self.net_2 = Linear(self.dim)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., dim] -> [..., dim]."""
+        return self.net_2(self.net_0(x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm self-attention, cross-attention and GEGLU feed-forward, each residual."""
+
+    dim: int
+    heads: int
+
+    def setup(self):
+        self.norm1 = LayerNorm()
+        self.attn1 = Attention(self.dim, self.heads)
+        self.norm2 = LayerNorm()
+        self.attn2 = Attention(self.dim, self.heads)
+        self.norm3 = LayerNorm()
+        self.ff = FeedForward(self.dim)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: [B, L, dim]; context: [B, S, C_ctx] -> [B, L, dim]."""
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm, project in, `depth` transformer blocks over the H*W tokens, project out,
+    plus the input. The projections are 1x1 convs (SD1) or linears (SD2,
+    `use_linear_projection`); they compute the same map but store different layouts."""
+
+    channels: int
+    heads: int
+    depth: int = 1
+    use_linear_projection: bool = False
+    groups: int = 32
+
+    def setup(self):
+        self.norm = GroupNorm(self.groups, eps=1e-6)
+        if self.use_linear_projection:
+            self.proj_in = Linear(self.channels)
+            self.proj_out = Linear(self.channels)
+        else:
+            self.proj_in = Conv2d(self.channels, kernel_size=1, padding=0)
+            self.proj_out = Conv2d(self.channels, kernel_size=1, padding=0)
+        self.transformer_blocks = [
+            BasicTransformerBlock(self.channels, self.heads) for _ in range(self.depth)
+        ]
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        """x: [N, H, W, channels]; context: [N, S, C_ctx] -> [N, H, W, channels]."""
+        n, h, w, c = x.shape
+        # Both projections act per pixel, so applying them before or after the reshape
+        # (as diffusers does for conv vs linear) gives the same result.
+        tokens = self.proj_in(self.norm(x)).reshape(n, h * w, c)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return x + self.proj_out(tokens.reshape(n, h, w, c))

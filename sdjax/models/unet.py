@@ -1,0 +1,308 @@
+"""diffusers' UNet2DConditionModel for SD 1.x / 2.x in Flax, channels-last.
+
+    eps = UNet2DConditionModel(config).apply({"params": params}, sample, t, context)
+
+sample [N, H, W, C_in], t [N] or a scalar, context [N, S, cross_attention_dim] (the text
+encoder's hidden states) -> [N, H, W, C_out]. H and W need not be multiples of 8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdjax.config import UNetConfig
+from sdjax.models.layers import (
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    Linear,
+    ResnetBlock2D,
+    Transformer2DModel,
+    Upsample2D,
+)
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    *,
+    flip_sin_to_cos: bool,
+    freq_shift: float,
+    max_period: float = 10000.0,
+) -> jax.Array:
+    """diffusers' `get_timestep_embedding` in float32: [N] -> [N, dim].
+
+    Frequency i of dim // 2 is exp(-log(max_period) * i / (dim // 2 - freq_shift)); the
+    output is [sin, cos] of t * frequency, or [cos, sin] with `flip_sin_to_cos`.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Linear-SiLU-Linear on the sinusoidal embedding: [N, C0] -> [N, dim]."""
+
+    dim: int
+
+    def setup(self):
+        self.linear_1 = Linear(self.dim)
+        self.linear_2 = Linear(self.dim)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class DownBlock2D(nn.Module):
+    """`num_layers` resnets, then (unless last) a strided-conv downsample.
+
+    Returns the output and the skip tensors the up path reads: one per resnet and one
+    after the downsample."""
+
+    out_channels: int
+    num_layers: int
+    add_downsample: bool
+    groups: int
+    eps: float
+
+    def setup(self):
+        self.resnets = [
+            ResnetBlock2D(self.out_channels, self.groups, self.eps) for _ in range(self.num_layers)
+        ]
+        if self.add_downsample:
+            self.downsamplers = [Downsample2D(self.out_channels)]
+
+    def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        return x  # the cross-attention subclass runs its transformer here
+
+    def __call__(self, x, temb, context=None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        """x: [N, H, W, C_in] -> ([N, H', W', out_channels], skips)."""
+        skips = ()
+        for i, resnet in enumerate(self.resnets):
+            x = self._attend(i, resnet(x, temb), context)
+            skips += (x,)
+        if self.add_downsample:
+            x = self.downsamplers[0](x)
+            skips += (x,)
+        return x, skips
+
+
+class CrossAttnDownBlock2D(DownBlock2D):
+    """DownBlock2D with a Transformer2DModel after each resnet."""
+
+    heads: int
+    transformer_layers: int
+    use_linear_projection: bool
+
+    def setup(self):
+        super().setup()
+        self.attentions = [
+            Transformer2DModel(
+                self.out_channels,
+                self.heads,
+                self.transformer_layers,
+                self.use_linear_projection,
+                self.groups,
+            )
+            for _ in range(self.num_layers)
+        ]
+
+    def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        return self.attentions[i](x, context)
+
+
+class UpBlock2D(nn.Module):
+    """`num_layers` resnets, each on [x, next skip] concatenated along channels, then
+    (unless last) a nearest-neighbour upsample to the next skip's size."""
+
+    out_channels: int
+    num_layers: int
+    add_upsample: bool
+    groups: int
+    eps: float
+
+    def setup(self):
+        self.resnets = [
+            ResnetBlock2D(self.out_channels, self.groups, self.eps) for _ in range(self.num_layers)
+        ]
+        if self.add_upsample:
+            self.upsamplers = [Upsample2D(self.out_channels)]
+
+    def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        return x  # the cross-attention subclass runs its transformer here
+
+    def __call__(self, x, skips, temb, context=None, upsample_size=None) -> jax.Array:
+        """x: [N, H, W, C]; skips: this block's `num_layers` skip tensors, in down order
+        (consumed from the end) -> [N, H', W', out_channels]."""
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(jnp.concatenate([x, skips[-1 - i]], axis=-1), temb)
+            x = self._attend(i, x, context)
+        if self.add_upsample:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class CrossAttnUpBlock2D(UpBlock2D):
+    """UpBlock2D with a Transformer2DModel after each resnet."""
+
+    heads: int
+    transformer_layers: int
+    use_linear_projection: bool
+
+    def setup(self):
+        super().setup()
+        self.attentions = [
+            Transformer2DModel(
+                self.out_channels,
+                self.heads,
+                self.transformer_layers,
+                self.use_linear_projection,
+                self.groups,
+            )
+            for _ in range(self.num_layers)
+        ]
+
+    def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        return self.attentions[i](x, context)
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """resnet, transformer, resnet at the lowest resolution; channels unchanged."""
+
+    channels: int
+    heads: int
+    transformer_layers: int
+    use_linear_projection: bool
+    groups: int
+    eps: float
+
+    def setup(self):
+        self.resnets = [ResnetBlock2D(self.channels, self.groups, self.eps) for _ in range(2)]
+        self.attentions = [
+            Transformer2DModel(
+                self.channels,
+                self.heads,
+                self.transformer_layers,
+                self.use_linear_projection,
+                self.groups,
+            )
+        ]
+
+    def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+        x = self.resnets[0](x, temb)
+        return self.resnets[1](self.attentions[0](x, context), temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """The SD 1.x / 2.x noise-prediction UNet (see the module docstring for the call)."""
+
+    config: UNetConfig
+
+    def setup(self):
+        cfg = self.config
+        channels = cfg.block_out_channels
+        norm = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps)
+        attn = dict(use_linear_projection=cfg.use_linear_projection)
+        n = len(channels)
+
+        self.conv_in = Conv2d(channels[0])
+        self.time_embedding = TimestepEmbedding(4 * channels[0])
+
+        down_blocks = []
+        for i, kind in enumerate(cfg.down_block_types):
+            common = dict(out_channels=channels[i], num_layers=cfg.layers_per_block, **norm)
+            common["add_downsample"] = i < n - 1
+            if kind == "CrossAttnDownBlock2D":
+                heads, layers = cfg.num_attention_heads[i], cfg.transformer_layers_per_block[i]
+                block = CrossAttnDownBlock2D(
+                    **common, heads=heads, transformer_layers=layers, **attn
+                )
+            else:
+                block = DownBlock2D(**common)
+            down_blocks.append(block)
+        self.down_blocks = down_blocks
+
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            channels[-1],
+            cfg.num_attention_heads[-1],
+            cfg.transformer_layers_per_block[-1],
+            cfg.use_linear_projection,
+            **norm,
+        )
+
+        up_blocks = []
+        for i, kind in enumerate(cfg.up_block_types):
+            j = n - 1 - i  # the down level this up block mirrors
+            common = dict(out_channels=channels[j], num_layers=cfg.layers_per_block + 1, **norm)
+            common["add_upsample"] = i < n - 1
+            if kind == "CrossAttnUpBlock2D":
+                heads, layers = cfg.num_attention_heads[j], cfg.transformer_layers_per_block[j]
+                block = CrossAttnUpBlock2D(**common, heads=heads, transformer_layers=layers, **attn)
+            else:
+                block = UpBlock2D(**common)
+            up_blocks.append(block)
+        self.up_blocks = up_blocks
+
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, activation="silu")
+        self.conv_out = Conv2d(cfg.out_channels)
+
+    def __call__(
+        self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array
+    ) -> jax.Array:
+        """sample [N, H, W, C_in]; timesteps [N] or scalar; encoder_hidden_states
+        [N, S, cross_attention_dim] -> predicted noise (or v) [N, H, W, C_out]."""
+        cfg = self.config
+        context = encoder_hidden_states.astype(sample.dtype)
+
+        # 1. time: sinusoidal embedding in float32, then the MLP in the sample's dtype
+        t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+        t_emb = timestep_embedding(
+            t,
+            cfg.block_out_channels[0],
+            flip_sin_to_cos=cfg.flip_sin_to_cos,
+            freq_shift=cfg.freq_shift,
+        )
+        temb = self.time_embedding(t_emb.astype(sample.dtype))
+
+        # 2. pre-process
+        x = self.conv_in(sample)
+
+        # 3. down: keep every intermediate for the skip connections
+        skips = (x,)
+        for block in self.down_blocks:
+            x, block_skips = block(x, temb, context)
+            skips += block_skips
+
+        # 4. mid
+        x = self.mid_block(x, temb, context)
+
+        # 5. up: each block eats layers_per_block + 1 skips and upsamples to the next one's size
+        per_block = cfg.layers_per_block + 1
+        for block in self.up_blocks:
+            block_skips, skips = skips[-per_block:], skips[:-per_block]
+            upsample_size = skips[-1].shape[1:3] if skips else None
+            x = block(x, block_skips, temb, context, upsample_size)
+
+        # 6. post-process
+        return self.conv_out(self.conv_norm_out(x))
+
+
+def init_params(config: UNetConfig, rng: jax.Array) -> dict:
+    """Randomly initialized params (the inner tree, without the "params" collection key).
+
+    Small dummy inputs; cheap under `jax.eval_shape` for the shapes alone."""
+    side = 2 ** (len(config.block_out_channels) - 1)
+    sample = jnp.zeros((1, side, side, config.in_channels), jnp.float32)
+    context = jnp.zeros((1, 1, config.cross_attention_dim), jnp.float32)
+    model = UNet2DConditionModel(config)
+    return model.init(rng, sample, jnp.zeros((1,), jnp.int32), context)["params"]
