@@ -1,0 +1,458 @@
+"""GroupNorm(+SiLU) and GEGLU at every SD shape: our Pallas kernels vs XLA and torch.
+
+GPU. Everything runs side by side in one process on the same random inputs, each timed in a
+jitted chain of back-to-back calls (torch: CUDA events) and checked against the float32
+reference in the same run. GroupNorm bandwidth counts one read and one write of x and is set
+against a device-to-device copy measured in the same run. GEGLU compares the fused kernel,
+our element-wise epilogue after an XLA matmul, and XLA un-fused. Writes JSON, a markdown table
+and a PNG chart to `results_dir()` ($OUT on the device machine).
+
+    PYTHONPATH=. python experiments/bench_norm.py --dtype=float16 [--sweep]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import itertools
+import json
+import math
+import pathlib
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from custom_calls import geglu, geglu_elementwise, geglu_reference, group_norm
+from custom_calls._common import next_power_of_2
+from custom_calls.geglu import Config as GegluConfig
+from custom_calls.group_norm import Config as GNConfig
+from custom_calls.group_norm import group_norm_reference, heuristic_config
+from experiments.common import (
+    device_info,
+    markdown_table,
+    relative_error,
+    results_dir,
+    time_jax,
+    time_torch,
+    write_json,
+)
+from sdjax import ops
+from sdjax.shapes import GEGLU_SHAPES, GROUP_NORM_SHAPES
+
+_DTYPE = flags.DEFINE_string("dtype", "float16", "input dtype")
+_GN = flags.DEFINE_list("gn_shapes", [], "GroupNorm shape names (default: all)")
+_GEGLU = flags.DEFINE_list("geglu_shapes", [], "GEGLU shape names (default: all)")
+_SWEEP = flags.DEFINE_list("sweep", [], "GroupNorm shapes whose block configs are swept")
+_SWEEP_GEGLU = flags.DEFINE_list("sweep_geglu", [], "GEGLU shapes whose tiles are swept")
+_BUDGET = flags.DEFINE_float("budget_s", 1e9, "stop sweeping after this many seconds")
+_TIMING_CHECK = flags.DEFINE_bool("timing_check", False, "also time XLA with common.time_jax")
+_REPORT = flags.DEFINE_string(
+    "report", "", "re-render the markdown and PNG of this JSON, then exit"
+)
+_CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "timed repeats (median)")
+
+_T0 = time.perf_counter()
+
+
+def _error_text(e: Exception) -> str:
+    first = next((line for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def _normal(rng, shape, dtype, std=1.0):
+    return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * std, dtype)
+
+
+def _variants(x, n: int) -> list:
+    """x and n - 1 fresh random arrays like it, made on the device."""
+    keys = jax.random.split(jax.random.key(7), n - 1)
+    std = float(jnp.std(x.astype(jnp.float32)))
+    return [x] + [(std * jax.random.normal(k, x.shape)).astype(x.dtype) for k in keys]
+
+
+@functools.cache
+def _dispatch_s() -> float:
+    """Launch-and-wait cost of a trivial jitted program (subtracted from every timing)."""
+    tiny = jax.jit(lambda a: a + 1)
+    a = jnp.ones((8,), jnp.float32)
+    jax.block_until_ready(tiny(a))
+    ts = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        jax.block_until_ready(tiny(a))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _time(fn, arg_sets) -> float:
+    """ms per call: one jitted program calls fn once on each of the distinct argument sets.
+
+    Distinct inputs and returning every output leave XLA nothing to share between calls (with
+    one input, chained calls of a pure-XLA function can be merged into one: see the notes).
+    """
+    prog = jax.jit(lambda sets: [fn(*a) for a in sets])
+    jax.block_until_ready(prog(arg_sets))
+    ts = []
+    for _ in range(_REPEATS.value):
+        t0 = time.perf_counter()
+        jax.block_until_ready(prog(arg_sets))
+        ts.append(time.perf_counter() - t0)
+    return max(statistics.median(ts) - _dispatch_s(), 0.0) / len(arg_sets) * 1e3
+
+
+def _torch(fn):
+    return time_torch(fn, calls=max(_CALLS.value, 30), repeats=_REPEATS.value)["median_ms"]
+
+
+def copy_bandwidth(nbytes: int = 1 << 28) -> dict:
+    """GB/s (bytes read + written) of a device-to-device copy (torch) and a jnp x * 2."""
+    out = {"bytes": nbytes}
+    try:
+        import torch
+
+        bufs = [torch.randn(nbytes // 2, device="cuda", dtype=torch.float16)]
+        bufs.append(torch.empty_like(bufs[0]))
+        out["torch_copy_gbs"] = 2 * nbytes / (_torch(lambda: bufs[1].copy_(bufs[0])) * 1e6)
+        bufs.clear()
+        torch.cuda.empty_cache()
+    except Exception as e:
+        out["torch_error"] = _error_text(e)
+    xs = _variants(_normal(np.random.default_rng(0), (nbytes // 2,), jnp.float16), 4)
+    out["jax_scale_gbs"] = 2 * nbytes / (_time(lambda a: a * 2, [(x,) for x in xs]) * 1e6)
+    out["copy_gbs"] = out.get("torch_copy_gbs", out["jax_scale_gbs"])
+    return out
+
+
+def timing_check(name: str = "unet_64x64x320", dtype="float16") -> dict:
+    """experiments.common.time_jax (one input, chained) vs _time (distinct inputs), on XLA."""
+    s = GROUP_NORM_SHAPES[name]
+    x = _normal(np.random.default_rng(5), s.shape, dtype)
+    sc = b = jnp.ones((s.shape[-1],), jnp.float32)
+    fn = functools.partial(ops._group_norm_xla, groups=s.groups, eps=s.eps,
+                           activation=s.activation)  # fmt: skip
+    chained = time_jax(fn, x, sc, b, calls=_CALLS.value, repeats=_REPEATS.value)
+    sets = [(v, sc, b) for v in _variants(x, _CALLS.value)]
+    return {
+        "shape": name,
+        "xla_time_jax_ms": chained["median_ms"],
+        "xla_distinct_ms": _time(fn, sets),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# GroupNorm
+# ------------------------------------------------------------------------------------------
+
+
+def _torch_group_norm(x, scale, bias, s, dtype_name):
+    """torch group_norm + activation on NCHW copies of the same data: (ms, NHWC output)."""
+    import torch
+    import torch.nn.functional as F
+
+    tdtype = getattr(torch, dtype_name)
+    tx = torch.from_numpy(np.asarray(x, np.float32)).to("cuda", tdtype)
+    xs = [tx.permute(0, 3, 1, 2).contiguous()]  # then distinct inputs, as for JAX
+    xs += [torch.randn_like(xs[0]) for _ in range(_CALLS.value - 1)]
+    w, b = (torch.from_numpy(np.array(a)).to("cuda", tdtype) for a in (scale, bias))
+    act = {"silu": F.silu, "gelu": F.gelu, None: lambda v: v}[s.activation]
+    nxt = itertools.cycle(range(len(xs))).__next__
+    with torch.no_grad():
+        out = act(F.group_norm(xs[0], s.groups, w, b, s.eps))
+        out = out.permute(0, 2, 3, 1).float().cpu().numpy()
+        ms = _torch(lambda: act(F.group_norm(xs[nxt()], s.groups, w, b, s.eps)))
+    xs.clear()
+    torch.cuda.empty_cache()
+    return ms, out
+
+
+def _gn_fn(s, config=None):
+    kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
+    return lambda x, sc, b: group_norm(x, sc, b, config=config, **kw)
+
+
+def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -> list[dict]:
+    """One row per shape: ours, XLA (seam's fused form and the plain reference), torch."""
+    rows, rng = [], np.random.default_rng(1)
+    for name in names or GROUP_NORM_SHAPES:
+        s = GROUP_NORM_SHAPES[name]
+        c = s.shape[-1]
+        x = _normal(rng, s.shape, dtype)
+        sc, b = 1.0 + _normal(rng, (c,), jnp.float32, 0.5), _normal(rng, (c,), jnp.float32)
+        kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
+        ref = np.asarray(
+            jax.jit(functools.partial(group_norm_reference, **kw))(x.astype(jnp.float32), sc, b)
+        )
+        gbytes = 2 * x.size * x.dtype.itemsize / 1e9
+        row = {"shape": name, "dims": "x".join(map(str, s.shape)), "act": s.activation,
+               "config": str(heuristic_config(s.shape, x.dtype, groups=s.groups))}  # fmt: skip
+        impls = {
+            "ours": _gn_fn(s),
+            "xla": functools.partial(ops._group_norm_xla, **kw),
+            "xla_ref": functools.partial(ops.group_norm_reference, **kw),
+        }
+        sets = [(v, sc, b) for v in _variants(x, _CALLS.value)]
+        for impl, fn in impls.items():
+            try:
+                out = jax.jit(fn)(x, sc, b)
+                row[f"{impl}_ms"] = ms = _time(fn, sets)
+                row[f"{impl}_gbs"] = gbytes / (ms * 1e-3) if ms > 0 else None
+                row[f"{impl}_err"] = relative_error(out, ref)
+            except Exception as e:
+                row[f"{impl}_error"] = _error_text(e)
+        del sets
+        try:
+            row["torch_ms"], out = _torch_group_norm(x, sc, b, s, jnp.dtype(dtype).name)
+            row["torch_err"] = relative_error(out, ref)
+        except Exception as e:
+            row["torch_error"] = _error_text(e)
+        if row.get("ours_ms"):
+            xla = min(row.get("xla_ms", math.inf), row.get("xla_ref_ms", math.inf))
+            row["xla/ours"] = xla / row["ours_ms"]
+            if "torch_ms" in row:
+                row["torch/ours"] = row["torch_ms"] / row["ours_ms"]
+            if copy_gbs and row["ours_gbs"]:
+                row["ours/copy"] = row["ours_gbs"] / copy_gbs
+        rows.append(row)
+        print(f"{name:22s} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                        if isinstance(v, float) and k.endswith("_ms")), flush=True)  # fmt: skip
+        del x
+    return rows
+
+
+def group_norm_candidates(shape, groups: int = 32) -> list[GNConfig]:
+    """Block configs worth timing at this shape (the heuristic first)."""
+    n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
+    cp, gp = next_power_of_2(c // groups), next_power_of_2(groups)
+    out = [heuristic_config(shape, None, groups=groups)]
+    br = max(1, min(4096 // (gp * cp), next_power_of_2(s)))
+    split = functools.partial(GNConfig, mode="split", block_rows=br)
+    for rows in (32, 64, 128, 512, 2048):
+        if br <= rows <= s:
+            parts = -(-s // rows)
+            out.append(split(stats_rows=rows, norm_rows=rows, combine_in_kernel=parts <= 32))
+            if 32 < parts <= 128:
+                out.append(split(stats_rows=rows, norm_rows=rows, combine_in_kernel=True))
+            if parts <= 32 and rows >= 4 * br:  # few statistics programs, many normalize ones
+                out.append(split(stats_rows=rows, norm_rows=rows // 4))
+    h = out[0]
+    if h.mode == "split":  # the heuristic's chunks with twice the tile, eight warps
+        out.append(dataclasses.replace(h, block_rows=2 * br, num_warps=8,
+                                       stats_rows=max(h.stats_rows, 2 * br),
+                                       norm_rows=max(h.norm_rows, 2 * br)))  # fmt: skip
+    if n * s * c <= 1 << 23:
+        for bg in (1, 4):
+            out.append(GNConfig(mode="fused", block_rows=max(1, min(4096 // cp, s)),
+                                block_groups=bg))  # fmt: skip
+    return list(dict.fromkeys(out))
+
+
+def sweep_group_norm(dtype, names, deadline) -> list[dict]:
+    rows, rng = [], np.random.default_rng(2)
+    for name in names:
+        s = GROUP_NORM_SHAPES[name]
+        x = _normal(rng, s.shape, dtype)
+        sc, b = _normal(rng, (s.shape[-1],), jnp.float32), _normal(rng, (s.shape[-1],), jnp.float32)
+        sets = [(v, sc, b) for v in _variants(x, _CALLS.value)]
+        for cfg in group_norm_candidates(s.shape, s.groups):
+            if time.perf_counter() > deadline:
+                return rows
+            row = {"shape": name, **dataclasses.asdict(cfg)}
+            try:
+                row["ms"] = _time(_gn_fn(s, cfg), sets)
+                row["gbs"] = 2 * x.size * x.dtype.itemsize / 1e9 / max(row["ms"] * 1e-3, 1e-9)
+            except Exception as e:
+                row["error"] = _error_text(e)
+            rows.append(row)
+            print(f"sweep {name:20s} {row.get('ms', row.get('error'))} {cfg}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# GEGLU
+# ------------------------------------------------------------------------------------------
+
+
+def _xla_matmul_then_ours(x, w, b):
+    h = jnp.einsum("...d,df->...f", x, w.astype(x.dtype))  # cuBLAS, float32 accumulation
+    return geglu_elementwise(h, bias=b)
+
+
+def _xla_lowp(x, w, b):
+    """XLA un-fused with a low-precision projection (the cheapest XLA form)."""
+    h = jnp.einsum("...d,df->...f", x, w.astype(x.dtype)) + b.astype(x.dtype)
+    hidden, gate = jnp.split(h, 2, axis=-1)
+    return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+def benchmark_geglu(dtype: str = "float16", names=None, *, configs=None) -> list[dict]:
+    """One row per shape: fused, XLA matmul + our epilogue, XLA un-fused (two forms), matmul."""
+    rows, rng = [], np.random.default_rng(3)
+    for name in names or GEGLU_SHAPES:
+        s = GEGLU_SHAPES[name]
+        d, f = s.x_shape[-1], s.inner
+        x, w = _normal(rng, s.x_shape, dtype), _normal(rng, s.w_shape, dtype, d**-0.5)
+        b = _normal(rng, (2 * f,), jnp.float32, 0.5)
+        ref = np.asarray(jax.jit(geglu_reference)(x, w, b).astype(jnp.float32))
+        flops = 2 * math.prod(s.x_shape[:-1]) * d * 2 * f
+        xs = _variants(x, _CALLS.value)
+        row = {"shape": name, "m": math.prod(s.x_shape[:-1]), "d": d, "f": f}
+        impls = {
+            "fused": functools.partial(geglu, config=(configs or {}).get(name)),
+            "xla_mm+ours": _xla_matmul_then_ours,
+            "xla": ops._geglu_xla,
+            "xla_lowp": _xla_lowp,
+            "matmul_only": lambda x, w, b: jnp.einsum("...d,df->...f", x, w),
+        }
+        for impl, fn in impls.items():
+            try:
+                out = jax.jit(fn)(x, w, b)
+                row[f"{impl}_ms"] = ms = _time(fn, [(v, w, b) for v in xs])
+                row[f"{impl}_tflops"] = flops / (ms * 1e-3) / 1e12 if ms > 0 else None
+                if impl != "matmul_only":
+                    row[f"{impl}_err"] = relative_error(out, ref)
+            except Exception as e:
+                row[f"{impl}_error"] = _error_text(e)
+        best_xla = min(row.get("xla_ms", math.inf), row.get("xla_lowp_ms", math.inf))
+        for impl in ("fused", "xla_mm+ours"):
+            if row.get(f"{impl}_ms"):
+                row[f"xla/{impl}"] = best_xla / row[f"{impl}_ms"]
+        rows.append(row)
+        print(f"{name:10s} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                        if isinstance(v, float) and k.endswith("_ms")), flush=True)  # fmt: skip
+    return rows
+
+
+def sweep_geglu(dtype, names, deadline) -> list[dict]:
+    cands = [GegluConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=st)
+             for bm, bn, bk, nw, st in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                                        (64, 128, 64, 4, 4), (128, 128, 32, 8, 4),
+                                        (64, 64, 64, 4, 3), (128, 64, 64, 8, 3),
+                                        (64, 128, 32, 4, 5))]  # fmt: skip
+    rows, rng = [], np.random.default_rng(4)
+    for name in names:
+        s = GEGLU_SHAPES[name]
+        x, w = _normal(rng, s.x_shape, dtype), _normal(rng, s.w_shape, dtype, 0.05)
+        b = _normal(rng, (s.w_shape[1],), jnp.float32)
+        sets = [(v, w, b) for v in _variants(x, _CALLS.value)]
+        for cfg in cands:
+            if time.perf_counter() > deadline:
+                return rows
+            row = {"shape": name, **dataclasses.asdict(cfg)}
+            try:
+                row["ms"] = _time(functools.partial(geglu, config=cfg), sets)
+            except Exception as e:
+                row["error"] = _error_text(e)
+            rows.append(row)
+            print(f"sweep {name:8s} {row.get('ms', row.get('error'))} {cfg}", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def _chart(gn_rows, geglu_rows, path, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(2, 1, figsize=(14, 9))
+    for ax, rows, impls in (
+        (axes[0], gn_rows, ("ours", "xla", "xla_ref", "torch")),
+        (axes[1], geglu_rows, ("fused", "xla_mm+ours", "xla", "xla_lowp", "matmul_only")),
+    ):
+        width = 0.8 / len(impls)
+        for i, impl in enumerate(impls):
+            vals = [r.get(f"{impl}_ms", 0.0) for r in rows]
+            ax.bar(np.arange(len(rows)) + i * width, vals, width, label=impl)
+        ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, [r["shape"] for r in rows],
+                      rotation=45, ha="right")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_ylabel("ms per call (log)")
+        ax.legend()
+    axes[0].set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+GN_COLUMNS = ["shape", "dims", "act", "ours_ms", "best_swept_ms", "xla_ms", "xla_ref_ms", "torch_ms", "xla/ours",
+              "torch/ours", "ours_gbs", "ours/copy", "ours_err", "xla_err", "torch_err"]  # fmt: skip
+GEGLU_COLUMNS = ["shape", "m", "d", "f", "fused_ms", "best_swept_ms", "xla_mm+ours_ms", "xla_ms", "xla_lowp_ms",
+                 "matmul_only_ms", "xla/fused", "xla/xla_mm+ours", "fused_tflops",
+                 "fused_err", "xla_mm+ours_err", "xla_err"]  # fmt: skip
+
+
+def _best(sweep_rows, name):
+    ok = [r for r in sweep_rows if r["shape"] == name and r.get("ms")]
+    return min(ok, key=lambda r: r["ms"]) if ok else None
+
+
+def write_reports(record: dict, stem) -> str:
+    """The markdown table and PNG chart of a record (also re-rendered by --report)."""
+    info, copy = record["device"], record["copy"]
+    title = f"GroupNorm / GEGLU, {record['dtype']}, {info['device_kind']}, jax {info['jax']}"
+    md = (
+        f"# {title}\n\nms per call: {record['timing']}. GB/s counts one read and one write "
+        f"of x. Device-to-device copy (torch): {copy.get('torch_copy_gbs', 0):.0f} GB/s; "
+        f"jnp x*2: {copy['jax_scale_gbs']:.0f} GB/s. xla/ours: the faster XLA form over ours."
+        f"\n\n## GroupNorm\n\n{markdown_table(record['group_norm'], GN_COLUMNS)}"
+        f"\n## GEGLU\n\n{markdown_table(record['geglu'], GEGLU_COLUMNS)}"
+    )
+    stem.with_suffix(".md").write_text(md)
+    _chart(record["group_norm"], record["geglu"], stem.with_suffix(".png"), title)
+    return md
+
+
+def main(argv):
+    del argv
+    if _REPORT.value:  # re-render a saved record
+        stem = pathlib.Path(_REPORT.value).with_suffix("")
+        print(write_reports(json.loads(stem.with_suffix(".json").read_text()), stem))
+        return
+    info = device_info()
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", info["device_kind"]).strip("_")
+    stem = results_dir() / f"bench_norm_{tag}_{_DTYPE.value}_{datetime.date.today()}"
+    record = {"device": info, "dtype": _DTYPE.value, "calls": _CALLS.value,
+              "timing": "one jitted program of `calls` calls on distinct inputs, minus the "
+                        "dispatch cost of a trivial program; median of `repeats`"}  # fmt: skip
+    save = lambda: write_json(stem.with_suffix(".json"), record)
+    deadline = _T0 + _BUDGET.value
+    record["copy"] = copy = copy_bandwidth()
+    print("copy", copy, flush=True)
+    record["group_norm"], record["geglu"] = [], []
+    for name in _GN.value or list(GROUP_NORM_SHAPES):
+        record["group_norm"] += benchmark_group_norm(_DTYPE.value, [name],
+                                                     copy_gbs=copy["copy_gbs"])  # fmt: skip
+        save()
+    for name in _GEGLU.value or list(GEGLU_SHAPES):
+        record["geglu"] += benchmark_geglu(_DTYPE.value, [name])
+        save()
+    if _TIMING_CHECK.value:
+        record["timing_check"] = timing_check()
+        print("timing check", record["timing_check"], flush=True)
+    record["group_norm_sweep"] = sweep_group_norm(_DTYPE.value, _SWEEP.value, deadline - 25)
+    save()
+    record["geglu_sweep"] = sweep_geglu(_DTYPE.value, _SWEEP_GEGLU.value, deadline)
+    for rows, sweep in ((record["group_norm"], record["group_norm_sweep"]),
+                        (record["geglu"], record["geglu_sweep"])):  # fmt: skip
+        for row in rows:
+            best = _best(sweep, row["shape"])
+            if best:
+                row["best_swept_ms"] = best["ms"]
+                row["best_swept"] = {k: v for k, v in best.items() if k not in ("shape", "ms")}
+    save()
+    print(write_reports(record, stem))
+
+
+if __name__ == "__main__":
+    app.run(main)

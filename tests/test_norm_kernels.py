@@ -1,0 +1,242 @@
+"""GroupNorm(+activation) and GEGLU Pallas kernels against their float32 references.
+
+CPU: Pallas interpret mode on SD's channel counts with H and W scaled down (a covering set of
+dtypes, activations, plans and masks, not a Cartesian product). GPU (`-m gpu`): real SD
+shapes, and the kernels' names in the compiled HLO.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from custom_calls import geglu, geglu_elementwise, geglu_reference, group_norm, group_norm_reference
+from custom_calls.geglu import Config as GegluConfig
+from custom_calls.group_norm import Config
+from experiments.common import relative_error
+from sdjax.shapes import GEGLU_SHAPES, GROUP_NORM_SHAPES
+
+# Relative-norm tolerances. Both sides round to the output dtype, so this is about one ulp of it.
+TOL = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}
+DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+ACTIVATIONS = ("silu", None, "gelu", "gelu_tanh")
+
+
+def _normal(rng, shape, dtype, *, mean=0.0, std=1.0):
+    return jnp.asarray(rng.normal(mean, std, shape).astype(np.float32)).astype(dtype)
+
+
+def _affine(rng, c):
+    return _normal(rng, (c,), jnp.float32, mean=1.0, std=0.5), _normal(rng, (c,), jnp.float32)
+
+
+def _check_group_norm(rng, shape, dtype, activation, config, *, groups=32, mean=0.0, std=1.0):
+    x = _normal(rng, shape, dtype, mean=mean, std=std)
+    scale, bias = _affine(rng, shape[-1])
+    out = group_norm(x, scale, bias, groups=groups, activation=activation, config=config)
+    ref = group_norm_reference(x, scale, bias, groups=groups, activation=activation)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    err = relative_error(out, ref)
+    assert err <= TOL[dtype], f"{shape=} {dtype=} {activation=} {config=}: {err=:.3g}"
+
+
+# Every channel count of the SD1.5 UNet and VAE decoder (cpg 4, 8, 10, 16, 20, 30, 40, 60, 80),
+# each with one plan: split (in-kernel or XLA combine) or fused, and odd spatial sizes.
+_CHANNELS = sorted({s.shape[-1] for s in GROUP_NORM_SHAPES.values()})
+_PLANS = (
+    Config(mode="split", block_rows=4, stats_rows=12, norm_rows=8),  # 3 partials: masked
+    Config(mode="fused", block_rows=8, block_groups=4),
+    Config(mode="split", block_rows=2, stats_rows=4, norm_rows=16, combine_in_kernel=False),
+    None,  # the heuristic
+)
+_SPATIAL = ((1, 8, 8), (2, 6, 5), (3, 4, 8), (1, 5, 7))
+_CASES = [
+    ((n, h, w, c), dtype, act, plan)
+    for c, (n, h, w), dtype, act, plan in zip(
+        _CHANNELS,
+        itertools.cycle(_SPATIAL),
+        itertools.cycle(DTYPES),
+        itertools.cycle(ACTIVATIONS),
+        itertools.cycle(_PLANS),
+    )
+]
+
+
+def test_channel_set_is_sd():
+    assert _CHANNELS == [128, 256, 320, 512, 640, 960, 1280, 1920, 2560]
+
+
+def _case_id(case):
+    shape, dtype, activation, config = case
+    plan = "heuristic" if config is None else config.mode
+    if config is not None and config.mode == "split" and not config.combine_in_kernel:
+        plan += "-xla_combine"
+    return f"{'x'.join(map(str, shape))}-{jnp.dtype(dtype).name}-{activation}-{plan}"
+
+
+@pytest.mark.parametrize("shape,dtype,activation,config", _CASES, ids=map(_case_id, _CASES))
+def test_group_norm_channels(rng, shape, dtype, activation, config):
+    _check_group_norm(rng, shape, dtype, activation, config)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        Config(mode="split", block_rows=4, stats_rows=4, norm_rows=8),
+        Config(mode="fused", block_rows=16, block_groups=16),
+    ],
+    ids=["split", "fused"],
+)
+def test_group_norm_groups_not_power_of_two(rng, config):
+    """24 groups: the padded 32-group tile and the 16-group blocks both need a group mask."""
+    _check_group_norm(rng, (2, 5, 6, 96), jnp.float32, "gelu", config, groups=24)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16),
+        Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16, combine_in_kernel=False),
+        Config(mode="fused", block_rows=16, block_groups=8),
+    ],
+    ids=["split", "split_xla_combine", "fused"],
+)
+def test_group_norm_large_offset(rng, config):
+    """Mean 1000, std 0.01 in float32, against a float64 numpy reference."""
+    x = _normal(rng, (1, 8, 8, 320), jnp.float32, mean=1000.0, std=0.01)
+    scale, bias = _affine(rng, 320)
+    out = group_norm(x, scale, bias, groups=32, activation=None, config=config)
+    xg = np.asarray(x, np.float64).reshape(1, -1, 32, 10)
+    mean = xg.mean(axis=(1, 3), keepdims=True)
+    var = ((xg - mean) ** 2).mean(axis=(1, 3), keepdims=True)
+    ref = ((xg - mean) / np.sqrt(var + 1e-5)).reshape(x.shape) * np.asarray(scale) + np.asarray(
+        bias
+    )
+    assert relative_error(out, ref) <= 1e-5
+
+
+def test_group_norm_large_offset_half(rng):
+    """float16 far from zero (mean 200, std 1): statistics stay float32 and shifted."""
+    _check_group_norm(rng, (1, 8, 8, 640), jnp.float16, "silu", None, mean=200.0)
+
+
+def test_group_norm_errors(rng):
+    x = _normal(rng, (1, 4, 4, 64), jnp.float32)
+    scale, bias = _affine(rng, 64)
+    with pytest.raises(ValueError, match="multiple of groups"):
+        group_norm(x, scale, bias, groups=24)
+    with pytest.raises(ValueError, match="scale and bias"):
+        group_norm(x, scale[:32], bias, groups=32)
+    with pytest.raises(ValueError, match="unknown activation"):
+        group_norm(x, scale, bias, groups=32, activation="relu")
+    with pytest.raises(ValueError, match="dtype"):
+        group_norm(x.astype(jnp.int32), scale, bias, groups=32)
+    with pytest.raises(ValueError, match="power of two"):
+        Config(block_rows=6)
+
+
+# ------------------------------------------------------------------------------------------
+# GEGLU
+# ------------------------------------------------------------------------------------------
+
+
+def _geglu_inputs(rng, x_shape, inner, dtype):
+    d = x_shape[-1]
+    x = _normal(rng, x_shape, dtype)
+    w = _normal(rng, (d, 2 * inner), dtype, std=d**-0.5)
+    return x, w, _normal(rng, (2 * inner,), jnp.float32, std=0.5)
+
+
+@pytest.mark.parametrize(
+    "x_shape,inner,dtype,config",
+    [
+        ((1, 77, 320), 128, jnp.float16, GegluConfig(block_m=32, block_n=64, block_k=64)),
+        ((2, 50, 640), 256, jnp.bfloat16, None),
+        ((1, 40, 96), 80, jnp.float32, GegluConfig(block_m=16, block_n=32, block_k=64)),
+    ],
+    ids=["d320_77tok_f16", "d640_b2_bf16", "tails_f32"],
+)
+def test_geglu(rng, x_shape, inner, dtype, config):
+    x, w, b = _geglu_inputs(rng, x_shape, inner, dtype)
+    out = geglu(x, w, b, config=config)
+    assert out.shape == (*x_shape[:-1], inner) and out.dtype == x.dtype
+    err = relative_error(out, geglu_reference(x, w, b))
+    assert err <= TOL[dtype], f"{err=:.3g}"
+
+
+@pytest.mark.parametrize("dtype,with_bias", [(jnp.float16, True), (jnp.bfloat16, False)])
+def test_geglu_elementwise(rng, dtype, with_bias):
+    h = _normal(rng, (2, 33, 2 * 160), dtype)
+    b = _normal(rng, (320,), jnp.float32) if with_bias else None
+    out = geglu_elementwise(h, bias=b, block_m=16, block_n=64)
+    hf = h.astype(jnp.float32) + (0.0 if b is None else b)
+    hidden, gate = jnp.split(hf, 2, axis=-1)
+    ref = (hidden * jax.nn.gelu(gate, approximate=False)).astype(dtype)
+    assert relative_error(out, ref) <= TOL[dtype]
+
+
+def test_geglu_errors(rng):
+    x, w, b = _geglu_inputs(rng, (1, 8, 32), 16, jnp.float32)
+    with pytest.raises(ValueError, match="geglu wants"):
+        geglu(x, w[:16], b)
+    with pytest.raises(ValueError, match="bias"):
+        geglu(x, w, b[:16])
+    with pytest.raises(ValueError, match="2F"):
+        geglu_elementwise(x[..., :31])
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: real shapes, and the custom calls in the compiled HLO
+# ------------------------------------------------------------------------------------------
+
+_GPU_GN = (
+    "unet_64x64x320",
+    "unet_32x32x960",
+    "unet_16x16x2560",
+    "unet_8x8x1280",
+    "unet_attn_64x64x320",
+    "vae_512x512x128",
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", _GPU_GN)
+def test_group_norm_gpu(rng, name):
+    s = GROUP_NORM_SHAPES[name]
+    x = _normal(rng, s.shape, jnp.float16)
+    scale, bias = _affine(rng, s.shape[-1])
+    out = group_norm(x, scale, bias, groups=s.groups, eps=s.eps, activation=s.activation)
+    ref = group_norm_reference(x, scale, bias, groups=s.groups, eps=s.eps, activation=s.activation)
+    assert relative_error(out, ref) <= TOL[jnp.float16]
+
+
+@pytest.mark.gpu
+def test_group_norm_large_offset_gpu(rng):
+    for config in (None, Config(mode="fused", block_rows=64, block_groups=1)):
+        _check_group_norm(rng, (2, 32, 32, 640), jnp.float32, "silu", config, mean=1000.0, std=0.01)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ("sd15_64", "sd15_8", "sd21_12"))
+@pytest.mark.parametrize("dtype", (jnp.float16, jnp.bfloat16))
+def test_geglu_gpu(rng, name, dtype):
+    s = GEGLU_SHAPES[name]
+    x, w, b = _geglu_inputs(rng, s.x_shape, s.inner, dtype)
+    ref = geglu_reference(x, w, b)
+    assert relative_error(geglu(x, w, b), ref) <= TOL[dtype]
+    h = jnp.einsum("...d,df->...f", x, w, preferred_element_type=jnp.float32)
+    assert relative_error(geglu_elementwise(h, bias=b), ref) <= TOL[dtype]
+
+
+@pytest.mark.gpu
+def test_custom_calls_in_hlo(rng):
+    x = _normal(rng, (2, 64, 64, 320), jnp.float16)
+    scale, bias = _affine(rng, 320)
+    hlo = jax.jit(lambda *a: group_norm(*a, activation="silu")).lower(x, scale, bias)
+    assert "sdjax_group_norm" in hlo.compile().as_text()
+    xg, w, b = _geglu_inputs(rng, (2, 1024, 640), 2560, jnp.float16)
+    assert "sdjax_geglu" in jax.jit(geglu).lower(xg, w, b).compile().as_text()
