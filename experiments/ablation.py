@@ -1,0 +1,359 @@
+"""The paper's ablation on one GPU: what each optimization buys end to end.
+
+    python -m experiments.ablation --config sd15 --dtype float16 --anchors
+
+Rows add our kernels one at a time to the plain-XLA baseline, then `auto`. For each row:
+text encoder, UNet per step, VAE decode and 20-step total (median of --repeats runs of the
+whole pipeline, compile excluded), compile time, the programs' memory (XLA's memory
+analysis) and the final image's difference from the float32 reference path. All rows run in
+one process on the same random weights and inputs. Anchors in the same process: the
+diffusers PyTorch UNet (fp16, SDPA; eager and as a CUDA graph) and the last diffusers with
+Flax models (0.35.x `FlaxUNet2DConditionModel`), where importable.
+
+Writes ablation_<config>_<dtype>.json, .md and .png to results_dir().
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+import time
+import traceback
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "sd15", "architecture preset (random weights)")
+flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "compute dtype")
+flags.DEFINE_integer("steps", 20, "denoising steps (DDIM: one UNet call per step)")
+flags.DEFINE_integer("resolution", None, "pixels per side; default: the model's")
+flags.DEFINE_float("guidance", 7.5, "guidance scale")
+flags.DEFINE_integer("repeats", 3, "timed runs per row (median)")
+flags.DEFINE_list("rows", None, "subset of rows to run (default: all)")
+flags.DEFINE_bool("anchors", True, "time the diffusers PyTorch and Flax UNets too")
+flags.DEFINE_bool("reference", True, "compare every row's image with the float32 reference path")
+flags.DEFINE_float(
+    "max_rel_error_ratio",
+    2.0,
+    "a row fails if its latent error exceeds this times the baseline row's",
+)
+flags.DEFINE_string("tag", "", "suffix of the output file names")
+
+
+def rows():
+    from sdjax.ops import Implementations as I
+
+    return {
+        "baseline_xla": I(attention="xla", group_norm="xla", geglu="xla"),
+        "+fused_groupnorm": I(attention="xla", group_norm="pallas", geglu="xla"),
+        "+geglu": I(attention="xla", group_norm="pallas", geglu="pallas"),
+        "+fused_softmax": I(attention="fused_softmax", group_norm="pallas", geglu="pallas"),
+        "+flash": I(attention="flash", group_norm="pallas", geglu="pallas"),
+        "cudnn_attention_only": I(attention="cudnn", group_norm="xla", geglu="xla"),
+        "auto": I(attention="auto", group_norm="auto", geglu="auto"),
+    }
+
+
+def _memory(pipe) -> dict:
+    """Parameter bytes, and the largest program's temp+output bytes (XLA's memory analysis)."""
+    import jax
+
+    params = sum(x.nbytes for x in jax.tree.leaves(pipe.params))
+    programs = {}
+    for key, compiled in pipe._compiled.items():
+        try:
+            m = compiled.memory_analysis()
+            programs[key[0]] = int(m.temp_size_in_bytes + m.output_size_in_bytes)
+        except Exception:  # not every backend implements it
+            pass
+    peak = params + max(programs.values(), default=0)
+    return {
+        "params_gib": params / 2**30,
+        "program_gib": {k: v / 2**30 for k, v in programs.items()},
+        "est_peak_gib": peak / 2**30,
+    }
+
+
+def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents):
+    import numpy as np
+
+    from experiments import common
+    from sdjax.hlo import count_hlo
+    from sdjax.pipeline import StableDiffusion
+
+    pipe = StableDiffusion(config, params, tokenizer, dtype=dtype, kernels=kernels)
+    kw = dict(
+        steps=FLAGS.steps, guidance=FLAGS.guidance, scheduler="ddim", seed=0, height=res, width=res
+    )
+    first = pipe.generate("a photograph of an astronaut riding a horse", **kw)
+    runs = [
+        pipe.generate("a photograph of an astronaut riding a horse", **kw)
+        for _ in range(FLAGS.repeats)
+    ]
+    med = {c: statistics.median(r.timings[c]["run_s"] for r in runs) * 1e3 for c in first.timings}
+    steps = first.timings["denoise"]["steps"]
+    row = {
+        "row": name,
+        "kernels": dataclasses.asdict(kernels),
+        "text_encoder_ms": med["text_encoder"],
+        "unet_step_ms": med["denoise"] / steps,
+        "denoise_ms": med["denoise"],
+        "vae_decode_ms": med["vae_decode"],
+        "total_ms": sum(med.values()),
+        "compile_s": sum(v["compile_s"] for v in first.timings.values()),
+        "compile_s_by_component": {c: v["compile_s"] for c, v in first.timings.items()},
+        "memory": _memory(pipe),
+    }
+    row["est_peak_gib"] = row["memory"]["est_peak_gib"]
+    for key, compiled in pipe._compiled.items():
+        if key[0] == "denoise":
+            row["hlo_per_step"] = count_hlo(compiled.as_text())
+    if ref_latents is not None:
+        row["latent_rel_error"] = common.relative_error(runs[-1].latents, ref_latents["latents"])
+        diff = np.abs(runs[-1].images.astype(np.float64) - ref_latents["images"].astype(np.float64))
+        row["image_mean_abs_diff"] = float(diff.mean())
+    row["finite"] = bool(np.isfinite(runs[-1].latents).all())
+    del pipe
+    return row, runs[-1]
+
+
+def anchors(config, dtype_name, res) -> dict:
+    """diffusers UNet step times on the same GPU: PyTorch eager, PyTorch CUDA graph, Flax (XLA)."""
+    out = {}
+    latent = res // 8
+    ucfg = config.unet
+    diffusers_cfg = dict(
+        sample_size=latent,
+        block_out_channels=list(ucfg.block_out_channels),
+        layers_per_block=ucfg.layers_per_block,
+        down_block_types=list(ucfg.down_block_types),
+        up_block_types=list(ucfg.up_block_types),
+        cross_attention_dim=ucfg.cross_attention_dim,
+        attention_head_dim=list(ucfg.num_attention_heads),
+        use_linear_projection=ucfg.use_linear_projection,
+    )
+    try:
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        from experiments import common
+
+        tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
+            dtype_name
+        ]
+        unet = UNet2DConditionModel(**diffusers_cfg).to("cuda", tdtype).eval()
+        x = torch.randn(2, 4, latent, latent, device="cuda", dtype=tdtype)
+        t = torch.tensor([500, 500], device="cuda")
+        ctx = torch.randn(2, 77, ucfg.cross_attention_dim, device="cuda", dtype=tdtype)
+        with torch.inference_mode():
+            out["torch_eager_ms"] = common.time_torch(lambda: unet(x, t, ctx), calls=20)[
+                "median_ms"
+            ]
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    unet(x, t, ctx)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                unet(x, t, ctx)
+            out["torch_cuda_graph_ms"] = common.time_torch(graph.replay, calls=20)["median_ms"]
+        out["torch"] = torch.__version__
+        unet = graph = None
+        torch.cuda.empty_cache()
+    except Exception as e:  # recorded, never silent
+        out["torch_error"] = f"{type(e).__name__}: {e}"
+    try:
+        import diffusers
+        import jax
+        import jax.numpy as jnp
+        from diffusers import FlaxUNet2DConditionModel
+
+        jdtype = jnp.dtype(dtype_name)
+        model = FlaxUNet2DConditionModel(**diffusers_cfg, dtype=jdtype)
+        params = model.init_weights(jax.random.PRNGKey(0))
+        params = jax.tree.map(lambda a: a.astype(jdtype), params)
+        x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, latent, latent), jdtype)
+        ctx = jax.random.normal(jax.random.PRNGKey(2), (2, 77, ucfg.cross_attention_dim), jdtype)
+
+        @jax.jit
+        def loop(params, x, ctx):
+            def body(i, x):
+                return model.apply(
+                    {"params": params}, x, jnp.full((2,), 999 - i * 50), ctx
+                ).sample.astype(x.dtype)
+
+            return jax.lax.fori_loop(0, FLAGS.steps, body, x)
+
+        jax.block_until_ready(loop(params, x, ctx))
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            jax.block_until_ready(loop(params, x, ctx))
+            times.append((time.perf_counter() - t0) * 1e3 / FLAGS.steps)
+        out["diffusers_flax_ms"] = statistics.median(times)
+        out["diffusers_flax_version"] = diffusers.__version__
+        del params
+    except Exception as e:
+        out["diffusers_flax_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import common
+    from sdjax import config as sd_config
+    from sdjax import weights
+    from sdjax.pipeline import StableDiffusion
+    from sdjax.tokenizer import Tokenizer
+
+    common.enable_compilation_cache()
+    config = sd_config.preset(FLAGS.config)
+    res = FLAGS.resolution or config.default_resolution
+    params32 = weights.random_params(config, seed=0, dtype=jnp.float32)
+    tokenizer = Tokenizer.default()
+    record = {
+        "device": common.device_info(),
+        "config": FLAGS.config,
+        "dtype": FLAGS.dtype,
+        "resolution": res,
+        "steps": FLAGS.steps,
+        "scheduler": "ddim",
+        "guidance": FLAGS.guidance,
+        "rows": [],
+    }
+
+    ref = None
+    if FLAGS.reference:
+        pipe = StableDiffusion(config, params32, tokenizer, dtype="float32", kernels="reference")
+        r = pipe.generate(
+            "a photograph of an astronaut riding a horse",
+            steps=FLAGS.steps,
+            guidance=FLAGS.guidance,
+            scheduler="ddim",
+            seed=0,
+            height=res,
+            width=res,
+        )
+        ref = {"latents": r.latents, "images": r.images}
+        record["reference"] = {"timings": r.timings}
+        del pipe
+    params = jax.tree.map(lambda a: a.astype(FLAGS.dtype), params32)
+    del params32
+
+    selected = rows()
+    if FLAGS.rows:
+        selected = {k: v for k, v in selected.items() if k in FLAGS.rows}
+    for name, kernels in selected.items():
+        print(f"== {name}", flush=True)
+        try:
+            row, _ = run_row(name, kernels, config, params, tokenizer, FLAGS.dtype, res, ref)
+        except Exception as e:
+            traceback.print_exc()
+            row = {
+                "row": name,
+                "kernels": dataclasses.asdict(kernels),
+                "error": f"{type(e).__name__}: {e}"[:2000],
+            }
+        record["rows"].append(row)
+        print(
+            {
+                k: v
+                for k, v in row.items()
+                if k.endswith("_ms") or k in ("latent_rel_error", "error")
+            },
+            flush=True,
+        )
+
+    base = next(
+        (r for r in record["rows"] if r["row"] == "baseline_xla" and "latent_rel_error" in r), None
+    )
+    failures = []
+    for r in record["rows"]:
+        if "error" in r:
+            failures.append(f"{r['row']}: {r['error'][:200]}")
+        elif not r.get("finite", True):
+            failures.append(f"{r['row']}: non-finite latents")
+        elif base and "latent_rel_error" in r:
+            limit = FLAGS.max_rel_error_ratio * max(base["latent_rel_error"], 1e-3)
+            r["within_tolerance"] = r["latent_rel_error"] <= limit
+            r["tolerance"] = limit
+            if not r["within_tolerance"]:
+                failures.append(
+                    f"{r['row']}: latent error {r['latent_rel_error']:.3g} > {limit:.3g}"
+                )
+        if base and "unet_step_ms" in r:
+            r["speedup_vs_baseline"] = base["unet_step_ms"] / r["unet_step_ms"]
+    if FLAGS.anchors:
+        record["anchors"] = anchors(config, FLAGS.dtype, res)
+        print(record["anchors"], flush=True)
+    record["failures"] = failures
+
+    out = common.results_dir()
+    stem = f"ablation_{FLAGS.config}_{FLAGS.dtype}{FLAGS.tag}"
+    common.write_json(out / f"{stem}.json", record)
+    cols = [
+        "row",
+        "text_encoder_ms",
+        "unet_step_ms",
+        "vae_decode_ms",
+        "total_ms",
+        "speedup_vs_baseline",
+        "est_peak_gib",
+        "compile_s",
+        "latent_rel_error",
+        "image_mean_abs_diff",
+    ]
+    md = f"# Ablation: {FLAGS.config} {res}x{res}, {FLAGS.steps} DDIM steps, guidance, {FLAGS.dtype}\n\n"
+    md += f"device: {record['device']['device_kind']}, jax {record['device']['jax']}\n\n"
+    md += common.markdown_table(record["rows"], cols)
+    if FLAGS.anchors:
+        md += (
+            "\nAnchors (UNet step, same GPU, same process): "
+            + ", ".join(
+                f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}"
+                for k, v in record["anchors"].items()
+            )
+            + "\n"
+        )
+    (out / f"{stem}.md").write_text(md)
+    _plot(record, out / f"{stem}.png")
+    print(md)
+    if failures:
+        print("FAILURES:\n  " + "\n  ".join(failures), file=sys.stderr)
+        sys.exit(1)
+
+
+def _plot(record, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows_ = [r for r in record["rows"] if "unet_step_ms" in r]
+    names = [r["row"] for r in rows_]
+    anchors_ = {k: v for k, v in record.get("anchors", {}).items() if k.endswith("_ms")}
+    names += list(anchors_)
+    vals = [r["unet_step_ms"] for r in rows_] + list(anchors_.values())
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.barh(names, vals, color=["C0"] * len(rows_) + ["C3"] * len(anchors_))
+    ax.invert_yaxis()
+    ax.set_xlabel("UNet step (ms), batch 2")
+    ax.set_title(
+        f"{record['config']} {record['resolution']}px {record['dtype']} on {record['device']['device_kind']}"
+    )
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.2f}", va="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    app.run(main)

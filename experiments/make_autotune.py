@@ -1,0 +1,92 @@
+"""Fills `sdjax/assets/autotune.json`, the per-shape choices of `auto`, from GPU benchmarks.
+
+    python -m experiments.make_autotune --attention experiments/results/bench_attention_*.json \
+        --norm experiments/results/bench_norm_*.json
+
+For each benchmarked shape it records the fastest implementation whose output matched the
+reference in the same run. `auto` falls back to each op's default for shapes never measured
+(see `sdjax.ops`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from absl import app, flags
+
+from sdjax import autotune
+from sdjax.shapes import ATTENTION_SHAPES, GEGLU_SHAPES, GROUP_NORM_SHAPES
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("attention", [], "bench_attention JSON files")
+flags.DEFINE_list("norm", [], "bench_norm JSON files")
+flags.DEFINE_string("out", str(autotune.TABLE_PATH), "table to write")
+
+# Names in the benchmarks -> implementation names of sdjax.ops.
+ATTENTION_IMPLS = {
+    "flash": "flash",
+    "fused_softmax": "fused_softmax",
+    "cudnn": "cudnn",
+    "xla": "xla",
+}
+
+
+def attention_choices(record: dict) -> dict:
+    best: dict[str, tuple[float, str]] = {}
+    for r in record["rows"]:
+        impl = ATTENTION_IMPLS.get(r["impl"])
+        if impl is None or not r.get("ok") or not r.get("ms"):
+            continue
+        if r["shape"] not in best or r["ms"] < best[r["shape"]][0]:
+            best[r["shape"]] = (r["ms"], impl)
+    out = {}
+    for name, (_, impl) in best.items():
+        s = ATTENTION_SHAPES[name]
+        out[autotune.shape_key("attention", s.q_shape, s.kv_shape, record["dtype"])] = impl
+    return out
+
+
+def norm_choices(record: dict) -> tuple[dict, dict]:
+    gn, gg = {}, {}
+    for r in record.get("group_norm", []):
+        if "ours_ms" not in r or "xla_ms" not in r:
+            continue
+        impl = "pallas" if r["ours_ms"] < r["xla_ms"] else "xla"
+        gn[
+            autotune.shape_key(
+                "group_norm", GROUP_NORM_SHAPES[r["shape"]].shape, None, record["dtype"]
+            )
+        ] = impl
+    for r in record.get("geglu", []):
+        if "fused_ms" not in r or "xla_ms" not in r:
+            continue
+        s = GEGLU_SHAPES[r["shape"]]
+        impl = "pallas" if r["fused_ms"] < r["xla_ms"] else "xla"
+        gg[autotune.shape_key("geglu", s.x_shape, s.w_shape, record["dtype"])] = impl
+    return gn, gg
+
+
+def main(argv):
+    del argv
+    choices = {"attention": {}, "group_norm": {}, "geglu": {}}
+    sources, devices = [], set()
+    for path in FLAGS.attention:
+        record = json.loads(pathlib.Path(path).read_text())
+        choices["attention"].update(attention_choices(record))
+        sources.append(path)
+        devices.add(record["device"]["device_kind"])
+    for path in FLAGS.norm:
+        record = json.loads(pathlib.Path(path).read_text())
+        gn, gg = norm_choices(record)
+        choices["group_norm"].update(gn)
+        choices["geglu"].update(gg)
+        sources.append(path)
+        devices.add(record["device"]["device_kind"])
+    table = {"devices": sorted(devices), "sources": sources, "choices": choices}
+    pathlib.Path(FLAGS.out).write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print({op: len(c) for op, c in choices.items()}, "->", FLAGS.out)
+
+
+if __name__ == "__main__":
+    app.run(main)

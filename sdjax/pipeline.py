@@ -1,0 +1,473 @@
+"""Text-to-image (and image-to-image) Stable Diffusion: prompts in, uint8 images out.
+
+Three jitted programs, each compiled once per shape and reused:
+
+  encode_text   token ids [N, 77]            -> context [N, 77, D]
+  denoise       latents [N, h, w, 4], context -> latents, the whole loop in one `lax.scan`
+  decode        latents [N, h, w, 4]          -> images uint8 [N, H, W, 3]
+
+`denoise_loop` is importable on its own for research code. The implementations of the hot
+ops (`sdjax.ops`) are a static argument of each program, entered inside the trace.
+
+Batches are sharded over every local device along the batch axis (a 1-D `Mesh` named
+"batch"); the parameters are placed once, replicated. A batch that does not divide by the
+device count is padded and the padding dropped from the result. Each image's noise comes from
+`fold_in(PRNGKey(seed), index)`, so an image depends on its seed and index only, not on the
+batch size or the number of devices (see `image_noise`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sdjax import ops, schedulers
+from sdjax.config import PipelineConfig
+from sdjax.models import clip
+from sdjax.models.unet import UNet2DConditionModel
+from sdjax.models.vae import AutoencoderKL
+from sdjax.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The denoising loop: one scan over the steps, guidance as one batch of 2N.
+# --------------------------------------------------------------------------------------------
+
+
+def guided_unet(unet_params, x, t, context, uncond_context, guidance_scale, *, unet_config, dtype):
+    """One guided model call: x [N, h, w, C] -> guided prediction [N, h, w, C] in float32.
+
+    With `uncond_context` None there is no guidance (one batch of N). Otherwise the UNet runs
+    once on 2N samples, each sample's unconditional and conditional copies side by side
+    ([x0, x0, x1, x1, ...]) so that a batch sharded over devices stays local to each device.
+    """
+    unet = UNet2DConditionModel(unet_config)
+    if uncond_context is None:
+        out = unet.apply({"params": unet_params}, x.astype(dtype), t, context)
+        return out.astype(jnp.float32)
+    n = x.shape[0]
+    x2 = jnp.repeat(x.astype(dtype), 2, axis=0)
+    ctx2 = jnp.stack([uncond_context, context], axis=1).reshape(2 * n, *context.shape[1:])
+    out = unet.apply({"params": unet_params}, x2, t, ctx2).astype(jnp.float32)
+    out = out.reshape(n, 2, *out.shape[1:])
+    uncond, cond = out[:, 0], out[:, 1]
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def denoise_loop(
+    unet_params,
+    latents,
+    context,
+    uncond_context,
+    guidance_scale,
+    step_noise=None,
+    *,
+    unet_config,
+    scheduler: schedulers.Scheduler,
+    start_index: int = 0,
+    dtype=jnp.float32,
+    kernels: ops.Implementations = ops.PRESETS["reference"],
+    sharding: NamedSharding | None = None,
+    progress=None,
+):
+    """Runs the scheduler's steps from `start_index` to the end, as one `lax.scan`.
+
+    Args:
+      latents: float32 [N, h, w, C], already scaled by `scheduler.init_noise_sigma` (or noised
+        by `scheduler.add_noise` for img2img).
+      context, uncond_context: [N, 77, D]; `uncond_context` None turns guidance off.
+      guidance_scale: a scalar (traced: changing it does not recompile).
+      step_noise: [S, N, h, w, C] fresh noise per step, only for schedulers that need it.
+      sharding: where the latents live; the loop keeps them there.
+      progress: a host callable(step) called after each step (None: no host callbacks).
+    Returns:
+      float32 latents [N, h, w, C].
+    """
+    n_steps = len(scheduler.timesteps) - start_index
+    if n_steps < 1:
+        raise ValueError(f"{start_index=} leaves no step of {len(scheduler.timesteps)}")
+    if scheduler.needs_noise and step_noise is None:
+        raise ValueError(
+            f"scheduler {scheduler.name!r} needs step_noise [{n_steps}, *latents.shape]"
+        )
+
+    def constrain(x):
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+    def body(carry, xs):
+        x, state = carry
+        i, noise = xs
+        model_in = scheduler.scale_model_input(x, i)
+        pred = guided_unet(
+            unet_params,
+            model_in,
+            scheduler.timestep(i),
+            context,
+            uncond_context,
+            guidance_scale,
+            unet_config=unet_config,
+            dtype=dtype,
+        )
+        x, state = scheduler.step(state, i, pred, x, noise=noise)
+        if progress is not None:
+            jax.debug.callback(progress, i)
+        return (constrain(x), state), None
+
+    with ops.use(kernels):
+        x = constrain(latents.astype(jnp.float32))
+        state = scheduler.init_state(x)
+        idx = jnp.arange(start_index, len(scheduler.timesteps), dtype=jnp.int32)
+        (x, _), _ = jax.lax.scan(body, (x, state), (idx, step_noise))
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image noise
+# --------------------------------------------------------------------------------------------
+
+# Independent noise streams of one image, all derived from key_i = fold_in(PRNGKey(seed), i).
+NOISE_STREAMS = {"latents": None, "vae": 1, "steps": 2}
+
+
+def image_noise(seed: int, indices: Sequence[int], shape: Sequence[int], stream: str = "latents"):
+    """float32 [len(indices), *shape]: image i's N(0, 1) noise of one stream.
+
+    "latents": the initial latents (text-to-image) or the noise img2img adds to the encoded
+    image; "vae": the VAE encoder's posterior sample (img2img); "steps": the per-step noise of
+    ancestral schedulers, [steps, h, w, C] per image. Depends only on (seed, i, stream, shape).
+    """
+    if stream not in NOISE_STREAMS:
+        raise ValueError(f"unknown noise stream {stream!r}; choose from {sorted(NOISE_STREAMS)}")
+    out = []
+    for i in indices:
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+        if NOISE_STREAMS[stream] is not None:
+            key = jax.random.fold_in(key, NOISE_STREAMS[stream])
+        out.append(np.asarray(jax.random.normal(key, tuple(shape), jnp.float32)))
+    return np.stack(out)
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline object
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    """What `StableDiffusion.generate` returns."""
+
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    latents: np.ndarray  # float32 [N, h, w, C], the final (unscaled by the VAE factor) latents
+    timings: dict  # per component: compile_s and run_s
+    truncations: tuple  # tokenizer.Truncation for each prompt cut at 77 tokens
+    negative_truncations: tuple  # the same for the negative prompts
+    scheduler: str
+    kernels: dict
+
+
+class StableDiffusion:
+    """A loaded pipeline: configs, params placed on the devices, tokenizer and op choices.
+
+    Build it with `from_checkpoint` or `from_random`, then call `generate`.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        params: dict,
+        tokenizer: Tokenizer,
+        *,
+        dtype="float32",
+        kernels: ops.Implementations | str = "auto",
+        devices: Sequence[jax.Device] | None = None,
+        random_weights: bool = False,
+    ):
+        self.config = config
+        self.dtype = resolve_dtype(dtype)
+        self.kernels = ops.Implementations.preset(kernels) if isinstance(kernels, str) else kernels
+        self.tokenizer = tokenizer
+        self.random_weights = random_weights
+        self.devices = list(devices or jax.local_devices())
+        self.mesh = Mesh(np.array(self.devices), ("batch",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("batch"))
+        cast = functools.partial(_cast_floats, dtype=self.dtype)
+        self.params = jax.device_put(jax.tree.map(cast, params), self.replicated)
+        self._compiled: dict = {}
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint, *, dtype="float16", variant=None, **kwargs
+    ) -> StableDiffusion:
+        """A diffusers-layout folder or Hub repo id (see `sdjax.weights.load_pipeline`)."""
+        from sdjax import weights
+
+        folder = weights.resolve_checkpoint(checkpoint, variant=variant)
+        config, params = weights.load_pipeline(folder, dtype=resolve_dtype(dtype), variant=variant)
+        return cls(
+            config, params, Tokenizer.from_folder(folder / "tokenizer"), dtype=dtype, **kwargs
+        )
+
+    @classmethod
+    def from_random(
+        cls, config: PipelineConfig, *, seed: int = 0, dtype="float16", **kwargs
+    ) -> StableDiffusion:
+        """Deterministic random weights of `config`'s architecture: images are noise."""
+        from sdjax import weights
+
+        params = weights.random_params(config, seed, dtype=resolve_dtype(dtype))
+        return cls(config, params, Tokenizer.default(), dtype=dtype, random_weights=True, **kwargs)
+
+    # ---- compiled components ---------------------------------------------------------------
+
+    def _compile(self, name: str, fn, *args, statics: tuple = ()):
+        """Compiles fn(*args) once per (name, shapes, statics); returns (compiled, compile_s)."""
+        leaves, treedef = jax.tree.flatten(args)
+        key = (name, statics, treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
+        if key in self._compiled:
+            return self._compiled[key], 0.0
+        t0 = time.perf_counter()
+        compiled = jax.jit(fn).lower(*args).compile()
+        self._compiled[key] = compiled
+        return compiled, time.perf_counter() - t0
+
+    def _encode_fn(self):
+        cfg, dtype, kernels = self.config.text_encoder, self.dtype, self.kernels
+
+        def encode_text(params, ids):
+            with ops.use(kernels):
+                return clip.encode(params, ids, cfg, dtype=dtype)
+
+        return encode_text
+
+    def _decode_fn(self):
+        vae_cfg, dtype, kernels = self.config.vae, self.dtype, self.kernels
+
+        def decode(params, latents):
+            with ops.use(kernels):
+                z = (latents / vae_cfg.scaling_factor).astype(dtype)
+                image = AutoencoderKL(vae_cfg).apply({"params": params}, z, method="decode")
+            image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+            return jnp.round(image * 255).astype(jnp.uint8)
+
+        return decode
+
+    def _encode_image_fn(self):
+        vae_cfg, dtype, kernels = self.config.vae, self.dtype, self.kernels
+
+        def encode_image(params, images, noise):
+            with ops.use(kernels):
+                x = (images.astype(jnp.float32) / 127.5 - 1.0).astype(dtype)
+                mean, logvar = AutoencoderKL(vae_cfg).apply({"params": params}, x, method="encode")
+            mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+            return (mean + jnp.exp(0.5 * logvar) * noise) * vae_cfg.scaling_factor
+
+        return encode_image
+
+    # ---- generation ------------------------------------------------------------------------
+
+    def make_scheduler(self, name: str | None, steps: int) -> schedulers.Scheduler:
+        """`name` None: the checkpoint's own scheduler class."""
+        return schedulers.make(name, self.config.scheduler, steps)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        negative_prompts: str | Sequence[str] | None = None,
+        *,
+        steps: int = 20,
+        guidance: float = 7.5,
+        scheduler: str | None = None,
+        seed: int = 0,
+        height: int | None = None,
+        width: int | None = None,
+        latents=None,
+        init_image=None,
+        strength: float = 0.8,
+        index_offset: int = 0,
+        progress=None,
+    ) -> Result:
+        """Generates one image per prompt.
+
+        Args:
+          prompts: a prompt or a list (the batch). negative_prompts: one, one per prompt, or
+            None (the empty prompt).
+          steps: denoising steps (>= 1). guidance: classifier-free guidance scale (>= 0;
+            <= 1 turns guidance off, as in diffusers). scheduler: a name from
+            `sdjax.schedulers.NAMES`, or None for the checkpoint's own.
+          height, width: pixels, multiples of the VAE factor (8 for SD); default the model's.
+          latents: optional float [N, h, w, C] noise (NHWC) instead of the seed's: the initial
+            latents, or for img2img the noise added to the encoded image (as diffusers' `noise`).
+          init_image: optional uint8 [N, H, W, 3] (or [H, W, 3]) for img2img, with `strength`
+            in (0, 1].
+          index_offset: the global index of prompts[0]. Image i's noise is
+            `image_noise(seed, [index_offset + i], ...)`, so one host generating a block of a
+            longer list (`sdjax.distributed.process_block`) makes the same images as one host
+            generating all of it.
+          progress: optional host callable(step_index) after each step.
+        """
+        cfg = self.config
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        n = len(prompts)
+        negative_prompts = _negatives(negative_prompts, n)
+        _check_request(n=n, steps=steps, guidance=guidance, index_offset=index_offset)
+        f = cfg.vae.downscale
+        if init_image is not None:
+            init_image = np.asarray(init_image)
+            if init_image.ndim == 3:
+                init_image = np.broadcast_to(init_image, (n, *init_image.shape))
+            if init_image.ndim != 4 or init_image.shape[0] != n or init_image.shape[-1] != 3:
+                raise ValueError(f"init_image must be [N={n}, H, W, 3]; got {init_image.shape}")
+            image_hw = init_image.shape[1:3]
+            if height not in (None, image_hw[0]) or width not in (None, image_hw[1]):
+                raise ValueError(f"init_image is {image_hw}; got {height=} and {width=}")
+            height, width = image_hw
+        height = cfg.default_resolution if height is None else height
+        width = cfg.default_resolution if width is None else width
+        for name, value in (("height", height), ("width", width)):
+            if int(value) != value or value < f or value % f:
+                raise ValueError(f"{name} must be a positive multiple of {f}; got {value}")
+        latent_shape = (n, height // f, width // f, cfg.unet.in_channels)
+        if latents is not None and np.shape(latents) != latent_shape:
+            raise ValueError(f"latents must be {latent_shape} (NHWC); got {np.shape(latents)}")
+        sched = self.make_scheduler(scheduler, steps)
+        start = sched.start_index(strength) if init_image is not None else 0
+        n_steps = len(sched.timesteps) - start
+        use_guidance = guidance > 1.0
+        indices = range(index_offset, index_offset + n)
+
+        # Pad the batch to a multiple of the device count; the padding is dropped at the end.
+        pad = -n % len(self.devices)
+
+        def batch(a, axis=0):
+            a = np.asarray(a)
+            if pad:
+                last = np.take(a, [-1] * pad, axis=axis)
+                a = np.concatenate([a, last], axis=axis)
+            spec = P(*([None] * axis), "batch")
+            return jax.device_put(a, NamedSharding(self.mesh, spec))
+
+        timings: dict = {}
+
+        # 1. text
+        tokens = self.tokenizer(prompts)
+        neg_tokens = self.tokenizer(negative_prompts) if use_guidance else None
+        encode, c_s = self._compile(
+            "encode_text", self._encode_fn(), self.params["text_encoder"], batch(tokens.ids)
+        )
+        t0 = time.perf_counter()
+        context = encode(self.params["text_encoder"], batch(tokens.ids))
+        uncond = (
+            encode(self.params["text_encoder"], batch(neg_tokens.ids)) if use_guidance else None
+        )
+        jax.block_until_ready((context, uncond))
+        timings["text_encoder"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
+
+        # 2. initial latents
+        if latents is not None:
+            noise = np.asarray(latents, np.float32)
+        else:
+            noise = image_noise(seed, indices, latent_shape[1:], "latents")
+        if init_image is not None:
+            enc_noise = batch(image_noise(seed, indices, latent_shape[1:], "vae"))
+            enc, c_s = self._compile(
+                "encode_image",
+                self._encode_image_fn(),
+                self.params["vae"],
+                batch(init_image),
+                enc_noise,
+            )
+            t0 = time.perf_counter()
+            x0 = enc(self.params["vae"], batch(init_image), enc_noise)
+            x = sched.add_noise(x0, batch(noise), start)
+            x = jax.block_until_ready(jax.device_put(x, self.batch_sharding))
+            timings["vae_encode"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
+        else:
+            x = batch(noise * np.float32(sched.init_noise_sigma))
+        step_noise = None
+        if sched.needs_noise:
+            sn = image_noise(seed, indices, (n_steps, *latent_shape[1:]), "steps")
+            step_noise = batch(sn.swapaxes(0, 1), axis=1)  # [S, N, h, w, C]
+
+        # 3. the loop
+        loop = functools.partial(
+            denoise_loop,
+            unet_config=cfg.unet,
+            scheduler=sched,
+            start_index=start,
+            dtype=self.dtype,
+            kernels=self.kernels,
+            sharding=self.batch_sharding,
+            progress=progress,
+        )
+        args = (self.params["unet"], x, context, uncond, jnp.float32(guidance), step_noise)
+        run_loop, c_s = self._compile("denoise", loop, *args, statics=(sched, start, progress))
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(run_loop(*args))
+        timings["denoise"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0, "steps": n_steps}
+
+        # 4. decode
+        decode, c_s = self._compile("decode", self._decode_fn(), self.params["vae"], x)
+        t0 = time.perf_counter()
+        images = jax.block_until_ready(decode(self.params["vae"], x))
+        timings["vae_decode"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
+
+        return Result(
+            images=np.asarray(images)[:n],
+            latents=np.asarray(x)[:n],
+            timings=timings,
+            truncations=tokens.truncations,
+            negative_truncations=neg_tokens.truncations if use_guidance else (),
+            scheduler=sched.name,
+            kernels=dataclasses.asdict(self.kernels),
+        )
+
+
+def _negatives(negative_prompts, n: int) -> list[str]:
+    if negative_prompts is None:
+        return [""] * n
+    if isinstance(negative_prompts, str):
+        return [negative_prompts] * n
+    negative_prompts = list(negative_prompts)
+    if len(negative_prompts) != n:
+        raise ValueError(f"{len(negative_prompts)} negative prompts for {n} prompts")
+    return negative_prompts
+
+
+def _check_request(*, n: int, steps, guidance, index_offset) -> None:
+    if n == 0:
+        raise ValueError("empty batch: give at least one prompt")
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    if not np.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance scale must be a finite number >= 0; got {guidance}")
+    if index_offset < 0:
+        raise ValueError(f"index_offset must be >= 0; got {index_offset}")
+
+
+def _cast_floats(x, *, dtype):
+    x = jnp.asarray(x)
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x

@@ -1,0 +1,251 @@
+"""The pipeline end to end: golden images against diffusers, determinism, and bad input.
+
+Golden check (issue 3): a small random diffusers `StableDiffusionPipeline` saved with
+`save_pretrained`, loaded by `StableDiffusion.from_checkpoint`, and both pipelines run from
+the same initial latents (ours NHWC, diffusers' NCHW) in float32 with the reference kernels.
+Tolerance: mean |ours - theirs| <= 1 in 0..255 pixel space (ours is rounded to uint8, theirs
+is float, so rounding alone gives ~0.25), and the final latents within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from sdjax.pipeline import StableDiffusion, image_noise
+from tests._pipeline_util import random_pipeline, save_diffusers_checkpoint
+
+PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor of a lighthouse"]
+STEPS = 4
+
+
+def _mad(ours: np.ndarray, theirs_01: np.ndarray) -> float:
+    """Mean absolute difference in 0..255 pixel space; theirs is diffusers' float [0, 1]."""
+    return float(np.abs(ours.astype(np.float64) - theirs_01.astype(np.float64) * 255).mean())
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _nchw(x: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+# --------------------------------------------------------------------------------------------
+# Golden images against diffusers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    return save_diffusers_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def ours(checkpoint):
+    return StableDiffusion.from_checkpoint(checkpoint, dtype="float32", kernels="reference")
+
+
+@pytest.fixture(scope="module")
+def theirs(checkpoint):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
+
+
+@pytest.mark.parametrize(
+    "scheduler,guidance", [("ddim", 7.5), ("dpmpp_2m", 7.5), ("ddim", 1.0)], ids=str
+)
+def test_golden_against_diffusers(ours, theirs, scheduler, guidance):
+    import diffusers
+    import torch
+
+    cls = getattr(diffusers, _DIFFUSERS_SCHEDULERS[scheduler])
+    theirs.scheduler = cls.from_config(theirs.scheduler.config)
+    latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    kwargs = dict(
+        num_inference_steps=STEPS, guidance_scale=guidance, negative_prompt=["blurry"] * 2
+    )
+    with torch.no_grad():
+        ref = theirs(PROMPTS, latents=_nchw(latents), output_type="np", **kwargs).images
+        ref_latents = theirs(PROMPTS, latents=_nchw(latents), output_type="latent", **kwargs).images
+
+    got = ours.generate(
+        PROMPTS, "blurry", steps=STEPS, guidance=guidance, scheduler=scheduler, latents=latents
+    )
+    assert got.images.shape == ref.shape == (2, 16, 16, 3)
+    assert got.images.dtype == np.uint8
+    assert ref.std() * 255 > 10, "degenerate reference image: the comparison would be vacuous"
+    assert _mad(got.images, ref) <= 1.0
+    assert _rel(got.latents, ref_latents.numpy().transpose(0, 2, 3, 1)) <= 1e-4
+
+
+def test_img2img_against_diffusers(checkpoint, ours, monkeypatch):
+    """diffusers draws its two noises (VAE posterior sample, added noise) from torch; they are
+    replaced by ours: the seed's "vae" stream and caller-given `latents`."""
+    import diffusers
+    import torch
+    from diffusers.models.autoencoders import vae as diffusers_vae
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as i2i
+
+    rng = np.random.default_rng(1)
+    init = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    noise = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    seed = 3
+    vae_noise = image_noise(seed, range(2), (8, 8, 4), "vae")
+
+    def fixed(array):
+        def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+            assert tuple(shape) == array.shape[:1] + array.shape[3:] + array.shape[1:3]
+            return _nchw(array).to(dtype)
+
+        return randn_tensor
+
+    monkeypatch.setattr(diffusers_vae, "randn_tensor", fixed(vae_noise))
+    monkeypatch.setattr(i2i, "randn_tensor", fixed(noise))
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(checkpoint, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        ref = pipe(
+            PROMPTS,
+            image=init.astype(np.float32) / 255,
+            strength=0.75,
+            num_inference_steps=STEPS,
+            guidance_scale=7.5,
+            output_type="np",
+        ).images
+
+    got = ours.generate(
+        PROMPTS,
+        steps=STEPS,
+        scheduler="ddim",
+        init_image=init,
+        strength=0.75,
+        latents=noise,
+        seed=seed,
+    )
+    assert got.timings["denoise"]["steps"] == 3  # strength 0.75 of 4 steps
+    assert "vae_encode" in got.timings
+    assert _mad(got.images, ref) <= 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Determinism (no torch: a random `tiny` pipeline)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_pipeline()
+
+
+def _gen(pipe, prompts=PROMPTS[:1], **kwargs):
+    kwargs = {"steps": 3, "scheduler": "ddim", **kwargs}
+    return pipe.generate(prompts, **kwargs)
+
+
+def test_same_seed_same_image_other_seed_differs(tiny):
+    a, b, c = _gen(tiny, seed=7), _gen(tiny, seed=7), _gen(tiny, seed=8)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.latents, b.latents)
+    assert np.abs(a.images.astype(int) - c.images).mean() > 5
+    assert a.images.shape == (1, 16, 16, 3) and a.images.dtype == np.uint8
+    assert a.timings["denoise"]["compile_s"] > 0 and b.timings["denoise"]["compile_s"] == 0
+
+
+def test_batch_of_prompts_matches_single_runs(tiny):
+    """Image i depends on (seed, i) only; index_offset places a block in a longer list."""
+    batch = _gen(tiny, PROMPTS, seed=5)
+    first = _gen(tiny, PROMPTS[:1], seed=5)
+    second = _gen(tiny, PROMPTS[1:], seed=5, index_offset=1)
+    assert batch.images.shape == (2, 16, 16, 3)
+    # Different batch sizes may round differently on the CPU: allow one uint8 level.
+    assert np.abs(batch.images[:1].astype(int) - first.images).max() <= 1
+    assert np.abs(batch.images[1:].astype(int) - second.images).max() <= 1
+    assert np.abs(batch.images[0].astype(int) - batch.images[1]).mean() > 5
+
+
+def test_caller_latents(tiny):
+    seeded = _gen(tiny, seed=11)
+    given = _gen(tiny, seed=0, latents=image_noise(11, [0], (8, 8, 4)))
+    np.testing.assert_array_equal(seeded.images, given.images)
+    other = _gen(tiny, latents=np.zeros((1, 8, 8, 4), np.float32))
+    assert not np.array_equal(other.images, seeded.images)
+
+
+def test_guidance_at_most_one_turns_guidance_off(tiny):
+    one = _gen(tiny, guidance=1.0, seed=2)
+    half = _gen(tiny, guidance=0.5, negative_prompts="ignored without guidance", seed=2)
+    guided = _gen(tiny, guidance=7.5, seed=2)
+    np.testing.assert_array_equal(one.images, half.images)
+    assert one.negative_truncations == ()
+    assert not np.array_equal(one.images, guided.images)
+
+
+def test_ancestral_scheduler_is_deterministic(tiny):
+    a = _gen(tiny, scheduler="euler_a", seed=4)
+    b = _gen(tiny, scheduler="euler_a", seed=4)
+    c = _gen(tiny, scheduler="euler_a", seed=4, latents=image_noise(4, [0], (8, 8, 4)) * 0)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, c.images)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(height=15), r"height must be a positive multiple of 2; got 15"),
+        (dict(width=0), r"width must be a positive multiple of 2; got 0"),
+        (dict(steps=0), r"steps must be an integer >= 1; got 0"),
+        (dict(guidance=-1.0), r"guidance scale must be a finite number >= 0; got -1.0"),
+        (dict(scheduler="plms2"), r"unknown scheduler 'plms2'; choose one of \('ddim'"),
+        (dict(prompts=[]), r"empty batch: give at least one prompt"),
+        (dict(negative_prompts=["a", "b", "c"]), r"3 negative prompts for 1 prompts"),
+        (dict(latents=np.zeros((1, 4, 4, 4))), r"latents must be \(1, 8, 8, 4\) \(NHWC\)"),
+        (
+            dict(init_image=np.zeros((16, 16, 3), np.uint8), strength=0.1),
+            r"strength=0.1 with 3 steps leaves no denoising step",
+        ),
+        (dict(index_offset=-1), r"index_offset must be >= 0"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_bad_input_raises(tiny, kwargs, message):
+    kwargs = {"prompts": PROMPTS[:1], "steps": 3, "scheduler": "ddim", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        tiny.generate(kwargs.pop("prompts"), **kwargs)
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny, caplog):
+    long = "a photograph of an astronaut riding a horse on the moon " * 10  # ~110 tokens
+    with caplog.at_level(logging.WARNING, logger="sdjax.tokenizer"):
+        result = _gen(tiny, [PROMPTS[0], long])
+    (cut,) = result.truncations
+    assert cut.index == 1 and cut.num_dropped_tokens > 0 and cut.dropped
+    assert any("longer than 77 tokens" in r.getMessage() for r in caplog.records)
+    assert result.images.shape == (2, 16, 16, 3)
+
+
+def test_missing_checkpoint_folder(tmp_path):
+    from sdjax.weights import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        StableDiffusion.from_checkpoint(tmp_path / "no-such-model")
