@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app
@@ -25,25 +24,6 @@ from sdjax.models.vae import AutoencoderKL
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "tests" / "golden" / "tiny_reference.npz"
 SEED = 1234
-
-
-def numpy_params(component: str, model_config, seed: int) -> dict:
-    """Deterministic params from numpy: N(0, 1/fan_in) kernels, N(1, 0.1) scales, N(0, 0.1) rest."""
-    shapes = weights.expected_params(component, model_config)
-    rng = np.random.default_rng(seed)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    out = []
-    for path, leaf in leaves:
-        name = path[-1].key
-        if name == "kernel":
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
-        elif name == "scale":
-            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-        else:
-            value = 0.1 * rng.standard_normal(leaf.shape)
-        out.append(jnp.asarray(value, jnp.float32))
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), out)
 
 
 def inputs(config) -> dict:
@@ -80,7 +60,10 @@ def compute(config, params, x) -> dict:
 
 def golden_params(config) -> dict:
     comps = {"text_encoder": config.text_encoder, "unet": config.unet, "vae": config.vae}
-    return {c: numpy_params(c, cfg, SEED + i) for i, (c, cfg) in enumerate(comps.items())}
+    return {
+        c: weights.numpy_params(weights.expected_params(c, cfg), SEED + i)
+        for i, (c, cfg) in enumerate(comps.items())
+    }
 
 
 def main(argv):

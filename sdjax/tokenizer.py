@@ -63,8 +63,11 @@ class Tokenizer:
         from transformers import CLIPTokenizer
 
         folder = pathlib.Path(folder)
-        if not (folder / "vocab.json").exists() or not (folder / "merges.txt").exists():
-            raise FileNotFoundError(f"no CLIP tokenizer (vocab.json + merges.txt) in {folder}")
+        has_bpe = (folder / "vocab.json").exists() and (folder / "merges.txt").exists()
+        if not has_bpe and not (folder / "tokenizer.json").exists():
+            raise FileNotFoundError(
+                f"no CLIP tokenizer (vocab.json + merges.txt, or tokenizer.json) in {folder}"
+            )
         return cls(CLIPTokenizer.from_pretrained(str(folder)), max_length=max_length)
 
     @classmethod
