@@ -1,0 +1,252 @@
+"""Attention at every SD shape: our flash and fused-softmax kernels vs XLA, cuDNN and torch SDPA.
+
+GPU. All implementations run side by side in one process on the same random inputs, each
+timed in one compiled program of chained calls (q <- attention(q, k, v)), the launch overhead
+subtracted (torch: CUDA events over back-to-back calls) and checked against the
+float32 reference in the same run. Writes JSON, a markdown table and a PNG chart to
+`results_dir()` ($OUT on the device machine).
+
+    PYTHONPATH=. python experiments/bench_attention.py --dtype=float16
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import re
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from custom_calls.flash_attention import flash_attention, flash_attention_reference
+from custom_calls.fused_softmax import fused_softmax_attention
+from experiments.common import (
+    device_info,
+    markdown_table,
+    relative_error,
+    results_dir,
+    time_torch,
+    write_json,
+)
+from sdjax.shapes import ATTENTION_SHAPES
+
+IMPLS = ("flash", "fused_softmax", "cudnn", "torch", "xla")
+TOLERANCE = {"float16": 5e-3, "bfloat16": 1e-2, "float32": 1e-5}
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """Called only when run as a script, so that importing `benchmark` defines no flags."""
+    flags.DEFINE_string("dtype", "float16", "input dtype")
+    flags.DEFINE_list("shapes", [], "shape names from sdjax.shapes (default: all)")
+    flags.DEFINE_list("impls", list(IMPLS), "implementations to run")
+    flags.DEFINE_integer("calls", 30, "chained calls per timed program")
+    flags.DEFINE_integer("repeats", 7, "timed repeats (median)")
+
+
+_JAX_IMPLS = {
+    "flash": lambda q, k, v: flash_attention(q, k, v),
+    "fused_softmax": lambda q, k, v: fused_softmax_attention(q, k, v),
+    "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
+    "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+}
+
+
+def chained_program(fn, q, k, v, calls: int, *, compile: bool = True):
+    """A compiled (else lowered) program of `calls` calls of fn chained as q <- fn(q, k, v).
+
+    The true data dependency keeps XLA from merging or dropping calls (an optimization
+    barrier around unchanged arguments does not: XLA removes it and merges the calls).
+    Returns (first call's output, last call's output): the first is checked for correctness.
+    """
+
+    def body(q, k, v):
+        first = q = fn(q, k, v)
+        for _ in range(calls - 1):
+            q = fn(q, k, v)
+        return first, q
+
+    lowered = jax.jit(body).lower(q, k, v)
+    return lowered.compile() if compile else lowered
+
+
+@functools.cache
+def launch_overhead_ms(repeats: int = 21) -> float:
+    """Wall time of dispatching and synchronizing one trivial one-kernel program."""
+    x = jnp.ones((256,), jnp.float32)
+    fn = jax.jit(lambda x: x + 1.0).lower(x).compile()
+    jax.block_until_ready(fn(x))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_compiled(compiled, args, calls: int, repeats: int) -> float:
+    """Median ms per call of a chained program, the launch overhead subtracted."""
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return max(statistics.median(times) - launch_overhead_ms(), 0.0) / calls
+
+
+def _error_text(e: Exception) -> str:
+    first = next((line for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def _torch_sdpa(q, k, v, dtype_name, calls, repeats):
+    """torch SDPA on the same data ([B, L, H, D] -> [B, H, L, D]); returns (ms, output)."""
+    import torch
+    import torch.nn.functional as F
+
+    tdtype = getattr(torch, dtype_name)
+    qkv = [
+        torch.from_numpy(np.asarray(t, np.float32)).to("cuda", tdtype).permute(0, 2, 1, 3)
+        for t in (q, k, v)
+    ]
+    qkv = [t.contiguous() for t in qkv]
+    with torch.no_grad():
+        out = F.scaled_dot_product_attention(*qkv)
+        timing = time_torch(
+            lambda: F.scaled_dot_product_attention(*qkv), calls=calls, repeats=repeats
+        )
+        out = out.permute(0, 2, 1, 3).float().cpu().numpy()
+    qkv.clear()
+    torch.cuda.empty_cache()
+    return timing["median_ms"], out
+
+
+def benchmark(
+    dtype: str = "float16",
+    names=None,
+    impls=IMPLS,
+    *,
+    calls: int = 20,
+    repeats: int = 7,
+    on_shape=None,
+) -> list[dict]:
+    """One row per (shape, implementation): ms, TFLOP/s, relative error, or the error raised.
+
+    names: shape names of `sdjax.shapes.ATTENTION_SHAPES` (None: all). on_shape(rows) is
+    called after each shape with the rows so far (for incremental saving).
+    """
+    dtype = jnp.dtype(dtype)
+    rows = []
+    rng = np.random.default_rng(0)
+    for name in names or ATTENTION_SHAPES:
+        shape = ATTENTION_SHAPES[name]
+        q, k, v = (
+            jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype)
+            for s in (shape.q_shape, shape.kv_shape, shape.kv_shape)
+        )
+        ref = np.asarray(jax.jit(flash_attention_reference)(q, k, v))
+        for impl in impls:
+            row = {"shape": name, "impl": impl, "dtype": dtype.name, "b": shape.batch,
+                   "q_len": shape.q_len, "heads": shape.heads, "head_dim": shape.head_dim,
+                   "kv_len": shape.kv_len}  # fmt: skip
+            try:
+                if impl == "torch":
+                    row["ms"], out = _torch_sdpa(q, k, v, dtype.name, calls, repeats)
+                else:
+                    program = chained_program(_JAX_IMPLS[impl], q, k, v, calls)
+                    out = program(q, k, v)[0]
+                    row["ms"] = time_compiled(program, (q, k, v), calls, repeats)
+                row["rel_err"] = relative_error(out, ref)
+                row["ok"] = row["rel_err"] <= TOLERANCE[dtype.name]
+                row["tflops"] = shape.flops / (row["ms"] * 1e-3) / 1e12 if row["ms"] > 0 else None
+            except Exception as e:  # unsupported shapes are recorded, not hidden
+                row["error"] = _error_text(e)
+            rows.append(row)
+            print(
+                f"{name:16s} {impl:13s} "
+                + (f"{row['ms']:.4f} ms err {row['rel_err']:.2e}" if "ms" in row else row["error"]),
+                flush=True,
+            )
+        del q, k, v, ref
+        if on_shape:
+            on_shape(rows)
+    return rows
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One row per shape: each implementation's ms, ours' errors, and ours / best-other ratios."""
+    table = {}
+    for r in rows:
+        s = table.setdefault(r["shape"], {"shape": r["shape"]})
+        s[r["impl"]] = r.get("ms") if "ms" in r and r["ms"] > 0 else "n/a"
+        if r["impl"] in ("flash", "fused_softmax"):
+            s[f"{r['impl']}_err"] = r.get("rel_err")
+    for s in table.values():
+        flash = s.get("flash")
+        for other in ("cudnn", "torch", "xla"):
+            if isinstance(flash, float) and isinstance(s.get(other), float):
+                s[f"{other}/flash"] = s[other] / flash
+    return list(table.values())
+
+
+def _chart(summary_rows, impls, path, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [s["shape"] for s in summary_rows]
+    width = 0.8 / len(impls)
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(names)), 4.5))
+    for i, impl in enumerate(impls):
+        vals = [s.get(impl) if isinstance(s.get(impl), float) else 0.0 for s in summary_rows]
+        ax.bar(np.arange(len(names)) + i * width, vals, width, label=impl)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=45, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per call (log)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv):
+    del argv
+    info = device_info()
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", info["device_kind"]).strip("_")
+    date = datetime.date.today().isoformat()
+    stem = results_dir() / f"bench_attention_{tag}_{FLAGS.dtype}_{date}"
+    impls = [i for i in IMPLS if i in FLAGS.impls]
+    record = {"device": info, "dtype": FLAGS.dtype, "calls": FLAGS.calls}
+
+    def save(rows):
+        record["rows"] = rows
+        record["summary"] = summary(rows)
+        write_json(stem.with_suffix(".json"), record)
+
+    rows = benchmark(
+        FLAGS.dtype, FLAGS.shapes or None, impls,
+        calls=FLAGS.calls, repeats=FLAGS.repeats, on_shape=save,
+    )  # fmt: skip
+    save(rows)
+    columns = ["shape", *impls, "cudnn/flash", "torch/flash", "xla/flash"]
+    columns += [f"{i}_err" for i in ("flash", "fused_softmax") if i in impls]
+    md = markdown_table(record["summary"], columns)
+    title = f"attention, {FLAGS.dtype}, {info['device_kind']}, jax {info['jax']}"
+    stem.with_suffix(".md").write_text(f"# {title}\n\nms per call (median)\n\n{md}")
+    _chart(record["summary"], impls, stem.with_suffix(".png"), title)
+    print(md)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,175 @@
+"""Fills custom_calls/tuning/attention.json with the fastest config per SD attention shape.
+
+GPU only. For every shape of `sdjax.shapes.ATTENTION_SHAPES` (the most expensive first, within
+a time budget) and each kernel, compiles the candidate configs in parallel threads, times
+each in one compiled program of chained calls (median of repeats), checks its output against
+the float32 reference, and records the fastest correct one. fp16 and bf16 share an entry.
+
+    PYTHONPATH=. python experiments/tune_attention.py --budget_s=100
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import itertools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from custom_calls.flash_attention import (
+    MAX_HEAD_DIM,
+    TUNING_PATH,
+    clamp_block,
+    flash_attention,
+    flash_attention_reference,
+    head_chunks,
+    shape_key,
+)
+from custom_calls.flash_attention import Config as FlashConfig
+from custom_calls.fused_softmax import Config as FusedConfig
+from custom_calls.fused_softmax import fused_softmax_attention
+from experiments.bench_attention import chained_program, time_compiled
+from experiments.common import device_info, relative_error, results_dir, write_json
+from sdjax.shapes import ATTENTION_SHAPES
+
+_KERNELS = flags.DEFINE_list("kernels", ["flash", "fused_softmax"], "kernels to tune")
+_SHAPES = flags.DEFINE_list("shapes", [], "shape names (default: all, most FLOPs first)")
+_FULL = flags.DEFINE_list("full_sweep", ["sd15_self_64"], "shapes that get the full grid")
+_FAST = flags.DEFINE_list("fast_exp_sweep", [], "shapes that also try Config.fast_exp (flash)")
+_DTYPE = flags.DEFINE_string("dtype", "float16", "input dtype to tune with")
+_BUDGET = flags.DEFINE_float("budget_s", 100.0, "stop starting new shapes after this long")
+_WORKERS = flags.DEFINE_integer("workers", 8, "parallel compilations")
+_CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed repeats (median)")
+_OUT = flags.DEFINE_string("out", str(TUNING_PATH), "tuning table to update")
+
+KERNELS = {
+    "flash": (flash_attention, FlashConfig),
+    "fused_softmax": (fused_softmax_attention, FusedConfig),
+}
+TOLERANCE = {"float16": 5e-3, "bfloat16": 1e-2, "float32": 1e-5}
+
+
+FAST_EXP_BASE = [(128, 64, 8, 4), (128, 64, 8, 3), (256, 64, 8, 3), (256, 64, 8, 4),
+                 (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3)]  # fmt: skip
+
+
+def candidates(kernel: str, shape, full: bool, fast_exp: bool = False) -> list:
+    """Configs to try, deduplicated after clamping blocks to the sequence lengths."""
+    cls = KERNELS[kernel][1]
+    differ = head_chunks(shape.head_dim, True) != head_chunks(shape.head_dim, False)
+    splits = [True, False] if differ else [True]
+    if kernel == "flash" and fast_exp:
+        grid = [
+            (*b, sp, fe) for b, sp, fe in itertools.product(FAST_EXP_BASE, splits, (False, True))
+        ]
+    elif kernel == "flash" and full:
+        shapes = [(64, 4), (128, 4), (128, 8), (256, 8)]
+        grid = [
+            (bq, bk, w, st, sp, False)
+            for (bq, w), bk, st, sp in itertools.product(shapes, (32, 64, 128), (2, 3, 4), splits)
+        ]
+    elif kernel == "flash":
+        base = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3),
+                (128, 128, 8, 2), (64, 128, 4, 2)]  # fmt: skip
+        grid = [(*b, sp, False) for b, sp in itertools.product(base, splits)]
+    else:
+        base = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2)]
+        grid = [(*b, True, False) for b in base]
+    seen, out = set(), []
+    for bq, bk, w, st, sp, fe in grid:
+        key = (clamp_block(bq, shape.q_len), clamp_block(bk, shape.kv_len), w, st, sp, fe)
+        if key not in seen:
+            seen.add(key)
+            extra = {"fast_exp": fe} if fe else {}
+            out.append(
+                cls(block_q=key[0], block_k=key[1], num_warps=w, num_stages=st, head_split=sp,
+                    **extra)
+            )  # fmt: skip
+    return out
+
+
+def tune_shape(kernel, shape, dtype, configs, ref, args, pool) -> list[dict]:
+    fn = KERNELS[kernel][0]
+    futures = []
+    for config in configs:  # lower (Python) here, compile (XLA + Triton) in the threads
+        try:
+            call = functools.partial(fn, config=config)
+            lowered = chained_program(call, *args, _CALLS.value, compile=False)
+            futures.append(pool.submit(lowered.compile))
+        except Exception as e:
+            futures.append(e)
+    rows = []
+    for config, fut in zip(configs, futures, strict=True):
+        row = {"config": dataclasses.asdict(config)}
+        try:
+            if isinstance(fut, Exception):
+                raise fut
+            program = fut.result()
+            row["rel_err"] = relative_error(program(*args)[0], ref)
+            row["ms"] = time_compiled(program, args, _CALLS.value, _REPEATS.value)
+        except Exception as e:  # a config that does not compile (shared memory) is recorded
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        rows.append(row)
+    return rows
+
+
+def main(argv):
+    del argv
+    dtype = jnp.dtype(_DTYPE.value)
+    names = _SHAPES.value or sorted(
+        ATTENTION_SHAPES, key=lambda n: (n not in _FULL.value, -ATTENTION_SHAPES[n].flops)
+    )
+    shapes = [ATTENTION_SHAPES[n] for n in names if ATTENTION_SHAPES[n].head_dim <= MAX_HEAD_DIM]
+    table_path = pathlib.Path(_OUT.value)
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    log = {"device": device_info(), "dtype": dtype.name, "shapes": {}}
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    with concurrent.futures.ThreadPoolExecutor(_WORKERS.value) as pool:
+        for shape in shapes:
+            if time.perf_counter() - start > _BUDGET.value:
+                print(f"budget spent; not tuned: {shape.name}")
+                continue
+            args = [
+                jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype)
+                for s in (shape.q_shape, shape.kv_shape, shape.kv_shape)
+            ]
+            ref = jax.jit(flash_attention_reference)(*args)
+            for kernel in _KERNELS.value:
+                configs = candidates(
+                    kernel, shape, shape.name in _FULL.value, shape.name in _FAST.value
+                )
+                rows = tune_shape(kernel, shape, dtype, configs, ref, args, pool)
+                good = [r for r in rows if "ms" in r and r["rel_err"] <= TOLERANCE[dtype.name]]
+                log["shapes"].setdefault(shape.name, {})[kernel] = rows
+                if not good:
+                    print(f"{shape.name} {kernel}: no config passed; {rows[0]}")
+                    continue
+                best = min(good, key=lambda r: r["ms"])
+                key = shape_key(shape.q_shape, shape.kv_len, dtype)
+                table.setdefault(kernel, {})[key] = best["config"]
+                errors = sum("error" in r for r in rows)
+                print(
+                    f"{shape.name:16s} {kernel:13s} best {best['ms']:.4f} ms of {len(rows)} "
+                    f"({errors} failed): {best['config']}",
+                    flush=True,
+                )
+            del args, ref
+    table["device"] = log["device"]["device_kind"]
+    table["jax"] = log["device"]["jax"]
+    write_json(_OUT.value, table)
+    out = results_dir() / "tune_attention.json"
+    write_json(out, log)
+    print(f"wrote {_OUT.value} and {out} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)
