@@ -293,6 +293,9 @@ def main(argv):
         record["anchors"] = anchors(config, FLAGS.dtype, res)
         print(record["anchors"], flush=True)
     record["failures"] = failures
+    from sdjax import ops
+
+    record["op_fallbacks"] = ops.fallbacks()
 
     out = common.results_dir()
     stem = f"ablation_{FLAGS.config}_{FLAGS.dtype}{FLAGS.tag}"

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
+
+logger = logging.getLogger(__name__)
 
 AttentionImpl = Literal["reference", "xla", "cudnn", "flash", "fused_softmax", "auto"]
 GroupNormImpl = Literal["reference", "xla", "pallas", "auto"]
@@ -162,8 +165,30 @@ _ATTENTION: dict[str, Callable] = {
 }
 
 
+# Head dims above this go to XLA whatever the choice: our kernels and cuDNN stop at 256. In SD
+# this is only the VAE's single-head mid-block attention (head dim 512), which runs once per
+# image. The substitution is logged once and listed by `fallbacks()` for the run's record.
+MAX_KERNEL_HEAD_DIM = 256
+_FALLBACKS: dict[str, str] = {}
+
+
+def fallbacks() -> dict[str, str]:
+    """Every implementation substitution made so far in this process: {what: why}."""
+    return dict(_FALLBACKS)
+
+
+def _fallback(key: str, reason: str) -> None:
+    if key not in _FALLBACKS:
+        _FALLBACKS[key] = reason
+        logger.warning("sdjax.ops fallback: %s (%s)", key, reason)
+
+
 def attention(q, k, v, *, scale: float | None = None, implementation: AttentionImpl | None = None):
-    """Softmax attention. q: [B, Lq, H, D]; k, v: [B, Lk, H, D] -> [B, Lq, H, D]."""
+    """Softmax attention. q: [B, Lq, H, D]; k, v: [B, Lk, H, D] -> [B, Lq, H, D].
+
+    With a kernel choice (flash, fused_softmax, cudnn) and a head dim above
+    MAX_KERNEL_HEAD_DIM, this runs XLA instead, logged and recorded in `fallbacks()`.
+    """
     if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(
             f"attention wants q [B,Lq,H,D], k=v [B,Lk,H,D]; got {q.shape=} {k.shape=} {v.shape=}"
@@ -175,6 +200,12 @@ def attention(q, k, v, *, scale: float | None = None, implementation: AttentionI
         raise ValueError(
             f"unknown attention implementation {impl!r}; choose from {get_args(AttentionImpl)}"
         )
+    if impl in ("flash", "fused_softmax", "cudnn") and q.shape[-1] > MAX_KERNEL_HEAD_DIM:
+        _fallback(
+            f"attention {impl}->xla at head_dim {q.shape[-1]}",
+            f"{impl} supports head dims up to {MAX_KERNEL_HEAD_DIM}",
+        )
+        impl = "xla"
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _ATTENTION[impl](q, k, v, scale=scale)
 

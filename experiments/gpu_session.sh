@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One device-tool call's worth of GPU work, in stages: bash experiments/gpu_session.sh STAGE...
+#   env         versions, GPU, flax present (installs the carried .whl_flax wheels if not)
+#   anchors     put the carried diffusers 0.35.2 wheel (and its few needs) on PYTHONPATH
+#   tests       pytest -m gpu (every kernel's GPU path, and the HLO custom-call checks)
+#   generate    experiments.generate at 512x512, 20 steps, fp16, kernels auto
+#   ablation    experiments.ablation sd15 fp16 with the anchors (extra flags: $ABLATION_ARGS)
+#   throughput  experiments.benchmark images/s for batch 1,4,8
+#   attention   experiments.bench_attention on the shapes not yet benchmarked
+# Results go to $OUT (the device tool brings them back).
+set -u -o pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SDJAX_CACHE_DIR=/tmp/sdjax_cache
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+status=0
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+      python3 -c "import flax" 2>/dev/null || {
+        python3 -m pip install -q --no-index --no-deps --target /tmp/flax_site .whl_flax/*.whl
+        export PYTHONPATH=$PYTHONPATH:/tmp/flax_site; echo "installed carried flax"; }
+      python3 -c "import jax, flax, torch; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, jax.devices())"
+      ;;
+    anchors)
+      python3 -m pip install -q --no-index --no-deps --target /tmp/anchor_site .whl/*.whl
+      export PYTHONPATH=$PYTHONPATH:/tmp/anchor_site
+      python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
+      ;;
+    tests)
+      python3 -m pytest -q -m gpu tests/test_attention_kernels.py tests/test_norm_kernels.py 2>&1 | tail -15 || status=1
+      ;;
+    generate)
+      python3 -m experiments.generate --steps 20 --height 512 --width 512 --dtype float16 --kernels auto \
+        --noprogress --repeat 3 --out "$OUT/generate" 2>&1 | grep -v "^I[0-9]" | tail -25 || status=1
+      ;;
+    ablation)
+      python3 -m experiments.ablation --config sd15 --dtype float16 --repeats 3 ${ABLATION_ARGS:-} 2>&1 | grep -v "^I[0-9]" | tail -40 || status=1
+      ;;
+    throughput)
+      python3 -m experiments.benchmark --kernels auto --batch_sizes 1,4,8 2>&1 | grep -v "^I[0-9]" | tail -20 || status=1
+      ;;
+    attention)
+      python3 experiments/bench_attention.py --shapes sd21_self_48,sd21_cross_48,sd21_self_24,sd21_cross_24,sd21_self_12,sd21_cross_12 \
+        --calls 20 --repeats 5 2>&1 | tail -12 || status=1
+      ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+exit $status
