@@ -1,0 +1,158 @@
+"""The ops seam: dispatch, `auto`, fallbacks, and that every implementation computes the same."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import custom_calls
+from sdjax import autotune, ops
+from sdjax import config as sd_config
+from sdjax.models.unet import UNet2DConditionModel, init_params
+
+# Relative-norm tolerances vs the float32 reference (interpret-mode kernels are float32 exact
+# up to summation order).
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all()
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_unknown_names_raise():
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        ops.Implementations(attention="fastest")
+    with pytest.raises(ValueError, match="unknown kernel preset"):
+        ops.Implementations.preset("nope")
+    q = jnp.ones((1, 4, 1, 8))
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        ops.attention(q, q, q, implementation="nope")
+    x = jnp.ones((1, 2, 2, 8))
+    with pytest.raises(ValueError, match="unknown activation"):
+        ops.group_norm(x, jnp.ones(8), jnp.zeros(8), groups=2, activation="relu6")
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="attention wants"):
+        ops.attention(jnp.ones((1, 4, 8)), jnp.ones((1, 4, 8)), jnp.ones((1, 4, 8)))
+    with pytest.raises(ValueError, match="not divisible"):
+        ops.group_norm(jnp.ones((1, 2, 2, 10)), jnp.ones(10), jnp.zeros(10), groups=4)
+    with pytest.raises(ValueError, match="geglu wants"):
+        ops.geglu(jnp.ones((2, 8)), jnp.ones((8, 7)), jnp.ones(7))
+
+
+def test_use_is_scoped_and_restores():
+    assert ops.current() == ops.PRESETS["reference"]
+    with ops.use("pallas") as impls:
+        assert ops.current() is impls and impls.attention == "flash"
+        with ops.use(ops.Implementations(geglu="xla")):
+            assert ops.current().geglu == "xla"
+        assert ops.current() is impls
+    assert ops.current() == ops.PRESETS["reference"]
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU choice")
+def test_auto_on_cpu_never_runs_interpret_mode_kernels(monkeypatch, rng):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("auto picked a Pallas kernel on CPU (interpret mode)")
+
+    for name in ("flash_attention", "fused_softmax_attention", "group_norm", "geglu"):
+        monkeypatch.setattr(custom_calls, name, forbidden)
+    cfg = sd_config.preset("tiny").unet
+    params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(0)))()
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((2, 77, cfg.cross_attention_dim)), jnp.float32)
+    with ops.use("auto"):
+        out = jax.jit(lambda p, x, c: UNet2DConditionModel(cfg).apply({"params": p}, x, 10, c))(
+            params, x, ctx
+        )
+    assert np.isfinite(np.asarray(out)).all()
+    q = jnp.ones((2, 16, 2, 8))
+    assert ops._auto_attention(q, q, q) == "xla"
+    assert ops._auto_group_norm(jnp.ones((2, 4, 4, 8))) == "xla"
+    assert ops._auto_geglu(jnp.ones((2, 4, 8)), jnp.ones((8, 16))) == "xla"
+
+
+def test_autotune_table_keys_match_the_model_shapes():
+    """Every recorded choice names a real implementation, under a key `ops` will look up."""
+    table = autotune._table()
+    valid = {
+        "attention": set(ops._ATTENTION),
+        "group_norm": set(ops._GROUP_NORM),
+        "geglu": set(ops._GEGLU),
+    }
+    assert table, "sdjax/assets/autotune.json is missing or empty"
+    for op, choices in table.items():
+        for key, impl in choices.items():
+            assert key.startswith(f"{op}:") and impl in valid[op], (key, impl)
+    key = autotune.shape_key("attention", (2, 4096, 8, 40), (2, 4096, 8, 40), jnp.float16)
+    assert key in table["attention"]
+
+
+@pytest.mark.parametrize("impl", ["xla", "flash", "fused_softmax"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_implementations_agree(impl, dtype, rng):
+    q = jnp.asarray(rng.standard_normal((3, 40, 2, 40)), dtype)
+    k = jnp.asarray(rng.standard_normal((3, 77, 2, 40)), dtype)
+    v = jnp.asarray(rng.standard_normal((3, 77, 2, 40)), dtype)
+    ref = ops.attention(q, k, v, implementation="reference")
+    out = ops.attention(q, k, v, implementation=impl)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert rel(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_implementations_agree(impl, activation, rng):
+    x = jnp.asarray(rng.standard_normal((3, 6, 5, 40)) + 3.0, jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(40), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(40), jnp.float32)
+    kw = dict(groups=4, eps=1e-6, activation=activation)
+    ref = ops.group_norm(x, scale, bias, implementation="reference", **kw)
+    assert rel(ops.group_norm(x, scale, bias, implementation=impl, **kw), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_geglu_implementations_agree(impl, rng):
+    x = jnp.asarray(rng.standard_normal((3, 19, 40)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((40, 2 * 48)) / np.sqrt(40), jnp.float32)
+    b = jnp.asarray(rng.standard_normal(96), jnp.float32)
+    ref = ops.geglu(x, w, b, implementation="reference")
+    assert rel(ops.geglu(x, w, b, implementation=impl), ref) <= 1e-5
+
+
+def test_kernel_choice_falls_back_to_xla_above_head_dim_256_and_records_it(rng):
+    q = jnp.asarray(rng.standard_normal((1, 12, 1, 512)), jnp.float32)
+    out = ops.attention(q, q, q, implementation="flash")
+    assert rel(out, ops.attention(q, q, q, implementation="reference")) <= 1e-5
+    assert "attention flash->xla at head_dim 512" in ops.fallbacks()
+
+
+@pytest.mark.parametrize("preset", ["xla", "pallas"])
+def test_tiny_unet_same_output_under_every_preset(preset, rng):
+    """The whole model through each preset matches the reference path (float32, CPU)."""
+    cfg = sd_config.preset("tiny").unet
+    params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(1)))()
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((2, 77, cfg.cross_attention_dim)), jnp.float32)
+
+    def run(name):
+        with ops.use(name):
+            return jax.jit(
+                lambda p, x, c: UNet2DConditionModel(cfg).apply({"params": p}, x, 500, c)
+            )(params, x, ctx)
+
+    assert rel(run(preset), run("reference")) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_auto_on_gpu_uses_the_recorded_kernels():
+    q = jnp.ones((2, 1024, 8, 80), jnp.float16)
+    k = jnp.ones((2, 77, 8, 80), jnp.float16)
+    assert ops._auto_attention(q, k, k) == autotune.choose(
+        "attention", q.shape, k.shape, q.dtype, default="?"
+    )
+    vae = jnp.ones((1, 4096, 1, 512), jnp.float16)
+    assert ops._auto_attention(vae, vae, vae) == "xla"
