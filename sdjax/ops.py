@@ -36,6 +36,8 @@ from typing import Literal, get_args
 import jax
 import jax.numpy as jnp
 
+import custom_calls
+
 logger = logging.getLogger(__name__)
 
 AttentionImpl = Literal["reference", "xla", "cudnn", "flash", "fused_softmax", "auto"]
@@ -111,16 +113,11 @@ def on_gpu() -> bool:
 
 
 def attention_reference(q, k, v, *, scale: float | None = None):
-    """Exact softmax attention in float32.
+    """Exact softmax attention in float32 (custom_calls' reference), returned in q's dtype.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, heads, head_dim].
-    Returns [batch, q_len, heads, head_dim] in q's dtype.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qf, kf, vf = (t.astype(jnp.float32) for t in (q, k, v))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
-    probs = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, vf).astype(q.dtype)
+    return custom_calls.flash_attention_reference(q, k, v, scale=scale).astype(q.dtype)
 
 
 def _attention_xla(q, k, v, *, scale):
@@ -134,14 +131,10 @@ def _attention_cudnn(q, k, v, *, scale):
 
 
 def _attention_flash(q, k, v, *, scale):
-    import custom_calls
-
     return custom_calls.flash_attention(q, k, v, scale=scale)
 
 
 def _attention_fused_softmax(q, k, v, *, scale):
-    import custom_calls
-
     return custom_calls.fused_softmax_attention(q, k, v, scale=scale)
 
 
@@ -227,22 +220,8 @@ def apply_activation(x, activation: Activation):
     raise ValueError(f"unknown activation {activation!r}; choose from {get_args(Activation)}")
 
 
-def group_norm_reference(
-    x, scale, bias, *, groups: int = 32, eps: float = 1e-5, activation: Activation = None
-):
-    """GroupNorm over NHWC (or N...C) input, statistics and math in float32.
-
-    x: [N, ..., C]; scale, bias: [C]. Returns x's shape and dtype.
-    """
-    n, c = x.shape[0], x.shape[-1]
-    if c % groups:
-        raise ValueError(f"group_norm: channels {c} not divisible by {groups=}")
-    xf = x.astype(jnp.float32).reshape(n, -1, groups, c // groups)
-    mean = xf.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(xf - mean).mean(axis=(1, 3), keepdims=True)
-    y = ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
-    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return apply_activation(y, activation).astype(x.dtype)
+# GroupNorm in float32 with corrected two-pass statistics, beside the kernel it checks.
+group_norm_reference = custom_calls.group_norm_reference
 
 
 def _group_norm_xla(x, scale, bias, *, groups, eps, activation):
@@ -257,8 +236,6 @@ def _group_norm_xla(x, scale, bias, *, groups, eps, activation):
 
 
 def _group_norm_pallas(x, scale, bias, *, groups, eps, activation):
-    import custom_calls
-
     return custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation)
 
 
@@ -310,16 +287,8 @@ def group_norm(
 # --------------------------------------------------------------------------------------------
 
 
-def geglu_reference(x, w, b):
-    """hidden * gelu(gate) where [hidden, gate] = x @ w + b (exact erf GELU, as diffusers).
-
-    x: [..., D]; w: [D, 2F]; b: [2F]. Returns [..., F] in x's dtype.
-    """
-    h = jnp.einsum("...d,df->...f", x.astype(jnp.float32), w.astype(jnp.float32)) + b.astype(
-        jnp.float32
-    )
-    hidden, gate = jnp.split(h, 2, axis=-1)
-    return (hidden * jax.nn.gelu(gate, approximate=False)).astype(x.dtype)
+# hidden * gelu_erf(gate) in float32, beside the kernel it checks.
+geglu_reference = custom_calls.geglu_reference
 
 
 def _geglu_xla(x, w, b):
@@ -330,8 +299,6 @@ def _geglu_xla(x, w, b):
 
 
 def _geglu_pallas(x, w, b):
-    import custom_calls
-
     return custom_calls.geglu(x, w, b)
 
 
