@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import pathlib
 import time
 from collections.abc import Sequence
 
@@ -220,16 +221,40 @@ class StableDiffusion:
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint, *, dtype="float16", variant=None, **kwargs
+        cls,
+        checkpoint,
+        *,
+        dtype="float16",
+        variant=None,
+        config=None,
+        prediction_type=None,
+        **kwargs,
     ) -> StableDiffusion:
-        """A diffusers-layout folder or Hub repo id (see `sdjax.weights.load_pipeline`)."""
-        from sdjax import weights
+        """Any checkpoint format sdjax reads.
 
-        folder = weights.resolve_checkpoint(checkpoint, variant=variant)
-        config, params = weights.load_pipeline(folder, dtype=resolve_dtype(dtype), variant=variant)
-        return cls(
-            config, params, Tokenizer.from_folder(folder / "tokenizer"), dtype=dtype, **kwargs
-        )
+        `checkpoint` is a diffusers-layout folder or Hub repo id (`sdjax.weights`), an sdjax
+        fast-format folder (`sdjax.fast_format`), or one ldm-layout `.safetensors` / `.ckpt`
+        file whose config is inferred from its tensor shapes (`sdjax.single_file`; such a
+        file cannot tell epsilon from v-prediction, nor non-standard group or head counts:
+        pass `prediction_type`, or the whole `config`: a preset name or a PipelineConfig).
+        """
+        from sdjax import fast_format, single_file, weights
+
+        jdtype = resolve_dtype(dtype)
+        path = pathlib.Path(checkpoint).expanduser()
+        if path.is_file():
+            config, params = single_file.load_single_file(
+                path, dtype=jdtype, config=config, prediction_type=prediction_type
+            )
+            tokenizer = single_file.tokenizer_for(config)
+        elif fast_format.is_fast_format(path):
+            config, params = fast_format.load(path, dtype=jdtype)
+            tokenizer = Tokenizer.from_folder(path / "tokenizer")
+        else:
+            folder = weights.resolve_checkpoint(checkpoint, variant=variant)
+            config, params = weights.load_pipeline(checkpoint, dtype=jdtype, variant=variant)
+            tokenizer = Tokenizer.from_folder(folder / "tokenizer")
+        return cls(config, params, tokenizer, dtype=dtype, **kwargs)
 
     @classmethod
     def from_random(
@@ -375,6 +400,14 @@ class StableDiffusion:
         # 1. text
         tokens = self.tokenizer(prompts)
         neg_tokens = self.tokenizer(negative_prompts) if use_guidance else None
+        vocab = cfg.text_encoder.vocab_size
+        for t in (tokens, neg_tokens):
+            if t is not None and int(t.ids.max()) >= vocab:
+                # An out-of-range id would make the embedding gather return NaN, silently.
+                raise ValueError(
+                    f"the tokenizer produced token id {int(t.ids.max())}, but the text encoder "
+                    f"has vocab_size {vocab}: tokenizer and checkpoint do not belong together"
+                )
         encode, c_s = self._compile(
             "encode_text", self._encode_fn(), self.params["text_encoder"], batch(tokens.ids)
         )

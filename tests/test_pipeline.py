@@ -249,3 +249,21 @@ def test_missing_checkpoint_folder(tmp_path):
 
     with pytest.raises(CheckpointError, match="checkpoint folder not found"):
         StableDiffusion.from_checkpoint(tmp_path / "no-such-model")
+
+
+def test_tokenizer_outside_the_text_encoders_vocabulary_is_a_clear_error():
+    """An id >= vocab_size would read NaN from the embedding: refuse it up front."""
+    import dataclasses
+
+    from sdjax import config as sd_config
+    from sdjax.pipeline import StableDiffusion
+    from sdjax.tokenizer import Tokenizer
+
+    config = sd_config.preset("tiny")
+    small = dataclasses.replace(
+        config, text_encoder=dataclasses.replace(config.text_encoder, vocab_size=1000)
+    )
+    pipe = StableDiffusion.from_random(small, dtype="float32", kernels="reference")
+    assert isinstance(pipe.tokenizer, Tokenizer)
+    with pytest.raises(ValueError, match="vocab_size 1000"):
+        pipe.generate("a cat", steps=1, height=16, width=16)

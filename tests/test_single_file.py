@@ -352,3 +352,27 @@ def test_fast_format_is_strict(checkpoint, folder_params, tmp_path):
     fast_format.save(tmp_path / "bad", bad, params)
     with pytest.raises(CheckpointError, match="unexpected tensors"):
         fast_format.load(tmp_path / "bad")
+
+
+def test_pipeline_runs_from_a_single_file_and_a_fast_format_folder(tmp_path):
+    """StableDiffusion.from_checkpoint takes every format; they give the same image."""
+    from experiments import convert
+    from sdjax.pipeline import StableDiffusion
+    from tests._pipeline_util import save_diffusers_checkpoint
+
+    folder = save_diffusers_checkpoint(tmp_path / "diffusers")
+    convert.to_single_file(folder, tmp_path / "sd.safetensors", dtype=np.float32)
+    convert.to_fast_format(folder, tmp_path / "fast", dtype=jnp.float32)
+    kw = dict(steps=2, guidance=7.5, scheduler="ddim", seed=3, height=32, width=32)
+    # Tiny test models use 8 norm groups, which no single file can reveal: give the config.
+    config = PipelineConfig.from_folder(folder)
+    results = [
+        StableDiffusion.from_checkpoint(
+            c, dtype="float32", kernels="reference", config=config
+        ).generate("a cat", **kw)
+        for c in (folder, tmp_path / "sd.safetensors", tmp_path / "fast")
+    ]
+    assert np.isfinite(results[0].latents).all() and results[0].images.std() > 0
+    for r in results[1:]:
+        np.testing.assert_allclose(r.latents, results[0].latents, rtol=1e-6, atol=1e-6)
+        assert np.abs(r.images.astype(int) - results[0].images).max() <= 1
