@@ -7,6 +7,7 @@
 #   ablation    experiments.ablation sd15 fp16 with the anchors (extra flags: $ABLATION_ARGS)
 #   throughput  experiments.benchmark images/s for batch 1,4,8
 #   attention   experiments.bench_attention on the shapes not yet benchmarked
+#   profile     experiments.profile: GPU time per kernel kind of a UNet step and the VAE decode
 # Results go to $OUT (the device tool brings them back).
 set -u -o pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SDJAX_CACHE_DIR=/tmp/sdjax_cache
@@ -44,6 +45,9 @@ for stage in "$@"; do
     attention)
       python3 experiments/bench_attention.py --shapes sd21_self_48,sd21_cross_48,sd21_self_24,sd21_cross_24,sd21_self_12,sd21_cross_12 \
         --calls 20 --repeats 5 2>&1 | tail -12 || status=1
+      ;;
+    profile)
+      python3 -m experiments.profile --config sd15 --dtype float16 --kernels auto 2>&1 | grep -v "^I[0-9]" | tail -60 || status=1
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
