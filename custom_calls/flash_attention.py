@@ -100,8 +100,9 @@ def validate(fn_name: str, q, k, v) -> None:
 
 
 def shape_key(q_shape, kv_len: int, dtype) -> str:
-    """Tuning-table key 'BxLqxHxD:Lk:<bits>': fp16 and bf16 share their configs."""
-    return f"{'x'.join(map(str, q_shape))}:{kv_len}:{8 * jnp.dtype(dtype).itemsize}bit"
+    """Tuning-table key 'LqxHxD:Lk:<bits>'. The batch is left out (a block shape tuned at one
+    batch serves every batch: it only changes the grid), and fp16 and bf16 share configs."""
+    return f"{'x'.join(map(str, q_shape[1:]))}:{kv_len}:{8 * jnp.dtype(dtype).itemsize}bit"
 
 
 @functools.cache

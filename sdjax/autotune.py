@@ -1,4 +1,5 @@
-"""Per-shape implementation choices recorded by `experiments/kernel_bench.py` on a GPU.
+"""Per-shape implementation choices recorded by the GPU kernel benchmarks
+(`experiments/make_autotune.py` reads their JSON).
 
 The table lives in `sdjax/assets/autotune.json`:
     {"device": "...", "jax": "...", "choices": {"attention": {"<key>": "flash", ...}, ...}}
@@ -18,8 +19,17 @@ TABLE_PATH = pathlib.Path(__file__).parent / "assets" / "autotune.json"
 
 
 def shape_key(op: str, shape_a, shape_b, dtype) -> str:
-    b = "x".join(map(str, shape_b)) if shape_b is not None else "-"
-    return f"{op}:{'x'.join(map(str, shape_a))}:{b}:{np.dtype(dtype).name}"
+    """The table key of an op at a shape. The leading batch dimension of the activations is
+    left out: a choice measured at one batch (the benchmarks use 2, one guided image) stands
+    for every batch, so `auto` keeps its choices for batches of prompts and per-device shards.
+    shape_b is the kv shape (attention, batch dropped too) or the weight shape (geglu)."""
+    a = shape_a[1:]
+    b = (
+        "-"
+        if shape_b is None
+        else "x".join(map(str, shape_b[1:] if op == "attention" else shape_b))
+    )
+    return f"{op}:{'x'.join(map(str, a))}:{b}:{np.dtype(dtype).name}"
 
 
 @functools.cache

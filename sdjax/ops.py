@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import custom_calls
+from custom_calls.flash_attention import MAX_HEAD_DIM
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +125,27 @@ def _attention_xla(q, k, v, *, scale):
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
 
 
-def _attention_cudnn(q, k, v, *, scale):
+def cudnn_supports(q) -> str | None:
+    """Why jax's cuDNN fused attention cannot run q's shape and dtype here, or None if it can.
+
+    It takes fp16/bf16 only, head dims that are multiples of 8, up to 256 on Hopper and newer
+    and up to 128 before (so SD1.x's head dim 160 needs Hopper).
+    """
     if not on_gpu():
-        raise ValueError("attention implementation 'cudnn' needs a GPU backend")
+        return "it needs a GPU backend"
+    if q.dtype not in (jnp.float16, jnp.bfloat16):
+        return f"it takes float16/bfloat16 only, not {q.dtype}"
+    cc = getattr(jax.devices()[0], "compute_capability", "9.0")
+    limit = 256 if float(cc) >= 9.0 else 128
+    if q.shape[-1] % 8 or q.shape[-1] > limit:
+        return f"head dim {q.shape[-1]} is not a multiple of 8 up to {limit} on compute capability {cc}"
+    return None
+
+
+def _attention_cudnn(q, k, v, *, scale):
+    why = cudnn_supports(q)
+    if why:
+        raise ValueError(f"attention implementation 'cudnn' cannot run {q.shape} {q.dtype}: {why}")
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
 
 
@@ -144,8 +163,8 @@ def _auto_attention(q, k, v) -> str:
         return "xla"
     from sdjax import autotune
 
-    # Unmeasured shapes: cuDNN's fused attention where it runs (head dim <= 256), else XLA.
-    default = "cudnn" if q.shape[-1] <= 256 else "xla"
+    # Unmeasured shapes: cuDNN's fused attention where it runs, else XLA.
+    default = "xla" if cudnn_supports(q) else "cudnn"
     return autotune.choose("attention", q.shape, k.shape, q.dtype, default=default)
 
 
@@ -161,7 +180,7 @@ _ATTENTION: dict[str, Callable] = {
 # Head dims above this go to XLA whatever the choice: our kernels and cuDNN stop at 256. In SD
 # this is only the VAE's single-head mid-block attention (head dim 512), which runs once per
 # image. The substitution is logged once and listed by `fallbacks()` for the run's record.
-MAX_KERNEL_HEAD_DIM = 256
+MAX_KERNEL_HEAD_DIM = MAX_HEAD_DIM
 _FALLBACKS: dict[str, str] = {}
 
 
@@ -271,7 +290,8 @@ def group_norm(
         )
     if x.shape[-1] % groups:
         raise ValueError(f"group_norm: channels {x.shape[-1]} not divisible by {groups=}")
-    apply_activation(jnp.zeros((), jnp.float32), activation)  # validates the name
+    if activation not in get_args(Activation):
+        raise ValueError(f"unknown activation {activation!r}; choose from {get_args(Activation)}")
     impl = implementation or current().group_norm
     if impl == "auto":
         impl = _auto_group_norm(x)

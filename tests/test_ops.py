@@ -147,12 +147,38 @@ def test_tiny_unet_same_output_under_every_preset(preset, rng):
     assert rel(run(preset), run("reference")) <= 1e-5
 
 
+def test_autotune_keys_leave_the_batch_out():
+    """A choice measured at batch 2 holds for a batch of prompts or a per-device shard."""
+    key = autotune.shape_key
+    assert key("attention", (2, 4096, 8, 40), (2, 77, 8, 40), "float16") == key(
+        "attention", (6, 4096, 8, 40), (6, 77, 8, 40), "float16"
+    )
+    assert key("geglu", (2, 4096, 320), (320, 2560), "float16") == key(
+        "geglu", (8, 4096, 320), (320, 2560), "float16"
+    )
+    assert key("geglu", (2, 4096, 320), (320, 2560), "float16") != key(
+        "geglu", (2, 4096, 320), (640, 2560), "float16"
+    )
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU message")
+def test_cudnn_off_gpu_is_a_clear_error():
+    q = jnp.ones((1, 4, 1, 8), jnp.float16)
+    with pytest.raises(ValueError, match="cudnn.*needs a GPU"):
+        ops.attention(q, q, q, implementation="cudnn")
+
+
 @pytest.mark.gpu
 def test_auto_on_gpu_uses_the_recorded_kernels():
     q = jnp.ones((2, 1024, 8, 80), jnp.float16)
     k = jnp.ones((2, 77, 8, 80), jnp.float16)
-    assert ops._auto_attention(q, k, k) == autotune.choose(
-        "attention", q.shape, k.shape, q.dtype, default="?"
-    )
+    recorded = autotune._table()["attention"][
+        autotune.shape_key("attention", q.shape, k.shape, q.dtype)
+    ]
+    assert ops._auto_attention(q, k, k) == recorded
+    q4, k4 = jnp.ones((4, 1024, 8, 80), jnp.float16), jnp.ones((4, 77, 8, 80), jnp.float16)
+    assert ops._auto_attention(q4, k4, k4) == recorded  # same choice at another batch
     vae = jnp.ones((1, 4096, 1, 512), jnp.float16)
     assert ops._auto_attention(vae, vae, vae) == "xla"
+    q32 = jnp.ones((2, 100, 3, 64), jnp.float32)  # unmeasured, float32: cuDNN cannot run it
+    assert ops._auto_attention(q32, q32, q32) == "xla"
