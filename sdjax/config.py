@@ -13,6 +13,8 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+from sdjax.schedulers.config import SD15_CONFIG
+
 
 def _read_json(source: os.PathLike | str | Mapping) -> dict:
     if isinstance(source, Mapping):
@@ -198,19 +200,9 @@ class PipelineConfig:
         )
 
 
-_SD_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "clip_sample": False,
-}
+# The scheduler config SD checkpoints ship (no timestep_spacing key: each scheduler class then
+# uses its own default, as diffusers does). One source: sdjax.schedulers.
+_SD_SCHEDULER = dict(SD15_CONFIG)
 
 _SD2_TEXT = CLIPTextConfig(
     hidden_size=1024,

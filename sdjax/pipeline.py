@@ -135,6 +135,8 @@ def denoise_loop(
             jax.debug.callback(progress, i)
         return (constrain(x), state), None
 
+    # Cast once here (a no-op for params already in `dtype`), not in every step of the scan.
+    unet_params = jax.tree.map(functools.partial(_cast_floats, dtype=dtype), unet_params)
     with ops.use(kernels):
         x = constrain(latents.astype(jnp.float32))
         state = scheduler.init_state(x)
@@ -249,7 +251,10 @@ class StableDiffusion:
             tokenizer = single_file.tokenizer_for(config)
         elif fast_format.is_fast_format(path):
             config, params = fast_format.load(path, dtype=jdtype)
-            tokenizer = Tokenizer.from_folder(path / "tokenizer")
+            if (path / "tokenizer").is_dir():
+                tokenizer = Tokenizer.from_folder(path / "tokenizer")
+            else:  # saved without one: the embedded tokenizer, padded as the family expects
+                tokenizer = single_file.tokenizer_for(config)
         else:
             folder = weights.resolve_checkpoint(checkpoint, variant=variant)
             config, params = weights.load_pipeline(checkpoint, dtype=jdtype, variant=variant)
@@ -261,17 +266,20 @@ class StableDiffusion:
         cls, config: PipelineConfig, *, seed: int = 0, dtype="float16", **kwargs
     ) -> StableDiffusion:
         """Deterministic random weights of `config`'s architecture: images are noise."""
-        from sdjax import weights
+        from sdjax import single_file, weights
 
         params = weights.random_params(config, seed, dtype=resolve_dtype(dtype))
-        return cls(config, params, Tokenizer.default(), dtype=dtype, random_weights=True, **kwargs)
+        tokenizer = single_file.tokenizer_for(config)  # SD 2 pads with "!", SD 1 with EOS
+        return cls(config, params, tokenizer, dtype=dtype, random_weights=True, **kwargs)
 
     # ---- compiled components ---------------------------------------------------------------
 
     def _compile(self, name: str, fn, *args, statics: tuple = ()):
         """Compiles fn(*args) once per (name, shapes, statics); returns (compiled, compile_s)."""
         leaves, treedef = jax.tree.flatten(args)
-        key = (name, statics, treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
+        # The programs capture self.kernels and self.dtype: they belong in the key.
+        key = (name, self.kernels, str(self.dtype), statics, treedef)
+        key += (tuple((a.shape, str(a.dtype)) for a in leaves),)
         if key in self._compiled:
             return self._compiled[key], 0.0
         t0 = time.perf_counter()
@@ -362,6 +370,11 @@ class StableDiffusion:
         f = cfg.vae.downscale
         if init_image is not None:
             init_image = np.asarray(init_image)
+            if init_image.dtype != np.uint8:
+                # A float image could be in [0, 1] or [-1, 1]: refuse to guess.
+                raise ValueError(
+                    f"init_image must be uint8 pixels in 0..255; got {init_image.dtype}"
+                )
             if init_image.ndim == 3:
                 init_image = np.broadcast_to(init_image, (n, *init_image.shape))
             if init_image.ndim != 4 or init_image.shape[0] != n or init_image.shape[-1] != 3:
@@ -372,8 +385,9 @@ class StableDiffusion:
             height, width = image_hw
         height = cfg.default_resolution if height is None else height
         width = cfg.default_resolution if width is None else width
+        steps = int(steps) if isinstance(steps, np.integer) else steps
         for name, value in (("height", height), ("width", width)):
-            if int(value) != value or value < f or value % f:
+            if not isinstance(value, int | np.integer) or value < f or value % f:
                 raise ValueError(f"{name} must be a positive multiple of {f}; got {value}")
         latent_shape = (n, height // f, width // f, cfg.unet.in_channels)
         if latents is not None and np.shape(latents) != latent_shape:

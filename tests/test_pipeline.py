@@ -225,6 +225,11 @@ def test_ancestral_scheduler_is_deterministic(tiny):
             r"strength=0.1 with 3 steps leaves no denoising step",
         ),
         (dict(index_offset=-1), r"index_offset must be >= 0"),
+        (dict(height=16.0), r"height must be a positive multiple of 2; got 16.0"),
+        (
+            dict(init_image=np.full((16, 16, 3), 0.5, np.float32)),
+            r"init_image must be uint8 pixels in 0..255; got float32",
+        ),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
@@ -267,3 +272,20 @@ def test_tokenizer_outside_the_text_encoders_vocabulary_is_a_clear_error():
     assert isinstance(pipe.tokenizer, Tokenizer)
     with pytest.raises(ValueError, match="vocab_size 1000"):
         pipe.generate("a cat", steps=1, height=16, width=16)
+
+
+def test_changing_kernels_or_dtype_recompiles(tiny):
+    """Programs are cached per implementation choice and dtype, never replayed across them."""
+    import dataclasses
+
+    _gen(tiny, steps=1)
+    keys, original = set(tiny._compiled), tiny.kernels
+    tiny.kernels = dataclasses.replace(
+        original, group_norm="xla" if original.group_norm != "xla" else "reference"
+    )
+    result = _gen(tiny, steps=1)
+    assert result.kernels["group_norm"] == tiny.kernels.group_norm
+    new = set(tiny._compiled) - keys
+    assert {k[0] for k in new} >= {"denoise", "decode"}
+    assert all(k[1] == tiny.kernels for k in new)
+    tiny.kernels = original
