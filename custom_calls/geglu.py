@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from custom_calls._common import next_power_of_2, resolve_interpret
+from custom_calls._common import dot, next_power_of_2, resolve_interpret
 from custom_calls.group_norm import activate
 
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
@@ -66,8 +66,8 @@ def _geglu_kernel(x_ref, w_ref, b_ref, o_ref, *, block_m, block_n, block_k, inne
         wh = _load(w_ref.at[kd, pl.ds(j * block_n, block_n)], wm)
         wg = _load(w_ref.at[kd, pl.ds(inner + j * block_n, block_n)], wm)
         return (
-            acc[0] + jnp.dot(xk, wh, preferred_element_type=jnp.float32),
-            acc[1] + jnp.dot(xk, wg, preferred_element_type=jnp.float32),
+            acc[0] + dot(xk, wh),  # full fp32 for fp32 operands (not tf32)
+            acc[1] + dot(xk, wg),
         )
 
     zeros = jnp.zeros((block_m, block_n), jnp.float32)
