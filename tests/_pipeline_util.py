@@ -1,9 +1,8 @@
 """Small pipelines for the pipeline, CLI and multi-device tests.
 
-`random_pipeline`: the `tiny` architecture with random weights drawn by numpy from the
-parameter shapes (`jax.eval_shape`, nothing compiled), so that it takes well under a second;
-`weights.random_params` runs the models' Flax init eagerly, which costs 30 s or more on two
-CPU cores. It needs no torch and gives the same weights in every process for the same seed.
+`random_pipeline`: the `tiny` architecture with `weights.random_params` (numpy draws from the
+parameter shapes: well under a second, no torch, the same weights in every process for the
+same seed).
 
 `save_diffusers_checkpoint`: a small random diffusers `StableDiffusionPipeline` written with
 `save_pretrained` (needs torch, diffusers and transformers).
@@ -11,12 +10,8 @@ CPU cores. It needs no torch and gives the same weights in every process for the
 
 from __future__ import annotations
 
-import math
 import pathlib
 import shutil
-
-import jax
-import numpy as np
 
 from sdjax import config as sd_config
 from sdjax import weights
@@ -24,33 +19,11 @@ from sdjax.pipeline import StableDiffusion
 from sdjax.tokenizer import DEFAULT_FOLDER, Tokenizer
 
 
-def _leaf_values(path, leaf, rng: np.random.Generator) -> np.ndarray:
-    name = path[-1].key
-    shape = tuple(leaf.shape)
-    if name == "scale":
-        return (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
-    if name == "bias":
-        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-    fan_in = shape[-1] if name == "embedding" else math.prod(shape[:-1])
-    return (rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32)
-
-
-def random_params(config: sd_config.PipelineConfig, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    params = {}
-    for comp, model_config in weights._component_configs(config).items():
-        shapes = weights.expected_params(comp, model_config)
-        params[comp] = jax.tree_util.tree_map_with_path(
-            lambda p, x: _leaf_values(p, x, rng), shapes
-        )
-    return params
-
-
 def random_pipeline(config: str = "tiny", seed: int = 0, **kwargs) -> StableDiffusion:
     cfg = sd_config.preset(config)
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("kernels", "reference")
-    return StableDiffusion(cfg, random_params(cfg, seed), Tokenizer.default(), **kwargs)
+    return StableDiffusion(cfg, weights.random_params(cfg, seed), Tokenizer.default(), **kwargs)
 
 
 # diffusers' configs of the `tiny` architecture.
