@@ -252,7 +252,9 @@ def test_infer_config_full_size(name):
         for comp, m in models.items()
     }
     shapes = {k: v.shape for k, v in single_file.to_ldm(config, state_dicts).items()}
-    inferred = single_file.infer_config(shapes, prediction_type=config.scheduler["prediction_type"])
+    inferred = single_file.infer_config(
+        shapes, prediction_type=config.scheduler.get("prediction_type", "epsilon")
+    )
     assert _model_configs(inferred) == _model_configs(config)
     plan = single_file.diffusers_sources(shapes, inferred)
     for comp, sources in plan.items():  # every diffusers tensor is planned, nothing else
