@@ -30,7 +30,7 @@ for stage in "$@"; do
       python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
       ;;
     tests)
-      python3 -m pytest -q -m gpu tests/test_attention_kernels.py tests/test_norm_kernels.py 2>&1 | tail -15 || status=1
+      python3 -m pytest -q -m gpu tests/test_attention_kernels.py tests/test_norm_kernels.py tests/test_ops.py 2>&1 | tail -15 || status=1
       ;;
     generate)
       python3 -m experiments.generate --steps 20 --height 512 --width 512 --dtype float16 --kernels auto \

@@ -222,8 +222,9 @@ def test_group_norm_large_offset_gpu(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ("sd15_64", "sd15_8", "sd21_12"))
-@pytest.mark.parametrize("dtype", (jnp.float16, jnp.bfloat16))
+@pytest.mark.parametrize("dtype", (jnp.float16, jnp.bfloat16, jnp.float32))
 def test_geglu_gpu(rng, name, dtype):
+    """float32 checks that the kernel's dots are full fp32 on the GPU, not tf32 (~4e-4)."""
     s = GEGLU_SHAPES[name]
     x, w, b = _geglu_inputs(rng, s.x_shape, s.inner, dtype)
     ref = geglu_reference(x, w, b)
