@@ -5,7 +5,7 @@
 #   tests       pytest -m gpu (every kernel's GPU path, and the HLO custom-call checks)
 #   generate    experiments.generate at 512x512, 20 steps, fp16, kernels auto
 #   ablation    experiments.ablation sd15 fp16 with the anchors (extra flags: $ABLATION_ARGS)
-#   throughput  experiments.benchmark images/s for batch 1,4,8
+#   throughput  experiments.benchmark images/s per batch ($THROUGHPUT_BATCHES, default 1,4,8,16)
 #   attention   experiments.bench_attention on the shapes not yet benchmarked
 #   profile     experiments.profile: GPU time per kernel kind of a UNet step and the VAE decode
 # Results go to $OUT (the device tool brings them back).
@@ -40,7 +40,7 @@ for stage in "$@"; do
       python3 -m experiments.ablation --config sd15 --dtype float16 --repeats 3 ${ABLATION_ARGS:-} 2>&1 | grep -v "^I[0-9]" | tail -40 || status=1
       ;;
     throughput)
-      python3 -m experiments.benchmark --kernels auto --batch_sizes 1,4,8 2>&1 | grep -v "^I[0-9]" | tail -20 || status=1
+      python3 -m experiments.benchmark --kernels auto --batch_sizes ${THROUGHPUT_BATCHES:-1,4,8,16} 2>&1 | grep -v "^I[0-9]" | tail -20 || status=1
       ;;
     attention)
       python3 experiments/bench_attention.py --shapes sd21_self_48,sd21_cross_48,sd21_self_24,sd21_cross_24,sd21_self_12,sd21_cross_12 \
