@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from sdjax import weights
 from sdjax.config import CLIPTextConfig
 from sdjax.weights import CheckpointError
+from tests._pipeline_util import UNET, VAE
 
 CLIP = CLIPTextConfig(
     vocab_size=64,
@@ -255,24 +256,6 @@ def test_sharded_index(tmp_path, clip_params, clip_expected):
 # Pipelines: a tiny diffusers-layout checkpoint written by diffusers and transformers
 # --------------------------------------------------------------------------------------------
 
-_UNET = dict(
-    sample_size=8,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=4,
-    norm_num_groups=8,
-)
-_VAE = dict(
-    block_out_channels=(16, 32),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=16,
-)
 _MODEL_INDEX = {
     "_class_name": "StableDiffusionPipeline",
     "text_encoder": ["transformers", "CLIPTextModel"],
@@ -304,8 +287,8 @@ def pipeline_folder(tmp_path_factory):
             pad_token_id=999,
         )
     ).save_pretrained(folder / "text_encoder")
-    diffusers.UNet2DConditionModel(**_UNET).save_pretrained(folder / "unet")
-    diffusers.AutoencoderKL(**_VAE).save_pretrained(folder / "vae")
+    diffusers.UNet2DConditionModel(**UNET).save_pretrained(folder / "unet")
+    diffusers.AutoencoderKL(**VAE).save_pretrained(folder / "vae")
     diffusers.PNDMScheduler(skip_prk_steps=True).save_pretrained(folder / "scheduler")
     shutil.copytree(DEFAULT_FOLDER, folder / "tokenizer")
     (folder / "model_index.json").write_text(json.dumps(_MODEL_INDEX))

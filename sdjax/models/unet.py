@@ -97,6 +97,20 @@ class DownBlock2D(nn.Module):
         return x, skips
 
 
+def _transformers(block) -> list:
+    """One Transformer2DModel per resnet of a cross-attention down or up block."""
+    return [
+        Transformer2DModel(
+            block.out_channels,
+            block.heads,
+            block.transformer_layers,
+            block.use_linear_projection,
+            block.groups,
+        )
+        for _ in range(block.num_layers)
+    ]
+
+
 class CrossAttnDownBlock2D(DownBlock2D):
     """DownBlock2D with a Transformer2DModel after each resnet."""
 
@@ -106,16 +120,7 @@ class CrossAttnDownBlock2D(DownBlock2D):
 
     def setup(self):
         super().setup()
-        self.attentions = [
-            Transformer2DModel(
-                self.out_channels,
-                self.heads,
-                self.transformer_layers,
-                self.use_linear_projection,
-                self.groups,
-            )
-            for _ in range(self.num_layers)
-        ]
+        self.attentions = _transformers(self)
 
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return self.attentions[i](x, context)
@@ -161,16 +166,7 @@ class CrossAttnUpBlock2D(UpBlock2D):
 
     def setup(self):
         super().setup()
-        self.attentions = [
-            Transformer2DModel(
-                self.out_channels,
-                self.heads,
-                self.transformer_layers,
-                self.use_linear_projection,
-                self.groups,
-            )
-            for _ in range(self.num_layers)
-        ]
+        self.attentions = _transformers(self)
 
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return self.attentions[i](x, context)
