@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU work, in stages: bash experiments/gpu_session.sh STAGE...
-#   env         versions, GPU, flax present (installs the carried .whl_flax wheels if not)
-#   anchors     put the carried diffusers 0.35.2 wheel (and its few needs) on PYTHONPATH
-#   tests       pytest -m gpu (every kernel's GPU path, and the HLO custom-call checks)
-#   generate    experiments.generate at 512x512, 20 steps, fp16, kernels auto
-#   ablation    experiments.ablation sd15 fp16 with the anchors (extra flags: $ABLATION_ARGS)
-#   throughput  experiments.benchmark images/s per batch ($THROUGHPUT_BATCHES, default 1,4,8,16)
-#   attention   experiments.bench_attention on the shapes not yet benchmarked
-#   profile     experiments.profile: GPU time per kernel kind of a UNet step and the VAE decode
-# Results go to $OUT (the device tool brings them back).
+#   env            versions, GPU, flax present (installs the carried .whl_flax wheels if not)
+#   anchors        put the carried diffusers 0.35.2 wheel (and its few needs) on PYTHONPATH
+#   tests          pytest -m gpu (every kernel's GPU path, and the HLO custom-call checks)
+#   generate       experiments.generate at 512x512, 20 steps, fp16, kernels auto
+#   ablation       experiments.ablation sd15 fp16 with the anchors (extra flags: $ABLATION_ARGS)
+#   ablation_bf16  the same in bfloat16 ($BF16_ARGS, default: no anchors)
+#   ablation_sd21  SD2.1 768x768 fp16, every row, with the anchors ($SD21_ARGS)
+#   throughput     experiments.benchmark images/s per batch ($THROUGHPUT_BATCHES, default 1,4,8,16)
+#   attention      experiments.bench_attention on $ATTENTION_SHAPES (default: SD2.1's smaller ones)
+#   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
+#                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
+#                  Command buffers off, so that every kernel is attributed to its HLO instruction.
+# A stage runs under `timeout $STAGE_TIMEOUT` seconds when that is set (a call's limit is hard).
+# Results: the scripts write to /tmp/res; after every stage, $OUT/results.tgz is rebuilt from it
+# (the device tool brings back few files, and a call cut at its limit keeps the stages done).
 set -u -o pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SDJAX_CACHE_DIR=/tmp/sdjax_cache
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+FINAL_OUT=${OUT:-/tmp/out}
+export OUT=/tmp/res
+mkdir -p "$FINAL_OUT" "$OUT"
 status=0
+limit() { if [ -n "${STAGE_TIMEOUT:-}" ]; then timeout "$STAGE_TIMEOUT" "$@"; else "$@"; fi; }
+quiet() { grep -v "^I[0-9]"; }
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
@@ -30,26 +39,35 @@ for stage in "$@"; do
       python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
       ;;
     tests)
-      python3 -m pytest -q -m gpu tests/test_attention_kernels.py tests/test_norm_kernels.py tests/test_ops.py 2>&1 | tail -15 || status=1
+      limit python3 -m pytest -q -m gpu tests/test_attention_kernels.py tests/test_norm_kernels.py tests/test_ops.py 2>&1 | tail -15 || status=1
       ;;
     generate)
-      python3 -m experiments.generate --steps 20 --height 512 --width 512 --dtype float16 --kernels auto \
-        --noprogress --repeat 3 --out "$OUT/generate" 2>&1 | grep -v "^I[0-9]" | tail -25 || status=1
+      limit python3 -m experiments.generate --steps 20 --height 512 --width 512 --dtype float16 --kernels auto \
+        --noprogress --repeat 3 --out "$OUT/generate" 2>&1 | quiet | tail -25 || status=1
       ;;
     ablation)
-      python3 -m experiments.ablation --config sd15 --dtype float16 --repeats 3 ${ABLATION_ARGS:-} 2>&1 | grep -v "^I[0-9]" | tail -40 || status=1
+      limit python3 -m experiments.ablation --config sd15 --dtype float16 --repeats 3 ${ABLATION_ARGS:-} 2>&1 | quiet | tail -40 || status=1
+      ;;
+    ablation_bf16)
+      limit python3 -m experiments.ablation --config sd15 --dtype bfloat16 --repeats 3 ${BF16_ARGS:---noanchors} 2>&1 | quiet | tail -30 || status=1
+      ;;
+    ablation_sd21)
+      limit python3 -m experiments.ablation --config sd21 --dtype float16 --repeats 3 ${SD21_ARGS:-} 2>&1 | quiet | tail -30 || status=1
       ;;
     throughput)
-      python3 -m experiments.benchmark --kernels auto --batch_sizes ${THROUGHPUT_BATCHES:-1,4,8,16} 2>&1 | grep -v "^I[0-9]" | tail -20 || status=1
+      limit python3 -m experiments.benchmark --kernels auto --batch_sizes ${THROUGHPUT_BATCHES:-1,4,8,16} 2>&1 | quiet | tail -20 || status=1
       ;;
     attention)
-      python3 experiments/bench_attention.py --shapes sd21_self_48,sd21_cross_48,sd21_self_24,sd21_cross_24,sd21_self_12,sd21_cross_12 \
-        --calls 20 --repeats 5 2>&1 | tail -12 || status=1
+      limit python3 experiments/bench_attention.py --calls 20 --repeats 5 \
+        --shapes ${ATTENTION_SHAPES:-sd21_self_48,sd21_cross_48,sd21_self_24,sd21_cross_24,sd21_self_12,sd21_cross_12} 2>&1 | tail -12 || status=1
       ;;
     profile)
-      python3 -m experiments.profile --config sd15 --dtype float16 --kernels auto 2>&1 | grep -v "^I[0-9]" | tail -60 || status=1
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" limit python3 -m experiments.profile \
+        --config sd15 --dtype float16 --kernels auto --dump_hlo ${PROFILE_ARGS:-} 2>&1 | quiet | tail -80 || status=1
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
+  tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . 2>/dev/null
 done
+echo "=== done $(date +%T) status $status"
 exit $status

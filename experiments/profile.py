@@ -74,7 +74,22 @@ def define_flags() -> None:
     flags.DEFINE_bool("keep_trace", False, "copy the raw traces (xplane.pb) to the results dir")
     flags.DEFINE_bool("compilation_cache", True, "use the persistent compilation cache")
     flags.DEFINE_string("tag", "", "suffix of the output file names")
+    flags.DEFINE_list(
+        "programs", list(PROGRAMS), f"programs to profile, of {', '.join(PROGRAMS)}"
+    )
+    flags.DEFINE_integer(
+        "loop_steps", 4, "guided UNet steps in one call of the denoise_loop program"
+    )
+    flags.DEFINE_bool("dump_hlo", False, "write each program's optimized HLO beside the JSON")
 
+
+# unet_step: one guided UNet call on its own (params are arguments: whatever XLA does to them,
+# layout changes included, is paid per call). denoise_loop: the pipeline's jitted scan of
+# --loop_steps guided steps, reported per step: what a step costs inside generation, where XLA
+# may hoist loop-invariant work (weight layout changes, the context's K/V projections) out.
+PROGRAMS = ("unet_step", "denoise_loop", "vae_decode")
+
+TOP_OPS = 60  # HLO instructions listed per program (JSON), by time
 
 KINDS = ("conv", "matmul", "attention", "norm", "elementwise", "copy", "other")
 
@@ -429,6 +444,7 @@ def parse_hlo(text: str) -> dict[str, dict]:
         op_name = _OP_NAME.search(line)
         parsed[name] = {
             "opcode": opcode,
+            "shape": shape[:160],
             "operands": operands,
             "out_bytes": out,
             "op_name": op_name.group(1) if op_name else None,
@@ -436,6 +452,7 @@ def parse_hlo(text: str) -> dict[str, dict]:
     return {
         name: {
             "opcode": p["opcode"],
+            "shape": p["shape"],
             "bytes": p["out_bytes"] + sum(result_bytes.get(o, 0.0) for o in p["operands"]),
             "op_name": p["op_name"],
         }
@@ -676,9 +693,33 @@ def summarize(
         ),
         key=lambda r: -r["ms"],
     )
+    # The HLO instructions that took most time (attributable where the trace names the op, not
+    # a command buffer around it): opcode, result shape and source scope say what they are.
+    op_rows = collections.defaultdict(lambda: {"ns": 0.0, "count": 0, "kinds": collections.Counter()})
+    for e in events:
+        if e.hlo_op:
+            r = op_rows[e.hlo_op]
+            r["ns"] += e.dur_ns
+            r["count"] += 1
+            op_name = (hlo.get(e.hlo_op, {}).get("op_name")) or e.op_name
+            r["kinds"][classify(e.name, e.hlo_op, op_name)[0]] += e.dur_ns
+    top_ops = [
+        {
+            "hlo_op": op,
+            "kind": r["kinds"].most_common(1)[0][0],
+            "ms": r["ns"] / calls / 1e6,
+            "per_call": r["count"] / calls,
+            "opcode": hlo.get(op, {}).get("opcode"),
+            "shape": hlo.get(op, {}).get("shape"),
+            "mbytes": hlo[op]["bytes"] / 1e6 if op in hlo else None,
+            "op_name": (hlo.get(op, {}).get("op_name") or "")[-160:],
+        }
+        for op, r in sorted(op_rows.items(), key=lambda kv: -kv[1]["ns"])[:TOP_OPS]
+    ]
     starts = [e.start_ns for e in events]
     ends = [e.start_ns + e.dur_ns for e in events]
     return {
+        "top_ops": top_ops,
         "kernel_ms": total_ns / calls / 1e6,
         "kernels_per_call": len(events) / calls,
         "traced_span_ms": (max(ends) - min(starts)) / calls / 1e6 if events else 0.0,
@@ -707,26 +748,37 @@ def profile_program(
     copy_gbps,
     backend: str,
     keep_trace_dir: str | None = None,
+    steps_per_call: int = 1,
+    dump_hlo_dir: str | None = None,
+    flops_args=None,
 ) -> dict:
-    """Compiles fn, times it untraced, traces `calls` calls and summarizes the trace."""
+    """Compiles fn, times it untraced, traces `calls` calls and summarizes the trace.
+
+    `steps_per_call`: fn runs that many steps of a loop; every figure is then per step
+    (time, launches, and bytes: a loop body's instructions appear once in the HLO).
+    """
     import jax
 
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - t0
     text = compiled.as_text()
+    if dump_hlo_dir:
+        with open(os.path.join(dump_hlo_dir, f"{name}.hlo.txt"), "w") as f:
+            f.write(text)
     try:
         hlo, hlo_error = parse_hlo(text), None
     except Exception as e:  # no bytes floors and no scopes, said in the record
         traceback.print_exc()
         hlo, hlo_error = {}, f"{type(e).__name__}: {e}"
 
-    counted = jaxpr_flops(jax.make_jaxpr(flops_fn)(*args).jaxpr)
+    # FLOPs of one step: flops_fn over flops_args (default: fn's own arguments).
+    counted = jaxpr_flops(jax.make_jaxpr(flops_fn)(*(flops_args or args)).jaxpr)
     attention = sum(s.flops for s in attention_shapes)
     flops = {"conv": counted["conv"], "matmul": counted["matmul"], "attention": attention}
 
     jax.block_until_ready(compiled(*args))
-    wall = _wall_ms(compiled, args, wall_calls)
+    wall = _wall_ms(compiled, args, wall_calls) / steps_per_call
     with tempfile.TemporaryDirectory(prefix=f"sdjax_profile_{name}_") as log_dir:
         events, how = trace_program(compiled, args, calls, log_dir, backend)
         if keep_trace_dir:
@@ -740,7 +792,7 @@ def profile_program(
         raise RuntimeError(f"{name}: the trace has no {backend} kernel events (read as {how})")
     record = summarize(
         events,
-        calls=calls,
+        calls=calls * steps_per_call,
         hlo=hlo,
         module=_module_name(text),
         flops=flops,
@@ -757,6 +809,7 @@ def profile_program(
             "hlo_instructions": len(hlo),
             "hlo_parse_error": hlo_error,
             "calls": calls,
+            "steps_per_call": steps_per_call,
             "compile_s": compile_s,
             "wall_ms": wall,
             "gaps_ms": max(wall - record["kernel_ms"], 0.0),
@@ -828,6 +881,9 @@ def profile(
     matmul_size: int = 8192,
     copy_mib: int = 256,
     keep_trace_dir: str | None = None,
+    programs: tuple[str, ...] = PROGRAMS,
+    loop_steps: int = 4,
+    dump_hlo_dir: str | None = None,
 ) -> dict:
     """The run as a record (see the module docstring)."""
     import jax
@@ -835,8 +891,14 @@ def profile(
 
     from experiments import common
     from sdjax import config as sd_config
-    from sdjax import ops, pipeline, weights
+    from sdjax import ops, pipeline, schedulers, weights
     from sdjax.models.vae import AutoencoderKL
+
+    unknown = set(programs) - set(PROGRAMS)
+    if unknown:
+        raise ValueError(f"unknown programs {sorted(unknown)}; known: {', '.join(PROGRAMS)}")
+    if loop_steps < 1:
+        raise ValueError(f"loop_steps={loop_steps} must be >= 1")
 
     backend = jax.default_backend()
     dtype = dtype or ("float16" if backend == "gpu" else "float32")
@@ -877,6 +939,18 @@ def profile(
 
         return unet_step
 
+    scheduler = schedulers.make("ddim", config.scheduler, loop_steps)
+    loop_args = (unet_params, x, ctx.astype(jdtype), uctx.astype(jdtype), jnp.float32(7.5))
+
+    def denoise_loop_with(impl):
+        def denoise(p, x, ctx, uctx, scale):
+            return pipeline.denoise_loop(
+                p, x, ctx, uctx, scale, unet_config=ucfg, scheduler=scheduler, dtype=jdtype,
+                kernels=impl,
+            )  # fmt: skip
+
+        return denoise
+
     def vae_decode_with(impl):
         def vae_decode(p, z):
             with ops.use(impl):
@@ -892,11 +966,12 @@ def profile(
         copy_gbps=rates["copy_gbps"],
         backend=backend,
         keep_trace_dir=keep_trace_dir,
+        dump_hlo_dir=dump_hlo_dir,
     )
     # FLOPs are counted on the "xla" preset's jaxpr: the same math, with no Pallas call hiding
     # its matmuls. The traced program is the chosen preset's.
     xla = ops.Implementations.preset("xla")
-    programs = {
+    runs = {
         "unet_step": lambda: profile_program(
             "unet_step",
             unet_step_with(impls),
@@ -904,6 +979,17 @@ def profile(
             flops_fn=unet_step_with(xla),
             attention_shapes=unet_attention_shapes(ucfg, latent, batch=2),
             shape_prefix=f"{config_name}_",
+            **common_kw,
+        ),
+        "denoise_loop": lambda: profile_program(
+            "denoise_loop",
+            denoise_loop_with(impls),
+            loop_args,
+            flops_fn=unet_step_with(xla),
+            flops_args=unet_args,
+            attention_shapes=unet_attention_shapes(ucfg, latent, batch=2),
+            shape_prefix=f"{config_name}_",
+            steps_per_call=loop_steps,
             **common_kw,
         ),
         "vae_decode": lambda: profile_program(
@@ -917,7 +1003,9 @@ def profile(
         ),
     }
     results = {}
-    for name, run in programs.items():
+    for name, run in runs.items():
+        if name not in programs:
+            continue
         try:
             results[name] = run()
         except Exception as e:  # recorded, and the other program still runs
@@ -932,6 +1020,7 @@ def profile(
         "resolution": res,
         "latent": latent,
         "unet_batch": 2,
+        "loop_steps": loop_steps,
         "vae_batch": 1,
         "setup_s": setup_s,
         "rates": rates,
@@ -975,6 +1064,17 @@ _KERNEL_COLUMNS = {
     "per_call": "launches/call",
     "pct": "% of kernel time",
     "hlo_op": "hlo_op (first)",
+}
+
+
+_OP_COLUMNS = {
+    "hlo_op": "HLO instruction",
+    "kind": "kind",
+    "ms": "ms/call",
+    "per_call": "launches/call",
+    "opcode": "opcode",
+    "shape": "result shape",
+    "op_name": "source scope (tail)",
 }
 
 
@@ -1026,6 +1126,14 @@ def _program_markdown(p: dict, title: str, top: int) -> str:
         for k in p["kernels"][:top]
     ]
     md += _table(krows, _KERNEL_COLUMNS)
+    ops_top = [o for o in p.get("top_ops", []) if not o["hlo_op"].startswith("command_buffer")]
+    if ops_top:
+        md += f"\nTop {min(top, len(ops_top))} HLO instructions by time (what they are):\n\n"
+        orows = [
+            {**o, "shape": (o["shape"] or "")[:70], "op_name": o["op_name"][-90:]}
+            for o in ops_top[:top]
+        ]
+        md += _table(orows, _OP_COLUMNS)
     if p["unclassified"]:
         md += "\nUnclassified kernel names (kind `other`; refine KIND_RULES):\n\n"
         md += "".join(f"- `{n}`: {ms:.3g} ms\n" for n, ms in list(p["unclassified"].items())[:40])
@@ -1050,6 +1158,8 @@ def markdown(record: dict, top: int = 30) -> str:
     )
     titles = {
         "unet_step": f"UNet step (batch {record['unet_batch']}, guided)",
+        "denoise_loop": f"UNet step inside the denoising scan ({record.get('loop_steps')} "
+        "guided steps per call; figures per step)",
         "vae_decode": f"VAE decode (batch {record['vae_batch']})",
     }
     for key, p in record["programs"].items():
@@ -1138,6 +1248,9 @@ def main(argv):
         matmul_size=FLAGS.matmul_size,
         copy_mib=FLAGS.copy_mib,
         keep_trace_dir=str(out) if FLAGS.keep_trace else None,
+        programs=tuple(FLAGS.programs),
+        loop_steps=FLAGS.loop_steps,
+        dump_hlo_dir=str(out) if FLAGS.dump_hlo else None,
     )
     record["total_s"] = time.perf_counter() - t0
     _, md = write_outputs(record, out, top=FLAGS.top, tag=FLAGS.tag)

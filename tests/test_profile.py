@@ -274,7 +274,7 @@ def test_importing_registers_no_flags():
 
 
 def _check_record(record):
-    assert set(record["programs"]) == {"unet_step", "vae_decode"}
+    assert set(record["programs"]) == set(profile.PROGRAMS)
     for p in record["programs"].values():
         kinds = {k["kind"]: k for k in p["kinds"]}
         assert set(kinds) == set(profile.KINDS)
@@ -287,6 +287,16 @@ def _check_record(record):
         assert p["events_with_hlo_op"] > 0.5  # all on CPU; GPU memcpys may have none
     unet = record["programs"]["unet_step"]
     assert {k["kind"] for k in unet["kernels"]} >= {"conv", "matmul", "attention", "norm"}
+    # Inside the scan, figures are per step: about one UNet call's work, FLOPs of one step.
+    loop = record["programs"]["denoise_loop"]
+    assert loop["steps_per_call"] == record["loop_steps"] >= 2
+    assert loop["flops"] == unet["flops"]
+    conv = {p: next(k for k in record["programs"][p]["kinds"] if k["kind"] == "conv")
+            for p in ("unet_step", "denoise_loop")}  # fmt: skip
+    assert 0.5 < conv["denoise_loop"]["kernels_per_call"] / conv["unet_step"]["kernels_per_call"] < 2
+    # The slowest HLO instructions are named with their opcode and shape.
+    assert unet["top_ops"] and unet["top_ops"][0]["ms"] >= unet["top_ops"][-1]["ms"]
+    assert any(o["opcode"] and o["shape"] for o in unet["top_ops"])
     assert record["rules"]["kind_rules"]
     assert record["failures"] == []
 
@@ -294,13 +304,15 @@ def _check_record(record):
 def test_profile_tiny(tmp_path):
     """The core function on `tiny` (CPU in CI; it runs the same on a GPU)."""
     record = profile.profile(
-        "tiny", "float32", "xla", calls=2, wall_calls=3, matmul_size=128, copy_mib=2
-    )
+        "tiny", "float32", "xla", calls=2, wall_calls=3, matmul_size=128, copy_mib=2,
+        loop_steps=2,
+    )  # fmt: skip
     _check_record(record)
     paths, md = profile.write_outputs(record, tmp_path)
     assert paths["json"].name == "profile_tiny_float32_xla.json"
     assert json.loads(paths["json"].read_text())["config"] == "tiny"
     assert "## UNet step" in md and "## VAE decode" in md and "| kind | ms/call |" in md
+    assert "inside the denoising scan" in md and "| HLO instruction |" in md
     assert paths["md"].read_text() == md
 
 
@@ -314,6 +326,8 @@ def test_command_line(tmp_path):
         "--matmul_size=128",
         "--copy_mib=2",
         "--nocompilation_cache",
+        "--loop_steps=2",
+        "--dump_hlo",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.profile", *args],
@@ -328,3 +342,10 @@ def test_command_line(tmp_path):
     assert "# Profile: tiny" in proc.stdout
     record = json.loads((tmp_path / "profile_tiny_float32_xla.json").read_text())
     _check_record(record)
+    for program in profile.PROGRAMS:  # --dump_hlo: the optimized HLO of each program
+        assert (tmp_path / f"{program}.hlo.txt").read_text().lstrip().startswith("HloModule")
+
+
+def test_unknown_program_is_refused():
+    with pytest.raises(ValueError, match="unknown programs"):
+        profile.profile("tiny", "float32", "xla", programs=("unet_stepp",))
