@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from sdjax import ops, schedulers
 from sdjax.config import PipelineConfig
 from sdjax.models import clip
+from sdjax.models import unet as unet_lib
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
 from sdjax.tokenizer import Tokenizer
@@ -56,21 +57,42 @@ def resolve_dtype(dtype) -> jnp.dtype:
 # --------------------------------------------------------------------------------------------
 
 
-def guided_unet(unet_params, x, t, context, uncond_context, guidance_scale, *, unet_config, dtype):
+def guided_context(context, uncond_context):
+    """The UNet's text states for guidance: [2N, S, D], each sample's unconditional and
+    conditional copies side by side ([u0, c0, u1, c1, ...]); `context` alone without it."""
+    if uncond_context is None:
+        return context
+    n = context.shape[0]
+    return jnp.stack([uncond_context, context], axis=1).reshape(2 * n, *context.shape[1:])
+
+
+def guided_unet(
+    unet_params, x, t, context, uncond_context, guidance_scale, *, unet_config, dtype,
+    conditioning=None, guided=None,
+):  # fmt: skip
     """One guided model call: x [N, h, w, C] -> guided prediction [N, h, w, C] in float32.
 
     With `uncond_context` None there is no guidance (one batch of N). Otherwise the UNet runs
     once on 2N samples, each sample's unconditional and conditional copies side by side
     ([x0, x0, x1, x1, ...]) so that a batch sharded over devices stays local to each device.
+
+    `conditioning`: a precomputed `conditioning` tree (`unet.context_conditioning` of
+    `guided_context(...)`, merged with this step's `time_conditioning`); the contexts are then
+    not read, and `guided` says whether the batch is guided.
     """
-    unet = UNet2DConditionModel(unet_config)
-    if uncond_context is None:
-        out = unet.apply({"params": unet_params}, x.astype(dtype), t, context)
-        return out.astype(jnp.float32)
+    guided = (uncond_context is not None) if guided is None else guided
+
+    def run(sample):
+        if conditioning is not None:
+            return unet_lib.conditioned_apply(unet_params, unet_config, sample, t, conditioning)
+        ctx = guided_context(context, uncond_context)
+        return UNet2DConditionModel(unet_config).apply({"params": unet_params}, sample, t, ctx)
+
+    if not guided:
+        return run(x.astype(dtype)).astype(jnp.float32)
     n = x.shape[0]
     x2 = jnp.repeat(x.astype(dtype), 2, axis=0)
-    ctx2 = jnp.stack([uncond_context, context], axis=1).reshape(2 * n, *context.shape[1:])
-    out = unet.apply({"params": unet_params}, x2, t, ctx2).astype(jnp.float32)
+    out = run(x2).astype(jnp.float32)
     out = out.reshape(n, 2, *out.shape[1:])
     uncond, cond = out[:, 0], out[:, 1]
     return uncond + guidance_scale * (cond - uncond)
@@ -91,6 +113,7 @@ def denoise_loop(
     kernels: ops.Implementations = ops.PRESETS["reference"],
     sharding: NamedSharding | None = None,
     progress=None,
+    hoist_conditioning: bool = True,
 ):
     """Runs the scheduler's steps from `start_index` to the end, as one `lax.scan`.
 
@@ -102,6 +125,10 @@ def denoise_loop(
       step_noise: [S, N, h, w, C] fresh noise per step, only for schedulers that need it.
       sharding: where the latents live; the loop keeps them there.
       progress: a host callable(step) called after each step (None: no host callbacks).
+      hoist_conditioning: compute what depends only on the prompt (each cross-attention's
+        K and V) or on the timestep (each resnet's time projection) before the loop, for
+        every step at once (`UNet2DConditionModel.context_conditioning`/`time_conditioning`).
+        The same math; False computes them inside every step (as the UNet alone does).
     Returns:
       float32 latents [N, h, w, C].
     """
@@ -113,12 +140,18 @@ def denoise_loop(
             f"scheduler {scheduler.name!r} needs step_noise [{n_steps}, *latents.shape]"
         )
 
+    guided = uncond_context is not None
+
     def constrain(x):
         return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
     def body(carry, xs):
         x, state = carry
-        i, noise = xs
+        i, noise, step_conditioning = xs
+        conditioning = None
+        if hoist_conditioning:  # this step's time projections, keeping a batch axis of 1
+            step_conditioning = jax.tree.map(lambda a: a[None], step_conditioning)
+            conditioning = unet_lib.merge_conditioning(context_conditioning, step_conditioning)
         model_in = scheduler.scale_model_input(x, i)
         pred = guided_unet(
             unet_params,
@@ -129,6 +162,8 @@ def denoise_loop(
             guidance_scale,
             unet_config=unet_config,
             dtype=dtype,
+            conditioning=conditioning,
+            guided=guided,
         )
         x, state = scheduler.step(state, i, pred, x, noise=noise)
         if progress is not None:
@@ -141,7 +176,23 @@ def denoise_loop(
         x = constrain(latents.astype(jnp.float32))
         state = scheduler.init_state(x)
         idx = jnp.arange(start_index, len(scheduler.timesteps), dtype=jnp.int32)
-        (x, _), _ = jax.lax.scan(body, (x, state), (idx, step_noise))
+        time_conditioning = None
+        if hoist_conditioning:
+            # Once per prompt and once per schedule, not once per step: the cross-attention
+            # K/V of the text states and every resnet's time projection for every timestep.
+            unet = UNet2DConditionModel(unet_config)
+            variables = {"params": unet_params}
+            ctx = guided_context(context, uncond_context)
+            context_conditioning = unet.apply(
+                variables, ctx, dtype, method=UNet2DConditionModel.context_conditioning
+            )
+            time_conditioning = unet.apply(
+                variables,
+                scheduler.timestep(idx),
+                dtype,
+                method=UNet2DConditionModel.time_conditioning,
+            )
+        (x, _), _ = jax.lax.scan(body, (x, state), (idx, step_noise, time_conditioning))
     return x
 
 
@@ -205,12 +256,15 @@ class StableDiffusion:
         kernels: ops.Implementations | str = "auto",
         devices: Sequence[jax.Device] | None = None,
         random_weights: bool = False,
+        hoist_conditioning: bool = True,
     ):
         self.config = config
         self.dtype = resolve_dtype(dtype)
         self.kernels = ops.Implementations.preset(kernels) if isinstance(kernels, str) else kernels
         self.tokenizer = tokenizer
         self.random_weights = random_weights
+        # denoise_loop's `hoist_conditioning`: prompt- and timestep-only work outside the loop
+        self.hoist_conditioning = hoist_conditioning
         self.devices = list(devices or jax.local_devices())
         self.mesh = Mesh(np.array(self.devices), ("batch",))
         self.replicated = NamedSharding(self.mesh, P())
@@ -469,9 +523,11 @@ class StableDiffusion:
             kernels=self.kernels,
             sharding=self.batch_sharding,
             progress=progress,
+            hoist_conditioning=self.hoist_conditioning,
         )
         args = (self.params["unet"], x, context, uncond, jnp.float32(guidance), step_noise)
-        run_loop, c_s = self._compile("denoise", loop, *args, statics=(sched, start, progress))
+        statics = (sched, start, progress, self.hoist_conditioning)
+        run_loop, c_s = self._compile("denoise", loop, *args, statics=statics)
         t0 = time.perf_counter()
         x = jax.block_until_ready(run_loop(*args))
         timings["denoise"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0, "steps": n_steps}

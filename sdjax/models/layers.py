@@ -4,6 +4,12 @@ Parameter names follow diffusers' PyTorch modules so that a checkpoint loads by 
 (`name.N` -> `name_N`, `weight` -> `kernel`/`scale`) and transposing. Layers compute in
 their input's dtype: parameters are cast to it at use, except where `sdjax.ops` does the
 math in float32 (attention softmax, GroupNorm statistics, GEGLU accumulation).
+
+Conditioning computed ahead: the `conditioning` variable collection (see
+`UNet2DConditionModel.conditioning`) holds what depends only on the prompt or the timestep:
+each cross-attention's K and V (`attn2/{k, v}`) and each resnet's projected time embedding
+(`resnets_i/temb`). A module that finds its entry uses it instead of computing it, so a
+denoising loop can compute them once per prompt and once per schedule, outside the loop.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import jax.numpy as jnp
 from sdjax import ops
 
 Padding = int | Sequence[tuple[int, int]]
+
+CONDITIONING = "conditioning"  # the variable collection of precomputed conditioning
 
 _kernel_init = nn.initializers.lecun_normal()
 _zeros = nn.initializers.zeros_init()
@@ -92,7 +100,8 @@ class GroupNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """torch.nn.LayerNorm over the last axis; statistics in float32, output in x's dtype."""
+    """torch.nn.LayerNorm over the last axis (`ops.layer_norm`): statistics in float32,
+    output in x's dtype."""
 
     eps: float = 1e-5
 
@@ -101,11 +110,7 @@ class LayerNorm(nn.Module):
         c = x.shape[-1]
         scale = self.param("scale", _ones, (c,))
         bias = self.param("bias", _zeros, (c,))
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+        return ops.layer_norm(x, scale, bias, eps=self.eps)
 
 
 class ResnetBlock2D(nn.Module):
@@ -124,11 +129,25 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = Conv2d(self.out_channels)
         self.conv_shortcut = Conv2d(self.out_channels, kernel_size=1, padding=0)
 
+    def time_projection(self, temb: jax.Array) -> jax.Array:
+        """temb [..., T] -> [..., out_channels]: what this block adds to its feature map."""
+        return self.time_emb_proj(jax.nn.silu(temb))
+
+    def conditioning(self, temb: jax.Array) -> dict:
+        """This block's `conditioning` entry for time embeddings temb [..., T]."""
+        return {"temb": self.time_projection(temb)}
+
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        """x: [N, H, W, C_in]; temb: [N, T] or None -> [N, H, W, out_channels]."""
+        """x: [N, H, W, C_in]; temb: [N, T] or None -> [N, H, W, out_channels].
+
+        A precomputed `conditioning/temb` ([N or 1, out_channels]) replaces temb's projection.
+        """
         h = self.conv1(self.norm1(x))
-        if temb is not None:
-            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        if self.has_variable(CONDITIONING, "temb"):
+            proj = self.get_variable(CONDITIONING, "temb")
+            h = h + proj.astype(h.dtype)[:, None, None, :]
+        elif temb is not None:
+            h = h + self.time_projection(temb)[:, None, None, :]
         h = self.conv2(self.norm2(h))
         if x.shape[-1] != self.out_channels:
             x = self.conv_shortcut(x)
@@ -195,12 +214,32 @@ class Attention(nn.Module):
         self.to_v = Linear(self.dim, use_bias=self.qkv_bias)
         self.to_out_0 = Linear(self.dim)
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
-        """x: [B, L, dim]; context: [B, S, C_ctx] or None -> [B, L, dim]."""
-        context = x if context is None else context
+    def key_value(self, context: jax.Array) -> dict:
+        """The cross-attention's K and V of context [B, S, C_ctx]: {"k", "v"}, each [B, S, dim]
+        (this module's `conditioning` entry)."""
+        return {"k": self.to_k(context), "v": self.to_v(context)}
+
+    def __call__(
+        self, x: jax.Array, context: jax.Array | None = None, *, cross: bool = False
+    ) -> jax.Array:
+        """x: [B, L, dim]; context: [B, S, C_ctx] or None -> [B, L, dim].
+
+        Self-attention unless `cross` or a context is given. For cross-attention, a
+        precomputed `conditioning/{k, v}` replaces the projections of context (which may then
+        be None)."""
         b, length, _ = x.shape
         head_dim = self.dim // self.heads
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q = self.to_q(x)
+        if self.has_variable(CONDITIONING, "k"):
+            k, v = (self.get_variable(CONDITIONING, n).astype(x.dtype) for n in ("k", "v"))
+        else:
+            if context is None and cross:
+                raise ValueError(
+                    f"cross-attention {'/'.join(self.scope.path)} has neither a context nor "
+                    f"precomputed '{CONDITIONING}' K/V"
+                )
+            context = x if context is None else context
+            k, v = self.to_k(context), self.to_v(context)
         q, k, v = (t.reshape(b, t.shape[1], self.heads, head_dim) for t in (q, k, v))
         out = ops.attention(q, k, v, scale=head_dim**-0.5)
         return self.to_out_0(out.reshape(b, length, self.dim))
@@ -250,10 +289,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm()
         self.ff = FeedForward(self.dim)
 
+    def conditioning(self, context: jax.Array) -> dict:
+        return {"attn2": self.attn2.key_value(context)}
+
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x: [B, L, dim]; context: [B, S, C_ctx] -> [B, L, dim]."""
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, cross=True)
         return x + self.ff(self.norm3(x))
 
 
@@ -279,6 +321,9 @@ class Transformer2DModel(nn.Module):
         self.transformer_blocks = [
             BasicTransformerBlock(self.channels, self.heads) for _ in range(self.depth)
         ]
+
+    def conditioning(self, context: jax.Array) -> dict:
+        return {b.name: b.conditioning(context) for b in self.transformer_blocks}
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x: [N, H, W, channels]; context: [N, S, C_ctx] -> [N, H, W, channels]."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from sdjax.config import UNetConfig
 from sdjax.models.layers import (
+    CONDITIONING,
     Conv2d,
     Downsample2D,
     GroupNorm,
@@ -85,6 +86,12 @@ class DownBlock2D(nn.Module):
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return x  # the cross-attention subclass runs its transformer here
 
+    def time_conditioning(self, temb: jax.Array) -> dict:
+        return {r.name: r.conditioning(temb) for r in self.resnets}
+
+    def context_conditioning(self, context: jax.Array) -> dict:
+        return {}
+
     def __call__(self, x, temb, context=None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """x: [N, H, W, C_in] -> ([N, H', W', out_channels], skips)."""
         skips = ()
@@ -125,6 +132,9 @@ class CrossAttnDownBlock2D(DownBlock2D):
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return self.attentions[i](x, context)
 
+    def context_conditioning(self, context: jax.Array) -> dict:
+        return {a.name: a.conditioning(context) for a in self.attentions}
+
 
 class UpBlock2D(nn.Module):
     """`num_layers` resnets, each on [x, next skip] concatenated along channels, then
@@ -145,6 +155,12 @@ class UpBlock2D(nn.Module):
 
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return x  # the cross-attention subclass runs its transformer here
+
+    def time_conditioning(self, temb: jax.Array) -> dict:
+        return {r.name: r.conditioning(temb) for r in self.resnets}
+
+    def context_conditioning(self, context: jax.Array) -> dict:
+        return {}
 
     def __call__(self, x, skips, temb, context=None, upsample_size=None) -> jax.Array:
         """x: [N, H, W, C]; skips: this block's `num_layers` skip tensors, in down order
@@ -171,6 +187,9 @@ class CrossAttnUpBlock2D(UpBlock2D):
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return self.attentions[i](x, context)
 
+    def context_conditioning(self, context: jax.Array) -> dict:
+        return {a.name: a.conditioning(context) for a in self.attentions}
+
 
 class UNetMidBlock2DCrossAttn(nn.Module):
     """resnet, transformer, resnet at the lowest resolution; channels unchanged."""
@@ -193,6 +212,12 @@ class UNetMidBlock2DCrossAttn(nn.Module):
                 self.groups,
             )
         ]
+
+    def time_conditioning(self, temb: jax.Array) -> dict:
+        return {r.name: r.conditioning(temb) for r in self.resnets}
+
+    def context_conditioning(self, context: jax.Array) -> dict:
+        return {a.name: a.conditioning(context) for a in self.attentions}
 
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
         x = self.resnets[0](x, temb)
@@ -252,23 +277,54 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, activation="silu")
         self.conv_out = Conv2d(cfg.out_channels)
 
-    def __call__(
-        self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array
-    ) -> jax.Array:
-        """sample [N, H, W, C_in]; timesteps [N] or scalar; encoder_hidden_states
-        [N, S, cross_attention_dim] -> predicted noise (or v) [N, H, W, C_out]."""
-        cfg = self.config
-        context = encoder_hidden_states.astype(sample.dtype)
+    def _blocks(self) -> list:
+        return [*self.down_blocks, self.mid_block, *self.up_blocks]
 
-        # 1. time: sinusoidal embedding in float32, then the MLP in the sample's dtype
-        t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+    def embed_time(self, timesteps: jax.Array, dtype) -> jax.Array:
+        """timesteps [N] -> temb [N, 4 * block_out_channels[0]]: the sinusoidal embedding in
+        float32, then the MLP in `dtype`."""
+        cfg = self.config
         t_emb = timestep_embedding(
-            t,
+            timesteps,
             cfg.block_out_channels[0],
             flip_sin_to_cos=cfg.flip_sin_to_cos,
             freq_shift=cfg.freq_shift,
         )
-        temb = self.time_embedding(t_emb.astype(sample.dtype))
+        return self.time_embedding(t_emb.astype(dtype))
+
+    def time_conditioning(self, timesteps: jax.Array, dtype) -> dict:
+        """Every resnet's projected time embedding, for timesteps [T]: a `conditioning` tree
+        with [T, C] leaves (index one timestep, keeping the axis, before use)."""
+        temb = self.embed_time(jnp.asarray(timesteps).reshape(-1), dtype)
+        return {b.name: b.time_conditioning(temb) for b in self._blocks()}
+
+    def context_conditioning(self, encoder_hidden_states: jax.Array, dtype) -> dict:
+        """Every cross-attention's K and V of encoder_hidden_states [N, S, D]: a `conditioning`
+        tree with [N, S, C] leaves."""
+        context = encoder_hidden_states.astype(dtype)
+        tree = {b.name: b.context_conditioning(context) for b in self._blocks()}
+        return {k: v for k, v in tree.items() if v}
+
+    def __call__(
+        self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | None
+    ) -> jax.Array:
+        """sample [N, H, W, C_in]; timesteps [N] or scalar; encoder_hidden_states
+        [N, S, cross_attention_dim] -> predicted noise (or v) [N, H, W, C_out].
+
+        With a `conditioning` collection from `context_conditioning` (and `time_conditioning`)
+        the cross-attention K/V (and the time projections) are read from it: see
+        `conditioned_apply`."""
+        cfg = self.config
+        context = None
+        if encoder_hidden_states is not None:
+            context = encoder_hidden_states.astype(sample.dtype)
+
+        # 1. time: sinusoidal embedding in float32, then the MLP in the sample's dtype (unless
+        # every resnet reads its time projection from the conditioning)
+        temb = None
+        if not _has_leaf(self.variables.get(CONDITIONING, {}), "temb"):
+            t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
+            temb = self.embed_time(t, sample.dtype)
 
         # 2. pre-process
         x = self.conv_in(sample)
@@ -291,6 +347,30 @@ class UNet2DConditionModel(nn.Module):
 
         # 6. post-process
         return self.conv_out(self.conv_norm_out(x))
+
+
+def _has_leaf(tree, name: str) -> bool:
+    return any(k == name or (isinstance(v, dict) and _has_leaf(v, name)) for k, v in tree.items())
+
+
+def merge_conditioning(*trees: dict) -> dict:
+    """One `conditioning` tree from several (e.g. the context's and one timestep's)."""
+    out: dict = {}
+    for tree in trees:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out[key] = merge_conditioning(out.get(key, {}), value)
+            else:
+                out[key] = value
+    return out
+
+
+def conditioned_apply(params, config: UNetConfig, sample, timesteps, conditioning) -> jax.Array:
+    """The UNet with precomputed conditioning: `conditioning` (from `context_conditioning`,
+    merged with one step's `time_conditioning`) replaces the text states."""
+    return UNet2DConditionModel(config).apply(
+        {"params": params, CONDITIONING: conditioning}, sample, timesteps, None
+    )
 
 
 def init_params(config: UNetConfig, rng: jax.Array) -> dict:

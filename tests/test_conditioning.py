@@ -1,0 +1,133 @@
+"""Precomputed conditioning: the cross-attention K/V of the text states and every resnet's time
+projection, computed once before the denoising loop instead of in every step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sdjax import config as sd_config
+from sdjax import pipeline, schedulers, weights
+from sdjax.models import unet as unet_lib
+from tests._pipeline_util import random_pipeline
+
+CFG = sd_config.preset("tiny")
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.isfinite(a).all() and np.isfinite(b).all()
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return weights.random_params(CFG, seed=3)["unet"]
+
+
+def inputs(batch=3, seed=0):
+    k = jax.random.split(jax.random.PRNGKey(seed), 3)
+    cfg = CFG.unet
+    x = jax.random.normal(k[0], (batch, 16, 16, cfg.in_channels))
+    ctx = jax.random.normal(k[1], (batch, 77, cfg.cross_attention_dim))
+    t = jax.random.randint(k[2], (batch,), 0, 1000)
+    return x, t, ctx
+
+
+def test_conditioned_apply_matches_the_plain_unet(params):
+    x, t, ctx = inputs()
+    model = unet_lib.UNet2DConditionModel(CFG.unet)
+    ref = model.apply({"params": params}, x, t, ctx)
+    variables = {"params": params}
+    cc = model.apply(variables, ctx, jnp.float32, method="context_conditioning")
+    tc = model.apply(variables, t, jnp.float32, method="time_conditioning")
+    # one entry per cross-attention (K and V) and per resnet (its time projection)
+    n_cross = sum(1 for path in _paths(params) if path.endswith("attn2/to_k/kernel"))
+    n_resnets = sum(1 for path in _paths(params) if path.endswith("time_emb_proj/kernel"))
+    assert len([p for p in _paths(cc) if p.endswith("/k")]) == n_cross > 0
+    assert len([p for p in _paths(tc) if p.endswith("/temb")]) == n_resnets > 0
+    out = unet_lib.conditioned_apply(params, CFG.unet, x, t, unet_lib.merge_conditioning(cc, tc))
+    assert rel(out, ref) < 1e-6
+
+
+def test_missing_context_is_a_clear_error(params):
+    x, t, _ = inputs(batch=1)
+    model = unet_lib.UNet2DConditionModel(CFG.unet)
+    with pytest.raises(ValueError, match="neither a context nor precomputed"):
+        model.apply({"params": params}, x, t, None)
+
+
+def _paths(tree) -> list[str]:
+    return [
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+def _loop(params, scheduler_name, guided, hoist, steps=3):
+    sched = schedulers.make(scheduler_name, CFG.scheduler, steps)
+    x, _, ctx = inputs(batch=2, seed=1)
+    uctx = jax.random.normal(jax.random.PRNGKey(9), ctx.shape) if guided else None
+    noise = None
+    if sched.needs_noise:
+        noise = jax.random.normal(jax.random.PRNGKey(4), (steps, *x.shape))
+
+    def run(p, x, ctx, uctx, noise):
+        return pipeline.denoise_loop(
+            p, x, ctx, uctx, 7.5, noise, unet_config=CFG.unet, scheduler=sched,
+            hoist_conditioning=hoist,
+        )  # fmt: skip
+
+    return run, (params, x * sched.init_noise_sigma, ctx, uctx, noise)
+
+
+@pytest.mark.parametrize("scheduler_name", ["ddim", "euler_a", "dpmpp_2m", "pndm"])
+@pytest.mark.parametrize("guided", [True, False])
+def test_hoisted_loop_matches_the_per_step_loop(params, scheduler_name, guided):
+    outs = {}
+    for hoist in (True, False):
+        run, args = _loop(params, scheduler_name, guided, hoist)
+        outs[hoist] = jax.jit(run)(*args)
+    assert rel(outs[True], outs[False]) < 1e-5
+
+
+def _scan_body_dots(jaxpr) -> int:
+    """dot_generals inside the scan's body (nested calls included)."""
+
+    def count(j) -> int:
+        n = 0
+        for eqn in j.eqns:
+            n += eqn.primitive.name == "dot_general"
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (list, tuple)) else (v,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        n += count(inner)
+        return n
+
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1
+    return count(scans[0].params["jaxpr"].jaxpr)
+
+
+def test_the_loop_body_no_longer_projects_text_or_time(params):
+    """Hoisted, the step has 2 fewer dots per cross-attention (K, V), one fewer per resnet
+    (its time projection) and 2 fewer for the time MLP."""
+    counts = {}
+    for hoist in (True, False):
+        run, args = _loop(params, "ddim", True, hoist)
+        counts[hoist] = _scan_body_dots(jax.make_jaxpr(run)(*args).jaxpr)
+    n_cross = sum(1 for p in _paths(params) if p.endswith("attn2/to_k/kernel"))
+    n_resnets = sum(1 for p in _paths(params) if p.endswith("time_emb_proj/kernel"))
+    assert counts[False] - counts[True] == 2 * n_cross + n_resnets + 2
+
+
+def test_pipeline_images_same_with_and_without_hoisting():
+    images = {}
+    for hoist in (True, False):
+        pipe = random_pipeline(hoist_conditioning=hoist)
+        r = pipe.generate(["a red cube", "a blue ball"], steps=2, height=16, width=16, seed=5)
+        images[hoist] = r.latents
+    assert rel(images[True], images[False]) < 1e-5
