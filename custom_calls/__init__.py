@@ -8,6 +8,7 @@ from custom_calls.flash_attention import flash_attention, flash_attention_refere
 from custom_calls.fused_softmax import fused_softmax_attention, fused_softmax_attention_reference
 from custom_calls.geglu import geglu, geglu_elementwise, geglu_reference
 from custom_calls.group_norm import group_norm, group_norm_reference
+from custom_calls.layer_norm import layer_norm, layer_norm_reference
 
 __all__ = [
     "flash_attention",
@@ -19,4 +20,6 @@ __all__ = [
     "geglu_reference",
     "group_norm",
     "group_norm_reference",
+    "layer_norm",
+    "layer_norm_reference",
 ]

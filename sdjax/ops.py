@@ -1,7 +1,7 @@
 """The one seam through which the models call their hot ops.
 
-The models never call a kernel directly. They call `attention`, `group_norm` and `geglu`
-here, and the implementation is chosen once, outside the model, with `use(...)`:
+The models never call a kernel directly. They call `attention`, `group_norm`, `layer_norm`
+and `geglu` here, and the implementation is chosen once, outside the model, with `use(...)`:
 
     with sdjax.ops.use(Implementations(attention="flash")):
         out = unet.apply(params, ...)   # traced with the flash kernel
@@ -17,7 +17,7 @@ Implementation names:
   cudnn          (attention) jax.nn.dot_product_attention(implementation="cudnn"); GPU only.
   flash          (attention) our Pallas FlashAttention kernel.
   fused_softmax  (attention) our Pallas partially fused softmax (the paper's variant).
-  pallas         (group_norm, geglu) our Pallas kernels.
+  pallas         (group_norm, layer_norm, geglu) our Pallas kernels.
   auto           the fastest recorded choice for the shape and backend (see `_auto_*`).
 
 An unknown name raises `ValueError`. A chosen implementation that cannot run a shape raises;
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 AttentionImpl = Literal["reference", "xla", "cudnn", "flash", "fused_softmax", "auto"]
 GroupNormImpl = Literal["reference", "xla", "pallas", "auto"]
 GegluImpl = Literal["reference", "xla", "pallas", "auto"]
+LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
 
@@ -54,12 +55,14 @@ class Implementations:
     attention: AttentionImpl = "reference"
     group_norm: GroupNormImpl = "reference"
     geglu: GegluImpl = "reference"
+    layer_norm: LayerNormImpl = "reference"
 
     def __post_init__(self):
         for field, kind in (
             ("attention", AttentionImpl),
             ("group_norm", GroupNormImpl),
             ("geglu", GegluImpl),
+            ("layer_norm", LayerNormImpl),
         ):
             value = getattr(self, field)
             if value not in get_args(kind):
@@ -77,10 +80,14 @@ class Implementations:
 
 PRESETS: dict[str, Implementations] = {
     "reference": Implementations(),
-    "xla": Implementations(attention="xla", group_norm="xla", geglu="xla"),
-    "cudnn": Implementations(attention="cudnn", group_norm="xla", geglu="xla"),
-    "pallas": Implementations(attention="flash", group_norm="pallas", geglu="pallas"),
-    "auto": Implementations(attention="auto", group_norm="auto", geglu="auto"),
+    "xla": Implementations(attention="xla", group_norm="xla", geglu="xla", layer_norm="xla"),
+    "cudnn": Implementations(
+        attention="cudnn", group_norm="xla", geglu="xla", layer_norm="xla"
+    ),
+    "pallas": Implementations(
+        attention="flash", group_norm="pallas", geglu="pallas", layer_norm="pallas"
+    ),
+    "auto": Implementations(attention="auto", group_norm="auto", geglu="auto", layer_norm="auto"),
 }
 
 _state = threading.local()
@@ -352,3 +359,56 @@ def geglu(x, w, b, *, implementation: GegluImpl | None = None):
             f"unknown geglu implementation {impl!r}; choose from {get_args(GegluImpl)}"
         )
     return _GEGLU[impl](x, w, b)
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNorm (the transformer blocks' three per block)
+# --------------------------------------------------------------------------------------------
+
+
+# float32 with corrected two-pass statistics, beside the kernel it checks.
+layer_norm_reference = custom_calls.layer_norm_reference
+
+
+def _layer_norm_xla(x, scale, bias, *, eps):
+    """float32 statistics (mean, then the variance of the centred values), as XLA fuses it."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _layer_norm_pallas(x, scale, bias, *, eps):
+    return custom_calls.layer_norm(x, scale, bias, eps=eps)
+
+
+def _auto_layer_norm(x) -> str:
+    if not on_gpu():
+        return "xla"
+    from sdjax import autotune
+
+    return autotune.choose("layer_norm", x.shape, None, x.dtype, default="xla")
+
+
+_LAYER_NORM: dict[str, Callable] = {
+    "reference": layer_norm_reference,
+    "xla": _layer_norm_xla,
+    "pallas": _layer_norm_pallas,
+}
+
+
+def layer_norm(x, scale, bias, *, eps: float = 1e-5, implementation: LayerNormImpl | None = None):
+    """LayerNorm over the last axis. x: [..., C]; scale, bias: [C] -> x's shape and dtype."""
+    if scale.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
+        raise ValueError(
+            f"layer_norm: scale/bias must be [{x.shape[-1]}]; got {scale.shape}, {bias.shape}"
+        )
+    impl = implementation or current().layer_norm
+    if impl == "auto":
+        impl = _auto_layer_norm(x)
+    if impl not in _LAYER_NORM:
+        raise ValueError(
+            f"unknown layer_norm implementation {impl!r}; choose from {get_args(LayerNormImpl)}"
+        )
+    return _LAYER_NORM[impl](x, scale, bias, eps=eps)

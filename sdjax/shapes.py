@@ -104,6 +104,12 @@ def _geglu_shapes() -> list[GegluShape]:
     return out
 
 
+def _layer_norm_shapes() -> dict[str, tuple[int, int, int]]:
+    """The transformer blocks' LayerNorm inputs [batch, tokens, dim] (the GEGLU's x shapes)."""
+    return {s.name: s.x_shape for s in _geglu_shapes()}
+
+
 ATTENTION_SHAPES = {s.name: s for s in _attention_shapes()}
 GROUP_NORM_SHAPES = {s.name: s for s in _group_norm_shapes()}
 GEGLU_SHAPES = {s.name: s for s in _geglu_shapes()}
+LAYER_NORM_SHAPES = _layer_norm_shapes()

@@ -1,4 +1,4 @@
-"""GroupNorm(+activation) and GEGLU Pallas kernels against their float32 references.
+"""GroupNorm(+activation), LayerNorm and GEGLU Pallas kernels against their float32 references.
 
 CPU: Pallas interpret mode on SD's channel counts with H and W scaled down (a covering set of
 dtypes, activations, plans and masks, not a Cartesian product). GPU (`-m gpu`): real SD
@@ -14,11 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from custom_calls import geglu, geglu_elementwise, geglu_reference, group_norm, group_norm_reference
+from custom_calls import (
+    geglu,
+    geglu_elementwise,
+    geglu_reference,
+    group_norm,
+    group_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+)
 from custom_calls.geglu import Config as GegluConfig
 from custom_calls.group_norm import Config
+from custom_calls.layer_norm import Config as LayerNormConfig
 from experiments.common import relative_error
-from sdjax.shapes import GEGLU_SHAPES, GROUP_NORM_SHAPES
+from sdjax.shapes import GEGLU_SHAPES, GROUP_NORM_SHAPES, LAYER_NORM_SHAPES
 
 # Relative-norm tolerances. Both sides round to the output dtype, so this is about one ulp of it.
 TOL = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}
@@ -144,6 +153,53 @@ def test_group_norm_errors(rng):
 # ------------------------------------------------------------------------------------------
 
 
+# LayerNorm: SD's widths (320/640/1280, masked up to powers of two), CLIP's 768, odd widths,
+# row counts that are not a multiple of the block (77, 100, 7) and batch 3.
+_LN_CASES = [
+    ((3, 77, 40), jnp.float32, None),
+    ((2, 100, 320), jnp.float16, None),
+    ((1, 7, 640), jnp.bfloat16, None),
+    ((3, 5, 1280), jnp.float32, None),
+    ((2, 9, 768), jnp.float16, LayerNormConfig(block_rows=2, num_warps=2)),
+    ((4, 13), jnp.bfloat16, LayerNormConfig(block_rows=16)),
+    ((1, 1, 1), jnp.float32, None),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,config", _LN_CASES)
+def test_layer_norm(rng, shape, dtype, config):
+    x = _normal(rng, shape, dtype, mean=0.5, std=2.0)
+    scale, bias = _affine(rng, shape[-1])
+    out = layer_norm(x, scale, bias, config=config)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    ref = layer_norm_reference(x, scale, bias)
+    if shape[-1] == 1:  # a single feature normalizes to the bias
+        np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(bias), shape))
+        return
+    err = relative_error(out, ref)
+    assert err <= TOL[dtype], f"{shape=} {dtype=} {config=}: {err=:.3g}"
+
+
+def test_layer_norm_large_offset(rng):
+    """Mean 1000, std 0.01 in float32: the centred second pass keeps the variance exact."""
+    x = _normal(rng, (2, 33, 320), jnp.float32, mean=1000.0, std=0.01)
+    scale, bias = _affine(rng, 320)
+    assert relative_error(layer_norm(x, scale, bias), layer_norm_reference(x, scale, bias)) <= 1e-4
+
+
+def test_layer_norm_errors(rng):
+    x = _normal(rng, (2, 8, 32), jnp.float32)
+    scale, bias = _affine(rng, 32)
+    with pytest.raises(ValueError, match="scale, bias must be"):
+        layer_norm(x, scale[:16], bias)
+    with pytest.raises(ValueError, match="dtype"):
+        layer_norm(x.astype(jnp.int32), scale, bias)
+    with pytest.raises(ValueError, match="eps"):
+        layer_norm(x, scale, bias, eps=0.0)
+    with pytest.raises(ValueError, match="power of two"):
+        LayerNormConfig(block_rows=3)
+
+
 def _geglu_inputs(rng, x_shape, inner, dtype):
     d = x_shape[-1]
     x = _normal(rng, x_shape, dtype)
@@ -234,6 +290,15 @@ def test_geglu_gpu(rng, name, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ("sd15_64", "sd15_32", "sd15_8", "sd21_12"))
+@pytest.mark.parametrize("dtype", (jnp.float16, jnp.bfloat16, jnp.float32))
+def test_layer_norm_gpu(rng, name, dtype):
+    x = _normal(rng, LAYER_NORM_SHAPES[name], dtype, mean=0.5, std=2.0)
+    scale, bias = _affine(rng, x.shape[-1])
+    assert relative_error(layer_norm(x, scale, bias), layer_norm_reference(x, scale, bias)) <= TOL[dtype]
+
+
+@pytest.mark.gpu
 def test_custom_calls_in_hlo(rng):
     x = _normal(rng, (2, 64, 64, 320), jnp.float16)
     scale, bias = _affine(rng, 320)
@@ -241,3 +306,5 @@ def test_custom_calls_in_hlo(rng):
     assert "sdjax_group_norm" in hlo.compile().as_text()
     xg, w, b = _geglu_inputs(rng, (2, 1024, 640), 2560, jnp.float16)
     assert "sdjax_geglu" in jax.jit(geglu).lower(xg, w, b).compile().as_text()
+    ln_scale, ln_bias = _affine(rng, 640)
+    assert "sdjax_layer_norm" in jax.jit(layer_norm).lower(xg, ln_scale, ln_bias).compile().as_text()

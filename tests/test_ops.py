@@ -58,7 +58,7 @@ def test_auto_on_cpu_never_runs_interpret_mode_kernels(monkeypatch, rng):
     def forbidden(*args, **kwargs):
         raise AssertionError("auto picked a Pallas kernel on CPU (interpret mode)")
 
-    for name in ("flash_attention", "fused_softmax_attention", "group_norm", "geglu"):
+    for name in ("flash_attention", "fused_softmax_attention", "group_norm", "geglu", "layer_norm"):
         monkeypatch.setattr(custom_calls, name, forbidden)
     cfg = sd_config.preset("tiny").unet
     params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(0)))()
@@ -73,6 +73,7 @@ def test_auto_on_cpu_never_runs_interpret_mode_kernels(monkeypatch, rng):
     assert ops._auto_attention(q, q, q) == "xla"
     assert ops._auto_group_norm(jnp.ones((2, 4, 4, 8))) == "xla"
     assert ops._auto_geglu(jnp.ones((2, 4, 8)), jnp.ones((8, 16))) == "xla"
+    assert ops._auto_layer_norm(jnp.ones((2, 4, 8))) == "xla"
 
 
 def test_autotune_table_keys_match_the_model_shapes():
@@ -82,6 +83,7 @@ def test_autotune_table_keys_match_the_model_shapes():
         "attention": set(ops._ATTENTION),
         "group_norm": set(ops._GROUP_NORM),
         "geglu": set(ops._GEGLU),
+        "layer_norm": set(ops._LAYER_NORM),
     }
     assert table, "sdjax/assets/autotune.json is missing or empty"
     for op, choices in table.items():
@@ -162,6 +164,19 @@ def test_autotune_keys_leave_the_batch_out():
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU message")
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_layer_norm_implementations_agree(impl, rng):
+    x = jnp.asarray(rng.standard_normal((3, 77, 40)) * 2.0 + 1.0, jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(40), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(40), jnp.float32)
+    ref = ops.layer_norm(x, scale, bias, implementation="reference")
+    assert rel(ops.layer_norm(x, scale, bias, implementation=impl), ref) <= 1e-5
+    with pytest.raises(ValueError, match="unknown layer_norm implementation"):
+        ops.layer_norm(x, scale, bias, implementation="cudnn")
+    with pytest.raises(ValueError, match="scale/bias must be"):
+        ops.layer_norm(x, scale[:8], bias)
+
+
 def test_cudnn_off_gpu_is_a_clear_error():
     q = jnp.ones((1, 4, 1, 8), jnp.float16)
     with pytest.raises(ValueError, match="cudnn.*needs a GPU"):
