@@ -41,17 +41,25 @@ flags.DEFINE_float(
 flags.DEFINE_string("tag", "", "suffix of the output file names")
 
 
-def rows():
+def rows() -> dict:
+    """{row: (Implementations, StableDiffusion keyword arguments)}. The paper's rows add one
+    kernel at a time; `auto` is the product's choice; the last two rows take one change away
+    from `auto` (the conditioning computed in every step) or add one (our LayerNorm kernel)."""
     from sdjax.ops import Implementations as I
 
+    xla = dict(attention="xla", group_norm="xla", geglu="xla", layer_norm="xla")
+    auto = I(attention="auto", group_norm="auto", geglu="auto", layer_norm="auto")
     return {
-        "baseline_xla": I(attention="xla", group_norm="xla", geglu="xla"),
-        "+fused_groupnorm": I(attention="xla", group_norm="pallas", geglu="xla"),
-        "+geglu": I(attention="xla", group_norm="pallas", geglu="pallas"),
-        "+fused_softmax": I(attention="fused_softmax", group_norm="pallas", geglu="pallas"),
-        "+flash": I(attention="flash", group_norm="pallas", geglu="pallas"),
-        "cudnn_attention_only": I(attention="cudnn", group_norm="xla", geglu="xla"),
-        "auto": I(attention="auto", group_norm="auto", geglu="auto"),
+        "baseline_xla": (I(**xla), {}),
+        "+fused_groupnorm": (I(**{**xla, "group_norm": "pallas"}), {}),
+        "+geglu": (I(**{**xla, "group_norm": "pallas", "geglu": "pallas"}), {}),
+        "+fused_softmax": (I(attention="fused_softmax", group_norm="pallas", geglu="pallas",
+                             layer_norm="xla"), {}),  # fmt: skip
+        "+flash": (I(attention="flash", group_norm="pallas", geglu="pallas", layer_norm="xla"), {}),
+        "cudnn_attention_only": (I(**{**xla, "attention": "cudnn"}), {}),
+        "auto": (auto, {}),
+        "auto_conditioning_per_step": (auto, {"hoist_conditioning": False}),
+        "auto+layer_norm": (dataclasses.replace(auto, layer_norm="pallas"), {}),
     }
 
 
@@ -75,14 +83,15 @@ def _memory(pipe) -> dict:
     }
 
 
-def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents):
+def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, options=None):
     import numpy as np
 
     from experiments import common
     from sdjax.hlo import count_hlo
     from sdjax.pipeline import StableDiffusion
 
-    pipe = StableDiffusion(config, params, tokenizer, dtype=dtype, kernels=kernels)
+    options = options or {}
+    pipe = StableDiffusion(config, params, tokenizer, dtype=dtype, kernels=kernels, **options)
     kw = dict(
         steps=FLAGS.steps, guidance=FLAGS.guidance, scheduler="ddim", seed=0, height=res, width=res
     )
@@ -96,6 +105,7 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents):
     row = {
         "row": name,
         "kernels": dataclasses.asdict(kernels),
+        "options": options,
         "text_encoder_ms": med["text_encoder"],
         "unet_step_ms": med["denoise"] / steps,
         "denoise_ms": med["denoise"],
@@ -248,11 +258,16 @@ def main(argv):
 
     selected = rows()
     if FLAGS.rows:
+        unknown = sorted(set(FLAGS.rows) - set(selected))
+        if unknown:
+            raise app.UsageError(f"unknown rows {unknown}; choose from {', '.join(selected)}")
         selected = {k: v for k, v in selected.items() if k in FLAGS.rows}
-    for name, kernels in selected.items():
+    for name, (kernels, options) in selected.items():
         print(f"== {name}", flush=True)
         try:
-            row, _ = run_row(name, kernels, config, params, tokenizer, FLAGS.dtype, res, ref)
+            row, _ = run_row(
+                name, kernels, config, params, tokenizer, FLAGS.dtype, res, ref, options
+            )
         except Exception as e:
             traceback.print_exc()
             row = {
