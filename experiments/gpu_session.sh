@@ -12,7 +12,8 @@
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
 #                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
-# A stage runs under `timeout $STAGE_TIMEOUT` seconds when that is set (a call's limit is hard).
+# A stage runs under `timeout` of $TIMEOUT_<stage> or else $STAGE_TIMEOUT seconds, when set (a
+# call's limit is hard). pytest reads extra options from $PYTEST_ADDOPTS (e.g. -k to select).
 # Results: the scripts write to /tmp/res; after every stage, $OUT/results.tgz is rebuilt from it
 # (the device tool brings back few files, and a call cut at its limit keeps the stages done).
 set -u -o pipefail
@@ -21,10 +22,12 @@ FINAL_OUT=${OUT:-/tmp/out}
 export OUT=/tmp/res
 mkdir -p "$FINAL_OUT" "$OUT"
 status=0
-limit() { if [ -n "${STAGE_TIMEOUT:-}" ]; then timeout "$STAGE_TIMEOUT" "$@"; else "$@"; fi; }
+limit() { if [ -n "$stage_timeout" ]; then timeout "$stage_timeout" "$@"; else "$@"; fi; }
 quiet() { grep -v "^I[0-9]"; }
 for stage in "$@"; do
-  echo "=== $stage $(date +%T)"
+  var="TIMEOUT_$stage"
+  stage_timeout=${!var:-${STAGE_TIMEOUT:-}}
+  echo "=== $stage $(date +%T)${stage_timeout:+ (limit ${stage_timeout} s)}"
   case $stage in
     env)
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
