@@ -177,6 +177,18 @@ def test_layer_norm_implementations_agree(impl, rng):
         ops.layer_norm(x, scale[:8], bias)
 
 
+def test_bfloat16_borrows_the_float16_choices():
+    import ml_dtypes
+
+    table = autotune._table()["attention"]
+    key = autotune.shape_key("attention", (2, 4096, 8, 40), (2, 4096, 8, 40), jnp.float16)
+    recorded = table[key]
+    bf16 = ml_dtypes.bfloat16
+    assert autotune.choose("attention", (2, 4096, 8, 40), (2, 4096, 8, 40), bf16, default="-") == recorded
+    # float32 has no same-width stand-in: the default
+    assert autotune.choose("attention", (2, 4096, 8, 40), (2, 4096, 8, 40), jnp.float32, default="-") == "-"
+
+
 def test_cudnn_off_gpu_is_a_clear_error():
     q = jnp.ones((1, 4, 1, 8), jnp.float16)
     with pytest.raises(ValueError, match="cudnn.*needs a GPU"):
