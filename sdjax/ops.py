@@ -71,6 +71,11 @@ class Implementations:
                 )
 
     @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        """The ops that have a choice: ("attention", "group_norm", ...)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
     def preset(cls, name: str) -> Implementations:
         """Named presets: 'reference', 'xla', 'auto' (every op the same), or one from PRESETS."""
         if name in PRESETS:
@@ -113,6 +118,16 @@ def use(impls: Implementations | str) -> Iterator[Implementations]:
 
 def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _resolve(op: str, implementation, table: dict, kind, auto: Callable[[], str]) -> str:
+    """The implementation of `op` to run: the argument, else the one in force; `auto` asks."""
+    impl = implementation or getattr(current(), op)
+    if impl == "auto":
+        impl = auto()
+    if impl not in table:
+        raise ValueError(f"unknown {op} implementation {impl!r}; choose from {get_args(kind)}")
+    return impl
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,13 +227,9 @@ def attention(q, k, v, *, scale: float | None = None, implementation: AttentionI
         raise ValueError(
             f"attention wants q [B,Lq,H,D], k=v [B,Lk,H,D]; got {q.shape=} {k.shape=} {v.shape=}"
         )
-    impl = implementation or current().attention
-    if impl == "auto":
-        impl = _auto_attention(q, k, v)
-    if impl not in _ATTENTION:
-        raise ValueError(
-            f"unknown attention implementation {impl!r}; choose from {get_args(AttentionImpl)}"
-        )
+    impl = _resolve(
+        "attention", implementation, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, k, v)
+    )
     if impl in ("flash", "fused_softmax", "cudnn") and q.shape[-1] > MAX_KERNEL_HEAD_DIM:
         _fallback(
             f"attention {impl}->xla at head_dim {q.shape[-1]}",
@@ -300,13 +311,9 @@ def group_norm(
         raise ValueError(f"group_norm: channels {x.shape[-1]} not divisible by {groups=}")
     if activation not in get_args(Activation):
         raise ValueError(f"unknown activation {activation!r}; choose from {get_args(Activation)}")
-    impl = implementation or current().group_norm
-    if impl == "auto":
-        impl = _auto_group_norm(x)
-    if impl not in _GROUP_NORM:
-        raise ValueError(
-            f"unknown group_norm implementation {impl!r}; choose from {get_args(GroupNormImpl)}"
-        )
+    impl = _resolve(
+        "group_norm", implementation, _GROUP_NORM, GroupNormImpl, lambda: _auto_group_norm(x)
+    )
     return _GROUP_NORM[impl](x, scale, bias, groups=groups, eps=eps, activation=activation)
 
 
@@ -351,13 +358,7 @@ def geglu(x, w, b, *, implementation: GegluImpl | None = None):
         raise ValueError(
             f"geglu wants x [..., D], w [D, 2F], b [2F]; got {x.shape=} {w.shape=} {b.shape=}"
         )
-    impl = implementation or current().geglu
-    if impl == "auto":
-        impl = _auto_geglu(x, w)
-    if impl not in _GEGLU:
-        raise ValueError(
-            f"unknown geglu implementation {impl!r}; choose from {get_args(GegluImpl)}"
-        )
+    impl = _resolve("geglu", implementation, _GEGLU, GegluImpl, lambda: _auto_geglu(x, w))
     return _GEGLU[impl](x, w, b)
 
 
@@ -404,11 +405,7 @@ def layer_norm(x, scale, bias, *, eps: float = 1e-5, implementation: LayerNormIm
         raise ValueError(
             f"layer_norm: scale/bias must be [{x.shape[-1]}]; got {scale.shape}, {bias.shape}"
         )
-    impl = implementation or current().layer_norm
-    if impl == "auto":
-        impl = _auto_layer_norm(x)
-    if impl not in _LAYER_NORM:
-        raise ValueError(
-            f"unknown layer_norm implementation {impl!r}; choose from {get_args(LayerNormImpl)}"
-        )
+    impl = _resolve(
+        "layer_norm", implementation, _LAYER_NORM, LayerNormImpl, lambda: _auto_layer_norm(x)
+    )
     return _LAYER_NORM[impl](x, scale, bias, eps=eps)
