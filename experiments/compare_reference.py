@@ -26,6 +26,7 @@ flags.DEFINE_string("kernels", "auto", "op implementation preset for the fast pa
 flags.DEFINE_string("attention", None, "override the attention implementation")
 flags.DEFINE_string("group_norm", None, "override the group norm implementation")
 flags.DEFINE_string("geglu", None, "override the GEGLU implementation")
+flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
 flags.DEFINE_enum("dtype", "float32", ["float16", "bfloat16", "float32"], "the fast path's dtype")
 flags.DEFINE_integer(
     "resolution", None, "pixels per side (default: the model's, capped at 256 on CPU)"
@@ -88,7 +89,7 @@ def compare() -> dict:
 
     fast = ops.Implementations.preset(FLAGS.kernels)
     overrides = {
-        k: getattr(FLAGS, k) for k in ("attention", "group_norm", "geglu") if getattr(FLAGS, k)
+        k: getattr(FLAGS, k) for k in ops.Implementations.fields() if getattr(FLAGS, k)
     }
     fast = dataclasses.replace(fast, **overrides)
     ref_impl = ops.PRESETS["reference"]

@@ -59,6 +59,12 @@ flags.DEFINE_string("kernels", "auto", f"op implementations: one of {sorted(ops.
 flags.DEFINE_string("attention", None, "override the attention implementation")
 flags.DEFINE_string("group_norm", None, "override the group norm implementation")
 flags.DEFINE_string("geglu", None, "override the GEGLU implementation")
+flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
+flags.DEFINE_bool(
+    "hoist_conditioning",
+    True,
+    "compute the cross-attention K/V and the time projections once, before the denoising loop",
+)
 flags.DEFINE_string("init_image", None, "img2img: path of an image (resized to --height/--width)")
 flags.DEFINE_float("strength", 0.8, "img2img strength in (0, 1]")
 flags.DEFINE_string("out", "out", "output folder")
@@ -75,7 +81,7 @@ _OWN_FLAGS = sorted(set(FLAGS) - _ABSL_FLAGS)  # recorded in the JSON
 def kernels_from_flags() -> ops.Implementations:
     impls = ops.Implementations.preset(FLAGS.kernels)
     overrides = {
-        k: getattr(FLAGS, k) for k in ("attention", "group_norm", "geglu") if getattr(FLAGS, k)
+        k: getattr(FLAGS, k) for k in ops.Implementations.fields() if getattr(FLAGS, k)
     }
     return dataclasses.replace(impls, **overrides)
 
@@ -138,7 +144,11 @@ def run() -> dict:
     t0 = time.perf_counter()
     if FLAGS.checkpoint:
         pipe = StableDiffusion.from_checkpoint(
-            FLAGS.checkpoint, dtype=dtype, variant=FLAGS.variant, kernels=kernels
+            FLAGS.checkpoint,
+            dtype=dtype,
+            variant=FLAGS.variant,
+            kernels=kernels,
+            hoist_conditioning=FLAGS.hoist_conditioning,
         )
     else:
         print(
@@ -147,7 +157,10 @@ def run() -> dict:
             file=sys.stderr,
         )
         pipe = StableDiffusion.from_random(
-            sd_config.preset(FLAGS.config), dtype=dtype, kernels=kernels
+            sd_config.preset(FLAGS.config),
+            dtype=dtype,
+            kernels=kernels,
+            hoist_conditioning=FLAGS.hoist_conditioning,
         )
     load_s = time.perf_counter() - t0
     sched = pipe.make_scheduler(FLAGS.scheduler, FLAGS.steps)  # an unknown one raises here

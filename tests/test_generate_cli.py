@@ -51,6 +51,7 @@ def empty_prompts_file(tmp_path_factory):
         ("--batch=0", "error: --batch must be >= 1; got 0"),
         ("--kernels=fastest", "error: unknown kernel preset 'fastest'; choose from"),
         ("--attention=magic", "error: unknown attention implementation 'magic'"),
+        ("--layer_norm=magic", "error: unknown layer_norm implementation 'magic'"),
         ("--prompts_file={empty}", "error: empty batch: the prompts file"),
         ("--prompts_file=/no/such/prompts.txt", "error: prompts file not found"),
         ("--checkpoint=/no/such/sd-model", "error: checkpoint folder not found: /no/such/sd-model"),
@@ -97,6 +98,8 @@ def test_run_writes_pngs_and_json(checkpoint, tmp_path):
         "--steps=2",
         "--scheduler=ddim",
         "--seed=3",
+        "--layer_norm=pallas",
+        "--nohoist_conditioning",
         f"--out={out}",
         env={"SDJAX_CACHE_DIR": str(cache)},
     )
@@ -106,6 +109,9 @@ def test_run_writes_pngs_and_json(checkpoint, tmp_path):
 
     assert record["flags"]["steps"] == 2 and record["flags"]["batch"] == 2
     assert record["flags"]["prompts_file"] == str(prompts)
+    assert record["flags"]["layer_norm"] == "pallas"
+    assert record["flags"]["hoist_conditioning"] is False
+    assert record["kernels"]["layer_norm"] == "pallas"
     assert "helpfull" not in record["flags"]  # absl's own flags are not recorded
     assert record["device"]["jax"] == jax.__version__
     assert record["device"]["backend"] == "cpu" and len(record["devices"]) == 1
