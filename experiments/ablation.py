@@ -43,8 +43,9 @@ flags.DEFINE_string("tag", "", "suffix of the output file names")
 
 def rows() -> dict:
     """{row: (Implementations, StableDiffusion keyword arguments)}. The paper's rows add one
-    kernel at a time; `auto` is the product's choice; the last two rows take one change away
-    from `auto` (the conditioning computed in every step) or add one (our LayerNorm kernel)."""
+    kernel at a time; `auto` is the product's choice; the last rows take one change away from
+    `auto` (the conditioning computed in every step) or add one (our LayerNorm kernel, an XLA
+    option)."""
     from sdjax.ops import Implementations as I
 
     xla = dict(attention="xla", group_norm="xla", geglu="xla", layer_norm="xla")
@@ -60,6 +61,11 @@ def rows() -> dict:
         "auto": (auto, {}),
         "auto_conditioning_per_step": (auto, {"hoist_conditioning": False}),
         "auto+layer_norm": (dataclasses.replace(auto, layer_norm="pallas"), {}),
+        # XLA's own GEMM choice: cuBLAS for every dot instead of its Triton GEMM fusions
+        "auto_no_triton_gemm": (
+            auto,
+            {"compiler_options": {"xla_gpu_enable_triton_gemm": False}},
+        ),
     }
 
 

@@ -60,6 +60,11 @@ flags.DEFINE_string("attention", None, "override the attention implementation")
 flags.DEFINE_string("group_norm", None, "override the group norm implementation")
 flags.DEFINE_string("geglu", None, "override the GEGLU implementation")
 flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
+flags.DEFINE_multi_string(
+    "xla_option",
+    [],
+    "NAME=VALUE: an XLA compile option (a DebugOptions field) for every program; repeatable",
+)
 flags.DEFINE_bool(
     "hoist_conditioning",
     True,
@@ -98,6 +103,28 @@ def read_prompts() -> list[str]:
     else:
         prompts = [FLAGS.prompt]
     return [p for p in prompts for _ in range(FLAGS.batch)]
+
+
+def compiler_options() -> dict:
+    """--xla_option NAME=VALUE flags as {name: bool | int | float | str}."""
+    options = {}
+    for item in FLAGS.xla_option:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--xla_option wants NAME=VALUE; got {item!r}")
+        value = value.strip()
+        if value.lower() in ("true", "false"):
+            options[name.strip()] = value.lower() == "true"
+            continue
+        for cast in (int, float):
+            try:
+                options[name.strip()] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            options[name.strip()] = value
+    return options
 
 
 def check_flags() -> None:
@@ -149,6 +176,7 @@ def run() -> dict:
             variant=FLAGS.variant,
             kernels=kernels,
             hoist_conditioning=FLAGS.hoist_conditioning,
+            compiler_options=compiler_options(),
         )
     else:
         print(
@@ -161,6 +189,7 @@ def run() -> dict:
             dtype=dtype,
             kernels=kernels,
             hoist_conditioning=FLAGS.hoist_conditioning,
+            compiler_options=compiler_options(),
         )
     load_s = time.perf_counter() - t0
     sched = pipe.make_scheduler(FLAGS.scheduler, FLAGS.steps)  # an unknown one raises here

@@ -257,6 +257,7 @@ class StableDiffusion:
         devices: Sequence[jax.Device] | None = None,
         random_weights: bool = False,
         hoist_conditioning: bool = True,
+        compiler_options: dict | None = None,
     ):
         self.config = config
         self.dtype = resolve_dtype(dtype)
@@ -265,6 +266,9 @@ class StableDiffusion:
         self.random_weights = random_weights
         # denoise_loop's `hoist_conditioning`: prompt- and timestep-only work outside the loop
         self.hoist_conditioning = hoist_conditioning
+        # XLA options for every program this pipeline compiles (DebugOptions fields by name,
+        # e.g. {"xla_gpu_enable_triton_gemm": False}): per pipeline, unlike XLA_FLAGS.
+        self.compiler_options = dict(compiler_options or {})
         self.devices = list(devices or jax.local_devices())
         self.mesh = Mesh(np.array(self.devices), ("batch",))
         self.replicated = NamedSharding(self.mesh, P())
@@ -332,12 +336,19 @@ class StableDiffusion:
         """Compiles fn(*args) once per (name, shapes, statics); returns (compiled, compile_s)."""
         leaves, treedef = jax.tree.flatten(args)
         # The programs capture self.kernels and self.dtype: they belong in the key.
-        key = (name, self.kernels, str(self.dtype), statics, treedef)
+        options = tuple(sorted(self.compiler_options.items()))
+        key = (name, self.kernels, str(self.dtype), statics, treedef, options)
         key += (tuple((a.shape, str(a.dtype)) for a in leaves),)
         if key in self._compiled:
             return self._compiled[key], 0.0
         t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
+        lowered = jax.jit(fn).lower(*args)
+        try:
+            compiled = lowered.compile(compiler_options=self.compiler_options or None)
+        except Exception as e:  # XLA names a bad option deep in its stack: say which one
+            if self.compiler_options and "compile option" in str(e):
+                raise ValueError(f"bad compiler_options {self.compiler_options}: {e}") from e
+            raise
         self._compiled[key] = compiled
         return compiled, time.perf_counter() - t0
 

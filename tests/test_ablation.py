@@ -23,7 +23,7 @@ def run_ablation(tmp_path, *args):
 
 
 def test_rows_on_tiny(tmp_path):
-    rows = "baseline_xla,auto,auto_conditioning_per_step,auto+layer_norm"
+    rows = "baseline_xla,auto,auto_conditioning_per_step,auto+layer_norm,auto_no_triton_gemm"
     proc = run_ablation(tmp_path, f"--rows={rows}", "--tag=_t")
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "ablation_tiny_float32_t.json").read_text())

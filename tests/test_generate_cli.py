@@ -52,6 +52,8 @@ def empty_prompts_file(tmp_path_factory):
         ("--kernels=fastest", "error: unknown kernel preset 'fastest'; choose from"),
         ("--attention=magic", "error: unknown attention implementation 'magic'"),
         ("--layer_norm=magic", "error: unknown layer_norm implementation 'magic'"),
+        ("--xla_option=xla_gpu_enable_triton_gemm", "error: --xla_option wants NAME=VALUE"),
+        ("--xla_option=xla_no_such_option=1", "error: bad compiler_options"),
         ("--prompts_file={empty}", "error: empty batch: the prompts file"),
         ("--prompts_file=/no/such/prompts.txt", "error: prompts file not found"),
         ("--checkpoint=/no/such/sd-model", "error: checkpoint folder not found: /no/such/sd-model"),
@@ -100,6 +102,7 @@ def test_run_writes_pngs_and_json(checkpoint, tmp_path):
         "--seed=3",
         "--layer_norm=pallas",
         "--nohoist_conditioning",
+        "--xla_option=xla_gpu_enable_triton_gemm=false",
         f"--out={out}",
         env={"SDJAX_CACHE_DIR": str(cache)},
     )
@@ -112,6 +115,7 @@ def test_run_writes_pngs_and_json(checkpoint, tmp_path):
     assert record["flags"]["layer_norm"] == "pallas"
     assert record["flags"]["hoist_conditioning"] is False
     assert record["kernels"]["layer_norm"] == "pallas"
+    assert record["flags"]["xla_option"] == ["xla_gpu_enable_triton_gemm=false"]
     assert "helpfull" not in record["flags"]  # absl's own flags are not recorded
     assert record["device"]["jax"] == jax.__version__
     assert record["device"]["backend"] == "cpu" and len(record["devices"]) == 1

@@ -289,3 +289,14 @@ def test_changing_kernels_or_dtype_recompiles(tiny):
     assert {k[0] for k in new} >= {"denoise", "decode"}
     assert all(k[1] == tiny.kernels for k in new)
     tiny.kernels = original
+
+
+def test_compiler_options_reach_xla():
+    """Per-pipeline XLA options: a real one compiles the same programs, a bad one is named."""
+    kw = dict(steps=1, height=16, width=16, seed=1)
+    base = random_pipeline().generate("a cat", **kw)
+    pipe = random_pipeline(compiler_options={"xla_gpu_enable_triton_gemm": False})
+    np.testing.assert_allclose(pipe.generate("a cat", **kw).latents, base.latents, rtol=1e-6)
+    bad = random_pipeline(compiler_options={"xla_no_such_option": True})
+    with pytest.raises(ValueError, match="bad compiler_options.*xla_no_such_option"):
+        bad.generate("a cat", **kw)
