@@ -615,6 +615,7 @@ def summarize(
     )
     kind_ns = collections.Counter()
     op_kind_ns = collections.defaultdict(collections.Counter)  # hlo_op -> kind -> ns
+    op_launches = collections.Counter()  # hlo_op -> kernels
     scope_moved = collections.Counter()
     unclassified = collections.Counter()
     for e in events:
@@ -631,6 +632,7 @@ def summarize(
         if e.hlo_op:
             row["hlo_ops"].add(e.hlo_op)
             op_kind_ns[e.hlo_op][kind] += e.dur_ns
+            op_launches[e.hlo_op] += 1
         kind_ns[kind] += e.dur_ns
 
     total_ns = sum(kind_ns.values())
@@ -695,26 +697,20 @@ def summarize(
     )
     # The HLO instructions that took most time (attributable where the trace names the op, not
     # a command buffer around it): opcode, result shape and source scope say what they are.
-    op_rows = collections.defaultdict(lambda: {"ns": 0.0, "count": 0, "kinds": collections.Counter()})
-    for e in events:
-        if e.hlo_op:
-            r = op_rows[e.hlo_op]
-            r["ns"] += e.dur_ns
-            r["count"] += 1
-            op_name = (hlo.get(e.hlo_op, {}).get("op_name")) or e.op_name
-            r["kinds"][classify(e.name, e.hlo_op, op_name)[0]] += e.dur_ns
     top_ops = [
         {
             "hlo_op": op,
-            "kind": r["kinds"].most_common(1)[0][0],
-            "ms": r["ns"] / calls / 1e6,
-            "per_call": r["count"] / calls,
+            "kind": per_kind.most_common(1)[0][0],
+            "ms": sum(per_kind.values()) / calls / 1e6,
+            "per_call": op_launches[op] / calls,
             "opcode": hlo.get(op, {}).get("opcode"),
             "shape": hlo.get(op, {}).get("shape"),
             "mbytes": hlo[op]["bytes"] / 1e6 if op in hlo else None,
             "op_name": (hlo.get(op, {}).get("op_name") or "")[-160:],
         }
-        for op, r in sorted(op_rows.items(), key=lambda kv: -kv[1]["ns"])[:TOP_OPS]
+        for op, per_kind in sorted(op_kind_ns.items(), key=lambda kv: -sum(kv[1].values()))[
+            :TOP_OPS
+        ]
     ]
     starts = [e.start_ns for e in events]
     ends = [e.start_ns + e.dur_ns for e in events]

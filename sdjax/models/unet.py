@@ -86,12 +86,6 @@ class DownBlock2D(nn.Module):
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return x  # the cross-attention subclass runs its transformer here
 
-    def time_conditioning(self, temb: jax.Array) -> dict:
-        return {r.name: r.conditioning(temb) for r in self.resnets}
-
-    def context_conditioning(self, context: jax.Array) -> dict:
-        return {}
-
     def __call__(self, x, temb, context=None) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         """x: [N, H, W, C_in] -> ([N, H', W', out_channels], skips)."""
         skips = ()
@@ -132,9 +126,6 @@ class CrossAttnDownBlock2D(DownBlock2D):
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return self.attentions[i](x, context)
 
-    def context_conditioning(self, context: jax.Array) -> dict:
-        return {a.name: a.conditioning(context) for a in self.attentions}
-
 
 class UpBlock2D(nn.Module):
     """`num_layers` resnets, each on [x, next skip] concatenated along channels, then
@@ -155,12 +146,6 @@ class UpBlock2D(nn.Module):
 
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return x  # the cross-attention subclass runs its transformer here
-
-    def time_conditioning(self, temb: jax.Array) -> dict:
-        return {r.name: r.conditioning(temb) for r in self.resnets}
-
-    def context_conditioning(self, context: jax.Array) -> dict:
-        return {}
 
     def __call__(self, x, skips, temb, context=None, upsample_size=None) -> jax.Array:
         """x: [N, H, W, C]; skips: this block's `num_layers` skip tensors, in down order
@@ -187,9 +172,6 @@ class CrossAttnUpBlock2D(UpBlock2D):
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return self.attentions[i](x, context)
 
-    def context_conditioning(self, context: jax.Array) -> dict:
-        return {a.name: a.conditioning(context) for a in self.attentions}
-
 
 class UNetMidBlock2DCrossAttn(nn.Module):
     """resnet, transformer, resnet at the lowest resolution; channels unchanged."""
@@ -212,12 +194,6 @@ class UNetMidBlock2DCrossAttn(nn.Module):
                 self.groups,
             )
         ]
-
-    def time_conditioning(self, temb: jax.Array) -> dict:
-        return {r.name: r.conditioning(temb) for r in self.resnets}
-
-    def context_conditioning(self, context: jax.Array) -> dict:
-        return {a.name: a.conditioning(context) for a in self.attentions}
 
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
         x = self.resnets[0](x, temb)
@@ -296,14 +272,17 @@ class UNet2DConditionModel(nn.Module):
         """Every resnet's projected time embedding, for timesteps [T]: a `conditioning` tree
         with [T, C] leaves (index one timestep, keeping the axis, before use)."""
         temb = self.embed_time(jnp.asarray(timesteps).reshape(-1), dtype)
-        return {b.name: b.time_conditioning(temb) for b in self._blocks()}
+        return {b.name: {r.name: r.conditioning(temb) for r in b.resnets} for b in self._blocks()}
 
     def context_conditioning(self, encoder_hidden_states: jax.Array, dtype) -> dict:
         """Every cross-attention's K and V of encoder_hidden_states [N, S, D]: a `conditioning`
         tree with [N, S, C] leaves."""
         context = encoder_hidden_states.astype(dtype)
-        tree = {b.name: b.context_conditioning(context) for b in self._blocks()}
-        return {k: v for k, v in tree.items() if v}
+        return {
+            b.name: {a.name: a.conditioning(context) for a in b.attentions}
+            for b in self._blocks()
+            if hasattr(b, "attentions")  # the cross-attention blocks
+        }
 
     def __call__(
         self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | None
