@@ -277,12 +277,18 @@ def _group_norm_pallas(x, scale, bias, *, groups, eps, activation):
     return custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation)
 
 
-def _auto_group_norm(x) -> str:
+def _recorded(op: str, shape_a, shape_b, dtype) -> str:
+    """`auto` for the norms and GEGLU: the recorded choice on GPU (else XLA); XLA on CPU, where
+    the kernels would run in interpret mode."""
     if not on_gpu():
         return "xla"
     from sdjax import autotune
 
-    return autotune.choose("group_norm", x.shape, None, x.dtype, default="xla")
+    return autotune.choose(op, shape_a, shape_b, dtype, default="xla")
+
+
+def _auto_group_norm(x) -> str:
+    return _recorded("group_norm", x.shape, None, x.dtype)
 
 
 _GROUP_NORM: dict[str, Callable] = {
@@ -338,11 +344,7 @@ def _geglu_pallas(x, w, b):
 
 
 def _auto_geglu(x, w) -> str:
-    if not on_gpu():
-        return "xla"
-    from sdjax import autotune
-
-    return autotune.choose("geglu", x.shape, w.shape, x.dtype, default="xla")
+    return _recorded("geglu", x.shape, w.shape, x.dtype)
 
 
 _GEGLU: dict[str, Callable] = {
@@ -385,11 +387,7 @@ def _layer_norm_pallas(x, scale, bias, *, eps):
 
 
 def _auto_layer_norm(x) -> str:
-    if not on_gpu():
-        return "xla"
-    from sdjax import autotune
-
-    return autotune.choose("layer_norm", x.shape, None, x.dtype, default="xla")
+    return _recorded("layer_norm", x.shape, None, x.dtype)
 
 
 _LAYER_NORM: dict[str, Callable] = {
