@@ -1,0 +1,329 @@
+"""FlashAttention forward for Hopper (sm_90) as a Pallas Mosaic GPU kernel.
+
+Why a second kernel: the Triton kernel (`flash_attention.py`) plateaus at ~0.20 ms for
+SD1.5's 64x64 self-attention (2 x 4096 x 8 x 40) on the H100, behind cuDNN and torch SDPA
+(~0.18 ms), whatever its block sizes (see `experiments/results/tune_attention_*`). Triton
+through Pallas has no warp specialization and no bulk tensor copies (TMA), so the softmax of
+one tile cannot hide behind the matrix products of the next. Mosaic GPU exposes both:
+
+- one *producer* warpgroup streams K and V tiles with TMA into a ring of `stages` shared-memory
+  buffers, each guarded by a "full" barrier (TMA done) and a "free" barrier (consumers done);
+- two *consumer* warpgroups each own `block_q` query rows (wgmma's M is 64 per warpgroup) and
+  run S = Q K^T and O += P V on the tensor cores (wgmma), with the online softmax in
+  registers (base 2, the scale folded into one multiply-add per logit);
+- with `pingpong`, a barrier shared by the two consumers staggers them by half a step, so
+  one warpgroup's softmax runs while the other's matrix products occupy the tensor cores
+  (the schedule of FlashAttention-3, Shah et al. 2024).
+
+Head dims that are not a multiple of 64 (SD's 40, 80, 160) are zero-padded to `d_pad` (the
+next multiple of 64) *in memory*, and the output is sliced back: extra copies of q, k, v and
+the output that the Triton kernel avoids with masks. The reason: Mosaic GPU places a TMA
+window only at column offsets that are multiples of its 64-column shared-memory tile
+(128-byte swizzle), which a head at column h*40 of a [B, L, H*40] row is not (its layout
+inference refuses the dynamic offset); and the tensor cores' 128-byte swizzle wants 64
+columns. Zero columns add nothing to Q K^T and give zero output columns. The copies are
+part of every timing we quote.
+
+Scope: fp16 and bf16; Lq a multiple of 2 * block_q and Lk a multiple of block_kv; D <= 256.
+`supports()` says why a shape is out of scope; `sdjax.ops` then uses the Triton kernel.
+Off GPU the kernel runs in Mosaic GPU's interpret mode (tests; very slow, small shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from custom_calls._common import resolve_interpret
+from custom_calls.flash_attention import MAX_HEAD_DIM, shape_key, tuned_table, validate
+
+LOG2_E = math.log2(math.e)
+COMPUTE_WARPGROUPS = 2  # two consumers: what the ping-pong schedule needs
+WGMMA_M = 64  # rows of one warpgroup's wgmma
+D_ALIGN = 64  # head-dim padding: 64 fp16 = 128 bytes, the widest TMA/wgmma swizzle
+SWIZZLE_BYTES = 128
+SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16)
+# Shared memory a block may use on Hopper (227 KiB), less room for the barriers.
+SMEM_LIMIT_BYTES = 227 * 1024 - 1024
+# Registers per thread after `set_max_registers`: the consumers get most of the file
+# (64K 32-bit registers per SM across 3 warpgroups of 128 threads: 2*232 + 40 <= 512).
+CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 40
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HopperConfig:
+    """Block sizes of one launch. A program handles 2 * block_q query rows of one head."""
+
+    block_q: int = 64  # query rows per consumer warpgroup, a multiple of 64
+    block_kv: int = 128  # K/V rows per step, a multiple of 64
+    stages: int = 2  # K/V tiles in flight (shared-memory ring buffers)
+    pingpong: bool = True  # stagger the two consumers (softmax under the other's matmuls)
+
+    def __post_init__(self):
+        if self.block_q % WGMMA_M:
+            raise ValueError(f"block_q={self.block_q} must be a multiple of {WGMMA_M}")
+        if self.block_kv % 64:
+            raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64")
+        if self.stages < 2:
+            raise ValueError(f"stages={self.stages} must be >= 2")
+
+
+def tuned_config(q_shape, kv_shape, dtype) -> HopperConfig:
+    """The config `experiments/tune_attention.py --kernels=flash_hopper` recorded for this
+    shape (same keys as the Triton kernel's table), else the defaults."""
+    entry = tuned_table("flash_hopper").get(shape_key(q_shape, kv_shape[1], dtype))
+    return HopperConfig(**entry) if entry else HopperConfig()
+
+
+def padded_head_dim(head_dim: int) -> int:
+    return -(-head_dim // D_ALIGN) * D_ALIGN
+
+
+def smem_bytes(config: HopperConfig, head_dim: int, dtype) -> int:
+    """Shared memory of the Q tiles and the K/V ring."""
+    rows = COMPUTE_WARPGROUPS * config.block_q + 2 * config.stages * config.block_kv
+    return rows * padded_head_dim(head_dim) * jnp.dtype(dtype).itemsize
+
+
+def supports(q_shape, kv_shape, dtype, config: HopperConfig | None = None) -> str | None:
+    """None if the kernel can run these shapes with `config` (default: the tuned one), else the
+    reason it cannot."""
+    config = config or tuned_config(q_shape, kv_shape, dtype)
+    _, q_len, heads, head_dim = q_shape
+    kv_len = kv_shape[1]
+    if jnp.dtype(dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
+        return f"dtype {jnp.dtype(dtype).name} (fp16/bf16 only)"
+    if head_dim > MAX_HEAD_DIM:
+        return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
+    if q_len % (COMPUTE_WARPGROUPS * config.block_q):
+        return f"Lq={q_len} is not a multiple of {COMPUTE_WARPGROUPS * config.block_q}"
+    if kv_len % config.block_kv:
+        return f"Lk={kv_len} is not a multiple of block_kv={config.block_kv}"
+    if (smem := smem_bytes(config, head_dim, dtype)) > SMEM_LIMIT_BYTES:
+        return f"its tiles need {smem} bytes of shared memory (> {SMEM_LIMIT_BYTES}); lower stages"
+    return None
+
+
+def _interpret_params(interpret: bool):
+    if not interpret:
+        return None
+    try:  # public from jax 0.11
+        from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams
+    except ImportError:  # jax 0.10
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()  # raises on out-of-bounds reads; fresh memory holds NaN
+
+
+def _scores(q_ref, k_ref, *, block_q: int, block_kv: int, interpret: bool, meanwhile):
+    """q_ref @ k_ref.T in fp32: [block_q, d_pad] x [block_kv, d_pad] -> [block_q, block_kv].
+
+    On the GPU a wgmma on the two shared-memory tiles; `meanwhile()` runs after the wgmma is
+    issued and before its result is awaited. Mosaic GPU's interpret mode in jax 0.10 has no
+    wgmma on a transposed operand (0.11 has), so there it is a plain fp32 dot.
+    """
+    if interpret:
+        meanwhile()
+        return lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)  # fmt: skip
+
+    def product(s_ref):
+        k_t = (
+            k_ref.transpose((1, 0))
+            if hasattr(k_ref, "transpose")
+            else plgpu.transpose_ref(k_ref, (1, 0))
+        )  # jax 0.11 / 0.10 spellings
+        plgpu.wgmma(s_ref, q_ref, k_t)
+        meanwhile()
+        return s_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC((block_q, block_kv), jnp.float32))
+
+
+def _accumulate(acc, a, b_ref, *, interpret: bool):
+    """acc + a @ b_ref: on the GPU a wgmma with `a` in registers, accumulating in place.
+
+    Mosaic GPU's interpret mode (jax 0.10/0.11) has neither `run_state` nor a wgmma whose
+    A operand is in registers, so there the product is a plain fp32 dot of the same
+    operands, added to acc: the same sum in another order.
+    """
+    if interpret:
+        return acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32)
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+
+    return pl.run_state(product)(plgpu.ACC.init(acc))
+
+
+def _kernel(
+    q_ref, k_ref, v_ref, o_ref,
+    q_smem, k_smem, v_smem, q_full, k_full, v_full, k_free, v_free, turn,
+    *, d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
+):  # fmt: skip
+    """One program: 2 * block_q query rows of one (batch, head); three warpgroups.
+
+    q_ref, o_ref: [B, Lq, H, d_pad]; k_ref, v_ref: [B, Lk, H, d_pad]. q_smem [2, block_q, d_pad];
+    k_smem, v_smem [stages, block_kv, d_pad]; the barriers as named in the module doc.
+    """
+    batch = lax.axis_index("batch")
+    head = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+
+    def rows(ref, start, n):
+        """Rows [start, start + n) of this (batch, head): a [n, d_pad] ref slice."""
+        return ref.at[batch, pl.ds(start, n), head]
+
+    def stagger():  # both consumers meet here (ping-pong schedule)
+        if pingpong:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+    @pl.when(wg < COMPUTE_WARPGROUPS)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        q_tile = q_smem.at[wg]
+        q_start = (lax.axis_index("q_tiles") * COMPUTE_WARPGROUPS + wg) * block_q
+        plgpu.copy_gmem_to_smem(rows(q_ref, q_start, block_q), q_tile, q_full.at[wg])
+        plgpu.barrier_wait(q_full.at[wg])
+
+        def in_layout(x, layout):  # interpret mode has no layouts (jax 0.10 no layout_cast)
+            return x if interpret else plgpu.layout_cast(x, layout)
+
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        m_i = in_layout(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
+        l_i = in_layout(jnp.zeros((block_q,), jnp.float32), row_layout)
+        acc = in_layout(jnp.zeros((block_q, d_pad), jnp.float32), plgpu.Layout.WGMMA)
+        if pingpong:
+            pl.when(wg == 1)(stagger)  # consumer 1 starts half a step behind consumer 0
+
+        def step(i, carry):
+            acc, m_i, l_i = carry
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(k_full.at[slot])
+
+            s = _scores(q_tile, k_smem.at[slot], block_q=block_q, block_kv=block_kv,
+                        interpret=interpret, meanwhile=stagger)  # fmt: skip
+            plgpu.barrier_arrive(k_free.at[slot])
+
+            m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            p = p.astype(q_ref.dtype)
+            if pingpong:
+                plgpu.barrier_arrive(turn)  # softmax done: the other may use the tensor cores
+            plgpu.barrier_wait(v_full.at[slot])
+            if pingpong:
+                plgpu.barrier_wait(turn)  # until the other's matmul is issued
+
+            acc = _accumulate(acc, p, v_smem.at[slot], interpret=interpret)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l_i
+
+        acc, m_i, l_i = lax.fori_loop(0, kv_steps, step, (acc, m_i, l_i))
+        if pingpong:
+            pl.when(wg == 0)(stagger)  # balance consumer 1's extra meeting at the start
+        out = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
+        q_tile[...] = out.astype(o_ref.dtype)  # the query tile's buffer is free: reuse it
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_tile, rows(o_ref, q_start, block_q))
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WARPGROUPS)
+    def _producer():
+        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+
+        def fetch(i, slot):
+            plgpu.copy_gmem_to_smem(rows(k_ref, i * block_kv, block_kv), k_smem.at[slot],
+                                    k_full.at[slot])  # fmt: skip
+            plgpu.copy_gmem_to_smem(rows(v_ref, i * block_kv, block_kv), v_smem.at[slot],
+                                    v_full.at[slot])  # fmt: skip
+
+        for i in range(stages):  # fill the ring
+            fetch(i, i)
+
+        @pl.loop(stages, kv_steps)
+        def _refill(i):
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            fetch(i, slot)
+
+        for i in range(kv_steps - stages, kv_steps):  # drain: every phase is waited once
+            plgpu.barrier_wait(k_free.at[i % stages])
+            plgpu.barrier_wait(v_free.at[i % stages])
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def flash_attention_hopper(
+    q, k, v, *, scale=None, config: HopperConfig | None = None, interpret=None
+):  # fmt: skip
+    """Exact softmax attention on Hopper. q: [B, Lq, H, D]; k, v: [B, Lk, H, D] -> like q.
+
+    scale defaults to 1/sqrt(D). fp16/bf16, accumulation in fp32. Raises ValueError for
+    shapes outside the kernel's scope (see `supports`).
+    """
+    validate("flash_attention_hopper", q, k, v)
+    config = config or tuned_config(q.shape, k.shape, q.dtype)
+    if why := supports(q.shape, k.shape, q.dtype, config):
+        raise ValueError(f"flash_attention_hopper cannot run {q.shape} x {k.shape}: {why}")
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    d_pad = padded_head_dim(head_dim)
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    kv_steps = kv_len // config.block_kv
+    stages = min(config.stages, kv_steps)
+    interpret = resolve_interpret(interpret)
+
+    if d_pad != head_dim:  # zero columns: copies (see the module doc)
+        q, k, v = (jnp.pad(t, ((0, 0),) * 3 + ((0, d_pad - head_dim),)) for t in (q, k, v))
+    tile_transforms = (
+        plgpu.TilingTransform((8, SWIZZLE_BYTES // jnp.dtype(q.dtype).itemsize)),
+        plgpu.SwizzleTransform(SWIZZLE_BYTES),
+    )
+    scratch = [
+        plgpu.SMEM(
+            (COMPUTE_WARPGROUPS, config.block_q, d_pad), q.dtype, transforms=tile_transforms
+        ),
+        plgpu.SMEM((stages, config.block_kv, d_pad), q.dtype, transforms=tile_transforms),
+        plgpu.SMEM((stages, config.block_kv, d_pad), q.dtype, transforms=tile_transforms),
+        plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),  # q_full
+        plgpu.Barrier(num_barriers=stages),  # k_full
+        plgpu.Barrier(num_barriers=stages),  # v_full
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),  # k_free
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),  # v_free
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),  # turn (ping-pong)
+    ]
+    kernel = functools.partial(
+        _kernel,
+        d_pad=d_pad,
+        scale_log2=scale * LOG2_E,
+        block_q=config.block_q,
+        block_kv=config.block_kv,
+        stages=stages,
+        kv_steps=kv_steps,
+        pingpong=config.pingpong,
+        interpret=interpret,
+    )
+    out = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((batch, q_len, heads, d_pad), q.dtype),
+        scratch_types=scratch,
+        grid=(q_len // (COMPUTE_WARPGROUPS * config.block_q), heads, batch),
+        grid_names=("q_tiles", "heads", "batch"),
+        num_threads=COMPUTE_WARPGROUPS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params(interpret),
+        kernel_name="sdjax_flash_hopper",
+    )(q, k, v)
+    return out[..., :head_dim] if d_pad != head_dim else out

@@ -1,0 +1,177 @@
+"""The Hopper (Mosaic GPU) FlashAttention kernel against the float32 reference.
+
+On the CPU the kernel runs in Mosaic GPU's interpret mode, which simulates the warpgroups,
+the shared memory (fresh memory holds NaN), the TMA copies (an out-of-bounds read raises)
+and the barriers, and fails on a barrier phase nobody waited for. Its matrix
+products there are plain fp32 dots (interpret mode in jax 0.10 has no wgmma on a transposed
+or register operand): the wgmma lowering itself is tested by the `gpu` tests on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from custom_calls.flash_attention import flash_attention_reference
+from custom_calls.flash_attention_hopper import (
+    HopperConfig,
+    flash_attention_hopper,
+    padded_head_dim,
+    supports,
+)
+from sdjax.shapes import ATTENTION_SHAPES
+
+TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 5e-3}
+
+# (batch, q_len, heads, head_dim, kv_len, dtype, config). Covering set: every head dim of SD
+# (40, 80, 160 zero-padded to 64, 128, 192; 64 as is), batch 1/2/3, both dtypes, a ring
+# refilled (kv steps > stages), 3 stages, both block_q, with and without the ping-pong.
+CASES = [
+    (1, 128, 2, 40, 256, jnp.float16, HopperConfig(block_kv=64)),
+    (3, 128, 1, 64, 128, jnp.bfloat16, HopperConfig(block_kv=64, pingpong=False)),
+    (1, 128, 2, 80, 192, jnp.bfloat16, HopperConfig(block_kv=64, stages=3)),
+    (1, 128, 3, 160, 128, jnp.float16, HopperConfig(block_kv=64)),
+    (2, 256, 2, 40, 128, jnp.float16, HopperConfig(block_q=128, pingpong=False)),
+]
+
+
+def _case_id(case):
+    b, lq, h, d, lk, dt, c = case
+    return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}"
+
+
+def _inputs(rng, b, lq, h, d, lk, dtype, magnitude=1.0):
+    def draw(shape):
+        return jnp.asarray(magnitude * rng.standard_normal(shape, dtype=np.float32), dtype)
+
+    return draw((b, lq, h, d)), draw((b, lk, h, d)), draw((b, lk, h, d))
+
+
+def _relative_error(out, ref) -> float:
+    out = np.asarray(out, np.float32)
+    assert np.isfinite(out).all(), "non-finite output"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(case, rng):
+    b, lq, h, d, lk, dtype, config = case
+    q, k, v = _inputs(rng, b, lq, h, d, lk, dtype)
+    out = flash_attention_hopper(q, k, v, config=config)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref = np.asarray(flash_attention_reference(q, k, v))
+    assert _relative_error(out, ref) <= TOLERANCE[dtype]
+
+
+def test_heads_do_not_leak_into_each_other(rng):
+    """Changing head 1 leaves head 0's output exactly as it was."""
+    q, k, v = _inputs(rng, 1, 128, 2, 40, 128, jnp.float16)
+    config = HopperConfig(block_kv=64)
+    before = np.asarray(flash_attention_hopper(q, k, v, config=config), np.float32)
+    bump = jnp.ones_like(q).at[:, :, 0].set(0.0) * 8.0
+    after = np.asarray(flash_attention_hopper(q + bump, k + bump, v + bump, config=config))
+    np.testing.assert_array_equal(after[:, :, 0], before[:, :, 0])
+    assert not np.allclose(after[:, :, 1], before[:, :, 1])
+
+
+def test_large_logits_are_stable(rng):
+    q, k, v = _inputs(rng, 1, 128, 1, 64, 128, jnp.bfloat16, magnitude=30.0)
+    out = flash_attention_hopper(q, k, v, config=HopperConfig(block_kv=64))
+    ref = np.asarray(flash_attention_reference(q, k, v))
+    assert _relative_error(out, ref) <= TOLERANCE[jnp.bfloat16]
+
+
+def test_scale_argument(rng):
+    q, k, v = _inputs(rng, 1, 128, 1, 64, 64, jnp.float16)
+    out = flash_attention_hopper(q, k, v, scale=0.3, config=HopperConfig(block_kv=64))
+    ref = np.asarray(flash_attention_reference(q, k, v, scale=0.3))
+    assert _relative_error(out, ref) <= TOLERANCE[jnp.float16]
+
+
+def test_padded_head_dim():
+    assert [padded_head_dim(d) for d in (40, 64, 80, 160, 256)] == [64, 64, 128, 192, 256]
+
+
+@pytest.mark.parametrize(
+    "q_shape, kv_len, dtype, config, why",
+    [
+        ((1, 128, 1, 64), 128, jnp.float32, None, "fp16/bf16 only"),
+        ((1, 100, 1, 64), 128, jnp.float16, None, "Lq=100 is not a multiple of 128"),
+        ((1, 128, 1, 64), 77, jnp.float16, None, "Lk=77 is not a multiple of block_kv=128"),
+        ((1, 128, 1, 320), 128, jnp.float16, None, "head_dim 320 > 256"),
+        ((1, 128, 1, 64), 192, jnp.float16, HopperConfig(block_kv=128), "Lk=192"),
+        ((1, 256, 1, 160), 256, jnp.float16, HopperConfig(), "bytes of shared memory"),
+    ],
+)
+def test_supports_says_why(q_shape, kv_len, dtype, config, why):
+    kv_shape = (q_shape[0], kv_len, *q_shape[2:])
+    assert why in supports(q_shape, kv_shape, dtype, config)
+    q = jnp.ones(q_shape, dtype)
+    k = jnp.ones(kv_shape, dtype)
+    with pytest.raises(ValueError, match="flash_attention_hopper"):
+        flash_attention_hopper(q, k, k, config=config)
+
+
+def test_supported_sd_shapes():
+    """The self-attention shapes it is for are in scope with the default config."""
+    for name in ("sd15_self_64", "sd15_self_32", "sd21_self_96", "sd21_self_48"):
+        s = ATTENTION_SHAPES[name]
+        assert supports(s.q_shape, s.kv_shape, jnp.float16) is None, name
+    s = ATTENTION_SHAPES["sd15_self_16"]  # head dim 160 -> 192 fits with a smaller K/V ring
+    assert supports(s.q_shape, s.kv_shape, jnp.float16, HopperConfig(block_kv=64)) is None
+
+
+def test_rejects_bad_configs():
+    for bad in (dict(block_q=32), dict(block_kv=96), dict(stages=1)):
+        with pytest.raises(ValueError):
+            HopperConfig(**bad)
+
+
+# -------------------------------------------------------------------------------------------
+# GPU (run with `pytest -m gpu` on an H100): the real wgmma/TMA lowering
+# -------------------------------------------------------------------------------------------
+
+GPU_SHAPES = ["sd15_self_64", "sd15_self_32", "sd21_self_96", "sd21_self_48"]
+
+
+def _on_hopper() -> bool:
+    import jax
+
+    return getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", GPU_SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+def test_gpu_sd_shapes(name, dtype, rng):
+    assert _on_hopper(), "the Hopper kernel's GPU tests need compute capability 9.0"
+    s = ATTENTION_SHAPES[name]
+    q, k, v = _inputs(rng, *s.q_shape[:2], *s.q_shape[2:], s.kv_len, dtype)
+    out = flash_attention_hopper(q, k, v)  # the tuned config, else the default
+    ref = np.asarray(flash_attention_reference(q, k, v))
+    assert _relative_error(out, ref) <= TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [HopperConfig(pingpong=False), HopperConfig(stages=3),
+                                    HopperConfig(block_q=128, block_kv=64)])  # fmt: skip
+@pytest.mark.parametrize("head_dim", [40, 160])
+def test_gpu_configs(config, head_dim, rng):
+    if head_dim == 160:
+        config = dataclasses.replace(config, block_kv=64, stages=2)
+    q, k, v = _inputs(rng, 2, 1024, 8, head_dim, 1024, jnp.float16, magnitude=3.0)
+    out = flash_attention_hopper(q, k, v, config=config)
+    ref = np.asarray(flash_attention_reference(q, k, v))
+    assert _relative_error(out, ref) <= TOLERANCE[jnp.float16]
+
+
+@pytest.mark.gpu
+def test_gpu_hlo_has_mosaic_kernel(rng):
+    import jax
+
+    q, k, v = _inputs(rng, 2, 256, 8, 40, 256, jnp.float16)
+    hlo = jax.jit(flash_attention_hopper).lower(q, k, v).compile().as_text()
+    assert "mosaic_gpu" in hlo
