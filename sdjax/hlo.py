@@ -43,6 +43,8 @@ def expected_kernels(kernels) -> set[str]:
     want = set()
     if kernels.attention == "flash":
         want.add("sdjax_flash_attention")
+    if kernels.attention == "flash_hopper":
+        want.add("sdjax_flash_hopper")
     if kernels.attention == "fused_softmax":
         want.add("sdjax_fused_softmax")
     if kernels.group_norm == "pallas":

@@ -15,7 +15,9 @@ Implementation names:
   reference      plain jnp, float32 math throughout; the ground truth.
   xla            what plain XLA does well: low-precision operands, float32 accumulation.
   cudnn          (attention) jax.nn.dot_product_attention(implementation="cudnn"); GPU only.
-  flash          (attention) our Pallas FlashAttention kernel.
+  flash          (attention) our Pallas FlashAttention kernel (Triton: any NVIDIA GPU).
+  flash_hopper   (attention) our Pallas Mosaic GPU FlashAttention for Hopper (H100/H200):
+                 fp16/bf16, lengths in whole blocks (`flash_attention_hopper.supports`).
   fused_softmax  (attention) our Pallas partially fused softmax (the paper's variant).
   pallas         (group_norm, layer_norm, geglu) our Pallas kernels.
   auto           the fastest recorded choice for the shape and backend (see `_auto_*`).
@@ -38,10 +40,14 @@ import jax.numpy as jnp
 
 import custom_calls
 from custom_calls.flash_attention import MAX_HEAD_DIM
+from custom_calls.flash_attention_hopper import padded_head_dim as _hopper_padded_head_dim
+from custom_calls.flash_attention_hopper import supports as _hopper_supports_shapes
 
 logger = logging.getLogger(__name__)
 
-AttentionImpl = Literal["reference", "xla", "cudnn", "flash", "fused_softmax", "auto"]
+AttentionImpl = Literal[
+    "reference", "xla", "cudnn", "flash", "flash_hopper", "fused_softmax", "auto"
+]
 GroupNormImpl = Literal["reference", "xla", "pallas", "auto"]
 GegluImpl = Literal["reference", "xla", "pallas", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
@@ -86,9 +92,7 @@ class Implementations:
 PRESETS: dict[str, Implementations] = {
     "reference": Implementations(),
     "xla": Implementations(attention="xla", group_norm="xla", geglu="xla", layer_norm="xla"),
-    "cudnn": Implementations(
-        attention="cudnn", group_norm="xla", geglu="xla", layer_norm="xla"
-    ),
+    "cudnn": Implementations(attention="cudnn", group_norm="xla", geglu="xla", layer_norm="xla"),
     "pallas": Implementations(
         attention="flash", group_norm="pallas", geglu="pallas", layer_norm="pallas"
     ),
@@ -175,6 +179,23 @@ def _attention_flash(q, k, v, *, scale):
     return custom_calls.flash_attention(q, k, v, scale=scale)
 
 
+def hopper_supports(q, k) -> str | None:
+    """Why our Hopper kernel cannot run these inputs here, or None if it can."""
+    if not on_gpu():
+        return "it needs a GPU backend"
+    cc = getattr(jax.devices()[0], "compute_capability", "")
+    if cc != "9.0":
+        return f"it needs a Hopper GPU (compute capability 9.0), not {cc or 'unknown'}"
+    return _hopper_supports_shapes(q.shape, k.shape, q.dtype)
+
+
+def _attention_flash_hopper(q, k, v, *, scale):
+    why = hopper_supports(q, k)
+    if why:
+        raise ValueError(f"attention implementation 'flash_hopper' cannot run {q.shape}: {why}")
+    return custom_calls.flash_attention_hopper(q, k, v, scale=scale)
+
+
 def _attention_fused_softmax(q, k, v, *, scale):
     return custom_calls.fused_softmax_attention(q, k, v, scale=scale)
 
@@ -187,7 +208,27 @@ def _auto_attention(q, k, v) -> str:
 
     # Unmeasured shapes: cuDNN's fused attention where it runs, else XLA.
     default = "xla" if cudnn_supports(q) else "cudnn"
-    return autotune.choose("attention", q.shape, k.shape, q.dtype, default=default)
+    choice = autotune.choose("attention", q.shape, k.shape, q.dtype, default=default)
+    if choice == "flash_hopper" and hopper_supports(q, k):  # a table measured on a Hopper GPU
+        return "flash"
+    return choice
+
+
+def attention_head_padding(q_shape, kv_shape, dtype) -> int | None:
+    """The padded head dim that the attention in force would copy its inputs to, else None.
+
+    Our Hopper kernel zero-pads head dims that are not a multiple of 64 (SD's 40, 80, 160)
+    by copying q, k, v (see `custom_calls/flash_attention_hopper.py`). A model that knows this
+    before projecting can produce padded heads itself, from zero-padded projection weights,
+    and skip the copies (`sdjax.models.layers.Attention` does).
+    """
+    q = jax.ShapeDtypeStruct(tuple(q_shape), dtype)
+    k = jax.ShapeDtypeStruct(tuple(kv_shape), dtype)
+    impl = _resolve("attention", None, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, k, k))
+    if impl != "flash_hopper" or hopper_supports(q, k):
+        return None
+    d_pad = _hopper_padded_head_dim(q_shape[-1])
+    return d_pad if d_pad != q_shape[-1] else None
 
 
 _ATTENTION: dict[str, Callable] = {
@@ -195,6 +236,7 @@ _ATTENTION: dict[str, Callable] = {
     "xla": _attention_xla,
     "cudnn": _attention_cudnn,
     "flash": _attention_flash,
+    "flash_hopper": _attention_flash_hopper,
     "fused_softmax": _attention_fused_softmax,
 }
 
@@ -230,7 +272,9 @@ def attention(q, k, v, *, scale: float | None = None, implementation: AttentionI
     impl = _resolve(
         "attention", implementation, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, k, v)
     )
-    if impl in ("flash", "fused_softmax", "cudnn") and q.shape[-1] > MAX_KERNEL_HEAD_DIM:
+    if impl in ("flash", "flash_hopper", "fused_softmax", "cudnn") and (
+        q.shape[-1] > MAX_KERNEL_HEAD_DIM
+    ):
         _fallback(
             f"attention {impl}->xla at head_dim {q.shape[-1]}",
             f"{impl} supports head dims up to {MAX_KERNEL_HEAD_DIM}",

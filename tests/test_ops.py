@@ -209,3 +209,62 @@ def test_auto_on_gpu_uses_the_recorded_kernels():
     assert ops._auto_attention(vae, vae, vae) == "xla"
     q32 = jnp.ones((2, 100, 3, 64), jnp.float32)  # unmeasured, float32: cuDNN cannot run it
     assert ops._auto_attention(q32, q32, q32) == "xla"
+
+
+def test_flash_hopper_off_hopper_is_a_clear_error():
+    q = jnp.ones((1, 128, 1, 64), jnp.float16)
+    with pytest.raises(ValueError, match="flash_hopper.*needs a GPU"):
+        ops.attention(q, q, q, implementation="flash_hopper")
+    assert ops.attention_head_padding(q.shape, q.shape, q.dtype) is None  # reference in force
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_padded_heads_self_attention_is_the_same_attention(monkeypatch, qkv_bias, rng):
+    """Where the attention in force wants padded heads (our Hopper kernel at head dims that
+    are not multiples of 64), `Attention` widens q, k, v by zero weight columns and the
+    output projection by zero rows. The result must be the plain attention's."""
+    from sdjax.models.layers import Attention
+
+    seen = []
+
+    def hopper_stand_in(q, k, v, *, scale):
+        seen.append(q.shape)
+        return ops.attention_reference(q, k, v, scale=scale)
+
+    module = Attention(dim=80, heads=2, qkv_bias=qkv_bias)  # head dim 40 -> 64
+    x = jnp.asarray(rng.standard_normal((3, 24, 80)), jnp.float32)
+    params = module.init(jax.random.PRNGKey(1), x)
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.ones_like(p), params)  # non-zero biases
+    plain = module.apply(params, x)
+    monkeypatch.setattr(ops, "attention_head_padding", lambda q, kv, dtype: 64)
+    monkeypatch.setitem(ops._ATTENTION, "flash_hopper", hopper_stand_in)
+    padded = module.apply(params, x)
+    assert seen == [(3, 24, 2, 64)]
+    np.testing.assert_allclose(np.asarray(padded), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    # cross-attention is never padded
+    ctx = jnp.asarray(rng.standard_normal((3, 7, 80)), jnp.float32)
+    module.apply(params, x, ctx)
+    assert len(seen) == 1
+
+
+def test_auto_head_padding_on_a_faked_hopper(monkeypatch):
+    """The decision path that runs only on a GPU: `auto` picks flash_hopper where the table
+    says so, and `attention_head_padding` then asks for padded heads (SD1.5's head dim 80 at
+    1024 tokens -> 128). Here the backend, the device and the table are stand-ins."""
+
+    class FakeHopper:
+        compute_capability = "9.0"
+
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(ops.jax, "devices", lambda: [FakeHopper()])
+    monkeypatch.setattr(autotune, "choose", lambda *a, default: "flash_hopper")
+    shape = (2, 1024, 8, 80)
+    assert ops.hopper_supports(jnp.ones(shape, jnp.float16), jnp.ones(shape, jnp.float16)) is None
+    with ops.use("auto"):
+        assert ops.attention_head_padding(shape, shape, jnp.float16) == 128
+        assert ops.attention_head_padding((2, 1024, 5, 64), (2, 1024, 5, 64), jnp.float16) is None
+        assert ops.attention_head_padding((2, 100, 8, 80), (2, 100, 8, 80), jnp.float16) is None
+    FakeHopper.compute_capability = "8.0"  # an A100: the table's Hopper choice becomes flash
+    q = jnp.ones(shape, jnp.float16)
+    assert "Hopper" in ops.hopper_supports(q, q)
+    assert ops._auto_attention(q, q, q) == "flash"

@@ -229,6 +229,10 @@ class Attention(nn.Module):
         be None)."""
         b, length, _ = x.shape
         head_dim = self.dim // self.heads
+        if context is None and not cross and not self.has_variable(CONDITIONING, "k"):
+            shape = (b, length, self.heads, head_dim)
+            if padded := ops.attention_head_padding(shape, shape, x.dtype):
+                return self._padded_self_attention(x, padded)
         q = self.to_q(x)
         if self.has_variable(CONDITIONING, "k"):
             k, v = (self.get_variable(CONDITIONING, n).astype(x.dtype) for n in ("k", "v"))
@@ -243,6 +247,32 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(b, t.shape[1], self.heads, head_dim) for t in (q, k, v))
         out = ops.attention(q, k, v, scale=head_dim**-0.5)
         return self.to_out_0(out.reshape(b, length, self.dim))
+
+    def _padded_self_attention(self, x: jax.Array, padded: int) -> jax.Array:
+        """Self-attention with each head's q, k, v and output widened to `padded` columns by
+        zero columns (rows) of the projection weights, so that an attention kernel that wants
+        padded heads gets them without copying (see `ops.attention_head_padding`). Same result:
+        zero columns add nothing to the logits, and the output's extra columns meet zero rows
+        of the output projection. x: [B, L, dim] -> [B, L, dim]."""
+        b, length, _ = x.shape
+        heads, head_dim = self.heads, self.dim // self.heads
+        extra = padded - head_dim
+
+        def project(linear):  # [B, L, dim] -> [B, L, heads, padded]
+            kernel, bias = linear.weights(x.shape[-1])
+            kernel = jnp.pad(kernel.reshape(-1, heads, head_dim), ((0, 0), (0, 0), (0, extra)))
+            y = jnp.dot(x, kernel.reshape(-1, heads * padded).astype(x.dtype))
+            if bias is not None:
+                bias = jnp.pad(bias.astype(x.dtype).reshape(heads, head_dim), ((0, 0), (0, extra)))
+                y = y + bias.reshape(-1)
+            return y.reshape(b, length, heads, padded)
+
+        q, k, v = project(self.to_q), project(self.to_k), project(self.to_v)
+        out = ops.attention(q, k, v, scale=head_dim**-0.5, implementation="flash_hopper")
+        kernel, bias = self.to_out_0.weights(self.dim)
+        kernel = jnp.pad(kernel.reshape(heads, head_dim, -1), ((0, 0), (0, extra), (0, 0)))
+        y = jnp.dot(out.reshape(b, length, -1), kernel.reshape(heads * padded, -1).astype(x.dtype))
+        return y + bias.astype(x.dtype)
 
 
 class GEGLU(nn.Module):
