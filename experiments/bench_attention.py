@@ -1,4 +1,5 @@
-"""Attention at every SD shape: our flash and fused-softmax kernels vs XLA, cuDNN and torch SDPA.
+"""Attention at every SD shape: our kernels (flash, flash_hopper, fused softmax) vs XLA, cuDNN
+and torch SDPA.
 
 GPU. All implementations run side by side in one process on the same random inputs, each
 timed in one compiled program of chained calls (q <- attention(q, k, v)), the launch overhead
@@ -23,6 +24,8 @@ import numpy as np
 from absl import app, flags
 
 from custom_calls.flash_attention import flash_attention, flash_attention_reference
+from custom_calls.flash_attention_hopper import flash_attention_hopper, padded_head_dim
+from custom_calls.flash_attention_hopper import supports as hopper_supports
 from custom_calls.fused_softmax import fused_softmax_attention
 from experiments.common import (
     device_info,
@@ -34,7 +37,11 @@ from experiments.common import (
 )
 from sdjax.shapes import ATTENTION_SHAPES
 
-IMPLS = ("flash", "fused_softmax", "cudnn", "torch", "xla")
+IMPLS = ("flash", "flash_hopper", "flash_hopper_padded", "fused_softmax", "cudnn", "torch", "xla")
+OURS = ("flash", "flash_hopper", "fused_softmax")  # callable on any [B, L, H, D] input
+# flash_hopper_padded: the Hopper kernel on inputs whose heads are already padded to a multiple
+# of 64 (zero columns), as the UNet produces them (`ops.attention_head_padding`): the kernel
+# without the copies that flash_hopper makes itself. Only at head dims that need padding.
 TOLERANCE = {"float16": 5e-3, "bfloat16": 1e-2, "float32": 1e-5}
 
 FLAGS = flags.FLAGS
@@ -49,11 +56,28 @@ def define_flags():
     flags.DEFINE_integer("repeats", 7, "timed repeats (median)")
 
 
+def _jax_mosaic_fa3(q, k, v):
+    """JAX's own FlashAttention-3 example kernel (jax.experimental.pallas.ops.gpu.attention_mgpu),
+    a reference point for what Mosaic GPU reaches. It applies no softmax scale, so q is scaled
+    first; head dims are padded to 64 as ours are."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    from custom_calls.flash_attention_hopper import padded_head_dim
+
+    d = q.shape[-1]
+    pad = ((0, 0),) * 3 + ((0, padded_head_dim(d) - d),)
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
+    q_, k_, v_ = (jnp.pad(t, pad) for t in (q * d**-0.5, k, v))
+    return attention_mgpu.attention(q_, k_, v_, config)[..., :d]
+
+
 _JAX_IMPLS = {
     "flash": lambda q, k, v: flash_attention(q, k, v),
+    "flash_hopper": lambda q, k, v: flash_attention_hopper(q, k, v),
     "fused_softmax": lambda q, k, v: fused_softmax_attention(q, k, v),
     "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
     "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
+    "jax_mosaic_fa3": _jax_mosaic_fa3,  # not in IMPLS: ask for it with --impls
 }
 
 
@@ -105,8 +129,11 @@ def _error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {first[:200]}"
 
 
-def _torch_sdpa(q, k, v, dtype_name, calls, repeats):
-    """torch SDPA on the same data ([B, L, H, D] -> [B, H, L, D]); returns (ms, output)."""
+def _torch_sdpa(q, k, v, dtype_name, calls):
+    """torch SDPA on the same data ([B, L, H, D] -> [B, H, L, D]).
+
+    Returns (output, time_once, release): time_once() times `calls` back-to-back calls once
+    with CUDA events and returns ms per call; release() frees the GPU tensors."""
     import torch
     import torch.nn.functional as F
 
@@ -116,15 +143,25 @@ def _torch_sdpa(q, k, v, dtype_name, calls, repeats):
         for t in (q, k, v)
     ]
     qkv = [t.contiguous() for t in qkv]
-    with torch.no_grad():
-        out = F.scaled_dot_product_attention(*qkv)
-        timing = time_torch(
-            lambda: F.scaled_dot_product_attention(*qkv), calls=calls, repeats=repeats
-        )
-        out = out.permute(0, 2, 1, 3).float().cpu().numpy()
-    qkv.clear()
-    torch.cuda.empty_cache()
-    return timing["median_ms"], out
+
+    def call():
+        with torch.no_grad():
+            return F.scaled_dot_product_attention(*qkv)
+
+    out = call().permute(0, 2, 1, 3).float().cpu().numpy()
+
+    def release():
+        qkv.clear()
+        torch.cuda.empty_cache()
+
+    return out, lambda: time_torch(call, calls=calls, repeats=1)["median_ms"], release
+
+
+def _time_program_once(program, args, calls: int) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(program(*args))
+    ms = (time.perf_counter() - t0) * 1e3
+    return max(ms - launch_overhead_ms(), 0.0) / calls
 
 
 def benchmark(
@@ -137,6 +174,11 @@ def benchmark(
     on_shape=None,
 ) -> list[dict]:
     """One row per (shape, implementation): ms, TFLOP/s, relative error, or the error raised.
+
+    Per shape, every implementation is compiled, checked against the reference and warmed up
+    first; then the timed repeats go round-robin over the implementations (each round in a
+    rotated order), so that a drift of the GPU's clocks during the run reaches them all
+    alike. ms is the median over the repeats.
 
     names: shape names of `sdjax.shapes.ATTENTION_SHAPES` (None: all). on_shape(rows) is
     called after each shape with the rows so far (for incremental saving).
@@ -151,47 +193,81 @@ def benchmark(
             for s in (shape.q_shape, shape.kv_shape, shape.kv_shape)
         )
         ref = np.asarray(jax.jit(flash_attention_reference)(q, k, v))
+        shape_rows, timers, releases = {}, {}, []
         for impl in impls:
             row = {"shape": name, "impl": impl, "dtype": dtype.name, "b": shape.batch,
                    "q_len": shape.q_len, "heads": shape.heads, "head_dim": shape.head_dim,
                    "kv_len": shape.kv_len}  # fmt: skip
             try:
+                if impl == "flash_hopper" and (why := hopper_supports(q.shape, k.shape, dtype)):
+                    raise ValueError(why)
+                if (
+                    impl == "flash_hopper_padded"
+                    and padded_head_dim(shape.head_dim) == shape.head_dim
+                ):
+                    raise ValueError("the head dim needs no padding: same as flash_hopper")
                 if impl == "torch":
-                    row["ms"], out = _torch_sdpa(q, k, v, dtype.name, calls, repeats)
+                    out, timers[impl], release = _torch_sdpa(q, k, v, dtype.name, calls)
+                    releases.append(release)
+                elif impl == "flash_hopper_padded":
+                    d = shape.head_dim
+                    pad = ((0, 0),) * 3 + ((0, padded_head_dim(d) - d),)
+                    args = tuple(jnp.pad(t, pad) for t in (q, k, v))
+                    fn = functools.partial(flash_attention_hopper, scale=d**-0.5)
+                    program = chained_program(fn, *args, calls)
+                    out = program(*args)[0][..., :d]
+                    timers[impl] = functools.partial(_time_program_once, program, args, calls)
+                    timers[impl]()  # warm-up
                 else:
                     program = chained_program(_JAX_IMPLS[impl], q, k, v, calls)
                     out = program(q, k, v)[0]
-                    row["ms"] = time_compiled(program, (q, k, v), calls, repeats)
+                    timers[impl] = functools.partial(_time_program_once, program, (q, k, v), calls)
+                    timers[impl]()  # warm-up
                 row["rel_err"] = relative_error(out, ref)
                 row["ok"] = row["rel_err"] <= TOLERANCE[dtype.name]
-                row["tflops"] = shape.flops / (row["ms"] * 1e-3) / 1e12 if row["ms"] > 0 else None
             except Exception as e:  # unsupported shapes are recorded, not hidden
                 row["error"] = _error_text(e)
+            shape_rows[impl] = row
+        times = {impl: [] for impl in timers}
+        order = list(timers)
+        for r in range(repeats):
+            for impl in order[r % len(order) :] + order[: r % len(order)]:
+                times[impl].append(timers[impl]())
+        for impl, row in shape_rows.items():
+            if impl in times:
+                row["ms"] = statistics.median(times[impl])
+                row["all_ms"] = times[impl]
+                row["tflops"] = shape.flops / (row["ms"] * 1e-3) / 1e12 if row["ms"] > 0 else None
             rows.append(row)
             print(
-                f"{name:16s} {impl:13s} "
+                f"{name:16s} {impl:14s} "
                 + (f"{row['ms']:.4f} ms err {row['rel_err']:.2e}" if "ms" in row else row["error"]),
                 flush=True,
             )
-        del q, k, v, ref
+        for release in releases:
+            release()
+        del q, k, v, ref, timers
         if on_shape:
             on_shape(rows)
     return rows
 
 
 def summary(rows: list[dict]) -> list[dict]:
-    """One row per shape: each implementation's ms, ours' errors, and ours / best-other ratios."""
+    """One row per shape: each implementation's ms, ours' errors, `ours` (the fastest of our
+    kernels that passed) and the ratios other / ours (> 1: ours faster)."""
     table = {}
     for r in rows:
         s = table.setdefault(r["shape"], {"shape": r["shape"]})
         s[r["impl"]] = r.get("ms") if "ms" in r and r["ms"] > 0 else "n/a"
-        if r["impl"] in ("flash", "fused_softmax"):
+        if r["impl"] in (*OURS, "flash_hopper_padded"):
             s[f"{r['impl']}_err"] = r.get("rel_err")
+        if r["impl"] in OURS:
+            if r.get("ok") and r.get("ms") and r["ms"] < s.get("ours", float("inf")):
+                s["ours"], s["ours_impl"] = r["ms"], r["impl"]
     for s in table.values():
-        flash = s.get("flash")
         for other in ("cudnn", "torch", "xla"):
-            if isinstance(flash, float) and isinstance(s.get(other), float):
-                s[f"{other}/flash"] = s[other] / flash
+            if isinstance(s.get("ours"), float) and isinstance(s.get(other), float):
+                s[f"{other}/ours"] = s[other] / s["ours"]
     return list(table.values())
 
 
@@ -225,7 +301,7 @@ def main(argv):
     tag = re.sub(r"[^A-Za-z0-9]+", "_", info["device_kind"]).strip("_")
     date = datetime.date.today().isoformat()
     stem = results_dir() / f"bench_attention_{tag}_{FLAGS.dtype}_{date}"
-    impls = [i for i in IMPLS if i in FLAGS.impls]
+    impls = [i for i in (*IMPLS, "jax_mosaic_fa3") if i in FLAGS.impls]
     record = {"device": info, "dtype": FLAGS.dtype, "calls": FLAGS.calls}
 
     def save(rows):
@@ -238,8 +314,8 @@ def main(argv):
         calls=FLAGS.calls, repeats=FLAGS.repeats, on_shape=save,
     )  # fmt: skip
     save(rows)
-    columns = ["shape", *impls, "cudnn/flash", "torch/flash", "xla/flash"]
-    columns += [f"{i}_err" for i in ("flash", "fused_softmax") if i in impls]
+    columns = ["shape", *impls, "ours_impl", "cudnn/ours", "torch/ours", "xla/ours"]
+    columns += [f"{i}_err" for i in OURS if i in impls]
     md = markdown_table(record["summary"], columns)
     title = f"attention, {FLAGS.dtype}, {info['device_kind']}, jax {info['jax']}"
     stem.with_suffix(".md").write_text(f"# {title}\n\nms per call (median)\n\n{md}")

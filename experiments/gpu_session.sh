@@ -8,7 +8,12 @@
 #   ablation_bf16  the same in bfloat16 ($BF16_ARGS, default: no anchors)
 #   ablation_sd21  SD2.1 768x768 fp16, every row, with the anchors ($SD21_ARGS)
 #   throughput     experiments.benchmark images/s per batch ($THROUGHPUT_BATCHES, default 1,4,8,16)
-#   attention      experiments.bench_attention on $ATTENTION_SHAPES (default: SD2.1's smaller ones)
+#   hopper         the Hopper attention kernel: its GPU tests (stop here if one fails), then its
+#                  block-size sweep on $HOPPER_SHAPES (tuning table copied to results)
+#   attention      experiments.bench_attention on $ATTENTION_SHAPES (default: SD2.1's smaller ones),
+#                  implementations $ATTENTION_IMPLS (default: all but jax_mosaic_fa3)
+#   autotune       experiments.make_autotune from the committed benches and the newest
+#                  attention bench of this call ($OUT); the table is copied to results
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
 #                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
@@ -42,7 +47,14 @@ for stage in "$@"; do
       python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
       ;;
     tests)
-      limit python3 -m pytest -q -m gpu tests/test_attention_kernels.py tests/test_norm_kernels.py tests/test_ops.py 2>&1 | tail -15 || status=1
+      limit python3 -m pytest -q -m gpu tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_norm_kernels.py tests/test_ops.py 2>&1 | tail -15 || status=1
+      ;;
+    hopper)
+      if limit python3 -m pytest -q -x -m gpu tests/test_flash_hopper.py 2>&1 | tail -25; then
+        limit python3 experiments/tune_attention.py --kernels flash_hopper --budget_s ${HOPPER_BUDGET:-200} \
+          --shapes ${HOPPER_SHAPES:-sd15_self_64,sd21_self_96,sd21_self_48,sd15_self_32,sd15_self_16} 2>&1 | quiet | tail -12 || status=1
+        cp custom_calls/tuning/attention.json "$OUT/attention_tuning.json"
+      else status=1; fi
       ;;
     generate)
       limit python3 -m experiments.generate --steps 20 --height 512 --width 512 --dtype float16 --kernels auto \
@@ -61,8 +73,16 @@ for stage in "$@"; do
       limit python3 -m experiments.benchmark --kernels auto --batch_sizes ${THROUGHPUT_BATCHES:-1,4,8,16} 2>&1 | quiet | tail -20 || status=1
       ;;
     attention)
-      limit python3 experiments/bench_attention.py --calls 20 --repeats 5 \
+      limit python3 experiments/bench_attention.py --calls 20 --repeats 5 ${ATTENTION_IMPLS:+--impls $ATTENTION_IMPLS} \
         --shapes ${ATTENTION_SHAPES:-sd21_self_48,sd21_cross_48,sd21_self_24,sd21_cross_24,sd21_self_12,sd21_cross_12} 2>&1 | tail -12 || status=1
+      ;;
+    autotune)
+      r=experiments/results
+      latest=$(ls -t "$OUT"/bench_attention_*.json 2>/dev/null | head -1)
+      python3 -m experiments.make_autotune \
+        --attention $r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runa.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runb.json${latest:+,$latest} \
+        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json 2>&1 | tail -3 || status=1
+      cp sdjax/assets/autotune.json "$OUT/autotune.json"
       ;;
     profile)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" limit python3 -m experiments.profile \

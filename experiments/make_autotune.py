@@ -26,6 +26,8 @@ flags.DEFINE_string("out", str(autotune.TABLE_PATH), "table to write")
 # Names in the benchmarks -> implementation names of sdjax.ops.
 ATTENTION_IMPLS = {
     "flash": "flash",
+    "flash_hopper": "flash_hopper",
+    "flash_hopper_padded": "flash_hopper",  # in the UNet, heads come padded (no copies)
     "fused_softmax": "fused_softmax",
     "cudnn": "cudnn",
     "xla": "xla",

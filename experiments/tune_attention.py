@@ -33,6 +33,7 @@ from custom_calls.flash_attention import (
     shape_key,
 )
 from custom_calls.flash_attention import Config as FlashConfig
+from custom_calls.flash_attention_hopper import HopperConfig, flash_attention_hopper, supports
 from custom_calls.fused_softmax import Config as FusedConfig
 from custom_calls.fused_softmax import fused_softmax_attention
 from experiments.bench_attention import chained_program, time_compiled
@@ -53,6 +54,7 @@ _OUT = flags.DEFINE_string("out", str(TUNING_PATH), "tuning table to update")
 KERNELS = {
     "flash": (flash_attention, FlashConfig),
     "fused_softmax": (fused_softmax_attention, FusedConfig),
+    "flash_hopper": (flash_attention_hopper, HopperConfig),
 }
 TOLERANCE = {"float16": 5e-3, "bfloat16": 1e-2, "float32": 1e-5}
 
@@ -61,8 +63,18 @@ FAST_EXP_BASE = [(128, 64, 8, 4), (128, 64, 8, 3), (256, 64, 8, 3), (256, 64, 8,
                  (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3)]  # fmt: skip
 
 
+def hopper_candidates(shape) -> list[HopperConfig]:
+    """The Hopper kernel's grid, less the configs that cannot run the shape."""
+    grid = itertools.product((64, 128), (64, 128, 256), (2, 3), (True, False))
+    configs = [HopperConfig(block_q=bq, block_kv=bk, stages=st, pingpong=pp)
+               for bq, bk, st, pp in grid]  # fmt: skip
+    return [c for c in configs if supports(shape.q_shape, shape.kv_shape, jnp.float16, c) is None]
+
+
 def candidates(kernel: str, shape, full: bool, fast_exp: bool = False) -> list:
     """Configs to try, deduplicated after clamping blocks to the sequence lengths."""
+    if kernel == "flash_hopper":
+        return hopper_candidates(shape)
     cls = KERNELS[kernel][1]
     differ = head_chunks(shape.head_dim, True) != head_chunks(shape.head_dim, False)
     splits = [True, False] if differ else [True]
@@ -147,6 +159,8 @@ def main(argv):
                 configs = candidates(
                     kernel, shape, shape.name in _FULL.value, shape.name in _FAST.value
                 )
+                if not configs:
+                    continue
                 rows = tune_shape(kernel, shape, dtype, configs, ref, args, pool)
                 good = [r for r in rows if "ms" in r and r["rel_err"] <= TOLERANCE[dtype.name]]
                 log["shapes"].setdefault(shape.name, {})[kernel] = rows
