@@ -175,3 +175,22 @@ def test_gpu_hlo_has_mosaic_kernel(rng):
     q, k, v = _inputs(rng, 2, 256, 8, 40, 256, jnp.float16)
     hlo = jax.jit(flash_attention_hopper).lower(q, k, v).compile().as_text()
     assert "mosaic_gpu" in hlo
+
+
+def test_tuned_table_covers_the_padded_heads_the_unet_passes():
+    """The UNet calls the kernel on heads it padded itself; the kernel then looks its config
+    up under the padded shape. Every recorded shape whose head dim needs padding must have
+    the same config under the padded key."""
+    from custom_calls.flash_attention import tuned_table
+
+    table = tuned_table("flash_hopper")
+    assert table, "no flash_hopper entries recorded"
+    checked = 0
+    for key, config in table.items():
+        q_part, kv_len, bits = key.split(":")
+        q_len, heads, head_dim = map(int, q_part.split("x"))
+        d_pad = padded_head_dim(head_dim)
+        if d_pad != head_dim:
+            assert table[f"{q_len}x{heads}x{d_pad}:{kv_len}:{bits}"] == config, key
+            checked += 1
+    assert checked >= 2
