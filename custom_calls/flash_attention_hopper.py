@@ -15,8 +15,8 @@ one tile cannot hide behind the matrix products of the next. Mosaic GPU exposes 
   one warpgroup's softmax runs while the other's matrix products occupy the tensor cores
   (the schedule of FlashAttention-3, Shah et al. 2024).
 
-Head dims that are not a multiple of 64 (SD's 40, 80, 160) are zero-padded to `d_pad` (the
-next multiple of 64) *in memory*, and the output is sliced back: extra copies of q, k, v and
+Head dims that are not a multiple of `head_align` (64 by default; SD's 40, 80, 160) are
+zero-padded to `d_pad` (the next multiple) *in memory*, and the output is sliced back: extra copies of q, k, v and
 the output that the Triton kernel avoids with masks. The reason: Mosaic GPU places a TMA
 window only at column offsets that are multiples of its 64-column shared-memory tile
 (128-byte swizzle), which a head at column h*40 of a [B, L, H*40] row is not (its layout
@@ -47,8 +47,8 @@ from custom_calls.flash_attention import MAX_HEAD_DIM, shape_key, tuned_table, v
 LOG2_E = math.log2(math.e)
 COMPUTE_WARPGROUPS = 2  # two consumers: what the ping-pong schedule needs
 WGMMA_M = 64  # rows of one warpgroup's wgmma
-D_ALIGN = 64  # head-dim padding: 64 fp16 = 128 bytes, the widest TMA/wgmma swizzle
-SWIZZLE_BYTES = 128
+D_ALIGN = 64  # default head-dim padding: 64 fp16 = 128 bytes, the widest TMA/wgmma swizzle
+HEAD_ALIGNS = (16, 32, 64)  # columns of one swizzled tile: 32-, 64- or 128-byte swizzle in fp16
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16)
 # Shared memory a block may use on Hopper (227 KiB), less room for the barriers.
 SMEM_LIMIT_BYTES = 227 * 1024 - 1024
@@ -66,6 +66,11 @@ class HopperConfig:
     block_kv: int = 128  # K/V rows per step, a multiple of 64
     stages: int = 2  # K/V tiles in flight (shared-memory ring buffers)
     pingpong: bool = True  # stagger the two consumers (softmax under the other's matmuls)
+    # Head dims are padded to a multiple of this many columns, the width of one swizzled
+    # shared-memory tile: 64 (128-byte swizzle, the fastest layout for TMA and wgmma) pads
+    # 40 -> 64 and 80 -> 128; 16 (32-byte swizzle) pads 40 -> 48 and leaves 80 and 160 as they
+    # are (less padding and fewer copies, a narrower swizzle).
+    head_align: int = D_ALIGN
 
     def __post_init__(self):
         if self.block_q % WGMMA_M:
@@ -74,6 +79,8 @@ class HopperConfig:
             raise ValueError(f"block_kv={self.block_kv} must be a multiple of 64")
         if self.stages < 2:
             raise ValueError(f"stages={self.stages} must be >= 2")
+        if self.head_align not in HEAD_ALIGNS:
+            raise ValueError(f"head_align={self.head_align} must be one of {HEAD_ALIGNS}")
 
 
 def tuned_config(q_shape, kv_shape, dtype) -> HopperConfig:
@@ -83,14 +90,14 @@ def tuned_config(q_shape, kv_shape, dtype) -> HopperConfig:
     return HopperConfig(**entry) if entry else HopperConfig()
 
 
-def padded_head_dim(head_dim: int) -> int:
-    return -(-head_dim // D_ALIGN) * D_ALIGN
+def padded_head_dim(head_dim: int, align: int = D_ALIGN) -> int:
+    return -(-head_dim // align) * align
 
 
 def smem_bytes(config: HopperConfig, head_dim: int, dtype) -> int:
     """Shared memory of the Q tiles and the K/V ring."""
     rows = COMPUTE_WARPGROUPS * config.block_q + 2 * config.stages * config.block_kv
-    return rows * padded_head_dim(head_dim) * jnp.dtype(dtype).itemsize
+    return rows * padded_head_dim(head_dim, config.head_align) * jnp.dtype(dtype).itemsize
 
 
 def supports(q_shape, kv_shape, dtype, config: HopperConfig | None = None) -> str | None:
@@ -278,7 +285,7 @@ def flash_attention_hopper(
         raise ValueError(f"flash_attention_hopper cannot run {q.shape} x {k.shape}: {why}")
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
-    d_pad = padded_head_dim(head_dim)
+    d_pad = padded_head_dim(head_dim, config.head_align)
     scale = head_dim**-0.5 if scale is None else float(scale)
     kv_steps = kv_len // config.block_kv
     stages = min(config.stages, kv_steps)
@@ -287,8 +294,8 @@ def flash_attention_hopper(
     if d_pad != head_dim:  # zero columns: copies (see the module doc)
         q, k, v = (jnp.pad(t, ((0, 0),) * 3 + ((0, d_pad - head_dim),)) for t in (q, k, v))
     tile_transforms = (
-        plgpu.TilingTransform((8, SWIZZLE_BYTES // jnp.dtype(q.dtype).itemsize)),
-        plgpu.SwizzleTransform(SWIZZLE_BYTES),
+        plgpu.TilingTransform((8, config.head_align)),
+        plgpu.SwizzleTransform(config.head_align * jnp.dtype(q.dtype).itemsize),
     )
     scratch = [
         plgpu.SMEM(

@@ -26,6 +26,7 @@ from absl import app, flags
 from custom_calls.flash_attention import flash_attention, flash_attention_reference
 from custom_calls.flash_attention_hopper import flash_attention_hopper, padded_head_dim
 from custom_calls.flash_attention_hopper import supports as hopper_supports
+from custom_calls.flash_attention_hopper import tuned_config as hopper_tuned_config
 from custom_calls.fused_softmax import fused_softmax_attention
 from experiments.common import (
     device_info,
@@ -201,19 +202,19 @@ def benchmark(
             try:
                 if impl == "flash_hopper" and (why := hopper_supports(q.shape, k.shape, dtype)):
                     raise ValueError(why)
-                if (
-                    impl == "flash_hopper_padded"
-                    and padded_head_dim(shape.head_dim) == shape.head_dim
-                ):
-                    raise ValueError("the head dim needs no padding: same as flash_hopper")
+                if impl == "flash_hopper_padded":
+                    config = hopper_tuned_config(q.shape, k.shape, dtype)
+                    d_pad = padded_head_dim(shape.head_dim, config.head_align)
+                    if d_pad == shape.head_dim:
+                        raise ValueError("the head dim needs no padding: same as flash_hopper")
                 if impl == "torch":
                     out, timers[impl], release = _torch_sdpa(q, k, v, dtype.name, calls)
                     releases.append(release)
-                elif impl == "flash_hopper_padded":
+                elif impl == "flash_hopper_padded":  # the config of the unpadded shape
                     d = shape.head_dim
-                    pad = ((0, 0),) * 3 + ((0, padded_head_dim(d) - d),)
+                    pad = ((0, 0),) * 3 + ((0, d_pad - d),)
                     args = tuple(jnp.pad(t, pad) for t in (q, k, v))
-                    fn = functools.partial(flash_attention_hopper, scale=d**-0.5)
+                    fn = functools.partial(flash_attention_hopper, scale=d**-0.5, config=config)
                     program = chained_program(fn, *args, calls)
                     out = program(*args)[0][..., :d]
                     timers[impl] = functools.partial(_time_program_once, program, args, calls)

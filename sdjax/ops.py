@@ -42,6 +42,7 @@ import custom_calls
 from custom_calls.flash_attention import MAX_HEAD_DIM
 from custom_calls.flash_attention_hopper import padded_head_dim as _hopper_padded_head_dim
 from custom_calls.flash_attention_hopper import supports as _hopper_supports_shapes
+from custom_calls.flash_attention_hopper import tuned_config as _hopper_tuned_config
 
 logger = logging.getLogger(__name__)
 
@@ -217,8 +218,8 @@ def _auto_attention(q, k, v) -> str:
 def attention_head_padding(q_shape, kv_shape, dtype) -> int | None:
     """The padded head dim that the attention in force would copy its inputs to, else None.
 
-    Our Hopper kernel zero-pads head dims that are not a multiple of 64 (SD's 40, 80, 160)
-    by copying q, k, v (see `custom_calls/flash_attention_hopper.py`). A model that knows this
+    Our Hopper kernel zero-pads head dims that are not a multiple of its config's
+    `head_align` (64 by default: SD's 40, 80, 160) by copying q, k, v (see `custom_calls/flash_attention_hopper.py`). A model that knows this
     before projecting can produce padded heads itself, from zero-padded projection weights,
     and skip the copies (`sdjax.models.layers.Attention` does).
     """
@@ -227,7 +228,8 @@ def attention_head_padding(q_shape, kv_shape, dtype) -> int | None:
     impl = _resolve("attention", None, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, k, k))
     if impl != "flash_hopper" or hopper_supports(q, k):
         return None
-    d_pad = _hopper_padded_head_dim(q_shape[-1])
+    config = _hopper_tuned_config(q.shape, k.shape, dtype)
+    d_pad = _hopper_padded_head_dim(q_shape[-1], config.head_align)
     return d_pad if d_pad != q_shape[-1] else None
 
 

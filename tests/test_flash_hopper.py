@@ -35,6 +35,8 @@ CASES = [
     (1, 128, 2, 80, 192, jnp.bfloat16, HopperConfig(block_kv=64, stages=3)),
     (1, 128, 3, 160, 128, jnp.float16, HopperConfig(block_kv=64)),
     (2, 256, 2, 40, 128, jnp.float16, HopperConfig(block_q=128, pingpong=False)),
+    (1, 128, 2, 40, 128, jnp.bfloat16, HopperConfig(block_kv=64, head_align=16)),  # 40 -> 48
+    (1, 128, 2, 80, 128, jnp.float16, HopperConfig(block_kv=64, head_align=16)),  # no padding
 ]
 
 
@@ -93,6 +95,7 @@ def test_scale_argument(rng):
 
 def test_padded_head_dim():
     assert [padded_head_dim(d) for d in (40, 64, 80, 160, 256)] == [64, 64, 128, 192, 256]
+    assert [padded_head_dim(d, 16) for d in (40, 64, 80, 160)] == [48, 64, 80, 160]
 
 
 @pytest.mark.parametrize(
@@ -125,7 +128,7 @@ def test_supported_sd_shapes():
 
 
 def test_rejects_bad_configs():
-    for bad in (dict(block_q=32), dict(block_kv=96), dict(stages=1)):
+    for bad in (dict(block_q=32), dict(block_kv=96), dict(stages=1), dict(head_align=8)):
         with pytest.raises(ValueError):
             HopperConfig(**bad)
 
@@ -157,7 +160,8 @@ def test_gpu_sd_shapes(name, dtype, rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [HopperConfig(pingpong=False), HopperConfig(stages=3),
-                                    HopperConfig(block_q=128, block_kv=64)])  # fmt: skip
+                                    HopperConfig(block_q=128, block_kv=64),
+                                    HopperConfig(head_align=16)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:
@@ -189,7 +193,7 @@ def test_tuned_table_covers_the_padded_heads_the_unet_passes():
     for key, config in table.items():
         q_part, kv_len, bits = key.split(":")
         q_len, heads, head_dim = map(int, q_part.split("x"))
-        d_pad = padded_head_dim(head_dim)
+        d_pad = padded_head_dim(head_dim, config.get("head_align", 64))
         if d_pad != head_dim:
             assert table[f"{q_len}x{heads}x{d_pad}:{kv_len}:{bits}"] == config, key
             checked += 1
