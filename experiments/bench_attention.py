@@ -63,8 +63,6 @@ def _jax_mosaic_fa3(q, k, v):
     first; head dims are padded to 64 as ours are."""
     from jax.experimental.pallas.ops.gpu import attention_mgpu
 
-    from custom_calls.flash_attention_hopper import padded_head_dim
-
     d = q.shape[-1]
     pad = ((0, 0),) * 3 + ((0, padded_head_dim(d) - d),)
     config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2)
@@ -115,14 +113,9 @@ def launch_overhead_ms(repeats: int = 21) -> float:
 
 
 def time_compiled(compiled, args, calls: int, repeats: int) -> float:
-    """Median ms per call of a chained program, the launch overhead subtracted."""
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return max(statistics.median(times) - launch_overhead_ms(), 0.0) / calls
+    """Median ms per call of a chained program over `repeats` runs, after one warm-up."""
+    _time_program_once(compiled, args, calls)
+    return statistics.median(_time_program_once(compiled, args, calls) for _ in range(repeats))
 
 
 def _error_text(e: Exception) -> str:
@@ -159,6 +152,7 @@ def _torch_sdpa(q, k, v, dtype_name, calls):
 
 
 def _time_program_once(program, args, calls: int) -> float:
+    """ms per call of one run of a chained program, the launch overhead subtracted."""
     t0 = time.perf_counter()
     jax.block_until_ready(program(*args))
     ms = (time.perf_counter() - t0) * 1e3

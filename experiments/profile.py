@@ -103,7 +103,7 @@ KINDS = ("conv", "matmul", "attention", "norm", "elementwise", "copy", "other")
 # root op), which the op's source scope may refine (SCOPE_RULES).
 KIND_RULES: tuple[tuple[str, str, bool], ...] = (
     # our Pallas kernels: pl.pallas_call(name="sdjax_<op>")
-    ("attention", r"sdjax_flash_attention|sdjax_fused_softmax", True),
+    ("attention", r"sdjax_flash_attention|sdjax_flash_hopper|sdjax_fused_softmax", True),
     ("norm", r"sdjax_group_norm", True),
     ("matmul", r"sdjax_geglu", True),
     # cuDNN fused attention (fmha / sdpa engines), FlashAttention-style kernels

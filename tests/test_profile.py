@@ -44,6 +44,7 @@ GPU_NAMES = [
     ("cudnn::fusion::fmha_fprop_kernel<__half, 128>", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0", "attention"),
     ("sdjax_flash_attention", "attention"),
+    ("sdjax_flash_hopper_mosaic_gpu", "attention"),
     ("sdjax_fused_softmax_logits", "attention"),
     ("triton_softmax_3", "attention"),
     ("sdjax_group_norm_stats", "norm"),
