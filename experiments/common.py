@@ -176,3 +176,26 @@ def enable_compilation_cache(path: str | None = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def parse_xla_options(items) -> dict:
+    """`NAME=VALUE` strings (the experiments' --xla_option) as compile options
+    {name: bool | int | float | str}, for `Lowered.compile(compiler_options=...)`."""
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name:
+            raise ValueError(f"--xla_option wants NAME=VALUE; got {item!r}")
+        if value.lower() in ("true", "false"):
+            options[name] = value.lower() == "true"
+            continue
+        for cast in (int, float):
+            try:
+                options[name] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            options[name] = value
+    return options

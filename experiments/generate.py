@@ -107,24 +107,9 @@ def read_prompts() -> list[str]:
 
 def compiler_options() -> dict:
     """--xla_option NAME=VALUE flags as {name: bool | int | float | str}."""
-    options = {}
-    for item in FLAGS.xla_option:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--xla_option wants NAME=VALUE; got {item!r}")
-        value = value.strip()
-        if value.lower() in ("true", "false"):
-            options[name.strip()] = value.lower() == "true"
-            continue
-        for cast in (int, float):
-            try:
-                options[name.strip()] = cast(value)
-                break
-            except ValueError:
-                pass
-        else:
-            options[name.strip()] = value
-    return options
+    from experiments import common
+
+    return common.parse_xla_options(FLAGS.xla_option)
 
 
 def check_flags() -> None:

@@ -81,6 +81,9 @@ def define_flags() -> None:
         "loop_steps", 4, "guided UNet steps in one call of the denoise_loop program"
     )
     flags.DEFINE_bool("dump_hlo", False, "write each program's optimized HLO beside the JSON")
+    flags.DEFINE_multi_string(
+        "xla_option", [], "NAME=VALUE: an XLA compile option for every program; repeatable"
+    )
 
 
 # unet_step: one guided UNet call on its own (params are arguments: whatever XLA does to them,
@@ -747,6 +750,7 @@ def profile_program(
     steps_per_call: int = 1,
     dump_hlo_dir: str | None = None,
     flops_args=None,
+    compiler_options: dict | None = None,
 ) -> dict:
     """Compiles fn, times it untraced, traces `calls` calls and summarizes the trace.
 
@@ -756,7 +760,7 @@ def profile_program(
     import jax
 
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options or None)
     compile_s = time.perf_counter() - t0
     text = compiled.as_text()
     if dump_hlo_dir:
@@ -880,8 +884,10 @@ def profile(
     programs: tuple[str, ...] = PROGRAMS,
     loop_steps: int = 4,
     dump_hlo_dir: str | None = None,
+    compiler_options: dict | None = None,
 ) -> dict:
-    """The run as a record (see the module docstring)."""
+    """The run as a record (see the module docstring). `compiler_options`: XLA compile
+    options for every traced program (e.g. {"xla_gpu_enable_triton_gemm": False})."""
     import jax
     import jax.numpy as jnp
 
@@ -963,6 +969,7 @@ def profile(
         backend=backend,
         keep_trace_dir=keep_trace_dir,
         dump_hlo_dir=dump_hlo_dir,
+        compiler_options=compiler_options,
     )
     # FLOPs are counted on the "xla" preset's jaxpr: the same math, with no Pallas call hiding
     # its matmuls. The traced program is the chosen preset's.
@@ -1013,6 +1020,7 @@ def profile(
         "dtype": dtype,
         "kernels": kernels,
         "implementations": dataclasses.asdict(impls),
+        "compiler_options": dict(compiler_options or {}),
         "resolution": res,
         "latent": latent,
         "unet_batch": 2,
@@ -1144,7 +1152,8 @@ def markdown(record: dict, top: int = 30) -> str:
         f"# Profile: {record['config']} {record['resolution']}x{record['resolution']}, "
         f"{record['dtype']}, kernels={record['kernels']}\n\n"
         f"device: {dev['device_kind']} ({dev['backend']}), jax {dev['jax']}. "
-        f"Implementations: {record['implementations']}.\n\n"
+        f"Implementations: {record['implementations']}."
+        f"{' XLA options: ' + str(record['compiler_options']) + '.' if record.get('compiler_options') else ''}\n\n"
         f"Measured in the same run: matmul {_fmt(r['matmul_tflops'], '.4g')} TFLOP/s "
         f"({r['matmul_size']}^3 {r['matmul_dtype']}), copy {_fmt(r['copy_gbps'], '.4g')} GB/s "
         f"({r['copy_mib']} MiB device-to-device, read + write; x*2 streams at "
@@ -1247,6 +1256,7 @@ def main(argv):
         programs=tuple(FLAGS.programs),
         loop_steps=FLAGS.loop_steps,
         dump_hlo_dir=str(out) if FLAGS.dump_hlo else None,
+        compiler_options=common.parse_xla_options(FLAGS.xla_option),
     )
     record["total_s"] = time.perf_counter() - t0
     _, md = write_outputs(record, out, top=FLAGS.top, tag=FLAGS.tag)

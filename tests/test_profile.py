@@ -329,6 +329,7 @@ def test_command_line(tmp_path):
         "--nocompilation_cache",
         "--loop_steps=2",
         "--dump_hlo",
+        "--xla_option=xla_gpu_enable_triton_gemm=false",  # a DebugOptions field, valid on CPU
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.profile", *args],
@@ -343,6 +344,8 @@ def test_command_line(tmp_path):
     assert "# Profile: tiny" in proc.stdout
     record = json.loads((tmp_path / "profile_tiny_float32_xla.json").read_text())
     _check_record(record)
+    assert record["compiler_options"] == {"xla_gpu_enable_triton_gemm": False}
+    assert "XLA options: {'xla_gpu_enable_triton_gemm': False}" in proc.stdout
     for program in profile.PROGRAMS:  # --dump_hlo: the optimized HLO of each program
         assert (tmp_path / f"{program}.hlo.txt").read_text().lstrip().startswith("HloModule")
 
