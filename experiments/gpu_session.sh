@@ -14,6 +14,8 @@
 #                  implementations $ATTENTION_IMPLS (default: all but jax_mosaic_fa3)
 #   autotune       experiments.make_autotune from the committed benches and the newest
 #                  attention bench of this call ($OUT); the table is copied to results
+#   geglu          experiments.bench_norm: the GEGLU kernel against XLA and its block sweep on
+#                  $GEGLU_SHAPES (default: SD1.5's four), within $GEGLU_BUDGET seconds
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
 #                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
@@ -83,6 +85,11 @@ for stage in "$@"; do
         --attention $r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runa.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runb.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s3.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s4.json${latest:+,$latest} \
         --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json 2>&1 | tail -3 || status=1
       cp sdjax/assets/autotune.json "$OUT/autotune.json"
+      ;;
+    geglu)
+      g=${GEGLU_SHAPES:-sd15_64,sd15_32,sd15_16,sd15_8}
+      limit python3 experiments/bench_norm.py --gn_shapes unet_64x64x320 --geglu_shapes $g \
+        --sweep_geglu $g --budget_s ${GEGLU_BUDGET:-100} 2>&1 | quiet | tail -30 || status=1
       ;;
     profile)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" limit python3 -m experiments.profile \
