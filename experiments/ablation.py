@@ -50,22 +50,24 @@ def rows() -> dict:
 
     xla = dict(attention="xla", group_norm="xla", geglu="xla", layer_norm="xla")
     auto = I(attention="auto", group_norm="auto", geglu="auto", layer_norm="auto")
+    plain = {"compiler_options": {}}  # XLA's own defaults: the kernel rows change nothing else
     return {
-        "baseline_xla": (I(**xla), {}),
-        "+fused_groupnorm": (I(**{**xla, "group_norm": "pallas"}), {}),
-        "+geglu": (I(**{**xla, "group_norm": "pallas", "geglu": "pallas"}), {}),
+        "baseline_xla": (I(**xla), plain),
+        "+fused_groupnorm": (I(**{**xla, "group_norm": "pallas"}), plain),
+        "+geglu": (I(**{**xla, "group_norm": "pallas", "geglu": "pallas"}), plain),
         "+fused_softmax": (I(attention="fused_softmax", group_norm="pallas", geglu="pallas",
-                             layer_norm="xla"), {}),  # fmt: skip
-        "+flash": (I(attention="flash", group_norm="pallas", geglu="pallas", layer_norm="xla"), {}),
-        "cudnn_attention_only": (I(**{**xla, "attention": "cudnn"}), {}),
+                             layer_norm="xla"), plain),  # fmt: skip
+        "+flash": (I(attention="flash", group_norm="pallas", geglu="pallas", layer_norm="xla"),
+                   plain),  # fmt: skip
+        "cudnn_attention_only": (I(**{**xla, "attention": "cudnn"}), plain),
+        # the product: our kernels where measured faster, and the pipeline's default XLA
+        # options (sdjax.pipeline.default_compiler_options: Triton GEMM fusions off on GPU)
         "auto": (auto, {}),
         "auto_conditioning_per_step": (auto, {"hoist_conditioning": False}),
         "auto+layer_norm": (dataclasses.replace(auto, layer_norm="pallas"), {}),
-        # XLA's own GEMM choice: cuBLAS for every dot instead of its Triton GEMM fusions
-        "auto_no_triton_gemm": (
-            auto,
-            {"compiler_options": {"xla_gpu_enable_triton_gemm": False}},
-        ),
+        # auto with XLA's default options: its Triton GEMM fusions back on (the `auto` row of
+        # sessions 1-3; their `auto_no_triton_gemm` row is this session's `auto`)
+        "auto_xla_options": (auto, plain),
     }
 
 
@@ -111,7 +113,7 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, o
     row = {
         "row": name,
         "kernels": dataclasses.asdict(kernels),
-        "options": options,
+        "options": {**options, "compiler_options": pipe.compiler_options},
         "text_encoder_ms": med["text_encoder"],
         "unet_step_ms": med["denoise"] / steps,
         "denoise_ms": med["denoise"],

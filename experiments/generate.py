@@ -105,8 +105,11 @@ def read_prompts() -> list[str]:
     return [p for p in prompts for _ in range(FLAGS.batch)]
 
 
-def compiler_options() -> dict:
-    """--xla_option NAME=VALUE flags as {name: bool | int | float | str}."""
+def compiler_options() -> dict | None:
+    """--xla_option NAME=VALUE flags as {name: bool | int | float | str}; None without any
+    (the pipeline's defaults, `sdjax.pipeline.default_compiler_options`)."""
+    if not FLAGS.xla_option:
+        return None
     from experiments import common
 
     return common.parse_xla_options(FLAGS.xla_option)

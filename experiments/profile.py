@@ -82,7 +82,10 @@ def define_flags() -> None:
     )
     flags.DEFINE_bool("dump_hlo", False, "write each program's optimized HLO beside the JSON")
     flags.DEFINE_multi_string(
-        "xla_option", [], "NAME=VALUE: an XLA compile option for every program; repeatable"
+        "xla_option",
+        [],
+        "NAME=VALUE: an XLA compile option for every program, repeatable; none given: the "
+        "pipeline's defaults (sdjax.pipeline.default_compiler_options)",
     )
 
 
@@ -887,7 +890,8 @@ def profile(
     compiler_options: dict | None = None,
 ) -> dict:
     """The run as a record (see the module docstring). `compiler_options`: XLA compile
-    options for every traced program (e.g. {"xla_gpu_enable_triton_gemm": False})."""
+    options for every traced program (e.g. {"xla_gpu_enable_triton_gemm": True}); None: the
+    pipeline's defaults (`sdjax.pipeline.default_compiler_options`)."""
     import jax
     import jax.numpy as jnp
 
@@ -896,6 +900,8 @@ def profile(
     from sdjax import ops, pipeline, schedulers, weights
     from sdjax.models.vae import AutoencoderKL
 
+    if compiler_options is None:
+        compiler_options = pipeline.default_compiler_options()
     unknown = set(programs) - set(PROGRAMS)
     if unknown:
         raise ValueError(f"unknown programs {sorted(unknown)}; known: {', '.join(PROGRAMS)}")
@@ -1256,7 +1262,9 @@ def main(argv):
         programs=tuple(FLAGS.programs),
         loop_steps=FLAGS.loop_steps,
         dump_hlo_dir=str(out) if FLAGS.dump_hlo else None,
-        compiler_options=common.parse_xla_options(FLAGS.xla_option),
+        compiler_options=(
+            common.parse_xla_options(FLAGS.xla_option) if FLAGS.xla_option else None
+        ),
     )
     record["total_s"] = time.perf_counter() - t0
     _, md = write_outputs(record, out, top=FLAGS.top, tag=FLAGS.tag)

@@ -300,3 +300,16 @@ def test_compiler_options_reach_xla():
     bad = random_pipeline(compiler_options={"xla_no_such_option": True})
     with pytest.raises(ValueError, match="bad compiler_options.*xla_no_such_option"):
         bad.generate("a cat", **kw)
+
+
+def test_default_compiler_options():
+    """None: the pipeline's defaults for the backend (XLA's Triton GEMMs off on a GPU only);
+    {}: XLA's own defaults; given options are kept as given."""
+    from sdjax.pipeline import default_compiler_options
+
+    assert default_compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert default_compiler_options("cpu") == {}
+    assert random_pipeline().compiler_options == default_compiler_options()
+    assert random_pipeline(compiler_options={}).compiler_options == {}
+    given = {"xla_gpu_enable_triton_gemm": True}
+    assert random_pipeline(compiler_options=given).compiler_options == given

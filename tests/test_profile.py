@@ -309,6 +309,7 @@ def test_profile_tiny(tmp_path):
         loop_steps=2,
     )  # fmt: skip
     _check_record(record)
+    assert record["compiler_options"] == {}  # the pipeline's defaults on CPU: none
     paths, md = profile.write_outputs(record, tmp_path)
     assert paths["json"].name == "profile_tiny_float32_xla.json"
     assert json.loads(paths["json"].read_text())["config"] == "tiny"
