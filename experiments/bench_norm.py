@@ -31,8 +31,15 @@ from absl import app, flags
 from custom_calls import geglu, geglu_elementwise, geglu_reference, group_norm
 from custom_calls._common import next_power_of_2
 from custom_calls.geglu import Config as GegluConfig
+from custom_calls.group_norm import TUNING_PATH as GN_TUNING_PATH
 from custom_calls.group_norm import Config as GNConfig
-from custom_calls.group_norm import group_norm_reference, heuristic_config
+from custom_calls.group_norm import (
+    group_norm_reference,
+    heuristic_config,
+    rows_config,
+    shape_key,
+    tuned_config,
+)
 from experiments.common import (
     device_info,
     markdown_table,
@@ -56,6 +63,15 @@ _REPORT = flags.DEFINE_string(
     "report", "", "re-render the markdown and PNG of this JSON, then exit"
 )
 _CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program")
+_PLANS = flags.DEFINE_list(
+    "sweep_plans", ["split", "fused", "rows"], "GroupNorm plans the sweep tries (and the current)"
+)
+_GN_TABLE = flags.DEFINE_string(
+    "gn_table",
+    str(GN_TUNING_PATH),
+    "GroupNorm tuning table that the sweep updates with each swept shape's fastest config by "
+    "device kernel time ('' to leave it alone)",
+)
 _REPEATS = flags.DEFINE_integer("repeats", 7, "timed repeats (median)")
 
 _T0 = time.perf_counter()
@@ -105,6 +121,28 @@ def _time(fn, arg_sets) -> float:
         jax.block_until_ready(prog(arg_sets))
         ts.append(time.perf_counter() - t0)
     return max(statistics.median(ts) - _dispatch_s(), 0.0) / len(arg_sets) * 1e3
+
+
+def _kernel_us(fn, arg_sets, calls: int = 3) -> float:
+    """Device kernel time per call, in us: the summed durations of the GPU kernels that
+    `calls` runs of one jitted program (fn on each argument set) launch, read from a
+    jax.profiler trace, over calls * len(arg_sets).
+
+    Launch gaps are left out on purpose. Inside the UNet's denoising loop XLA replays a step
+    as a command buffer (a CUDA graph), where they mostly vanish; the wall time of a program
+    of small kernels launched one by one measures the host's launch rate instead (a 5 MB
+    GroupNorm of ~20 us of kernels read 43-62 us by `_time`).
+    """
+    import tempfile
+
+    from experiments import profile
+
+    compiled = jax.jit(lambda sets: [fn(*a) for a in sets]).lower(arg_sets).compile()
+    with tempfile.TemporaryDirectory() as log_dir:
+        events, _ = profile.trace_program(
+            compiled, (arg_sets,), calls, log_dir, jax.default_backend()
+        )
+    return sum(e.dur_ns for e in events) / 1e3 / (calls * len(arg_sets))
 
 
 def _torch(fn):
@@ -191,7 +229,7 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
         )
         gbytes = 2 * x.size * x.dtype.itemsize / 1e9
         row = {"shape": name, "dims": "x".join(map(str, s.shape)), "act": s.activation,
-               "config": str(heuristic_config(s.shape, x.dtype, groups=s.groups))}  # fmt: skip
+               "config": str(tuned_config(s.shape, x.dtype, groups=s.groups))}  # fmt: skip
         impls = {
             "ours": _gn_fn(s),
             "xla": functools.partial(ops._group_norm_xla, **kw),
@@ -204,6 +242,8 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
                 row[f"{impl}_ms"] = ms = _time(fn, sets)
                 row[f"{impl}_gbs"] = gbytes / (ms * 1e-3) if ms > 0 else None
                 row[f"{impl}_err"] = relative_error(out, ref)
+                if jax.default_backend() == "gpu":
+                    row[f"{impl}_kernel_us"] = _kernel_us(fn, sets)
             except Exception as e:
                 row[f"{impl}_error"] = _error_text(e)
         del sets
@@ -226,11 +266,20 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
     return rows
 
 
-def group_norm_candidates(shape, groups: int = 32) -> list[GNConfig]:
-    """Block configs worth timing at this shape (the heuristic first)."""
+def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused", "rows"),
+                          dtype=jnp.float16) -> list[GNConfig]:  # fmt: skip
+    """Block configs worth timing at this shape: the one in force first (table or heuristic),
+    the heuristic, then those of `plans`."""
     n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
     cp, gp = next_power_of_2(c // groups), next_power_of_2(groups)
-    out = [heuristic_config(shape, None, groups=groups)]
+    current = tuned_config(shape, dtype, groups=groups)
+    rows_plan = [rows_config(shape, rows=r, num_warps=w)
+                 for r, w in ((32, 4), (64, 4), (128, 8), (256, 8))
+                 if r <= max(s, 32)] if "rows" in plans else []  # fmt: skip
+    if "split" not in plans and "fused" not in plans:
+        return list(dict.fromkeys([current, heuristic_config(shape, None, groups=groups),
+                                   *rows_plan]))  # fmt: skip
+    out = [current, heuristic_config(shape, None, groups=groups)]
     br = max(1, min(4096 // (gp * cp), next_power_of_2(s)))
     split = functools.partial(GNConfig, mode="split", block_rows=br)
     for rows in (32, 64, 128, 512, 2048):
@@ -250,7 +299,9 @@ def group_norm_candidates(shape, groups: int = 32) -> list[GNConfig]:
         for bg in (1, 4):
             out.append(GNConfig(mode="fused", block_rows=max(1, min(4096 // cp, s)),
                                 block_groups=bg))  # fmt: skip
-    return list(dict.fromkeys(out))
+    keep = {"split", "fused"} & set(plans)
+    out = out[:2] + [cfg for cfg in out[2:] if cfg.mode in keep]
+    return list(dict.fromkeys(out + rows_plan))
 
 
 def sweep_group_norm(dtype, names, deadline) -> list[dict]:
@@ -260,18 +311,52 @@ def sweep_group_norm(dtype, names, deadline) -> list[dict]:
         x = _normal(rng, s.shape, dtype)
         sc, b = _normal(rng, (s.shape[-1],), jnp.float32), _normal(rng, (s.shape[-1],), jnp.float32)
         sets = [(v, sc, b) for v in _variants(x, _CALLS.value)]
-        for cfg in group_norm_candidates(s.shape, s.groups):
+        ref = group_norm_reference(
+            x.astype(jnp.float32), sc, b, groups=s.groups, eps=s.eps, activation=s.activation
+        )
+        for cfg in group_norm_candidates(s.shape, s.groups, _PLANS.value, jnp.dtype(dtype)):
             if time.perf_counter() > deadline:
                 return rows
             row = {"shape": name, **dataclasses.asdict(cfg)}
             try:
-                row["ms"] = _time(_gn_fn(s, cfg), sets)
+                fn = _gn_fn(s, cfg)
+                row["err"] = relative_error(jax.jit(fn)(x, sc, b), ref)
+                row["ms"] = _time(fn, sets)
                 row["gbs"] = 2 * x.size * x.dtype.itemsize / 1e9 / max(row["ms"] * 1e-3, 1e-9)
+                if jax.default_backend() == "gpu":
+                    row["kernel_us"] = _kernel_us(fn, sets)
             except Exception as e:
                 row["error"] = _error_text(e)
             rows.append(row)
-            print(f"sweep {name:20s} {row.get('ms', row.get('error'))} {cfg}", flush=True)
+            print(f"sweep {name:20s} {row.get('kernel_us', row.get('ms', row.get('error')))} "
+                  f"{cfg}", flush=True)  # fmt: skip
     return rows
+
+
+# Relative error above which a swept config is not a candidate for the table (fp16 output).
+_SWEEP_TOL = 1e-2
+
+
+def update_gn_table(sweep_rows, path, dtype) -> dict:
+    """Writes each swept shape's fastest config by device kernel time (accurate ones only)
+    into the GroupNorm tuning table at `path`, keeping the other entries; returns the table."""
+    path = pathlib.Path(path)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    configs = table.setdefault("configs", {})
+    for name in dict.fromkeys(r["shape"] for r in sweep_rows):
+        ok = [r for r in sweep_rows if r["shape"] == name and r.get("kernel_us")
+              and r.get("err", 1.0) <= _SWEEP_TOL]  # fmt: skip
+        if not ok:
+            continue
+        best = min(ok, key=lambda r: r["kernel_us"])
+        s = GROUP_NORM_SHAPES[name]
+        fields = {f.name for f in dataclasses.fields(GNConfig)}
+        configs[shape_key(s.shape, dtype, s.groups)] = {k: best[k] for k in fields}
+    table["device"] = device_info()["device_kind"]
+    table["note"] = ("experiments/bench_norm.py --sweep: per shape, the config with the least "
+                     "device kernel time (jax.profiler trace) among those within tolerance")  # fmt: skip
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    return table
 
 
 # ------------------------------------------------------------------------------------------
@@ -393,7 +478,11 @@ GEGLU_COLUMNS = ["shape", "m", "d", "f", "fused_ms", "best_swept_ms", "xla_mm+ou
 
 
 def _best(sweep_rows, name):
+    """The fastest swept row of a shape: by device kernel time where measured, else wall."""
     ok = [r for r in sweep_rows if r["shape"] == name and r.get("ms")]
+    if any(r.get("kernel_us") for r in ok):
+        ok = [r for r in ok if r.get("kernel_us")]
+        return min(ok, key=lambda r: r["kernel_us"])
     return min(ok, key=lambda r: r["ms"]) if ok else None
 
 
@@ -442,6 +531,9 @@ def main(argv):
         print("timing check", record["timing_check"], flush=True)
     record["group_norm_sweep"] = sweep_group_norm(_DTYPE.value, _SWEEP.value, deadline - 25)
     save()
+    if record["group_norm_sweep"] and _GN_TABLE.value and jax.default_backend() == "gpu":
+        update_gn_table(record["group_norm_sweep"], _GN_TABLE.value, _DTYPE.value)
+        print(f"updated {_GN_TABLE.value}", flush=True)
     record["geglu_sweep"] = sweep_geglu(_DTYPE.value, _SWEEP_GEGLU.value, deadline)
     for rows, sweep in ((record["group_norm"], record["group_norm_sweep"]),
                         (record["geglu"], record["geglu_sweep"])):  # fmt: skip

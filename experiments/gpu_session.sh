@@ -2,7 +2,8 @@
 # One device-tool call's worth of GPU work, in stages: bash experiments/gpu_session.sh STAGE...
 #   env            versions, GPU, flax present (installs the carried .whl_flax wheels if not)
 #   anchors        put the carried diffusers 0.35.2 wheel (and its few needs) on PYTHONPATH
-#   tests          pytest -m gpu (every kernel's GPU path, and the HLO custom-call checks)
+#   tests          pytest -m gpu (every kernel's GPU path, and the HLO custom-call checks);
+#                  $TESTS_FILES and $TESTS_K (a -k expression) narrow it
 #   generate       experiments.generate at 512x512, 20 steps, fp16, kernels auto
 #   ablation       experiments.ablation sd15 fp16 with the anchors (extra flags: $ABLATION_ARGS)
 #   ablation_bf16  the same in bfloat16 ($BF16_ARGS, default: no anchors)
@@ -14,6 +15,10 @@
 #                  implementations $ATTENTION_IMPLS (default: all but jax_mosaic_fa3)
 #   autotune       experiments.make_autotune from the committed benches and the newest
 #                  attention bench of this call ($OUT); the table is copied to results
+#   gn             experiments.bench_norm: GroupNorm at $GN_SHAPES (default: the UNet's), ours
+#                  against XLA, and the block/plan sweep ($GN_PLANS, default rows) by device
+#                  kernel time within $GN_BUDGET s; updates custom_calls/tuning/group_norm.json
+#                  (copied to results), which later stages of the call then use
 #   geglu          experiments.bench_norm: the GEGLU kernel against XLA and its block sweep on
 #                  $GEGLU_SHAPES (default: SD1.5's four), within $GEGLU_BUDGET seconds
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
@@ -49,7 +54,8 @@ for stage in "$@"; do
       python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
       ;;
     tests)
-      limit python3 -m pytest -q -m gpu tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_norm_kernels.py tests/test_ops.py 2>&1 | tail -15 || status=1
+      limit python3 -m pytest -q -m gpu ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_norm_kernels.py tests/test_ops.py} \
+        ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -15 || status=1
       ;;
     hopper)
       if limit python3 -m pytest -q -x -m gpu tests/test_flash_hopper.py 2>&1 | tail -25; then
@@ -85,6 +91,12 @@ for stage in "$@"; do
         --attention $r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runa.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runb.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s3.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s4.json${latest:+,$latest} \
         --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json 2>&1 | tail -3 || status=1
       cp sdjax/assets/autotune.json "$OUT/autotune.json"
+      ;;
+    gn)
+      g=${GN_SHAPES:-unet_64x64x320,unet_attn_64x64x320,unet_64x64x640,unet_64x64x960,unet_32x32x640,unet_32x32x1280,unet_32x32x960,unet_32x32x1920,unet_32x32x320,unet_attn_32x32x640,unet_16x16x1280,unet_16x16x2560,unet_16x16x1920,unet_16x16x640,unet_attn_16x16x1280,unet_8x8x1280,unet_8x8x2560,unet_attn_8x8x1280}
+      limit python3 experiments/bench_norm.py --gn_shapes $g --geglu_shapes sd15_8 --sweep $g \
+        --sweep_plans ${GN_PLANS:-rows} --calls ${GN_CALLS:-8} --repeats 5 --budget_s ${GN_BUDGET:-150} 2>&1 | quiet | tail -40 || status=1
+      cp custom_calls/tuning/group_norm.json "$OUT/group_norm_tuning.json" 2>/dev/null
       ;;
     geglu)
       g=${GEGLU_SHAPES:-sd15_64,sd15_32,sd15_16,sd15_8}

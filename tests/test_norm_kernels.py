@@ -92,13 +92,35 @@ def test_group_norm_channels(rng, shape, dtype, activation, config):
     _check_group_norm(rng, shape, dtype, activation, config)
 
 
+# The rows plan at every channel count (C_pad = C only at 128, 256, 512): 3 or 2 partials with
+# a masked tail, tiles that cross the end of a normalize chunk, every dtype and activation.
+_ROWS_CASES = [
+    ((n, h, w, c), dtype, act, Config(mode="rows", block_rows=br, stats_rows=sr, norm_rows=nr))
+    for c, (n, h, w), dtype, act, (br, sr, nr) in zip(
+        _CHANNELS,
+        itertools.cycle(_SPATIAL),
+        itertools.cycle(DTYPES),
+        itertools.cycle(ACTIVATIONS),
+        itertools.cycle(((4, 12, 8), (2, 16, 6), (8, 8, 24))),
+    )
+]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,activation,config", _ROWS_CASES, ids=map(_case_id, _ROWS_CASES)
+)
+def test_group_norm_rows_plan(rng, shape, dtype, activation, config):
+    _check_group_norm(rng, shape, dtype, activation, config)
+
+
 @pytest.mark.parametrize(
     "config",
     [
         Config(mode="split", block_rows=4, stats_rows=4, norm_rows=8),
         Config(mode="fused", block_rows=16, block_groups=16),
+        Config(mode="rows", block_rows=4, stats_rows=8, norm_rows=8),
     ],
-    ids=["split", "fused"],
+    ids=["split", "fused", "rows"],
 )
 def test_group_norm_groups_not_power_of_two(rng, config):
     """24 groups: the padded 32-group tile and the 16-group blocks both need a group mask."""
@@ -111,8 +133,9 @@ def test_group_norm_groups_not_power_of_two(rng, config):
         Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16),
         Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16, combine_in_kernel=False),
         Config(mode="fused", block_rows=16, block_groups=8),
+        Config(mode="rows", block_rows=4, stats_rows=8, norm_rows=16),
     ],
-    ids=["split", "split_xla_combine", "fused"],
+    ids=["split", "split_xla_combine", "fused", "rows"],
 )
 def test_group_norm_large_offset(rng, config):
     """Mean 1000, std 0.01 in float32, against a float64 numpy reference."""
@@ -128,9 +151,87 @@ def test_group_norm_large_offset(rng, config):
     assert relative_error(out, ref) <= 1e-5
 
 
-def test_group_norm_large_offset_half(rng):
+@pytest.mark.parametrize(
+    "config", [None, Config(mode="rows", block_rows=4, stats_rows=16, norm_rows=16)],
+    ids=["heuristic", "rows"],
+)  # fmt: skip
+def test_group_norm_large_offset_half(rng, config):
     """float16 far from zero (mean 200, std 1): statistics stay float32 and shifted."""
-    _check_group_norm(rng, (1, 8, 8, 640), jnp.float16, "silu", None, mean=200.0)
+    _check_group_norm(rng, (1, 8, 8, 640), jnp.float16, "silu", config, mean=200.0)
+
+
+def test_rows_config_tiles():
+    """Every SD GroupNorm shape: a rows tile of at most ROW_TILE_ELEMENTS padded elements, and
+    program row counts that are multiples of the tile."""
+    from custom_calls.group_norm import ROW_TILE_ELEMENTS, rows_config
+
+    for s in GROUP_NORM_SHAPES.values():
+        for rows in (32, 64, 256):
+            cfg = rows_config(s.shape, rows=rows)
+            cp = 1 << (s.shape[-1] - 1).bit_length()
+            assert cfg.mode == "rows" and cfg.block_rows * cp <= ROW_TILE_ELEMENTS, (s, cfg)
+            assert cfg.stats_rows % cfg.block_rows == 0 and cfg.stats_rows >= rows, (s, cfg)
+
+
+def test_tuned_config_reads_the_table(tmp_path, monkeypatch):
+    """group_norm's default config: the table's entry for the shape, else the heuristic."""
+    import importlib
+    import json
+
+    gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
+
+    shape = (2, 8, 8, 320)
+    entry = dict(mode="rows", block_rows=4, stats_rows=16, norm_rows=32, num_warps=8)
+    table = tmp_path / "group_norm.json"
+    table.write_text(json.dumps({"configs": {gn.shape_key(shape, jnp.float16, 32): entry}}))
+    monkeypatch.setattr(gn, "TUNING_PATH", table)
+    gn.tuned_table.cache_clear()
+    try:
+        assert gn.shape_key(shape, jnp.bfloat16, 32) == "2x64x320:32:16bit"
+        assert gn.tuned_config(shape, jnp.bfloat16) == Config(**entry)
+        assert gn.tuned_config(shape, jnp.float32) == gn.heuristic_config(shape, jnp.float32)
+        assert gn.tuned_config((2, 4, 4, 320), jnp.float16) == gn.heuristic_config(
+            (2, 4, 4, 320), jnp.float16
+        )
+    finally:
+        gn.tuned_table.cache_clear()
+
+
+def test_sweep_writes_the_fastest_accurate_config(tmp_path):
+    """bench_norm's table update (in a subprocess: the script defines absl flags on import)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+from experiments import bench_norm
+rows = [
+    dict(shape="unet_64x64x320", mode="rows", block_rows=8, stats_rows=64, norm_rows=64,
+         combine_in_kernel=True, block_groups=32, num_warps=4, kernel_us=9.0, err=1e-4, ms=0.05),
+    dict(shape="unet_64x64x320", mode="split", block_rows=8, stats_rows=32, norm_rows=32,
+         combine_in_kernel=False, block_groups=32, num_warps=4, kernel_us=8.0, err=0.5, ms=0.05),
+    dict(shape="unet_64x64x320", mode="fused", block_rows=8, stats_rows=64, norm_rows=64,
+         combine_in_kernel=True, block_groups=1, num_warps=4, kernel_us=12.0, err=1e-4, ms=0.05),
+    dict(shape="unet_8x8x1280", mode="fused", error="Boom", block_rows=8),
+]
+bench_norm.device_info = lambda: {"device_kind": "test"}
+bench_norm.update_gn_table(rows, sys.argv[1], "float16")
+"""
+    path = tmp_path / "gn.json"
+    path.write_text(json.dumps({"configs": {"1x1x32:32:16bit": {"mode": "fused"}}}))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    configs = json.loads(path.read_text())["configs"]
+    assert configs["1x1x32:32:16bit"] == {"mode": "fused"}  # other entries kept
+    # the split row is faster but inaccurate: the rows config wins; the failed shape is absent
+    assert configs["2x4096x320:32:16bit"]["mode"] == "rows"
+    assert Config(**configs["2x4096x320:32:16bit"]).stats_rows == 64
+    assert not any(k.startswith("2x64x1280") for k in configs)
 
 
 def test_group_norm_errors(rng):
@@ -260,19 +361,28 @@ _GPU_GN = (
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("plan", ("tuned", "rows"))
 @pytest.mark.parametrize("name", _GPU_GN)
-def test_group_norm_gpu(rng, name):
+def test_group_norm_gpu(rng, name, plan):
+    """`tuned`: the config the UNet gets (table or heuristic); `rows`: that plan forced."""
     s = GROUP_NORM_SHAPES[name]
     x = _normal(rng, s.shape, jnp.float16)
     scale, bias = _affine(rng, s.shape[-1])
-    out = group_norm(x, scale, bias, groups=s.groups, eps=s.eps, activation=s.activation)
-    ref = group_norm_reference(x, scale, bias, groups=s.groups, eps=s.eps, activation=s.activation)
+    config = None if plan == "tuned" else Config(mode="rows", block_rows=8, stats_rows=64,
+                                                norm_rows=64)  # fmt: skip
+    kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
+    out = group_norm(x, scale, bias, config=config, **kw)
+    ref = group_norm_reference(x, scale, bias, **kw)
     assert relative_error(out, ref) <= TOL[jnp.float16]
 
 
 @pytest.mark.gpu
 def test_group_norm_large_offset_gpu(rng):
-    for config in (None, Config(mode="fused", block_rows=64, block_groups=1)):
+    for config in (
+        None,
+        Config(mode="fused", block_rows=64, block_groups=1),
+        Config(mode="rows", block_rows=8, stats_rows=64, norm_rows=64),
+    ):
         _check_group_norm(rng, (2, 32, 32, 640), jnp.float32, "silu", config, mean=1000.0, std=0.01)
 
 

@@ -249,8 +249,10 @@ def test_padded_heads_self_attention_is_the_same_attention(monkeypatch, qkv_bias
 
 def test_auto_head_padding_on_a_faked_hopper(monkeypatch):
     """The decision path that runs only on a GPU: `auto` picks flash_hopper where the table
-    says so, and `attention_head_padding` then asks for padded heads (SD1.5's head dim 80 at
-    1024 tokens -> 128). Here the backend, the device and the table are stand-ins."""
+    says so, and `attention_head_padding` then asks for padded heads where the tuned config's
+    head_align does not divide the head dim (SD1.5's 40 at 4096 tokens: 48 or 64). Here the
+    backend, the device and the choice table are stand-ins; the tuning table is the real one."""
+    from custom_calls.flash_attention_hopper import padded_head_dim, tuned_config
 
     class FakeHopper:
         compute_capability = "9.0"
@@ -258,10 +260,14 @@ def test_auto_head_padding_on_a_faked_hopper(monkeypatch):
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
     monkeypatch.setattr(ops.jax, "devices", lambda: [FakeHopper()])
     monkeypatch.setattr(autotune, "choose", lambda *a, default: "flash_hopper")
-    shape = (2, 1024, 8, 80)
+    shape = (2, 4096, 8, 40)
     assert ops.hopper_supports(jnp.ones(shape, jnp.float16), jnp.ones(shape, jnp.float16)) is None
     with ops.use("auto"):
-        assert ops.attention_head_padding(shape, shape, jnp.float16) == 128
+        for s in (shape, (2, 1024, 8, 80), (2, 256, 8, 160)):
+            d_pad = padded_head_dim(s[-1], tuned_config(s, s, jnp.float16).head_align)
+            want = None if d_pad == s[-1] else d_pad
+            assert ops.attention_head_padding(s, s, jnp.float16) == want, s
+        assert ops.attention_head_padding(shape, shape, jnp.float16) in (48, 64)
         assert ops.attention_head_padding((2, 1024, 5, 64), (2, 1024, 5, 64), jnp.float16) is None
         assert ops.attention_head_padding((2, 100, 8, 80), (2, 100, 8, 80), jnp.float16) is None
     FakeHopper.compute_capability = "8.0"  # an A100: the table's Hopper choice becomes flash
