@@ -5,7 +5,7 @@ block sizes. Off GPU the kernels run through Pallas interpret mode (for tests, n
 """
 
 from custom_calls.flash_attention import flash_attention, flash_attention_reference
-from custom_calls.flash_attention_hopper import flash_attention_hopper
+from custom_calls.flash_attention_hopper import flash_attention_hopper, flash_attention_hopper_qkv
 from custom_calls.fused_softmax import fused_softmax_attention, fused_softmax_attention_reference
 from custom_calls.geglu import geglu, geglu_elementwise, geglu_reference
 from custom_calls.group_norm import group_norm, group_norm_reference
@@ -14,6 +14,7 @@ from custom_calls.layer_norm import layer_norm, layer_norm_reference
 __all__ = [
     "flash_attention",
     "flash_attention_hopper",
+    "flash_attention_hopper_qkv",
     "flash_attention_reference",
     "fused_softmax_attention",
     "fused_softmax_attention_reference",

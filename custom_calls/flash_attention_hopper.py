@@ -174,19 +174,23 @@ def _kernel(
     q_ref, k_ref, v_ref, o_ref,
     q_smem, k_smem, v_smem, q_full, k_full, v_full, k_free, v_free, turn,
     *, d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
+    head_offsets=(0, 0, 0),
 ):  # fmt: skip
     """One program: 2 * block_q query rows of one (batch, head); three warpgroups.
 
     q_ref, o_ref: [B, Lq, H, d_pad]; k_ref, v_ref: [B, Lk, H, d_pad]. q_smem [2, block_q, d_pad];
     k_smem, v_smem [stages, block_kv, d_pad]; the barriers as named in the module doc.
+    head_offsets: where head h of q, k and v sits in its ref (packed qkv [B, L, 3H, d_pad]:
+    (0, H, 2H), the same buffer passed three times).
     """
+    q_off, k_off, v_off = head_offsets
     batch = lax.axis_index("batch")
     head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
 
-    def rows(ref, start, n):
-        """Rows [start, start + n) of this (batch, head): a [n, d_pad] ref slice."""
-        return ref.at[batch, pl.ds(start, n), head]
+    def rows(ref, start, n, head_offset=0):
+        """Rows [start, start + n) of this (batch, head + head_offset): a [n, d_pad] slice."""
+        return ref.at[batch, pl.ds(start, n), head + head_offset]
 
     def stagger():  # both consumers meet here (ping-pong schedule)
         if pingpong:
@@ -198,7 +202,7 @@ def _kernel(
         plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
         q_tile = q_smem.at[wg]
         q_start = (lax.axis_index("q_tiles") * COMPUTE_WARPGROUPS + wg) * block_q
-        plgpu.copy_gmem_to_smem(rows(q_ref, q_start, block_q), q_tile, q_full.at[wg])
+        plgpu.copy_gmem_to_smem(rows(q_ref, q_start, block_q, q_off), q_tile, q_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
 
         def in_layout(x, layout):  # interpret mode has no layouts (jax 0.10 no layout_cast)
@@ -250,10 +254,10 @@ def _kernel(
         plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
         def fetch(i, slot):
-            plgpu.copy_gmem_to_smem(rows(k_ref, i * block_kv, block_kv), k_smem.at[slot],
-                                    k_full.at[slot])  # fmt: skip
-            plgpu.copy_gmem_to_smem(rows(v_ref, i * block_kv, block_kv), v_smem.at[slot],
-                                    v_full.at[slot])  # fmt: skip
+            plgpu.copy_gmem_to_smem(rows(k_ref, i * block_kv, block_kv, k_off),
+                                    k_smem.at[slot], k_full.at[slot])  # fmt: skip
+            plgpu.copy_gmem_to_smem(rows(v_ref, i * block_kv, block_kv, v_off),
+                                    v_smem.at[slot], v_full.at[slot])  # fmt: skip
 
         for i in range(stages):  # fill the ring
             fetch(i, i)
@@ -283,16 +287,49 @@ def flash_attention_hopper(
     config = config or tuned_config(q.shape, k.shape, q.dtype)
     if why := supports(q.shape, k.shape, q.dtype, config):
         raise ValueError(f"flash_attention_hopper cannot run {q.shape} x {k.shape}: {why}")
-    batch, q_len, heads, head_dim = q.shape
-    kv_len = k.shape[1]
+    head_dim = q.shape[-1]
     d_pad = padded_head_dim(head_dim, config.head_align)
+    if d_pad != head_dim:  # zero columns: copies (see the module doc)
+        q, k, v = (jnp.pad(t, ((0, 0),) * 3 + ((0, d_pad - head_dim),)) for t in (q, k, v))
+    out = _launch(q, k, v, q.shape[2], head_dim, (0, 0, 0), scale, config, interpret)
+    return out[..., :head_dim] if d_pad != head_dim else out
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def flash_attention_hopper_qkv(
+    qkv, *, scale=None, config: HopperConfig | None = None, interpret=None
+):  # fmt: skip
+    """Self-attention of a fused projection: qkv [B, L, 3, H, D] (q, k, v on axis 2) ->
+    [B, L, H, D]. The same kernel as `flash_attention_hopper`, reading q, k and v straight
+    from qkv (viewed, for free, as [B, L, 3H, D]) instead of from three slices that XLA would
+    copy out. Give D a multiple of the config's head_align (see `padded_head_dim`) to avoid
+    a padding copy, as `sdjax.models.layers.Attention` does."""
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"flash_attention_hopper_qkv wants qkv [B, L, 3, H, D]; got {qkv.shape}")
+    batch, length, _, heads, head_dim = qkv.shape
+    q_shape = (batch, length, heads, head_dim)
+    validate("flash_attention_hopper_qkv", *(jax.ShapeDtypeStruct(q_shape, qkv.dtype),) * 3)
+    config = config or tuned_config(q_shape, q_shape, qkv.dtype)
+    if why := supports(q_shape, q_shape, qkv.dtype, config):
+        raise ValueError(f"flash_attention_hopper_qkv cannot run {qkv.shape}: {why}")
+    d_pad = padded_head_dim(head_dim, config.head_align)
+    if d_pad != head_dim:  # zero columns: a copy (see the docstring)
+        qkv = jnp.pad(qkv, ((0, 0),) * 4 + ((0, d_pad - head_dim),))
+    packed = qkv.reshape(batch, length, 3 * heads, d_pad)  # a bitcast: no data moves
+    offsets = (0, heads, 2 * heads)
+    out = _launch(packed, packed, packed, heads, head_dim, offsets, scale, config, interpret)
+    return out[..., :head_dim] if d_pad != head_dim else out
+
+
+def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
+    """The kernel on q [B, Lq, *, d_pad], k, v [B, Lk, *, d_pad] (head h of each at
+    h + its offset) -> [B, Lq, heads, d_pad]. scale defaults to 1/sqrt(head_dim)."""
+    batch, q_len, _, d_pad = q.shape
+    kv_len = k.shape[1]
     scale = head_dim**-0.5 if scale is None else float(scale)
     kv_steps = kv_len // config.block_kv
     stages = min(config.stages, kv_steps)
     interpret = resolve_interpret(interpret)
-
-    if d_pad != head_dim:  # zero columns: copies (see the module doc)
-        q, k, v = (jnp.pad(t, ((0, 0),) * 3 + ((0, d_pad - head_dim),)) for t in (q, k, v))
     tile_transforms = (
         plgpu.TilingTransform((8, config.head_align)),
         plgpu.SwizzleTransform(config.head_align * jnp.dtype(q.dtype).itemsize),
@@ -320,8 +357,9 @@ def flash_attention_hopper(
         kv_steps=kv_steps,
         pingpong=config.pingpong,
         interpret=interpret,
+        head_offsets=head_offsets,
     )
-    out = plgpu.kernel(
+    return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((batch, q_len, heads, d_pad), q.dtype),
         scratch_types=scratch,
@@ -333,4 +371,3 @@ def flash_attention_hopper(
         interpret=_interpret_params(interpret),
         kernel_name="sdjax_flash_hopper",
     )(q, k, v)
-    return out[..., :head_dim] if d_pad != head_dim else out

@@ -215,6 +215,50 @@ def _auto_attention(q, k, v) -> str:
     return choice
 
 
+def packed_self_attention_head_dim(shape, dtype) -> int | None:
+    """The head dim to give `self_attention_packed` where it reads q, k and v straight from
+    one fused projection, else None.
+
+    Not None where our Hopper kernel is the attention in force for a self-attention of
+    `shape` [B, L, H, D] and can run it: then D padded to its tuned config's head_align (D
+    itself where no padding is needed). A model that knows it can project x once into
+    qkv [B, L, 3, H, that dim], with zero weight columns for any padding, and skip both the
+    slicing copies of a fused projection and the kernel's padding copies
+    (`sdjax.models.layers.Attention` does).
+    """
+    q = jax.ShapeDtypeStruct(tuple(shape), dtype)
+    impl = _resolve("attention", None, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, q, q))
+    if impl != "flash_hopper" or hopper_supports(q, q):
+        return None
+    config = _hopper_tuned_config(q.shape, q.shape, dtype)
+    return _hopper_padded_head_dim(shape[-1], config.head_align)
+
+
+def self_attention_packed(qkv, *, scale: float | None = None, implementation=None):
+    """Self-attention of a fused projection: qkv [B, L, 3, H, D] -> [B, L, H, D].
+
+    Our Hopper kernel reads q, k and v from qkv in place (`flash_attention_hopper_qkv`);
+    every other implementation gets the three slices through `attention`. scale defaults to
+    1/sqrt(D) (pass the unpadded head dim's where D carries zero padding)."""
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"self_attention_packed wants qkv [B, L, 3, H, D]; got {qkv.shape}")
+    q = jax.ShapeDtypeStruct(qkv.shape[:2] + qkv.shape[3:], qkv.dtype)
+    impl = _resolve(
+        "attention", implementation, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, q, q)
+    )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if impl in _ATTENTION_PACKED and q.shape[-1] <= MAX_KERNEL_HEAD_DIM:
+        return _ATTENTION_PACKED[impl](qkv, scale=scale)
+    return attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale, implementation=impl)
+
+
+def _attention_flash_hopper_packed(qkv, *, scale):
+    q = jax.ShapeDtypeStruct(qkv.shape[:2] + qkv.shape[3:], qkv.dtype)
+    if why := hopper_supports(q, q):
+        raise ValueError(f"attention implementation 'flash_hopper' cannot run {q.shape}: {why}")
+    return custom_calls.flash_attention_hopper_qkv(qkv, scale=scale)
+
+
 def attention_head_padding(q_shape, kv_shape, dtype) -> int | None:
     """The padded head dim that the attention in force would copy its inputs to, else None.
 
@@ -243,6 +287,10 @@ _ATTENTION: dict[str, Callable] = {
     "flash_hopper": _attention_flash_hopper,
     "fused_softmax": _attention_fused_softmax,
 }
+
+
+# Implementations with a packed-qkv entry (self_attention_packed); the others get slices.
+_ATTENTION_PACKED: dict[str, Callable] = {"flash_hopper": _attention_flash_hopper_packed}
 
 
 # Head dims above this go to XLA whatever the choice: our kernels and cuDNN stop at 256. In SD

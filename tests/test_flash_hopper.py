@@ -19,6 +19,7 @@ from custom_calls.flash_attention import flash_attention_reference
 from custom_calls.flash_attention_hopper import (
     HopperConfig,
     flash_attention_hopper,
+    flash_attention_hopper_qkv,
     padded_head_dim,
     supports,
 )
@@ -91,6 +92,24 @@ def test_scale_argument(rng):
     out = flash_attention_hopper(q, k, v, scale=0.3, config=HopperConfig(block_kv=64))
     ref = np.asarray(flash_attention_reference(q, k, v, scale=0.3))
     assert _relative_error(out, ref) <= TOLERANCE[jnp.float16]
+
+
+@pytest.mark.parametrize(
+    "head_dim,dtype", [(48, jnp.float16), (40, jnp.bfloat16)], ids=["48-fp16", "40-bf16-padded"]
+)
+def test_packed_qkv_is_the_same_kernel(head_dim, dtype, rng):
+    """qkv [B, L, 3, H, D] read in place: bit for bit the kernel on the three slices."""
+    config = HopperConfig(block_kv=64, head_align=16)
+    qkv = jnp.asarray(rng.standard_normal((2, 128, 3, 2, head_dim), dtype=np.float32), dtype)
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    out = flash_attention_hopper_qkv(qkv, config=config)
+    assert out.shape == q.shape and out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                  np.asarray(flash_attention_hopper(q, k, v, config=config),
+                                             np.float32))  # fmt: skip
+    assert _relative_error(out, np.asarray(flash_attention_reference(q, k, v))) <= TOLERANCE[dtype]
+    with pytest.raises(ValueError, match=r"qkv \[B, L, 3, H, D\]"):
+        flash_attention_hopper_qkv(q)
 
 
 def test_padded_head_dim():
@@ -185,6 +204,30 @@ def test_gpu_hlo_has_mosaic_kernel(rng):
     assert any(n.startswith("sdjax_flash_hopper") for n in count_hlo(hlo)["sdjax_kernels"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sd15_self_64", "sd15_self_32"])
+def test_gpu_packed_qkv(name, rng):
+    """The UNet's form: qkv from one projection with heads already padded, read in place (no
+    slice in the compiled program), against the reference."""
+    import jax
+
+    from custom_calls.flash_attention_hopper import tuned_config
+
+    assert _on_hopper(), "the Hopper kernel's GPU tests need compute capability 9.0"
+    s = ATTENTION_SHAPES[name]
+    b, length, heads, head_dim = s.q_shape
+    d_pad = padded_head_dim(head_dim, tuned_config(s.q_shape, s.q_shape, jnp.float16).head_align)
+    x = jnp.asarray(rng.standard_normal((b, length, 3, heads, d_pad), dtype=np.float32),
+                    jnp.float16)  # fmt: skip
+    x = x.at[..., head_dim:].set(0)  # zero padding columns, as the UNet's projection makes
+    fn = jax.jit(lambda t: flash_attention_hopper_qkv(t, scale=head_dim**-0.5))
+    out = fn(x)[..., :head_dim]
+    q, k, v = (x[:, :, i, :, :head_dim] for i in range(3))
+    ref = np.asarray(flash_attention_reference(q, k, v))
+    assert _relative_error(out, ref) <= TOLERANCE[jnp.float16]
+    assert " slice(" not in fn.lower(x).compile().as_text()
+
+
 def test_tuned_table_covers_the_padded_heads_the_unet_passes():
     """The UNet calls the kernel on heads it padded itself; the kernel then looks its config
     up under the padded shape. Every recorded shape whose head dim needs padding must have
@@ -201,4 +244,4 @@ def test_tuned_table_covers_the_padded_heads_the_unet_passes():
         if d_pad != head_dim:
             assert table[f"{q_len}x{heads}x{d_pad}:{kv_len}:{bits}"] == config, key
             checked += 1
-    assert checked >= 2
+    assert checked >= 1  # SD1.5's head dim 40 at 4096 tokens (80 and 160 need none at align 16)

@@ -218,33 +218,52 @@ def test_flash_hopper_off_hopper_is_a_clear_error():
     assert ops.attention_head_padding(q.shape, q.shape, q.dtype) is None  # reference in force
 
 
+@pytest.mark.parametrize("padded", [64, 40], ids=["padded", "unpadded"])
 @pytest.mark.parametrize("qkv_bias", [False, True])
-def test_padded_heads_self_attention_is_the_same_attention(monkeypatch, qkv_bias, rng):
-    """Where the attention in force wants padded heads (our Hopper kernel at head dims that
-    are not multiples of 64), `Attention` widens q, k, v by zero weight columns and the
-    output projection by zero rows. The result must be the plain attention's."""
+def test_packed_self_attention_is_the_same_attention(monkeypatch, qkv_bias, padded, rng):
+    """Where our Hopper kernel is the attention in force, `Attention` projects x once into
+    qkv [B, L, 3, H, padded] and hands it over packed; where `padded` exceeds the head dim
+    (40 here), q, k, v are widened by zero weight columns and the output projection by zero
+    rows. The result must be the plain attention's."""
     from sdjax.models.layers import Attention
 
     seen = []
 
-    def hopper_stand_in(q, k, v, *, scale):
-        seen.append(q.shape)
+    def hopper_stand_in(qkv, *, scale):
+        seen.append(qkv.shape)
+        q, k, v = (qkv[:, :, i] for i in range(3))
         return ops.attention_reference(q, k, v, scale=scale)
 
-    module = Attention(dim=80, heads=2, qkv_bias=qkv_bias)  # head dim 40 -> 64
+    module = Attention(dim=80, heads=2, qkv_bias=qkv_bias)
     x = jnp.asarray(rng.standard_normal((3, 24, 80)), jnp.float32)
     params = module.init(jax.random.PRNGKey(1), x)
     params = jax.tree.map(lambda p: p + 0.1 * jnp.ones_like(p), params)  # non-zero biases
     plain = module.apply(params, x)
-    monkeypatch.setattr(ops, "attention_head_padding", lambda q, kv, dtype: 64)
-    monkeypatch.setitem(ops._ATTENTION, "flash_hopper", hopper_stand_in)
-    padded = module.apply(params, x)
-    assert seen == [(3, 24, 2, 64)]
-    np.testing.assert_allclose(np.asarray(padded), np.asarray(plain), rtol=1e-5, atol=1e-5)
-    # cross-attention is never padded
+    monkeypatch.setattr(ops, "packed_self_attention_head_dim", lambda shape, dtype: padded)
+    monkeypatch.setitem(ops._ATTENTION_PACKED, "flash_hopper", hopper_stand_in)
+    packed = module.apply(params, x)
+    assert seen == [(3, 24, 3, 2, padded)]
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    # cross-attention is never packed
     ctx = jnp.asarray(rng.standard_normal((3, 7, 80)), jnp.float32)
     module.apply(params, x, ctx)
     assert len(seen) == 1
+
+
+def test_self_attention_packed_other_implementations(rng):
+    """Implementations without a packed entry get the three slices: same as `attention`."""
+    qkv = jnp.asarray(rng.standard_normal((2, 33, 3, 2, 16)), jnp.float32)
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    for impl in ("xla", "reference"):
+        np.testing.assert_allclose(
+            np.asarray(ops.self_attention_packed(qkv, implementation=impl)),
+            np.asarray(ops.attention(q, k, v, implementation=impl)),
+            rtol=1e-6,
+        )
+    with pytest.raises(ValueError, match=r"qkv \[B, L, 3, H, D\]"):
+        ops.self_attention_packed(q)
+    with pytest.raises(ValueError, match="flash_hopper.*needs a GPU"):
+        ops.self_attention_packed(qkv.astype(jnp.float16), implementation="flash_hopper")
 
 
 def test_auto_head_padding_on_a_faked_hopper(monkeypatch):
@@ -268,6 +287,10 @@ def test_auto_head_padding_on_a_faked_hopper(monkeypatch):
             want = None if d_pad == s[-1] else d_pad
             assert ops.attention_head_padding(s, s, jnp.float16) == want, s
         assert ops.attention_head_padding(shape, shape, jnp.float16) in (48, 64)
+        for s in (shape, (2, 1024, 8, 80)):  # packed wherever flash_hopper is chosen
+            d_pad = padded_head_dim(s[-1], tuned_config(s, s, jnp.float16).head_align)
+            assert ops.packed_self_attention_head_dim(s, jnp.float16) == d_pad
+        assert ops.packed_self_attention_head_dim((2, 100, 8, 80), jnp.float16) is None
         assert ops.attention_head_padding((2, 1024, 5, 64), (2, 1024, 5, 64), jnp.float16) is None
         assert ops.attention_head_padding((2, 100, 8, 80), (2, 100, 8, 80), jnp.float16) is None
     FakeHopper.compute_capability = "8.0"  # an A100: the table's Hopper choice becomes flash

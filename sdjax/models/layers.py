@@ -231,8 +231,8 @@ class Attention(nn.Module):
         head_dim = self.dim // self.heads
         if context is None and not cross and not self.has_variable(CONDITIONING, "k"):
             shape = (b, length, self.heads, head_dim)
-            if padded := ops.attention_head_padding(shape, shape, x.dtype):
-                return self._padded_self_attention(x, padded)
+            if packed := ops.packed_self_attention_head_dim(shape, x.dtype):
+                return self._packed_self_attention(x, packed)
         q = self.to_q(x)
         if self.has_variable(CONDITIONING, "k"):
             k, v = (self.get_variable(CONDITIONING, n).astype(x.dtype) for n in ("k", "v"))
@@ -248,27 +248,29 @@ class Attention(nn.Module):
         out = ops.attention(q, k, v, scale=head_dim**-0.5)
         return self.to_out_0(out.reshape(b, length, self.dim))
 
-    def _padded_self_attention(self, x: jax.Array, padded: int) -> jax.Array:
-        """Self-attention with each head's q, k, v and output widened to `padded` columns by
-        zero columns (rows) of the projection weights, so that an attention kernel that wants
-        padded heads gets them without copying (see `ops.attention_head_padding`). Same result:
-        zero columns add nothing to the logits, and the output's extra columns meet zero rows
-        of the output projection. x: [B, L, dim] -> [B, L, dim]."""
+    def _packed_self_attention(self, x: jax.Array, padded: int) -> jax.Array:
+        """Self-attention through one fused projection, qkv [B, L, 3, heads, padded], read in
+        place by the attention kernel (`ops.self_attention_packed`): no slicing copies. Where
+        `padded` exceeds the head dim, each head's q, k, v are widened by zero weight columns
+        and the output projection by zero rows, so that a kernel that wants padded heads gets
+        them without copying. Same result: zero columns add nothing to the logits, and the
+        output's extra columns meet zero rows. x: [B, L, dim] -> [B, L, dim]."""
         b, length, _ = x.shape
         heads, head_dim = self.heads, self.dim // self.heads
         extra = padded - head_dim
-
-        def project(linear):  # [B, L, dim] -> [B, L, heads, padded]
+        widen = ((0, 0), (0, 0), (0, extra))  # zero columns after each head's
+        kernels, biases = [], []
+        for linear in (self.to_q, self.to_k, self.to_v):
             kernel, bias = linear.weights(x.shape[-1])
-            kernel = jnp.pad(kernel.reshape(-1, heads, head_dim), ((0, 0), (0, 0), (0, extra)))
-            y = jnp.dot(x, kernel.reshape(-1, heads * padded).astype(x.dtype))
+            kernels.append(jnp.pad(kernel.reshape(-1, heads, head_dim), widen))
             if bias is not None:
-                bias = jnp.pad(bias.astype(x.dtype).reshape(heads, head_dim), ((0, 0), (0, extra)))
-                y = y + bias.reshape(-1)
-            return y.reshape(b, length, heads, padded)
-
-        q, k, v = project(self.to_q), project(self.to_k), project(self.to_v)
-        out = ops.attention(q, k, v, scale=head_dim**-0.5, implementation="flash_hopper")
+                biases.append(jnp.pad(bias.astype(x.dtype).reshape(1, heads, head_dim), widen))
+        kernel = jnp.stack(kernels, axis=1)  # [dim, 3, heads, padded]
+        qkv = jnp.dot(x, kernel.reshape(-1, 3 * heads * padded).astype(x.dtype))
+        if biases:  # Attention's q, k and v projections have biases together or not at all
+            qkv = qkv + jnp.stack(biases, axis=1).reshape(-1)
+        qkv = qkv.reshape(b, length, 3, heads, padded)
+        out = ops.self_attention_packed(qkv, scale=head_dim**-0.5, implementation="flash_hopper")
         kernel, bias = self.to_out_0.weights(self.dim)
         kernel = jnp.pad(kernel.reshape(heads, head_dim, -1), ((0, 0), (0, extra), (0, 0)))
         y = jnp.dot(out.reshape(b, length, -1), kernel.reshape(heads * padded, -1).astype(x.dtype))
