@@ -89,7 +89,7 @@ for stage in "$@"; do
       latest=$(ls -t "$OUT"/bench_attention_*.json 2>/dev/null | head -1)
       python3 -m experiments.make_autotune \
         --attention $r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runa.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runb.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s3.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s4.json${latest:+,$latest} \
-        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json 2>&1 | tail -3 || status=1
+        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s4_gn.json 2>&1 | tail -3 || status=1
       cp sdjax/assets/autotune.json "$OUT/autotune.json"
       ;;
     gn)
