@@ -14,19 +14,6 @@ Two plans (`Config.mode`):
             writes act(x * a + b) with a = scale * rstd, b = bias - mean * a.
   fused  one program per (sample, block of groups) reads its groups twice (the second read
          mostly from L2) and writes once: one launch, for the small latency-bound shapes.
-  rows   as split, but a tile is [block_rows, C_pad] of whole contiguous rows (C_pad the next
-         power of two of C), so loads and stores are plain vectors with at most a tail mask;
-         split's [rows, groups, cpg_pad] tile pays for masked lanes and strided gathers when
-         cpg is not a power of two (10, 20, 40 channels per group at C = 320, 640, 1280).
-         1. statistics per channel: programs over spatial chunks write a partial (shift, mean,
-            M2) per channel, shifted by the chunk's first tile's channel means.
-         2. XLA combines [N, parts, C] into per-channel coefficients (shift, a, b), [N, 3, C]
-            (Chan's formula over parts and the channels of each group; tiny).
-         3. normalize: programs over spatial chunks write act((x - shift) * a + b).
-         Measured slower than split on the H100 at every UNet shape swept (23-37 us of kernel
-         time for split against 28-47 us for its best rows config, at 64x64x320 to 64x64x960:
-         per-channel partials are C/G times larger than per-group ones, so fewer, longer
-         programs), so no table entry or heuristic picks it; kept, tested, for other GPUs.
 """
 
 from __future__ import annotations
@@ -55,23 +42,22 @@ _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 class Config:
     """Block sizes. Row counts are spatial positions (H*W rows of C channels)."""
 
-    mode: Literal["split", "fused", "rows"] = "split"
+    mode: Literal["split", "fused"] = "split"
     block_rows: int = 8  # rows per tile (power of two)
     stats_rows: int = 64  # split: rows per statistics program (a multiple of block_rows)
     norm_rows: int = 64  # split: rows per normalize program (a multiple of block_rows)
     combine_in_kernel: bool = True  # split: normalize programs combine the partials themselves
-    # (rows: always combined by XLA between the two kernels)
     block_groups: int = 32  # fused: groups per program (power of two)
     num_warps: int = 4
 
     def __post_init__(self):
-        if self.mode not in ("split", "fused", "rows"):
+        if self.mode not in ("split", "fused"):
             raise ValueError(f"Config: unknown {self.mode=}")
         for f in ("block_rows", "block_groups", "num_warps"):
             v = getattr(self, f)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"Config: {f}={v} must be a power of two")
-        for f in ("stats_rows", "norm_rows") if self.mode != "fused" else ():
+        for f in ("stats_rows", "norm_rows") if self.mode == "split" else ():
             if getattr(self, f) % self.block_rows:
                 raise ValueError(
                     f"Config: {f}={getattr(self, f)} must be a multiple of {self.block_rows=}"
@@ -102,10 +88,6 @@ def heuristic_config(shape, dtype, *, groups: int = 32) -> Config:
 # time), keyed by `shape_key`. Shapes not in it get `heuristic_config`.
 TUNING_PATH = pathlib.Path(__file__).parent / "tuning" / "group_norm.json"
 
-# Elements of one rows-plan tile: the tile and the two float32 sums of the statistics pass
-# stay in registers (3 x 4096 floats over 128 threads: 96 registers each).
-ROW_TILE_ELEMENTS = 4096
-
 
 def shape_key(shape, dtype, groups: int) -> str:
     """'NxSxC:groups:<bits>bit' (S = H*W): the table's key. fp16 and bf16 share configs."""
@@ -125,16 +107,6 @@ def tuned_config(shape, dtype, *, groups: int = 32) -> Config:
     """The measured config for this shape, else `heuristic_config`."""
     entry = tuned_table().get(shape_key(shape, dtype, groups))
     return Config(**entry) if entry else heuristic_config(shape, dtype, groups=groups)
-
-
-def rows_config(shape, *, rows: int = 64, num_warps: int = 4) -> Config:
-    """A rows-plan config for x [N, ..., C]: tiles of whole rows, about ROW_TILE_ELEMENTS
-    padded elements each, and `rows` spatial rows per statistics and normalize program."""
-    s, cp = math.prod(shape[1:-1]), next_power_of_2(shape[-1])
-    block_rows = max(1, min(ROW_TILE_ELEMENTS // cp, next_power_of_2(s)))
-    rows = max(block_rows, -(-rows // block_rows) * block_rows)
-    return Config(mode="rows", block_rows=block_rows, stats_rows=rows, norm_rows=rows,
-                  num_warps=num_warps)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -356,143 +328,6 @@ def _fused_kernel(x_ref, scale_ref, bias_ref, o_ref, *, rows, bg, groups, cpg, e
     jax.lax.fori_loop(0, -(-s // rows), body, 0)
 
 
-def _row_tile(ref, n, r0, row_end, *, rows, c, cp, row_mask, eviction=None):
-    """Loads x[n, r0:r0+rows, :cp] as float32 (whole rows), and its mask (None if unmasked)."""
-    mask = None
-    if row_mask:
-        mask = jnp.broadcast_to((r0 + jnp.arange(rows) < row_end)[:, None], (rows, cp))
-    if cp != c:
-        cm = jnp.broadcast_to((jnp.arange(cp) < c)[None, :], (rows, cp))
-        mask = cm if mask is None else mask & cm
-    view = ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)]
-    x = plgpu.load(view, mask=mask, other=None if mask is None else 0.0, eviction_policy=eviction)
-    return x.astype(jnp.float32), mask
-
-
-def _row_stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, c):
-    """Program (n, p): per-channel shifted statistics of rows [p * part_rows, ...) of sample n,
-    each written as a [C_pad] row of the [N, parts, C_pad] outputs (padded channels: 0)."""
-    n, p = pl.program_id(0) // parts, pl.program_id(0) % parts
-    s, cp = x_ref.shape[1], next_power_of_2(c)
-    r_start = p * part_rows
-    r_end = jnp.minimum(r_start + part_rows, s)
-    row_mask = s % part_rows != 0 or part_rows % rows != 0
-    tile = functools.partial(_row_tile, x_ref, n, rows=rows, c=c, cp=cp, row_mask=row_mask)
-
-    x0, mask0 = tile(r_start, r_end)
-    valid0 = jnp.minimum(r_end - r_start, rows).astype(jnp.float32)
-    shift = jnp.sum(x0, axis=0) / valid0  # the first tile's channel means
-
-    def centered(x, mask):
-        d = x - shift[None, :]
-        return d if mask is None else jnp.where(mask, d, 0.0)
-
-    def body(t, acc):
-        d = centered(*tile(r_start + t * rows, r_end))
-        return acc[0] + d, acc[1] + d * d
-
-    d0 = centered(x0, mask0)
-    s1, s2 = jax.lax.fori_loop(1, (r_end - r_start + rows - 1) // rows, body, (d0, d0 * d0))
-    s1, s2 = jnp.sum(s1, axis=0), jnp.sum(s2, axis=0)
-    count = (r_end - r_start).astype(jnp.float32)
-    for ref, value in zip(
-        (shift_ref, lo_ref, m2_ref),
-        (shift, s1 / count, jnp.maximum(s2 - s1 * s1 / count, 0.0)),
-        strict=True,
-    ):
-        ref[n, p, :] = value
-
-
-def _row_coefficients(shift, lo, m2, scale, bias, *, groups, part_rows, s, eps):
-    """XLA: per-channel partials [N, P, C_pad] -> coefficients [N, 3, C_pad] (shift, a, b) with
-    out = (x - shift) * a + b. Chan et al.'s combine over the parts and the channels of each
-    group, relative to a per-group reference near the data (the mean of part 0's shifts), so
-    that a large mean keeps the digits of a small variance."""
-    n, parts, cp = shift.shape
-    c = scale.shape[0]
-    cpg = c // groups
-    view = lambda a: a[:, :, :c].reshape(n, parts, groups, cpg)  # noqa: E731
-    shift4, lo4, m24 = view(shift), view(lo), view(m2)
-    counts = np.clip(s - np.arange(parts) * part_rows, 0, part_rows).astype(np.float32)
-    counts = jnp.asarray(counts)[None, :, None, None]
-    ref = jnp.mean(shift4[:, :1], axis=3, keepdims=True)  # [N, 1, G, 1]
-    rel = (shift4 - ref) + lo4  # each (part, channel) mean minus ref: small, exact
-    total = float(s * cpg)
-    mean = jnp.sum(counts * rel, axis=(1, 3), keepdims=True) / total
-    dev = rel - mean
-    m2_total = jnp.sum(m24, axis=(1, 3), keepdims=True) + jnp.sum(
-        counts * dev * dev, axis=(1, 3), keepdims=True
-    )
-    rstd = jax.lax.rsqrt(m2_total / total + eps)  # [N, 1, G, 1]
-    a = scale.astype(jnp.float32).reshape(1, 1, groups, cpg) * rstd
-    b = bias.astype(jnp.float32).reshape(1, 1, groups, cpg) - mean * a
-    ref = jnp.broadcast_to(ref, a.shape)
-    coef = jnp.concatenate([ref, a, b], axis=1).reshape(n, 3, c)  # [N, 3, C]
-    return jnp.pad(coef, ((0, 0), (0, 0), (0, cp - c)))
-
-
-def _row_normalize_kernel(x_ref, coef_ref, o_ref, *, blocks, block_rows_prog, rows, c, activation):
-    pid = pl.num_programs(0) - 1 - pl.program_id(0)  # reverse: L2 still holds the tail
-    n, q = pid // blocks, pid % blocks
-    s, cp = x_ref.shape[1], next_power_of_2(c)
-    shift, a, b = (coef_ref[n, i, :][None, :] for i in range(3))
-    r_start = q * block_rows_prog
-    r_end = jnp.minimum(r_start + block_rows_prog, s)
-    row_mask = s % block_rows_prog != 0 or block_rows_prog % rows != 0
-
-    def body(t, carry):
-        r0 = r_start + t * rows
-        x, mask = _row_tile(
-            x_ref, n, r0, r_end, rows=rows, c=c, cp=cp, row_mask=row_mask, eviction="evict_first"
-        )
-        y = activate((x - shift) * a + b, activation)
-        view = o_ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)]
-        plgpu.store(view, y.astype(view.dtype), mask=mask, eviction_policy="evict_first")
-        return carry
-
-    jax.lax.fori_loop(0, (r_end - r_start + rows - 1) // rows, body, 0)
-
-
-def _group_norm_rows(x3, scale, bias, *, groups, eps, activation, config, interpret):
-    """The rows plan on x3 [N, S, C]."""
-    n, s, c = x3.shape
-    cp = next_power_of_2(c)
-    rows = min(config.block_rows, next_power_of_2(s))
-    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
-    part_rows = max(rows, min(config.stats_rows, s))
-    parts = -(-s // part_rows)
-    stat_shape = jax.ShapeDtypeStruct((n, parts, cp), jnp.float32)
-    stats = pl.pallas_call(
-        functools.partial(_row_stats_kernel, parts=parts, part_rows=part_rows, rows=rows, c=c),
-        out_shape=(stat_shape,) * 3,
-        grid=(n * parts,),
-        compiler_params=params,
-        interpret=interpret,
-        name="sdjax_group_norm_row_stats",
-    )(x3)
-    coef = _row_coefficients(
-        *stats, scale, bias, groups=groups, part_rows=part_rows, s=s, eps=eps
-    )
-    norm_rows = max(rows, min(config.norm_rows, s))
-    blocks = -(-s // norm_rows)
-    kernel = functools.partial(
-        _row_normalize_kernel,
-        blocks=blocks,
-        block_rows_prog=norm_rows,
-        rows=rows,
-        c=c,
-        activation=activation,
-    )
-    return pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct(x3.shape, x3.dtype),
-        grid=(n * blocks,),
-        compiler_params=params,
-        interpret=interpret,
-        name="sdjax_group_norm_rows",
-    )(x3, coef)
-
-
 # ------------------------------------------------------------------------------------------
 # Public entry point
 # ------------------------------------------------------------------------------------------
@@ -538,12 +373,6 @@ def group_norm(
     interpret = resolve_interpret(interpret)
     n, c = x.shape[0], x.shape[-1]
     s, cpg = math.prod(x.shape[1:-1]), c // groups
-    if config.mode == "rows":
-        out = _group_norm_rows(
-            x.reshape(n, s, c), scale, bias, groups=groups, eps=eps, activation=activation,
-            config=config, interpret=interpret,
-        )  # fmt: skip
-        return out.reshape(x.shape)
     gp = next_power_of_2(groups)
     x4 = x.reshape(n, s, groups, cpg)
     scale2, bias2 = scale.reshape(groups, cpg), bias.reshape(groups, cpg)

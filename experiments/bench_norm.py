@@ -36,7 +36,6 @@ from custom_calls.group_norm import Config as GNConfig
 from custom_calls.group_norm import (
     group_norm_reference,
     heuristic_config,
-    rows_config,
     shape_key,
     tuned_config,
 )
@@ -64,7 +63,7 @@ _REPORT = flags.DEFINE_string(
 )
 _CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program")
 _PLANS = flags.DEFINE_list(
-    "sweep_plans", ["split", "fused", "rows"], "GroupNorm plans the sweep tries (and the current)"
+    "sweep_plans", ["split", "fused"], "GroupNorm plans the sweep tries (and the current)"
 )
 _GN_TABLE = flags.DEFINE_string(
     "gn_table",
@@ -266,19 +265,13 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
     return rows
 
 
-def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused", "rows"),
+def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
                           dtype=jnp.float16) -> list[GNConfig]:  # fmt: skip
     """Block configs worth timing at this shape: the one in force first (table or heuristic),
     the heuristic, then those of `plans`."""
     n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
     cp, gp = next_power_of_2(c // groups), next_power_of_2(groups)
     current = tuned_config(shape, dtype, groups=groups)
-    rows_plan = [rows_config(shape, rows=r, num_warps=w)
-                 for r, w in ((32, 4), (64, 4), (128, 8), (256, 8))
-                 if r <= max(s, 32)] if "rows" in plans else []  # fmt: skip
-    if "split" not in plans and "fused" not in plans:
-        return list(dict.fromkeys([current, heuristic_config(shape, None, groups=groups),
-                                   *rows_plan]))  # fmt: skip
     out = [current, heuristic_config(shape, None, groups=groups)]
     br = max(1, min(4096 // (gp * cp), next_power_of_2(s)))
     split = functools.partial(GNConfig, mode="split", block_rows=br)
@@ -299,9 +292,8 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused", "row
         for bg in (1, 4):
             out.append(GNConfig(mode="fused", block_rows=max(1, min(4096 // cp, s)),
                                 block_groups=bg))  # fmt: skip
-    keep = {"split", "fused"} & set(plans)
-    out = out[:2] + [cfg for cfg in out[2:] if cfg.mode in keep]
-    return list(dict.fromkeys(out + rows_plan))
+    out = out[:2] + [cfg for cfg in out[2:] if cfg.mode in plans]
+    return list(dict.fromkeys(out))
 
 
 def sweep_group_norm(dtype, names, deadline) -> list[dict]:

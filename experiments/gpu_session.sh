@@ -16,7 +16,7 @@
 #   autotune       experiments.make_autotune from the committed benches and the newest
 #                  attention bench of this call ($OUT); the table is copied to results
 #   gn             experiments.bench_norm: GroupNorm at $GN_SHAPES (default: the UNet's), ours
-#                  against XLA, and the block/plan sweep ($GN_PLANS, default rows) by device
+#                  against XLA, and the block/plan sweep ($GN_PLANS, default split,fused) by device
 #                  kernel time within $GN_BUDGET s; updates custom_calls/tuning/group_norm.json
 #                  (copied to results), which later stages of the call then use
 #   geglu          experiments.bench_norm: the GEGLU kernel against XLA and its block sweep on
@@ -95,7 +95,7 @@ for stage in "$@"; do
     gn)
       g=${GN_SHAPES:-unet_64x64x320,unet_attn_64x64x320,unet_64x64x640,unet_64x64x960,unet_32x32x640,unet_32x32x1280,unet_32x32x960,unet_32x32x1920,unet_32x32x320,unet_attn_32x32x640,unet_16x16x1280,unet_16x16x2560,unet_16x16x1920,unet_16x16x640,unet_attn_16x16x1280,unet_8x8x1280,unet_8x8x2560,unet_attn_8x8x1280}
       limit python3 experiments/bench_norm.py --gn_shapes $g --geglu_shapes sd15_8 --sweep $g \
-        --sweep_plans ${GN_PLANS:-rows} --calls ${GN_CALLS:-8} --repeats 5 --budget_s ${GN_BUDGET:-150} 2>&1 | quiet | tail -40 || status=1
+        --sweep_plans ${GN_PLANS:-split,fused} --calls ${GN_CALLS:-8} --repeats 5 --budget_s ${GN_BUDGET:-150} 2>&1 | quiet | tail -40 || status=1
       cp custom_calls/tuning/group_norm.json "$OUT/group_norm_tuning.json" 2>/dev/null
       ;;
     geglu)

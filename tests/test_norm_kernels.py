@@ -92,35 +92,13 @@ def test_group_norm_channels(rng, shape, dtype, activation, config):
     _check_group_norm(rng, shape, dtype, activation, config)
 
 
-# The rows plan at every channel count (C_pad = C only at 128, 256, 512): 3 or 2 partials with
-# a masked tail, tiles that cross the end of a normalize chunk, every dtype and activation.
-_ROWS_CASES = [
-    ((n, h, w, c), dtype, act, Config(mode="rows", block_rows=br, stats_rows=sr, norm_rows=nr))
-    for c, (n, h, w), dtype, act, (br, sr, nr) in zip(
-        _CHANNELS,
-        itertools.cycle(_SPATIAL),
-        itertools.cycle(DTYPES),
-        itertools.cycle(ACTIVATIONS),
-        itertools.cycle(((4, 12, 8), (2, 16, 6), (8, 8, 24))),
-    )
-]
-
-
-@pytest.mark.parametrize(
-    "shape,dtype,activation,config", _ROWS_CASES, ids=map(_case_id, _ROWS_CASES)
-)
-def test_group_norm_rows_plan(rng, shape, dtype, activation, config):
-    _check_group_norm(rng, shape, dtype, activation, config)
-
-
 @pytest.mark.parametrize(
     "config",
     [
         Config(mode="split", block_rows=4, stats_rows=4, norm_rows=8),
         Config(mode="fused", block_rows=16, block_groups=16),
-        Config(mode="rows", block_rows=4, stats_rows=8, norm_rows=8),
     ],
-    ids=["split", "fused", "rows"],
+    ids=["split", "fused"],
 )
 def test_group_norm_groups_not_power_of_two(rng, config):
     """24 groups: the padded 32-group tile and the 16-group blocks both need a group mask."""
@@ -133,9 +111,8 @@ def test_group_norm_groups_not_power_of_two(rng, config):
         Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16),
         Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16, combine_in_kernel=False),
         Config(mode="fused", block_rows=16, block_groups=8),
-        Config(mode="rows", block_rows=4, stats_rows=8, norm_rows=16),
     ],
-    ids=["split", "split_xla_combine", "fused", "rows"],
+    ids=["split", "split_xla_combine", "fused"],
 )
 def test_group_norm_large_offset(rng, config):
     """Mean 1000, std 0.01 in float32, against a float64 numpy reference."""
@@ -151,26 +128,9 @@ def test_group_norm_large_offset(rng, config):
     assert relative_error(out, ref) <= 1e-5
 
 
-@pytest.mark.parametrize(
-    "config", [None, Config(mode="rows", block_rows=4, stats_rows=16, norm_rows=16)],
-    ids=["heuristic", "rows"],
-)  # fmt: skip
-def test_group_norm_large_offset_half(rng, config):
+def test_group_norm_large_offset_half(rng):
     """float16 far from zero (mean 200, std 1): statistics stay float32 and shifted."""
-    _check_group_norm(rng, (1, 8, 8, 640), jnp.float16, "silu", config, mean=200.0)
-
-
-def test_rows_config_tiles():
-    """Every SD GroupNorm shape: a rows tile of at most ROW_TILE_ELEMENTS padded elements, and
-    program row counts that are multiples of the tile."""
-    from custom_calls.group_norm import ROW_TILE_ELEMENTS, rows_config
-
-    for s in GROUP_NORM_SHAPES.values():
-        for rows in (32, 64, 256):
-            cfg = rows_config(s.shape, rows=rows)
-            cp = 1 << (s.shape[-1] - 1).bit_length()
-            assert cfg.mode == "rows" and cfg.block_rows * cp <= ROW_TILE_ELEMENTS, (s, cfg)
-            assert cfg.stats_rows % cfg.block_rows == 0 and cfg.stats_rows >= rows, (s, cfg)
+    _check_group_norm(rng, (1, 8, 8, 640), jnp.float16, "silu", None, mean=200.0)
 
 
 def test_tuned_config_reads_the_table(tmp_path, monkeypatch):
@@ -181,7 +141,8 @@ def test_tuned_config_reads_the_table(tmp_path, monkeypatch):
     gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
 
     shape = (2, 8, 8, 320)
-    entry = dict(mode="rows", block_rows=4, stats_rows=16, norm_rows=32, num_warps=8)
+    entry = dict(mode="split", block_rows=4, stats_rows=16, norm_rows=32, num_warps=8,
+                 combine_in_kernel=False)  # fmt: skip
     table = tmp_path / "group_norm.json"
     table.write_text(json.dumps({"configs": {gn.shape_key(shape, jnp.float16, 32): entry}}))
     monkeypatch.setattr(gn, "TUNING_PATH", table)
@@ -208,7 +169,7 @@ def test_sweep_writes_the_fastest_accurate_config(tmp_path):
 import json, sys
 from experiments import bench_norm
 rows = [
-    dict(shape="unet_64x64x320", mode="rows", block_rows=8, stats_rows=64, norm_rows=64,
+    dict(shape="unet_64x64x320", mode="split", block_rows=8, stats_rows=64, norm_rows=64,
          combine_in_kernel=True, block_groups=32, num_warps=4, kernel_us=9.0, err=1e-4, ms=0.05),
     dict(shape="unet_64x64x320", mode="split", block_rows=8, stats_rows=32, norm_rows=32,
          combine_in_kernel=False, block_groups=32, num_warps=4, kernel_us=8.0, err=0.5, ms=0.05),
@@ -228,9 +189,9 @@ bench_norm.update_gn_table(rows, sys.argv[1], "float16")
     assert proc.returncode == 0, proc.stderr[-2000:]
     configs = json.loads(path.read_text())["configs"]
     assert configs["1x1x32:32:16bit"] == {"mode": "fused"}  # other entries kept
-    # the split row is faster but inaccurate: the rows config wins; the failed shape is absent
-    assert configs["2x4096x320:32:16bit"]["mode"] == "rows"
-    assert Config(**configs["2x4096x320:32:16bit"]).stats_rows == 64
+    # the 8 us row is the fastest but inaccurate: the 9 us one wins; the failed shape is absent
+    best = Config(**configs["2x4096x320:32:16bit"])
+    assert best.mode == "split" and best.stats_rows == 64 and best.combine_in_kernel
     assert not any(k.startswith("2x64x1280") for k in configs)
 
 
@@ -361,28 +322,21 @@ _GPU_GN = (
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", ("tuned", "rows"))
 @pytest.mark.parametrize("name", _GPU_GN)
-def test_group_norm_gpu(rng, name, plan):
-    """`tuned`: the config the UNet gets (table or heuristic); `rows`: that plan forced."""
+def test_group_norm_gpu(rng, name):
+    """The config the UNet gets (the tuning table, else the heuristic)."""
     s = GROUP_NORM_SHAPES[name]
     x = _normal(rng, s.shape, jnp.float16)
     scale, bias = _affine(rng, s.shape[-1])
-    config = None if plan == "tuned" else Config(mode="rows", block_rows=8, stats_rows=64,
-                                                norm_rows=64)  # fmt: skip
     kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
-    out = group_norm(x, scale, bias, config=config, **kw)
+    out = group_norm(x, scale, bias, **kw)
     ref = group_norm_reference(x, scale, bias, **kw)
     assert relative_error(out, ref) <= TOL[jnp.float16]
 
 
 @pytest.mark.gpu
 def test_group_norm_large_offset_gpu(rng):
-    for config in (
-        None,
-        Config(mode="fused", block_rows=64, block_groups=1),
-        Config(mode="rows", block_rows=8, stats_rows=64, norm_rows=64),
-    ):
+    for config in (None, Config(mode="fused", block_rows=64, block_groups=1)):
         _check_group_norm(rng, (2, 32, 32, 640), jnp.float32, "silu", config, mean=1000.0, std=0.01)
 
 
