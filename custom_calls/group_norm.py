@@ -47,12 +47,18 @@ class Config:
     stats_rows: int = 64  # split: rows per statistics program (a multiple of block_rows)
     norm_rows: int = 64  # split: rows per normalize program (a multiple of block_rows)
     combine_in_kernel: bool = True  # split: normalize programs combine the partials themselves
+    # split, combined by XLA: "chan", the two-pass form (mean, then deviations: two dependent
+    # reductions and their element-wise glue), or "sums", one pass of two sibling sums that
+    # XLA can emit as one reduction, the normalize kernel finishing M2 = sum - N * mean^2
+    xla_combine: Literal["chan", "sums"] = "chan"
     block_groups: int = 32  # fused: groups per program (power of two)
     num_warps: int = 4
 
     def __post_init__(self):
         if self.mode not in ("split", "fused"):
             raise ValueError(f"Config: unknown {self.mode=}")
+        if self.xla_combine not in ("chan", "sums"):
+            raise ValueError(f"Config: unknown {self.xla_combine=}")
         for f in ("block_rows", "block_groups", "num_warps"):
             v = getattr(self, f)
             if v < 1 or v & (v - 1):
@@ -223,8 +229,14 @@ def _stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, g
         ref[n, p, :] = value
 
 
-def _combine(shift_ref, lo_ref, m2_ref, n, *, parts, part_rows, s, gp, cpg):
-    """Chan et al.'s parallel combine of sample n's partials, relative to partial 0's shift."""
+def _combine(shift_ref, lo_ref, m2_ref, n, *, parts, part_rows, s, gp, cpg, sums=False):
+    """Chan et al.'s parallel combine of sample n's partials, relative to partial 0's shift.
+
+    sums: XLA already summed the partials (`_sum_partials`): lo_ref holds the mean relative to
+    partial 0's shift and m2_ref the sum of M2 + count * rel^2, from which M2 follows."""
+    if sums:
+        shift, lo = shift_ref[n, 0, :], lo_ref[n, 0, :]
+        return shift, lo, jnp.maximum(m2_ref[n, 0, :] - float(s * cpg) * lo * lo, 0.0)
     pp = next_power_of_2(parts)
     p_idx = jnp.arange(pp)
     mask = jnp.broadcast_to((p_idx < parts)[:, None], (pp, gp)) if pp != parts else None
@@ -259,14 +271,16 @@ def _normalize_kernel(
     cpg,
     eps,
     activation,
+    sums=False,
 ):
     pid = pl.num_programs(0) - 1 - pl.program_id(0)  # reverse: L2 still holds the tail
     n, q = pid // blocks, pid % blocks
     s = x_ref.shape[1]
     gp, cp = next_power_of_2(groups), next_power_of_2(cpg)
     stats = _combine(
-        shift_ref, lo_ref, m2_ref, n, parts=parts, part_rows=part_rows, s=s, gp=gp, cpg=cpg
-    )
+        shift_ref, lo_ref, m2_ref, n, parts=parts, part_rows=part_rows, s=s, gp=gp, cpg=cpg,
+        sums=sums,
+    )  # fmt: skip
     affine = _affine(
         scale_ref, bias_ref, 0, stats, float(s * cpg), eps, bg=gp, cp=cp, groups=groups, cpg=cpg
     )
@@ -405,8 +419,11 @@ def group_norm(
         interpret=interpret,
         name="sdjax_group_norm_stats",
     )(x4)
+    sums = False
     if not config.combine_in_kernel and parts > 1:
-        stats = _combine_partials(*stats, parts=parts, part_rows=part_rows, s=s, cpg=cpg)
+        sums = config.xla_combine == "sums"
+        combine = _sum_partials if sums else _combine_partials
+        stats = combine(*stats, parts=parts, part_rows=part_rows, s=s, cpg=cpg)
         parts, part_rows = 1, s
     norm_rows = max(rows, min(config.norm_rows, s))
     blocks = -(-s // norm_rows)
@@ -418,6 +435,7 @@ def group_norm(
         block_rows_prog=norm_rows,
         eps=eps,
         activation=activation,
+        sums=sums,
         **statics,
     )
     out = pl.pallas_call(
@@ -443,6 +461,21 @@ def _combine_partials(shift, lo, m2, *, parts, part_rows, s, cpg):
         counts * dev * dev, axis=1, keepdims=True
     )
     return shift0, lo_total, m2_total
+
+
+def _sum_partials(shift, lo, m2, *, parts, part_rows, s, cpg):
+    """The combine in one pass, for `xla_combine="sums"`: [N, P, G] -> (shift [N, P, G] as
+    given, the kernel reading partial 0's; mean relative to it [N, 1, G]; sum of
+    M2 + count * rel^2 [N, 1, G]). Two sibling sums over P of element-wise terms, which XLA
+    can emit as one reduction kernel. rel, each partial's mean less partial 0's shift, is of
+    the order of the spread of the chunk means, so M2 = sum - N * mean^2 cancels little."""
+    counts = np.clip(s - np.arange(parts) * part_rows, 0, part_rows).astype(np.float32) * cpg
+    weights = jnp.asarray(counts / float(s * cpg))[None, :, None]
+    counts = jnp.asarray(counts)[None, :, None]
+    rel = (shift - shift[:, :1]) + lo
+    lo_total = jnp.sum(weights * rel, axis=1, keepdims=True)
+    second = jnp.sum(m2 + counts * rel * rel, axis=1, keepdims=True)
+    return shift, lo_total, second
 
 
 def group_norm_reference(

@@ -293,7 +293,10 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
             out.append(GNConfig(mode="fused", block_rows=max(1, min(4096 // cp, s)),
                                 block_groups=bg))  # fmt: skip
     out = out[:2] + [cfg for cfg in out[2:] if cfg.mode in plans]
-    return list(dict.fromkeys(out))
+    # each XLA-combined split config also with the one-pass combine
+    sums = [dataclasses.replace(cfg, xla_combine="sums") for cfg in out
+            if cfg.mode == "split" and not cfg.combine_in_kernel]  # fmt: skip
+    return list(dict.fromkeys(out + sums))
 
 
 def sweep_group_norm(dtype, names, deadline) -> list[dict]:
@@ -343,7 +346,8 @@ def update_gn_table(sweep_rows, path, dtype) -> dict:
         best = min(ok, key=lambda r: r["kernel_us"])
         s = GROUP_NORM_SHAPES[name]
         fields = {f.name for f in dataclasses.fields(GNConfig)}
-        configs[shape_key(s.shape, dtype, s.groups)] = {k: best[k] for k in fields}
+        # fields a row lacks (recorded before they existed) keep Config's defaults
+        configs[shape_key(s.shape, dtype, s.groups)] = {k: best[k] for k in fields if k in best}
     table["device"] = device_info()["device_kind"]
     table["note"] = ("experiments/bench_norm.py --sweep: per shape, the config with the least "
                      "device kernel time (jax.profiler trace) among those within tolerance")  # fmt: skip

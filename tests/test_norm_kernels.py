@@ -61,6 +61,8 @@ _PLANS = (
     Config(mode="fused", block_rows=8, block_groups=4),
     Config(mode="split", block_rows=2, stats_rows=4, norm_rows=16, combine_in_kernel=False),
     None,  # the heuristic
+    Config(mode="split", block_rows=4, stats_rows=8, norm_rows=8, combine_in_kernel=False,
+           xla_combine="sums"),  # fmt: skip
 )
 _SPATIAL = ((1, 8, 8), (2, 6, 5), (3, 4, 8), (1, 5, 7))
 _CASES = [
@@ -83,7 +85,7 @@ def _case_id(case):
     shape, dtype, activation, config = case
     plan = "heuristic" if config is None else config.mode
     if config is not None and config.mode == "split" and not config.combine_in_kernel:
-        plan += "-xla_combine"
+        plan += f"-xla_combine_{config.xla_combine}"
     return f"{'x'.join(map(str, shape))}-{jnp.dtype(dtype).name}-{activation}-{plan}"
 
 
@@ -96,9 +98,11 @@ def test_group_norm_channels(rng, shape, dtype, activation, config):
     "config",
     [
         Config(mode="split", block_rows=4, stats_rows=4, norm_rows=8),
+        Config(mode="split", block_rows=4, stats_rows=4, norm_rows=8, combine_in_kernel=False,
+               xla_combine="sums"),  # fmt: skip
         Config(mode="fused", block_rows=16, block_groups=16),
     ],
-    ids=["split", "fused"],
+    ids=["split", "split_xla_sums", "fused"],
 )
 def test_group_norm_groups_not_power_of_two(rng, config):
     """24 groups: the padded 32-group tile and the 16-group blocks both need a group mask."""
@@ -110,9 +114,11 @@ def test_group_norm_groups_not_power_of_two(rng, config):
     [
         Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16),
         Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16, combine_in_kernel=False),
+        Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16, combine_in_kernel=False,
+               xla_combine="sums"),  # fmt: skip
         Config(mode="fused", block_rows=16, block_groups=8),
     ],
-    ids=["split", "split_xla_combine", "fused"],
+    ids=["split", "split_xla_combine", "split_xla_sums", "fused"],
 )
 def test_group_norm_large_offset(rng, config):
     """Mean 1000, std 0.01 in float32, against a float64 numpy reference."""
@@ -208,6 +214,8 @@ def test_group_norm_errors(rng):
         group_norm(x.astype(jnp.int32), scale, bias, groups=32)
     with pytest.raises(ValueError, match="power of two"):
         Config(block_rows=6)
+    with pytest.raises(ValueError, match="xla_combine"):
+        Config(combine_in_kernel=False, xla_combine="welford")
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,8 +343,27 @@ def test_group_norm_gpu(rng, name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ("unet_64x64x320", "unet_32x32x1280", "vae_512x512x128"))
+def test_group_norm_xla_sums_gpu(rng, name):
+    """The one-pass XLA combine, forced, on the GPU (the sweep decides where it is used)."""
+    s = GROUP_NORM_SHAPES[name]
+    x = _normal(rng, s.shape, jnp.float16)
+    scale, bias = _affine(rng, s.shape[-1])
+    kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
+    config = Config(mode="split", block_rows=4, stats_rows=16, norm_rows=16,
+                    combine_in_kernel=False, xla_combine="sums")  # fmt: skip
+    out = group_norm(x, scale, bias, config=config, **kw)
+    assert relative_error(out, group_norm_reference(x, scale, bias, **kw)) <= TOL[jnp.float16]
+
+
+@pytest.mark.gpu
 def test_group_norm_large_offset_gpu(rng):
-    for config in (None, Config(mode="fused", block_rows=64, block_groups=1)):
+    for config in (
+        None,
+        Config(mode="fused", block_rows=64, block_groups=1),
+        Config(mode="split", block_rows=4, stats_rows=16, norm_rows=16, combine_in_kernel=False,
+               xla_combine="sums"),
+    ):  # fmt: skip
         _check_group_norm(rng, (2, 32, 32, 640), jnp.float32, "silu", config, mean=1000.0, std=0.01)
 
 
