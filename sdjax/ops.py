@@ -263,11 +263,10 @@ def attention_head_padding(q_shape, kv_shape, dtype) -> int | None:
     """The padded head dim that the attention in force would copy its inputs to, else None.
 
     Our Hopper kernel zero-pads head dims that are not a multiple of its config's
-    `head_align` (64 by default: SD's 40, 80, 160) by copying q, k, v (see
-    `custom_calls/flash_attention_hopper.py`). A model that knows this before projecting can
-    produce padded heads itself, from zero-padded projection weights, and skip the copies
-    (`sdjax.models.layers.Attention` does; XLA hoists the weight padding out of the
-    denoising loop, checked on the CPU's HLO: no pad in the loop body).
+    `head_align` (64 by default: SD's 40, 80, 160; 16 in the H100 table: 40 only) by copying
+    q, k, v (see `custom_calls/flash_attention_hopper.py`). For self-attention a model avoids
+    them through `packed_self_attention_head_dim` and `self_attention_packed`, as
+    `sdjax.models.layers.Attention` does.
     """
     q = jax.ShapeDtypeStruct(tuple(q_shape), dtype)
     k = jax.ShapeDtypeStruct(tuple(kv_shape), dtype)
