@@ -1,7 +1,8 @@
 """Pallas GPU kernels for Stable Diffusion's hot ops.
 
-Each kernel module holds one public function, its pure-jnp reference, and a frozen config of
-block sizes. Off GPU the kernels run through Pallas interpret mode (for tests, not speed).
+Each kernel module holds one public function (the Hopper attention module also its packed
+form, `flash_attention_hopper_qkv`, for a fused q/k/v projection), its pure-jnp reference, and
+a frozen config of block sizes. Off GPU the kernels run through Pallas interpret mode (for tests, not speed).
 """
 
 from custom_calls.flash_attention import flash_attention, flash_attention_reference
