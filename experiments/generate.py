@@ -247,6 +247,7 @@ def run() -> dict:
         "dtype": dtype,
         "scheduler": sched.name,
         "kernels": dataclasses.asdict(pipe.kernels),
+        "compiler_options": pipe.compiler_options,  # as compiled: the defaults or --xla_option
         "num_images": len(files),
         "load_s": load_s,
         "timings": timings,

@@ -116,6 +116,7 @@ def test_run_writes_pngs_and_json(checkpoint, tmp_path):
     assert record["flags"]["hoist_conditioning"] is False
     assert record["kernels"]["layer_norm"] == "pallas"
     assert record["flags"]["xla_option"] == ["xla_gpu_enable_triton_gemm=false"]
+    assert record["compiler_options"] == {"xla_gpu_enable_triton_gemm": False}
     assert "helpfull" not in record["flags"]  # absl's own flags are not recorded
     assert record["device"]["jax"] == jax.__version__
     assert record["device"]["backend"] == "cpu" and len(record["devices"]) == 1
