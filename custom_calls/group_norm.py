@@ -449,10 +449,14 @@ def group_norm(
     return out.reshape(x.shape)
 
 
+def _part_counts(parts, part_rows, s, cpg) -> np.ndarray:
+    """Elements per group in each statistics partial (the last one may be short): float32 [P]."""
+    return np.clip(s - np.arange(parts) * part_rows, 0, part_rows).astype(np.float32) * cpg
+
+
 def _combine_partials(shift, lo, m2, *, parts, part_rows, s, cpg):
     """The same combine as in the normalize kernel, by XLA once: [N, P, G] -> [N, 1, G]."""
-    counts = np.clip(s - np.arange(parts) * part_rows, 0, part_rows).astype(np.float32) * cpg
-    counts = jnp.asarray(counts)[None, :, None]
+    counts = jnp.asarray(_part_counts(parts, part_rows, s, cpg))[None, :, None]
     shift0 = shift[:, :1]
     rel = (shift - shift0) + lo
     lo_total = jnp.sum(counts * rel, axis=1, keepdims=True) / float(s * cpg)
@@ -469,7 +473,7 @@ def _sum_partials(shift, lo, m2, *, parts, part_rows, s, cpg):
     M2 + count * rel^2 [N, 1, G]). Two sibling sums over P of element-wise terms, which XLA
     can emit as one reduction kernel. rel, each partial's mean less partial 0's shift, is of
     the order of the spread of the chunk means, so M2 = sum - N * mean^2 cancels little."""
-    counts = np.clip(s - np.arange(parts) * part_rows, 0, part_rows).astype(np.float32) * cpg
+    counts = _part_counts(parts, part_rows, s, cpg)
     weights = jnp.asarray(counts / float(s * cpg))[None, :, None]
     counts = jnp.asarray(counts)[None, :, None]
     rel = (shift - shift[:, :1]) + lo

@@ -40,9 +40,10 @@ from sdjax.shapes import ATTENTION_SHAPES
 
 IMPLS = ("flash", "flash_hopper", "flash_hopper_padded", "fused_softmax", "cudnn", "torch", "xla")
 OURS = ("flash", "flash_hopper", "fused_softmax")  # callable on any [B, L, H, D] input
-# flash_hopper_padded: the Hopper kernel on inputs whose heads are already padded to a multiple
-# of 64 (zero columns), as the UNet produces them (`ops.attention_head_padding`): the kernel
-# without the copies that flash_hopper makes itself. Only at head dims that need padding.
+# flash_hopper_padded: the Hopper kernel on inputs whose heads are already padded to its
+# config's head_align (zero columns), as the UNet produces them (`ops.self_attention_packed`):
+# the kernel without the copies that flash_hopper makes itself. Only at head dims that need
+# padding.
 TOLERANCE = {"float16": 5e-3, "bfloat16": 1e-2, "float32": 1e-5}
 
 FLAGS = flags.FLAGS

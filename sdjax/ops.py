@@ -190,10 +190,13 @@ def hopper_supports(q, k) -> str | None:
     return _hopper_supports_shapes(q.shape, k.shape, q.dtype)
 
 
-def _attention_flash_hopper(q, k, v, *, scale):
-    why = hopper_supports(q, k)
-    if why:
+def _require_hopper(q, k) -> None:
+    if why := hopper_supports(q, k):
         raise ValueError(f"attention implementation 'flash_hopper' cannot run {q.shape}: {why}")
+
+
+def _attention_flash_hopper(q, k, v, *, scale):
+    _require_hopper(q, k)
     return custom_calls.flash_attention_hopper(q, k, v, scale=scale)
 
 
@@ -226,12 +229,19 @@ def packed_self_attention_head_dim(shape, dtype) -> int | None:
     slicing copies of a fused projection and the kernel's padding copies
     (`sdjax.models.layers.Attention` does).
     """
-    q = jax.ShapeDtypeStruct(tuple(shape), dtype)
-    impl = _resolve("attention", None, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, q, q))
-    if impl != "flash_hopper" or hopper_supports(q, q):
+    return _hopper_head_dim(shape, shape, dtype)
+
+
+def _hopper_head_dim(q_shape, kv_shape, dtype) -> int | None:
+    """Where our Hopper kernel is the attention in force for these shapes and can run them:
+    the head dim it works on (padded to its tuned config's head_align). Else None."""
+    q = jax.ShapeDtypeStruct(tuple(q_shape), dtype)
+    k = jax.ShapeDtypeStruct(tuple(kv_shape), dtype)
+    impl = _resolve("attention", None, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, k, k))
+    if impl != "flash_hopper" or hopper_supports(q, k):
         return None
-    config = _hopper_tuned_config(q.shape, q.shape, dtype)
-    return _hopper_padded_head_dim(shape[-1], config.head_align)
+    config = _hopper_tuned_config(q.shape, k.shape, dtype)
+    return _hopper_padded_head_dim(q_shape[-1], config.head_align)
 
 
 def self_attention_packed(qkv, *, scale: float | None = None, implementation=None):
@@ -254,8 +264,7 @@ def self_attention_packed(qkv, *, scale: float | None = None, implementation=Non
 
 def _attention_flash_hopper_packed(qkv, *, scale):
     q = jax.ShapeDtypeStruct(qkv.shape[:2] + qkv.shape[3:], qkv.dtype)
-    if why := hopper_supports(q, q):
-        raise ValueError(f"attention implementation 'flash_hopper' cannot run {q.shape}: {why}")
+    _require_hopper(q, q)
     return custom_calls.flash_attention_hopper_qkv(qkv, scale=scale)
 
 
@@ -268,13 +277,7 @@ def attention_head_padding(q_shape, kv_shape, dtype) -> int | None:
     them through `packed_self_attention_head_dim` and `self_attention_packed`, as
     `sdjax.models.layers.Attention` does.
     """
-    q = jax.ShapeDtypeStruct(tuple(q_shape), dtype)
-    k = jax.ShapeDtypeStruct(tuple(kv_shape), dtype)
-    impl = _resolve("attention", None, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, k, k))
-    if impl != "flash_hopper" or hopper_supports(q, k):
-        return None
-    config = _hopper_tuned_config(q.shape, k.shape, dtype)
-    d_pad = _hopper_padded_head_dim(q_shape[-1], config.head_align)
+    d_pad = _hopper_head_dim(q_shape, kv_shape, dtype)
     return d_pad if d_pad != q_shape[-1] else None
 
 
