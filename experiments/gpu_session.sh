@@ -33,6 +33,8 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SDJAX_CACHE_DI
 FINAL_OUT=${OUT:-/tmp/out}
 export OUT=/tmp/res
 mkdir -p "$FINAL_OUT" "$OUT"
+# The whole console output also comes back as a file (the tool returns only its tail).
+exec > >(tee -a "$FINAL_OUT/session.log") 2>&1
 status=0
 limit() { if [ -n "$stage_timeout" ]; then timeout "$stage_timeout" "$@"; else "$@"; fi; }
 quiet() { grep -v "^I[0-9]"; }
@@ -88,8 +90,8 @@ for stage in "$@"; do
       r=experiments/results
       latest=$(ls -t "$OUT"/bench_attention_*.json 2>/dev/null | head -1)
       python3 -m experiments.make_autotune \
-        --attention $r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runa.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runb.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s3.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s4.json${latest:+,$latest} \
-        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s4_gn.json 2>&1 | tail -3 || status=1
+        --attention $r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runa.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runb.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s3.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s4.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5.json${latest:+,$latest} \
+        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s4_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5_gn.json 2>&1 | tail -3 || status=1
       cp sdjax/assets/autotune.json "$OUT/autotune.json"
       ;;
     gn)
