@@ -39,6 +39,13 @@ flags.DEFINE_float(
     "a row fails if its latent error exceeds this times the baseline row's",
 )
 flags.DEFINE_string("tag", "", "suffix of the output file names")
+flags.DEFINE_multi_string(
+    "xla_row",
+    [],
+    "NAME:OPTION=VALUE[,OPTION=VALUE...]: one more row, `auto` with these XLA options on top "
+    "of the pipeline's defaults, named auto+NAME (repeatable; e.g. "
+    "cudnn_ln:xla_gpu_enable_cudnn_layer_norm=true)",
+)
 
 
 def rows() -> dict:
@@ -69,6 +76,28 @@ def rows() -> dict:
         # sessions 1-3; their `auto_no_triton_gemm` row is this session's `auto`)
         "auto_xla_options": (auto, plain),
     }
+
+
+def xla_rows(specs) -> dict:
+    """{auto+NAME: (auto, {"compiler_options": defaults + options})} from --xla_row specs."""
+    from experiments import common
+    from sdjax.ops import Implementations as I
+    from sdjax.pipeline import default_compiler_options
+
+    auto = I(attention="auto", group_norm="auto", geglu="auto", layer_norm="auto")
+    out = {}
+    for spec in specs:
+        name, sep, items = spec.partition(":")
+        if not sep or not name.strip() or not items.strip():
+            raise app.UsageError(f"--xla_row wants NAME:OPTION=VALUE[,...]; got {spec!r}")
+        try:
+            options = common.parse_xla_options(items.split(","))
+        except ValueError as e:
+            raise app.UsageError(f"--xla_row {spec!r}: {e}") from None
+        out[f"auto+{name.strip()}"] = (
+            auto, {"compiler_options": {**default_compiler_options(), **options}}
+        )  # fmt: skip
+    return out
 
 
 def _memory(pipe) -> dict:
@@ -230,6 +259,12 @@ def main(argv):
     from sdjax.pipeline import StableDiffusion
     from sdjax.tokenizer import Tokenizer
 
+    selected = {**rows(), **xla_rows(FLAGS.xla_row)}  # bad flags fail before any work
+    if FLAGS.rows:
+        unknown = sorted(set(FLAGS.rows) - set(selected))
+        if unknown:
+            raise app.UsageError(f"unknown rows {unknown}; choose from {', '.join(selected)}")
+        selected = {k: v for k, v in selected.items() if k in FLAGS.rows}
     common.enable_compilation_cache()
     config = sd_config.preset(FLAGS.config)
     res = FLAGS.resolution or config.default_resolution
@@ -264,12 +299,6 @@ def main(argv):
     params = jax.tree.map(lambda a: a.astype(FLAGS.dtype), params32)
     del params32
 
-    selected = rows()
-    if FLAGS.rows:
-        unknown = sorted(set(FLAGS.rows) - set(selected))
-        if unknown:
-            raise app.UsageError(f"unknown rows {unknown}; choose from {', '.join(selected)}")
-        selected = {k: v for k, v in selected.items() if k in FLAGS.rows}
     for name, (kernels, options) in selected.items():
         print(f"== {name}", flush=True)
         try:

@@ -198,7 +198,11 @@ def denoise_loop(
             variables = {"params": unet_params}
             ctx = guided_context(context, uncond_context)
             context_conditioning = unet.apply(
-                variables, ctx, dtype, method=UNet2DConditionModel.context_conditioning
+                variables,
+                ctx,
+                dtype,
+                latents.shape[1:3],
+                method=UNet2DConditionModel.context_conditioning,
             )
             time_conditioning = unet.apply(
                 variables,

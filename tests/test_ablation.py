@@ -50,3 +50,31 @@ def test_unknown_row_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "unknown rows ['fastest']" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_xla_rows_add_options_on_top_of_the_defaults(monkeypatch):
+    """--xla_row NAME:OPT=VAL,... is `auto` compiled with the pipeline's default XLA options
+    plus these (later ones win); a malformed one is a usage error."""
+    import pytest
+    from absl import app
+
+    from experiments import ablation
+    from sdjax import pipeline
+
+    monkeypatch.setattr(pipeline, "default_compiler_options", lambda: {"a": False, "b": 1})
+    rows = ablation.xla_rows(["x:a=true,c=2.5", "y: d=on"])
+    assert list(rows) == ["auto+x", "auto+y"]
+    kernels, options = rows["auto+x"]
+    assert kernels.attention == "auto" and kernels.group_norm == "auto"
+    assert options == {"compiler_options": {"a": True, "b": 1, "c": 2.5}}
+    assert rows["auto+y"][1] == {"compiler_options": {"a": False, "b": 1, "d": "on"}}
+    for bad in ("x", "x:", ":a=1", "x:a"):
+        with pytest.raises(app.UsageError, match="xla_row"):
+            ablation.xla_rows([bad])
+
+
+def test_malformed_xla_row_is_refused_before_any_work(tmp_path):
+    proc = run_ablation(tmp_path, "--xla_row=nooptions")
+    assert proc.returncode != 0
+    assert "--xla_row wants NAME:OPTION=VALUE" in proc.stderr
+    assert "Traceback" not in proc.stderr

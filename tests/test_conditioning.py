@@ -131,3 +131,81 @@ def test_pipeline_images_same_with_and_without_hoisting():
         r = pipe.generate(["a red cube", "a blue ball"], steps=2, height=16, width=16, seed=5)
         images[hoist] = r.latents
     assert rel(images[True], images[False]) < 1e-5
+
+
+def _scan_body_eqns(jaxpr) -> list:
+    """Every equation inside the scan's body (nested calls included)."""
+
+    def walk(j) -> list:
+        out = []
+        for eqn in j.eqns:
+            out.append(eqn)
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (list, tuple)) else (v,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        out += walk(inner)
+        return out
+
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    assert len(scans) == 1
+    return walk(scans[0].params["jaxpr"].jaxpr)
+
+
+@pytest.fixture
+def packed_everywhere(monkeypatch):
+    """Every self-attention runs packed, heads padded by 8, through a stand-in for the Hopper
+    kernel (which needs a GPU): the reference attention on the three slices."""
+    from sdjax import ops
+
+    calls = []
+
+    def stand_in(qkv, *, scale):
+        calls.append(qkv.shape)
+        return ops.attention_reference(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale)
+
+    monkeypatch.setattr(ops, "packed_self_attention_head_dim", lambda shape, dtype: shape[-1] + 8)
+    monkeypatch.setitem(ops._ATTENTION_PACKED, "flash_hopper", stand_in)
+    return calls
+
+
+def test_packed_projection_weights_are_stacked_once_per_generation(params, packed_everywhere):
+    """Hoisted, every packed self-attention reads its fused q/k/v and output weights from the
+    conditioning (`Attention.packed_weights`, built once before the loop): the step stacks
+    no weights, where the per-step loop stacks one [dim, 3, heads, padded] matrix per
+    self-attention. Same latents either way."""
+    n_self = sum(1 for p in _paths(params) if p.endswith("attn1/to_q/kernel"))
+    stacks, outs = {}, {}
+    for hoist in (True, False):
+        run, args = _loop(params, "ddim", True, hoist)
+        eqns = _scan_body_eqns(jax.make_jaxpr(run)(*args).jaxpr)
+        stacks[hoist] = sum(
+            1
+            for e in eqns
+            if e.primitive.name in ("concatenate", "stack")  # jnp.stack's, by jax version
+            and len(e.outvars[0].aval.shape) == 4
+            and e.outvars[0].aval.shape[1] == 3  # [dim, 3, heads, padded]
+        )  # fmt: skip
+        outs[hoist] = jax.jit(run)(*args)
+    assert packed_everywhere  # the packed path ran
+    assert stacks == {True: 0, False: n_self} and n_self > 0
+    assert rel(outs[True], outs[False]) < 1e-5
+
+
+def test_packed_weights_in_the_conditioning_match_the_level(params, packed_everywhere):
+    """`context_conditioning` with the latent's size gives every self-attention its packed
+    weights; without it, none (the K/V alone, as before)."""
+    x, t, ctx = inputs()
+    model = unet_lib.UNet2DConditionModel(CFG.unet)
+    variables = {"params": params}
+    with_hw = model.apply(variables, ctx, jnp.float32, x.shape[1:3], method="context_conditioning")
+    without = model.apply(variables, ctx, jnp.float32, method="context_conditioning")
+    n_self = sum(1 for p in _paths(params) if p.endswith("attn1/to_q/kernel"))
+    assert len([p for p in _paths(with_hw) if p.endswith("attn1/qkv_kernel")]) == n_self
+    assert not [p for p in _paths(without) if "attn1" in p]
+    tc = model.apply(variables, t, jnp.float32, method="time_conditioning")
+    ref = model.apply(variables, x, t, ctx)
+    out = unet_lib.conditioned_apply(
+        params, CFG.unet, x, t, unet_lib.merge_conditioning(with_hw, tc)
+    )
+    assert rel(out, ref) < 1e-5

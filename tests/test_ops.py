@@ -297,3 +297,23 @@ def test_auto_head_padding_on_a_faked_hopper(monkeypatch):
     q = jnp.ones(shape, jnp.float16)
     assert "Hopper" in ops.hopper_supports(q, q)
     assert ops._auto_attention(q, q, q) == "flash"
+
+
+def test_packed_weights_of_another_width_are_rebuilt(monkeypatch, rng):
+    """A `conditioning` entry stacked for another padded width (another size, another kernel
+    choice) is not used: the module stacks its weights itself, and the result is the same."""
+    from sdjax.models.layers import CONDITIONING, Attention
+
+    module = Attention(dim=80, heads=2)
+    x = jnp.asarray(rng.standard_normal((2, 24, 80)), jnp.float32)
+    params = module.init(jax.random.PRNGKey(1), x)
+    plain = module.apply(params, x)
+    stale = module.apply(params, 80, 48, jnp.float32, method="packed_weights")
+    assert stale["qkv_kernel"].shape == (80, 3 * 2 * 48)
+    monkeypatch.setattr(ops, "packed_self_attention_head_dim", lambda shape, dtype: 64)
+    monkeypatch.setitem(
+        ops._ATTENTION_PACKED, "flash_hopper",
+        lambda qkv, *, scale: ops.attention_reference(*(qkv[:, :, i] for i in range(3)), scale=scale),
+    )  # fmt: skip
+    out = module.apply({**params, CONDITIONING: stale}, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-5, atol=1e-5)

@@ -248,32 +248,61 @@ class Attention(nn.Module):
         out = ops.attention(q, k, v, scale=head_dim**-0.5)
         return self.to_out_0(out.reshape(b, length, self.dim))
 
+    def packed_weights(self, in_features: int, padded: int, dtype) -> dict:
+        """The fused projection's weights for `_packed_self_attention` with heads widened to
+        `padded`: {"qkv_kernel" [in_features, 3 * heads * padded], "qkv_bias" [3 * heads *
+        padded] (where the projections have biases), "out_kernel" [heads * padded, dim]}, in
+        `dtype`. Each head's q, k and v get `padded - head_dim` zero columns, the output
+        projection as many zero rows. This module's `conditioning` entry for a self-attention
+        (`BasicTransformerBlock.conditioning` with a token count), so that the weights are
+        stacked once per generation rather than in every step."""
+        heads, head_dim = self.heads, self.dim // self.heads
+        extra = padded - head_dim
+        widen = ((0, 0), (0, 0), (0, extra))  # zero columns after each head's
+        kernels, biases = [], []
+        for linear in (self.to_q, self.to_k, self.to_v):
+            kernel, bias = linear.weights(in_features)
+            kernels.append(jnp.pad(kernel.astype(dtype).reshape(-1, heads, head_dim), widen))
+            if bias is not None:
+                biases.append(jnp.pad(bias.astype(dtype).reshape(1, heads, head_dim), widen))
+        out = {"qkv_kernel": jnp.stack(kernels, axis=1).reshape(-1, 3 * heads * padded)}
+        if biases:  # Attention's q, k and v projections have biases together or not at all
+            out["qkv_bias"] = jnp.stack(biases, axis=1).reshape(-1)
+        kernel, _ = self.to_out_0.weights(self.dim)
+        kernel = kernel.astype(dtype).reshape(heads, head_dim, -1)
+        kernel = jnp.pad(kernel, ((0, 0), (0, extra), (0, 0)))  # zero rows after each head's
+        out["out_kernel"] = kernel.reshape(heads * padded, -1)
+        return out
+
     def _packed_self_attention(self, x: jax.Array, padded: int) -> jax.Array:
         """Self-attention through one fused projection, qkv [B, L, 3, heads, padded], read in
         place by the attention kernel (`ops.self_attention_packed`): no slicing copies. Where
         `padded` exceeds the head dim, each head's q, k, v are widened by zero weight columns
         and the output projection by zero rows, so that a kernel that wants padded heads gets
         them without copying. Same result: zero columns add nothing to the logits, and the
-        output's extra columns meet zero rows. x: [B, L, dim] -> [B, L, dim]."""
+        output's extra columns meet zero rows. The weights come from a precomputed
+        `conditioning` entry (`packed_weights`) where one of this width is there, else they
+        are stacked here. x: [B, L, dim] -> [B, L, dim]."""
         b, length, _ = x.shape
         heads, head_dim = self.heads, self.dim // self.heads
-        extra = padded - head_dim
-        widen = ((0, 0), (0, 0), (0, extra))  # zero columns after each head's
-        kernels, biases = [], []
-        for linear in (self.to_q, self.to_k, self.to_v):
-            kernel, bias = linear.weights(x.shape[-1])
-            kernels.append(jnp.pad(kernel.reshape(-1, heads, head_dim), widen))
-            if bias is not None:
-                biases.append(jnp.pad(bias.astype(x.dtype).reshape(1, heads, head_dim), widen))
-        kernel = jnp.stack(kernels, axis=1)  # [dim, 3, heads, padded]
-        qkv = jnp.dot(x, kernel.reshape(-1, 3 * heads * padded).astype(x.dtype))
-        if biases:  # Attention's q, k and v projections have biases together or not at all
-            qkv = qkv + jnp.stack(biases, axis=1).reshape(-1)
+        weights = None
+        if self.has_variable(CONDITIONING, "qkv_kernel"):
+            weights = {
+                n: self.get_variable(CONDITIONING, n)
+                for n in ("qkv_kernel", "qkv_bias", "out_kernel")
+                if self.has_variable(CONDITIONING, n)
+            }
+            if weights["qkv_kernel"].shape != (x.shape[-1], 3 * heads * padded):
+                weights = None  # stacked for another width (another size or kernel choice)
+        if weights is None:
+            weights = self.packed_weights(x.shape[-1], padded, x.dtype)
+        qkv = jnp.dot(x, weights["qkv_kernel"].astype(x.dtype))
+        if "qkv_bias" in weights:
+            qkv = qkv + weights["qkv_bias"].astype(x.dtype)
         qkv = qkv.reshape(b, length, 3, heads, padded)
         out = ops.self_attention_packed(qkv, scale=head_dim**-0.5, implementation="flash_hopper")
-        kernel, bias = self.to_out_0.weights(self.dim)
-        kernel = jnp.pad(kernel.reshape(heads, head_dim, -1), ((0, 0), (0, extra), (0, 0)))
-        y = jnp.dot(out.reshape(b, length, -1), kernel.reshape(heads * padded, -1).astype(x.dtype))
+        _, bias = self.to_out_0.weights(self.dim)
+        y = jnp.dot(out.reshape(b, length, -1), weights["out_kernel"].astype(x.dtype))
         return y + bias.astype(x.dtype)
 
 
@@ -321,8 +350,17 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = LayerNorm()
         self.ff = FeedForward(self.dim)
 
-    def conditioning(self, context: jax.Array) -> dict:
-        return {"attn2": self.attn2.key_value(context)}
+    def conditioning(self, context: jax.Array, tokens: int | None = None) -> dict:
+        """This block's `conditioning` entry: the cross-attention's K/V of context [B, S, C],
+        and, given the token count of x, the self-attention's fused projection weights where
+        it runs packed (`ops.packed_self_attention_head_dim`)."""
+        out = {"attn2": self.attn2.key_value(context)}
+        if tokens is not None:
+            head_dim = self.dim // self.heads
+            shape = (context.shape[0], tokens, self.heads, head_dim)
+            if packed := ops.packed_self_attention_head_dim(shape, context.dtype):
+                out["attn1"] = self.attn1.packed_weights(self.dim, packed, context.dtype)
+        return out
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x: [B, L, dim]; context: [B, S, C_ctx] -> [B, L, dim]."""
@@ -354,8 +392,10 @@ class Transformer2DModel(nn.Module):
             BasicTransformerBlock(self.channels, self.heads) for _ in range(self.depth)
         ]
 
-    def conditioning(self, context: jax.Array) -> dict:
-        return {b.name: b.conditioning(context) for b in self.transformer_blocks}
+    def conditioning(self, context: jax.Array, tokens: int | None = None) -> dict:
+        """Every block's `conditioning` entry (`BasicTransformerBlock.conditioning`); tokens:
+        H * W of this model's input, where known."""
+        return {b.name: b.conditioning(context, tokens) for b in self.transformer_blocks}
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x: [N, H, W, channels]; context: [N, S, C_ctx] -> [N, H, W, channels]."""

@@ -274,13 +274,25 @@ class UNet2DConditionModel(nn.Module):
         temb = self.embed_time(jnp.asarray(timesteps).reshape(-1), dtype)
         return {b.name: {r.name: r.conditioning(temb) for r in b.resnets} for b in self._blocks()}
 
-    def context_conditioning(self, encoder_hidden_states: jax.Array, dtype) -> dict:
+    def context_conditioning(
+        self, encoder_hidden_states: jax.Array, dtype, sample_hw: tuple[int, int] | None = None
+    ) -> dict:
         """Every cross-attention's K and V of encoder_hidden_states [N, S, D]: a `conditioning`
-        tree with [N, S, C] leaves."""
+        tree with [N, S, C] leaves. Given the latent's (H, W), also the fused projection
+        weights of every self-attention that runs packed (`Attention.packed_weights`), which
+        depend on the token count of its level, so that they are built once, not per step."""
         context = encoder_hidden_states.astype(dtype)
+        n = len(self.config.block_out_channels)
+        tokens = [None] * n  # H * W at each level: conv_in keeps it, each downsample halves it
+        if sample_hw is not None:
+            h, w = sample_hw
+            for level in range(n):
+                tokens[level] = h * w
+                h, w = -(-h // 2), -(-w // 2)
+        levels = [*range(n), n - 1, *range(n - 1, -1, -1)]  # down blocks, mid, up blocks
         return {
-            b.name: {a.name: a.conditioning(context) for a in b.attentions}
-            for b in self._blocks()
+            b.name: {a.name: a.conditioning(context, tokens[level]) for a in b.attentions}
+            for b, level in zip(self._blocks(), levels, strict=True)
             if hasattr(b, "attentions")  # the cross-attention blocks
         }
 
