@@ -72,6 +72,8 @@ def rows() -> dict:
         "auto": (auto, {}),
         "auto_conditioning_per_step": (auto, {"hoist_conditioning": False}),
         "auto+layer_norm": (dataclasses.replace(auto, layer_norm="pallas"), {}),
+        # auto with the Triton GEGLU everywhere (where `auto` records the Hopper one)
+        "auto_triton_geglu": (dataclasses.replace(auto, geglu="pallas"), {}),
         # auto with XLA's default options: its Triton GEMM fusions back on (the `auto` row of
         # sessions 1-3; their `auto_no_triton_gemm` row is this session's `auto`)
         "auto_xla_options": (auto, plain),

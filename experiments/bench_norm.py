@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from custom_calls import geglu, geglu_elementwise, geglu_reference, group_norm
+from custom_calls import geglu, geglu_elementwise, geglu_hopper, geglu_reference, group_norm
 from custom_calls._common import next_power_of_2
 from custom_calls.geglu import Config as GegluConfig
 from custom_calls.group_norm import TUNING_PATH as GN_TUNING_PATH
@@ -372,8 +372,14 @@ def _xla_lowp(x, w, b):
     return hidden * jax.nn.gelu(gate, approximate=False)
 
 
+# The GEGLU forms also timed by device kernel time on a GPU (what `make_autotune` compares):
+# the wall time of a loop of calls of a 20-50 us kernel is partly the host's launch rate.
+GEGLU_KERNEL_TIMED = ("fused", "hopper", "xla", "matmul_only")
+
+
 def benchmark_geglu(dtype: str = "float16", names=None, *, configs=None) -> list[dict]:
-    """One row per shape: fused, XLA matmul + our epilogue, XLA un-fused (two forms), matmul."""
+    """One row per shape: fused (Triton), the Hopper kernel (where it can run), XLA matmul +
+    our epilogue, XLA un-fused (two forms), the matmul alone."""
     rows, rng = [], np.random.default_rng(3)
     for name in names or GEGLU_SHAPES:
         s = GEGLU_SHAPES[name]
@@ -391,13 +397,19 @@ def benchmark_geglu(dtype: str = "float16", names=None, *, configs=None) -> list
             "xla_lowp": _xla_lowp,
             "matmul_only": lambda x, w, b: jnp.einsum("...d,df->...f", x, w),
         }
+        if ops.geglu_hopper_supports(x, w) is None:  # a Hopper GPU and a shape in scope
+            impls["hopper"] = geglu_hopper
+        sets = [(v, w, b) for v in xs]
         for impl, fn in impls.items():
             try:
                 out = jax.jit(fn)(x, w, b)
-                row[f"{impl}_ms"] = ms = _time(fn, [(v, w, b) for v in xs])
+                row[f"{impl}_ms"] = ms = _time(fn, sets)
                 row[f"{impl}_tflops"] = flops / (ms * 1e-3) / 1e12 if ms > 0 else None
                 if impl != "matmul_only":
                     row[f"{impl}_err"] = relative_error(out, ref)
+                if jax.default_backend() == "gpu" and impl in GEGLU_KERNEL_TIMED:
+                    row[f"{impl}_kernel_us"] = us = _kernel_us(fn, sets)
+                    row[f"{impl}_kernel_tflops"] = flops / (us * 1e-6) / 1e12
             except Exception as e:
                 row[f"{impl}_error"] = _error_text(e)
         best_xla = min(row.get("xla_ms", math.inf), row.get("xla_lowp_ms", math.inf))
@@ -449,7 +461,8 @@ def _chart(gn_rows, geglu_rows, path, title):
     fig, axes = plt.subplots(2, 1, figsize=(14, 9))
     for ax, rows, impls in (
         (axes[0], gn_rows, ("ours", "xla", "xla_ref", "torch")),
-        (axes[1], geglu_rows, ("fused", "xla_mm+ours", "xla", "xla_lowp", "matmul_only")),
+        (axes[1], geglu_rows, ("fused", "hopper", "xla_mm+ours", "xla", "xla_lowp",
+                               "matmul_only")),  # fmt: skip
     ):
         width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
@@ -468,9 +481,11 @@ def _chart(gn_rows, geglu_rows, path, title):
 
 GN_COLUMNS = ["shape", "dims", "act", "ours_ms", "best_swept_ms", "xla_ms", "xla_ref_ms", "torch_ms", "xla/ours",
               "torch/ours", "ours_gbs", "ours/copy", "ours_err", "xla_err", "torch_err"]  # fmt: skip
-GEGLU_COLUMNS = ["shape", "m", "d", "f", "fused_ms", "best_swept_ms", "xla_mm+ours_ms", "xla_ms", "xla_lowp_ms",
-                 "matmul_only_ms", "xla/fused", "xla/xla_mm+ours", "fused_tflops",
-                 "fused_err", "xla_mm+ours_err", "xla_err"]  # fmt: skip
+GEGLU_COLUMNS = ["shape", "m", "d", "f", "fused_ms", "hopper_ms", "best_swept_ms", "xla_mm+ours_ms", "xla_ms",
+                 "xla_lowp_ms", "matmul_only_ms", "fused_kernel_us", "hopper_kernel_us",
+                 "xla_kernel_us", "matmul_only_kernel_us", "hopper_kernel_tflops", "xla/fused",
+                 "xla/xla_mm+ours", "fused_tflops", "fused_err", "hopper_err", "xla_mm+ours_err",
+                 "xla_err"]  # fmt: skip
 
 
 def _best(sweep_rows, name):

@@ -14,13 +14,14 @@
 #   attention      experiments.bench_attention on $ATTENTION_SHAPES (default: SD2.1's smaller ones),
 #                  implementations $ATTENTION_IMPLS (default: all but jax_mosaic_fa3)
 #   autotune       experiments.make_autotune from the committed benches and the newest
-#                  attention bench of this call ($OUT); the table is copied to results
+#                  attention and norm benches of this call ($OUT); the table is copied to results
 #   gn             experiments.bench_norm: GroupNorm at $GN_SHAPES (default: the UNet's), ours
 #                  against XLA, and the block/plan sweep ($GN_PLANS, default split,fused) by device
 #                  kernel time within $GN_BUDGET s; updates custom_calls/tuning/group_norm.json
 #                  (copied to results), which later stages of the call then use
-#   geglu          experiments.bench_norm: the GEGLU kernel against XLA and its block sweep on
-#                  $GEGLU_SHAPES (default: SD1.5's four), within $GEGLU_BUDGET seconds
+#   geglu          experiments.bench_norm: the GEGLU kernels (Triton, Hopper) against XLA, by
+#                  device kernel time, and the Triton block sweep on $GEGLU_SHAPES (default:
+#                  SD1.5's four), within $GEGLU_BUDGET seconds
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
 #                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
@@ -56,7 +57,7 @@ for stage in "$@"; do
       python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
       ;;
     tests)
-      limit python3 -m pytest -q -m gpu ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_norm_kernels.py tests/test_ops.py} \
+      limit python3 -m pytest -q -m gpu ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_geglu_hopper.py tests/test_norm_kernels.py tests/test_ops.py} \
         ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -15 || status=1
       ;;
     hopper)
@@ -89,9 +90,10 @@ for stage in "$@"; do
     autotune)
       r=experiments/results
       latest=$(ls -t "$OUT"/bench_attention_*.json 2>/dev/null | head -1)
+      latest_norm=$(ls -t "$OUT"/bench_norm_*.json 2>/dev/null | head -1)
       python3 -m experiments.make_autotune \
         --attention $r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runa.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runb.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s3.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s4.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5.json${latest:+,$latest} \
-        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s4_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5_gn.json 2>&1 | tail -3 || status=1
+        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s4_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5b_gn.json${latest_norm:+,$latest_norm} 2>&1 | tail -3 || status=1
       cp sdjax/assets/autotune.json "$OUT/autotune.json"
       ;;
     gn)

@@ -19,8 +19,12 @@ Implementation names:
   flash_hopper   (attention) our Pallas Mosaic GPU FlashAttention for Hopper (H100/H200):
                  fp16/bf16, lengths in whole blocks (`flash_attention_hopper.supports`).
   fused_softmax  (attention) our Pallas partially fused softmax (the paper's variant).
-  pallas         (group_norm, layer_norm, geglu) our Pallas kernels.
-  auto           the fastest recorded choice for the shape and backend (see `_auto_*`).
+  pallas         (group_norm, layer_norm, geglu) our Pallas kernels (Triton).
+  pallas_hopper  (geglu) our Pallas Mosaic GPU GEGLU for Hopper: fp16/bf16, shapes in whole
+                 tiles (`geglu_hopper.supports`).
+  auto           the fastest recorded choice for the shape and backend (see `_auto_*`); a
+                 recorded Hopper kernel on a GPU or shape it cannot run gives its Triton
+                 sibling.
 
 An unknown name raises `ValueError`. A chosen implementation that cannot run a shape raises;
 nothing falls back silently.
@@ -50,7 +54,7 @@ AttentionImpl = Literal[
     "reference", "xla", "cudnn", "flash", "flash_hopper", "fused_softmax", "auto"
 ]
 GroupNormImpl = Literal["reference", "xla", "pallas", "auto"]
-GegluImpl = Literal["reference", "xla", "pallas", "auto"]
+GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
@@ -441,14 +445,36 @@ def _geglu_pallas(x, w, b):
     return custom_calls.geglu(x, w, b)
 
 
+def geglu_hopper_supports(x, w) -> str | None:
+    """Why our Hopper GEGLU kernel cannot run these inputs here, or None if it can."""
+    if not on_gpu():
+        return "it needs a GPU backend"
+    cc = getattr(jax.devices()[0], "compute_capability", "")
+    if cc != "9.0":
+        return f"it needs a Hopper GPU (compute capability 9.0), not {cc or 'unknown'}"
+    from custom_calls.geglu_hopper import supports
+
+    return supports(x.shape, w.shape, x.dtype)
+
+
+def _geglu_pallas_hopper(x, w, b):
+    if why := geglu_hopper_supports(x, w):
+        raise ValueError(f"geglu implementation 'pallas_hopper' cannot run {x.shape}: {why}")
+    return custom_calls.geglu_hopper(x, w, b)
+
+
 def _auto_geglu(x, w) -> str:
-    return _recorded("geglu", x.shape, w.shape, x.dtype)
+    choice = _recorded("geglu", x.shape, w.shape, x.dtype)
+    if choice == "pallas_hopper" and geglu_hopper_supports(x, w):
+        return "pallas"  # recorded on a Hopper GPU; this one (or this shape) cannot run it
+    return choice
 
 
 _GEGLU: dict[str, Callable] = {
     "reference": geglu_reference,
     "xla": _geglu_xla,
     "pallas": _geglu_pallas,
+    "pallas_hopper": _geglu_pallas_hopper,
 }
 
 

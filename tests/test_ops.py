@@ -317,3 +317,21 @@ def test_packed_weights_of_another_width_are_rebuilt(monkeypatch, rng):
     )  # fmt: skip
     out = module.apply({**params, CONDITIONING: stale}, x)
     np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-5, atol=1e-5)
+
+
+def test_geglu_hopper_off_gpu_is_a_clear_error():
+    x = jnp.ones((128, 64), jnp.float16)
+    w, b = jnp.ones((64, 256), jnp.float16), jnp.ones((256,), jnp.float16)
+    with pytest.raises(ValueError, match="pallas_hopper.*needs a GPU"):
+        ops.geglu(x, w, b, implementation="pallas_hopper")
+
+
+def test_auto_geglu_takes_triton_where_the_recorded_hopper_kernel_cannot_run(monkeypatch):
+    """A table recorded on an H100 may name the Hopper kernel; on a GPU (or at a shape) it
+    cannot run, `auto` gives its Triton sibling rather than an error."""
+    x = jnp.ones((128, 64), jnp.float16)
+    w = jnp.ones((64, 256), jnp.float16)
+    monkeypatch.setattr(ops, "_recorded", lambda *a, **k: "pallas_hopper")
+    assert ops._auto_geglu(x, w) == "pallas"  # no GPU here
+    monkeypatch.setattr(ops, "geglu_hopper_supports", lambda x, w: None)
+    assert ops._auto_geglu(x, w) == "pallas_hopper"
