@@ -1,26 +1,31 @@
 """GEGLU for Hopper (sm_90) as a Pallas Mosaic GPU kernel: out = hidden * gelu(gate), with
 [hidden, gate] = split(x @ w + b, 2, axis=-1) and the exact (erf) GELU.
 
-Why a second kernel: the Triton one (`geglu.py`) reaches 285-380 TFLOP/s at SD1.5's shapes
-on the H100 (47 us for 8192 x 320 x 2560 in the s5b loop profile), well under the tensor
-cores' rate. Through Pallas, Triton gets neither the bulk tensor copy engine (TMA) nor warp
-specialization, so its loads and its matrix products take turns. Here, as in
-`flash_attention_hopper.py`:
+Why a second kernel: the Triton one (`geglu.py`) takes 48.6 us at SD1.5's 64x64 level
+(8192 x 320 x 2560) on the H100, twice cuBLAS's 24.4 us for the bare matmul (device kernel
+time, `experiments/results/README.md`). With K = 320 a tile is only five reduction steps,
+and its epilogue (two biases and an erf GELU on 64 x 128 values per warpgroup) takes about as
+long as its matrix products: a kernel that runs them in turn leaves the tensor cores idle
+half the time. Through Pallas, Triton has no warp specialization to overlap them. Here:
 
-- one *producer* warpgroup streams, per reduction step, the x tile [2 * block_m, block_k] and
-  the matching hidden and gate tiles of w ([block_k, block_n] each, columns n0 and F + n0)
-  with TMA into a ring of `stages` shared-memory buffers; a "full" barrier per slot counts the
-  three copies, a "free" barrier the two consumers done with it;
-- two *consumer* warpgroups each own block_m rows of the tile and accumulate hidden and gate
-  side by side in registers (two wgmma accumulators, float32), both operands read from shared
-  memory;
-- the epilogue adds the biases, writes hidden * gelu(gate) to shared memory and copies the
-  tile out with TMA: the 2F-wide projection never reaches memory.
+- the kernel is *persistent*: `programs` programs (one per SM by default) walk the output
+  tiles [64, block_n] (tile t at rows 64 * (t // (F / block_n)), columns block_n * (t % ...)),
+  program p taking tiles p, p + programs, ...;
+- two *consumer* warpgroups take a program's tiles in turn (even and odd) and *ping-pong*:
+  a barrier pair hands the tensor cores from one to the other, so one warpgroup's epilogue
+  runs while the other's wgmmas (hidden and gate accumulators side by side, float32, both
+  operands in shared memory) occupy the tensor cores (CUTLASS's "ping-pong" schedule);
+- one *producer* warpgroup streams each tile's x [64, block_k] and hidden and gate tiles of
+  w ([block_k, block_n] each, columns n0 and F + n0) with TMA, into one ring of `stages`
+  buffers per consumer (a consumer tracks the phases of its own barriers only);
+- the epilogue adds the two bias slices (copied in with TMA as the tile starts), writes
+  hidden * gelu(gate) to shared memory and copies the tile out with TMA: the 2F-wide
+  projection never reaches memory.
 
-Scope (`supports`): fp16/bf16; x's rows (M) a multiple of 2 * block_m; D a multiple of
-block_k; F a multiple of block_n. Other shapes take the Triton kernel (`sdjax.ops`). Off GPU
-the kernel runs in Mosaic GPU's interpret mode (tests; slow, small shapes), where the products
-are plain float32 dots of the same tiles.
+Scope (`supports`): fp16/bf16; x's rows (M) a multiple of 64; D a multiple of block_k; F a
+multiple of block_n. Other shapes take the Triton kernel (`sdjax.ops`). Off GPU the kernel
+runs in Mosaic GPU's interpret mode (tests; slow, small shapes), where the products are plain
+float32 dots of the same shared-memory tiles.
 """
 
 from __future__ import annotations
@@ -36,53 +41,58 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from custom_calls._common import resolve_interpret
 
-COMPUTE_WARPGROUPS = 2  # two consumers share each w tile
-WGMMA_M = 64  # rows of one warpgroup's wgmma
+COMPUTE_WARPGROUPS = 2  # two consumers, ping-ponging over a program's tiles
+TILE_M = 64  # rows of a tile: one warpgroup's wgmma
 SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16)
 # Shared memory a block may use on Hopper (227 KiB), less room for the barriers.
 SMEM_LIMIT_BYTES = 227 * 1024 - 1024
 # Registers per thread after `set_max_registers` (64K 32-bit registers per SM across 3
-# warpgroups of 128 threads: 2 * 232 + 40 <= 512).
+# warpgroups of 128 threads: 2 * 232 + 40 <= 512). A consumer's two accumulators of
+# 64 x 128 float32 take 128 of its 232.
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
+# The A&S 7.1.26 approximation of erf (|error| < 1.5e-7): Mosaic GPU has no layout rule for
+# math.erf, so the GELU is written out (exp, a reciprocal and a polynomial).
+ERF_P = 0.3275911
+ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 SQRT_HALF = 0.7071067811865476
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HopperConfig:
-    """Block sizes of one launch: a program computes [2 * block_m, block_n] of the output."""
+    """Block sizes of one launch. A tile is [64, block_n] of the output."""
 
-    block_m: int = 64  # rows per consumer warpgroup, a multiple of 64
-    block_n: int = 128  # output columns (and as many gate columns), a multiple of 64
+    block_n: int = 128  # output columns of a tile (and as many gate columns), a multiple of 64
     block_k: int = 64  # reduction step: 64 fp16 = 128 bytes, the widest TMA/wgmma swizzle
-    stages: int = 3  # reduction steps in flight (shared-memory ring buffers)
+    stages: int = 2  # reduction steps in flight per consumer (its shared-memory ring)
+    programs: int | None = None  # persistent programs; None: one per SM of the device
 
     def __post_init__(self):
-        if self.block_m % WGMMA_M:
-            raise ValueError(f"block_m={self.block_m} must be a multiple of {WGMMA_M}")
         for f in ("block_n", "block_k"):
             if getattr(self, f) % 64:
                 raise ValueError(f"{f}={getattr(self, f)} must be a multiple of 64")
         if self.stages < 1:
             raise ValueError(f"stages={self.stages} must be >= 1")
+        if self.programs is not None and self.programs < 1:
+            raise ValueError(f"programs={self.programs} must be >= 1")
 
 
 def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
-    """Shared memory of the ring (x, hidden and gate tiles), the bias and the output tiles,
-    for a reduction over d (the ring holds at most d / block_k steps)."""
-    item = jnp.dtype(dtype).itemsize
-    rows = COMPUTE_WARPGROUPS * config.block_m
+    """Shared memory of the two rings (x, hidden and gate tiles) and the two output tiles,
+    for a reduction over d (a ring holds at most d / block_k steps)."""
     stages = min(config.stages, max(1, d // config.block_k))
-    ring = stages * (rows * config.block_k + 2 * config.block_k * config.block_n)
-    return item * (ring + rows * config.block_n + COMPUTE_WARPGROUPS * 2 * config.block_n)
+    step = TILE_M * config.block_k + 2 * config.block_k * config.block_n
+    out = TILE_M * config.block_n
+    bias = 2 * 2 * config.block_n  # two tile parities of hidden and gate slices
+    return jnp.dtype(dtype).itemsize * COMPUTE_WARPGROUPS * (stages * step + out + bias)
 
 
 def heuristic_config(m: int, d: int, f: int) -> HopperConfig:
-    """A first guess: 128 x 128 output tiles; 64 columns where that leaves too few programs
-    to fill the H100's 132 SMs twice (SD1.5's 16x16 level: 512 x 5120)."""
+    """A first guess: tiles 128 columns wide, 64 where that leaves fewer tiles than four per
+    SM (SD1.5's 8x8 level: 128 x 5120 makes 80 tiles of 128 columns)."""
     del d
-    block_n = 128 if (m // (COMPUTE_WARPGROUPS * WGMMA_M)) * (f // 128) >= 264 else 64
-    return HopperConfig(block_m=WGMMA_M, block_n=block_n)
+    block_n = 128 if (m // TILE_M) * (f // 128) >= 4 * 132 else 64
+    return HopperConfig(block_n=block_n)
 
 
 def supports(x_shape, w_shape, dtype, config: HopperConfig | None = None) -> str | None:
@@ -95,8 +105,8 @@ def supports(x_shape, w_shape, dtype, config: HopperConfig | None = None) -> str
     config = config or heuristic_config(m, d, f2 // 2)
     if jnp.dtype(dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
         return f"dtype {jnp.dtype(dtype).name} (fp16/bf16 only)"
-    if m % (COMPUTE_WARPGROUPS * config.block_m):
-        return f"M={m} is not a multiple of {COMPUTE_WARPGROUPS * config.block_m}"
+    if m % TILE_M or m == 0:
+        return f"M={m} is not a positive multiple of {TILE_M}"
     if d % config.block_k:
         return f"D={d} is not a multiple of block_k={config.block_k}"
     if (f2 // 2) % config.block_n:
@@ -117,125 +127,170 @@ def _interpret_params(interpret: bool):
 
 
 def _gelu(g):
-    """Exact GELU in float32: g * Phi(g), Phi the standard normal CDF through erf."""
-    return 0.5 * g * (1.0 + lax.erf(g * SQRT_HALF))
+    """Exact GELU in float32, g * Phi(g) with Phi(g) = (1 + erf(g / sqrt(2))) / 2, erf by
+    A&S 7.1.26 (odd: its sign restored by jnp.sign)."""
+    z = g * SQRT_HALF
+    t = 1.0 / (1.0 + ERF_P * jnp.abs(z))
+    poly = ERF_A[-1]
+    for a in ERF_A[-2::-1]:
+        poly = a + t * poly
+    erf = jnp.sign(z) * (1.0 - t * poly * jnp.exp(-z * z))
+    return 0.5 * g * (1.0 + erf)
 
 
 def _column_vector(ref, *, interpret: bool):
-    """A [block_n] vector from shared memory, laid out to broadcast along the rows of a
-    wgmma accumulator."""
+    """A [block_n] vector from shared memory, laid out to broadcast along the rows of a wgmma
+    accumulator, in float32."""
     if interpret:
-        return ref[...]
+        return ref[...].astype(jnp.float32)
     layout = plgpu.Layout.WGMMA.reduce(0)
     try:
-        return plgpu.load(ref, layout=layout)  # jax 0.11
+        v = plgpu.load(ref, layout=layout)  # jax 0.11
     except TypeError:  # jax 0.10: the index is positional
-        return plgpu.load(ref, (slice(None),), layout=layout)
+        v = plgpu.load(ref, (slice(None),), layout=layout)
+    return v.astype(jnp.float32)
 
 
 def _kernel(
-    x_ref, w_ref, b_ref, o_ref,
-    x_smem, h_smem, g_smem, b_smem, o_smem, full, free, b_full,
-    *, inner, block_m, block_n, block_k, stages, k_steps, interpret,
+    x_ref, w_ref, b_ref, o_ref, x_smem, h_smem, g_smem, b_smem, o_smem, full, free, go, b_full,
+    *, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, interpret,
 ):  # fmt: skip
-    """One program: rows [m0, m0 + 2 * block_m) and output columns [n0, n0 + block_n).
+    """One persistent program: tiles pid, pid + programs, ... of the output.
 
     x_ref [M, D]; w_ref [D, 2F] (hidden columns first); b_ref [2F]; o_ref [M, F].
-    x_smem [stages, 2 * block_m, block_k]; h_smem, g_smem [stages, block_k, block_n];
-    b_smem [2 warpgroups, 2, block_n]; o_smem [2 warpgroups, block_m, block_n].
+    x_smem [2, stages, 64, block_k]; h_smem, g_smem [2, stages, block_k, block_n] (one ring
+    per consumer); b_smem [2, 2, 2, block_n] (consumer, tile parity, hidden/gate);
+    o_smem [2, 64, block_n]. full, free: [2 * stages] barriers, consumer c's slot s at
+    c * stages + s. go: [2], go[c] lets consumer c start its next tile's wgmmas. b_full:
+    [2 * 2], consumer c's biases of a tile of parity q at 2 * c + q.
     """
     wg = lax.axis_index("wg")
-    m0 = lax.axis_index("m_tiles") * (COMPUTE_WARPGROUPS * block_m)
-    n0 = lax.axis_index("n_tiles") * block_n
+    pid = lax.axis_index("programs")
+    n_local = (tiles - pid + programs - 1) // programs  # this program's tiles
+    k_unroll = k_steps <= 32  # a short reduction: unrolled
+
+    def origin(j):
+        """Rows and columns of this program's j-th tile."""
+        t = pid + j * programs
+        return (t // tiles_n) * TILE_M, (t % tiles_n) * block_n
+
+    def slot_of(u, i):
+        """Ring slot of reduction step i of a consumer's u-th tile."""
+        return lax.rem(u * k_steps + i, stages)
 
     @pl.when(wg < COMPUTE_WARPGROUPS)
     def _consumer():
         plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-        # this warpgroup's biases: hidden's and gate's columns of the tile
-        plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(n0, block_n)], b_smem.at[wg, 0], b_full.at[wg])
-        plgpu.copy_gmem_to_smem(
-            b_ref.at[pl.ds(inner + n0, block_n)], b_smem.at[wg, 1], b_full.at[wg]
-        )
-        rows = pl.ds(wg * block_m, block_m)
+        ring = wg * stages
 
-        if interpret:  # plain float32 dots of the same tiles (see the module doc)
+        def products(u):
+            """hidden, gate [64, block_n] float32 of this consumer's u-th tile."""
+            if interpret:  # plain float32 dots of the same tiles (see the module doc)
 
-            def step(i, acc):
-                slot = lax.rem(i, stages)
-                plgpu.barrier_wait(full.at[slot])
-                xt = x_smem.at[slot][rows, :].astype(jnp.float32)
-                hidden = acc[0] + jnp.dot(xt, h_smem.at[slot][...].astype(jnp.float32))
-                gate = acc[1] + jnp.dot(xt, g_smem.at[slot][...].astype(jnp.float32))
-                plgpu.barrier_arrive(free.at[slot])
-                return hidden, gate
+                def step(i, acc):
+                    slot = slot_of(u, i)
+                    plgpu.barrier_wait(full.at[ring + slot])
+                    xt = x_smem.at[wg, slot][...].astype(jnp.float32)
+                    hidden = acc[0] + jnp.dot(xt, h_smem.at[wg, slot][...].astype(jnp.float32))
+                    gate = acc[1] + jnp.dot(xt, g_smem.at[wg, slot][...].astype(jnp.float32))
+                    plgpu.barrier_arrive(free.at[ring + slot])
+                    return hidden, gate
 
-            zeros = jnp.zeros((block_m, block_n), jnp.float32)
-            hidden, gate = lax.fori_loop(0, k_steps, step, (zeros, zeros))
-        else:
+                zeros = jnp.zeros((TILE_M, block_n), jnp.float32)
+                return lax.fori_loop(0, k_steps, step, (zeros, zeros))
 
             def accumulate(h_acc, g_acc):
-                @pl.loop(0, k_steps)
+                @pl.loop(0, k_steps, unroll=k_unroll)
                 def _step(i):
-                    slot = lax.rem(i, stages)
-                    plgpu.barrier_wait(full.at[slot])
-                    xt = x_smem.at[slot].at[rows]
-                    plgpu.wgmma(h_acc, xt, h_smem.at[slot])
-                    plgpu.wgmma(g_acc, xt, g_smem.at[slot])
+                    slot = slot_of(u, i)
+                    plgpu.barrier_wait(full.at[ring + slot])
+                    xt = x_smem.at[wg, slot]
+                    plgpu.wgmma(h_acc, xt, h_smem.at[wg, slot])
+                    plgpu.wgmma(g_acc, xt, g_smem.at[wg, slot])
                     plgpu.wgmma_wait(0)  # both products read the slot: done before it is freed
-                    plgpu.barrier_arrive(free.at[slot])
+                    plgpu.barrier_arrive(free.at[ring + slot])
 
                 return h_acc[...], g_acc[...]
 
-            acc = plgpu.ACC((block_m, block_n), jnp.float32)
-            hidden, gate = pl.run_scoped(accumulate, acc, acc)
+            acc = plgpu.ACC((TILE_M, block_n), jnp.float32)
+            return pl.run_scoped(accumulate, acc, acc)
 
-        plgpu.barrier_wait(b_full.at[wg])
-        shape = (block_m, block_n)
-        bias_h = _column_vector(b_smem.at[wg, 0], interpret=interpret).astype(jnp.float32)
-        bias_g = _column_vector(b_smem.at[wg, 1], interpret=interpret).astype(jnp.float32)
-        hidden = hidden + lax.broadcast_in_dim(bias_h, shape, [1])
-        gate = gate + lax.broadcast_in_dim(bias_g, shape, [1])
-        o_smem.at[wg][...] = (hidden * _gelu(gate)).astype(o_ref.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            o_smem.at[wg], o_ref.at[pl.ds(m0 + wg * block_m, block_m), pl.ds(n0, block_n)]
-        )
+        def tile(u, carry):
+            j = 2 * u + wg  # this consumer's u-th tile is the program's j-th
+            m0, n0 = origin(j)
+            # the tile's bias slices, double-buffered by tile parity (the last tile's epilogue
+            # may still read the other buffer's values)
+            q = lax.rem(u, 2)
+            biases, b_done = b_smem.at[wg, q], b_full.at[2 * wg + q]
+            plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(n0, block_n)], biases.at[0], b_done)
+            plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(inner + n0, block_n)], biases.at[1], b_done)
+            pl.when(j > 0)(lambda: plgpu.barrier_wait(go.at[wg]))  # the tensor cores' turn
+            hidden, gate = products(u)
+            # hand the tensor cores over (where the other consumer has a tile left)
+            pl.when(j + 1 < n_local)(lambda: plgpu.barrier_arrive(go.at[1 - wg]))
+            shape = (TILE_M, block_n)
+            plgpu.barrier_wait(b_done)
+            bias_h = _column_vector(biases.at[0], interpret=interpret)
+            bias_g = _column_vector(biases.at[1], interpret=interpret)
+            hidden = hidden + lax.broadcast_in_dim(bias_h, shape, [1])
+            gate = gate + lax.broadcast_in_dim(bias_g, shape, [1])
+            out = (hidden * _gelu(gate)).astype(o_ref.dtype)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's copy has read it
+            o_smem.at[wg][...] = out
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[pl.ds(m0, TILE_M), pl.ds(n0, block_n)])
+            return carry
+
+        lax.fori_loop(0, (n_local - wg + 1) // 2, tile, 0)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WARPGROUPS)
     def _producer():
         plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
-        def fetch(i, slot):
-            ks = pl.ds(i * block_k, block_k)
-            plgpu.copy_gmem_to_smem(
-                x_ref.at[pl.ds(m0, COMPUTE_WARPGROUPS * block_m), ks], x_smem.at[slot],
-                full.at[slot],
-            )  # fmt: skip
-            plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(n0, block_n)], h_smem.at[slot],
-                                    full.at[slot])  # fmt: skip
-            plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(inner + n0, block_n)], g_smem.at[slot],
-                                    full.at[slot])  # fmt: skip
+        def tile(j, carry):
+            c, u = lax.rem(j, 2), j // 2  # the consumer and its u-th tile
+            m0, n0 = origin(j)
 
-        for i in range(stages):  # fill the ring
-            fetch(i, i)
+            @pl.loop(0, k_steps, unroll=k_unroll)
+            def _step(i):
+                slot = slot_of(u, i)
+                barrier = c * stages + slot
+                # the slot's previous step must be consumed (none before the ring's first lap)
+                pl.when(u * k_steps + i >= stages)(lambda: plgpu.barrier_wait(free.at[barrier]))
+                ks = pl.ds(i * block_k, block_k)
+                plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(m0, TILE_M), ks], x_smem.at[c, slot],
+                                        full.at[barrier])  # fmt: skip
+                plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(n0, block_n)], h_smem.at[c, slot],
+                                        full.at[barrier])  # fmt: skip
+                plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(inner + n0, block_n)],
+                                        g_smem.at[c, slot], full.at[barrier])  # fmt: skip
 
-        @pl.loop(stages, k_steps)
-        def _refill(i):
-            slot = lax.rem(i, stages)
-            plgpu.barrier_wait(free.at[slot])
-            fetch(i, slot)
+            return carry
 
-        for i in range(k_steps - stages, k_steps):  # drain: every phase is waited once
-            plgpu.barrier_wait(free.at[i % stages])
+        lax.fori_loop(0, n_local, tile, 0)
+        # drain: the last `stages` steps of each ring are waited for once, as every phase is
+        for c in range(COMPUTE_WARPGROUPS):
+            steps = (n_local - c + 1) // 2 * k_steps  # filled into ring c
+            for r in range(stages):
+                s = steps - stages + r
+                pl.when(s >= 0)(
+                    lambda s=s, c=c: plgpu.barrier_wait(free.at[c * stages + lax.rem(s, stages)])
+                )
 
 
 def _transforms(columns: int, dtype):
     """Tiling and swizzle of a shared-memory tile `columns` wide: 64 fp16 columns is one
-    128-byte swizzled tile (narrower tiles take a narrower swizzle)."""
+    128-byte swizzled tile."""
     item = jnp.dtype(dtype).itemsize
     swizzle = min(128, columns * item)
     return (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
+
+
+def _num_sms() -> int:
+    """SMs of the default device (132 on an H100 SXM); 2 off GPU (interpret mode)."""
+    device = jax.devices()[0]
+    return getattr(device, "core_count", None) or 2
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -258,35 +313,41 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
     interpret = resolve_interpret(interpret)
     k_steps = d // config.block_k
     stages = min(config.stages, k_steps)
+    tiles_n = inner // config.block_n
+    tiles = (m // TILE_M) * tiles_n
+    programs = min(tiles, config.programs or _num_sms())
     dtype = x.dtype
     in_t, out_t = _transforms(config.block_k, dtype), _transforms(config.block_n, dtype)
-    rows = COMPUTE_WARPGROUPS * config.block_m
+    cw, bk, bn = COMPUTE_WARPGROUPS, config.block_k, config.block_n
     scratch = [
-        plgpu.SMEM((stages, rows, config.block_k), dtype, transforms=in_t),  # x
-        plgpu.SMEM((stages, config.block_k, config.block_n), dtype, transforms=out_t),  # hidden
-        plgpu.SMEM((stages, config.block_k, config.block_n), dtype, transforms=out_t),  # gate
-        plgpu.SMEM((COMPUTE_WARPGROUPS, 2, config.block_n), dtype),  # biases
-        plgpu.SMEM((COMPUTE_WARPGROUPS, config.block_m, config.block_n), dtype, transforms=out_t),
-        plgpu.Barrier(num_arrivals=3, num_barriers=stages),  # full: x, hidden and gate tiles
-        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),  # free
-        plgpu.Barrier(num_arrivals=2, num_barriers=COMPUTE_WARPGROUPS),  # b_full: two copies
+        plgpu.SMEM((cw, stages, TILE_M, bk), dtype, transforms=in_t),  # x
+        plgpu.SMEM((cw, stages, bk, bn), dtype, transforms=out_t),  # hidden columns of w
+        plgpu.SMEM((cw, stages, bk, bn), dtype, transforms=out_t),  # gate columns of w
+        plgpu.SMEM((cw, 2, 2, bn), dtype),  # biases: consumer, tile parity, hidden/gate
+        plgpu.SMEM((cw, TILE_M, bn), dtype, transforms=out_t),  # output tiles
+        plgpu.Barrier(num_arrivals=3, num_barriers=cw * stages),  # full: x, hidden and gate
+        plgpu.Barrier(num_barriers=cw * stages),  # free: the consumer is done with the slot
+        plgpu.Barrier(num_barriers=cw),  # go: the tensor cores are this consumer's
+        plgpu.Barrier(num_arrivals=2, num_barriers=cw * 2),  # b_full: the two bias slices
     ]
     kernel = functools.partial(
         _kernel,
         inner=inner,
-        block_m=config.block_m,
-        block_n=config.block_n,
-        block_k=config.block_k,
+        block_n=bn,
+        block_k=bk,
         stages=stages,
         k_steps=k_steps,
+        tiles_n=tiles_n,
+        tiles=tiles,
+        programs=programs,
         interpret=interpret,
     )
     out = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((m, inner), dtype),
         scratch_types=scratch,
-        grid=(m // rows, inner // config.block_n),
-        grid_names=("m_tiles", "n_tiles"),
+        grid=(programs,),
+        grid_names=("programs",),
         num_threads=COMPUTE_WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
