@@ -45,17 +45,12 @@ DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat
 
 
 # The compile options a pipeline uses unless told otherwise (experiments/results/README.md).
-# On a GPU:
-# - XLA's own Triton GEMM fusions off, so that every dot outside our kernels goes to cuBLAS:
-#   -0.23 and -0.32 ms per SD1.5 UNet step in two H100 ablations (predictions 7 and 11);
-# - XLA's cuDNN LayerNorm rewrite on (each transformer LayerNorm one cuDNN kernel rather than
-#   XLA's fusions; XLA skips it where cuDNN or the chip cannot): -0.15 ms per step in the
-#   fifth session's H100 ablation (prediction 18).
-# Nothing on CPU.
-DEFAULT_GPU_COMPILER_OPTIONS = {
-    "xla_gpu_enable_triton_gemm": False,
-    "xla_gpu_enable_cudnn_layer_norm": True,
-}
+# On a GPU, XLA's own Triton GEMM fusions off, so that every dot outside our kernels goes to
+# cuBLAS: -0.23 and -0.32 ms per SD1.5 UNet step in two H100 ablations (predictions 7 and 11).
+# XLA's cuDNN LayerNorm rewrite (xla_gpu_enable_cudnn_layer_norm) is not among them: two H100
+# ablations disagreed in sign (-0.15 and +0.12 ms per step, each favouring the later row) and
+# the loop profile shows no gain in kernel time (prediction 18). Nothing on CPU.
+DEFAULT_GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 def default_compiler_options(backend: str | None = None) -> dict:

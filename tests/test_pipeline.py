@@ -303,18 +303,14 @@ def test_compiler_options_reach_xla():
 
 
 def test_default_compiler_options():
-    """None: the pipeline's defaults for the backend (XLA's Triton GEMMs off and its cuDNN
-    LayerNorm on, on a GPU only);
+    """None: the pipeline's defaults for the backend (XLA's Triton GEMMs off, on a GPU only);
     {}: XLA's own defaults; given options are kept as given."""
     import jax
     import jax.numpy as jnp
 
     from sdjax.pipeline import default_compiler_options
 
-    assert default_compiler_options("gpu") == {
-        "xla_gpu_enable_triton_gemm": False,
-        "xla_gpu_enable_cudnn_layer_norm": True,
-    }
+    assert default_compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
     assert default_compiler_options("cpu") == {}
     assert random_pipeline().compiler_options == default_compiler_options()
     assert random_pipeline(compiler_options={}).compiler_options == {}
