@@ -51,6 +51,8 @@ def expected_kernels(kernels) -> set[str]:
         want.add("sdjax_group_norm")
     if kernels.geglu == "pallas":
         want.add("sdjax_geglu")
+    if kernels.geglu == "pallas_hopper":
+        want.add("sdjax_geglu_hopper")
     return want
 
 

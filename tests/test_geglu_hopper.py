@@ -154,3 +154,10 @@ def test_gpu_hlo_has_mosaic_kernel(rng):
     hlo = jax.jit(geglu_hopper).lower(x, w, b).compile().as_text()
     assert "mosaic_gpu" in hlo
     assert any(n.startswith("sdjax_geglu_hopper") for n in count_hlo(hlo)["sdjax_kernels"])
+
+
+def test_hlo_report_looks_for_the_kernel_by_name():
+    from sdjax.hlo import expected_kernels
+    from sdjax.ops import Implementations
+
+    assert expected_kernels(Implementations(geglu="pallas_hopper")) == {"sdjax_geglu_hopper"}
