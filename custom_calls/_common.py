@@ -14,6 +14,18 @@ def resolve_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
+def mosaic_interpret_params(interpret: bool):
+    """Mosaic GPU's interpret-mode parameters for `plgpu.kernel(interpret=...)` (None on the
+    GPU): it raises on out-of-bounds reads, and fresh memory holds NaN."""
+    if not interpret:
+        return None
+    try:  # public from jax 0.11
+        from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams
+    except ImportError:  # jax 0.10
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()
+
+
 def next_power_of_2(n: int) -> int:
     """Triton's lowering wants power-of-two block shapes; pad logical sizes up to one."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from custom_calls._common import resolve_interpret
+from custom_calls._common import mosaic_interpret_params, resolve_interpret
 from custom_calls.flash_attention import MAX_HEAD_DIM, shape_key, tuned_table, validate
 
 LOG2_E = math.log2(math.e)
@@ -117,16 +117,6 @@ def supports(q_shape, kv_shape, dtype, config: HopperConfig | None = None) -> st
     if (smem := smem_bytes(config, head_dim, dtype)) > SMEM_LIMIT_BYTES:
         return f"its tiles need {smem} bytes of shared memory (> {SMEM_LIMIT_BYTES}); lower stages"
     return None
-
-
-def _interpret_params(interpret: bool):
-    if not interpret:
-        return None
-    try:  # public from jax 0.11
-        from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams
-    except ImportError:  # jax 0.10
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()  # raises on out-of-bounds reads; fresh memory holds NaN
 
 
 def _scores(q_ref, k_ref, *, block_q: int, block_kv: int, interpret: bool, meanwhile):
@@ -368,6 +358,6 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         num_threads=COMPUTE_WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params(interpret),
+        interpret=mosaic_interpret_params(interpret),
         kernel_name="sdjax_flash_hopper",
     )(q, k, v)

@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from custom_calls._common import resolve_interpret
+from custom_calls._common import mosaic_interpret_params, resolve_interpret
 
 COMPUTE_WARPGROUPS = 2  # two consumers, ping-ponging over a program's tiles
 TILE_M = 64  # rows of a tile: one warpgroup's wgmma
@@ -114,16 +114,6 @@ def supports(x_shape, w_shape, dtype, config: HopperConfig | None = None) -> str
     if (smem := smem_bytes(config, d, dtype)) > SMEM_LIMIT_BYTES:
         return f"its tiles need {smem} bytes of shared memory (> {SMEM_LIMIT_BYTES})"
     return None
-
-
-def _interpret_params(interpret: bool):
-    if not interpret:
-        return None
-    try:  # public from jax 0.11
-        from jax.experimental.pallas.mosaic_gpu import InterpretGPUParams
-    except ImportError:  # jax 0.10
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()  # raises on out-of-bounds reads; fresh memory holds NaN
 
 
 def _gelu(g):
@@ -351,7 +341,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         num_threads=COMPUTE_WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params(interpret),
+        interpret=mosaic_interpret_params(interpret),
         kernel_name="sdjax_geglu_hopper",
     )(x2, w.astype(dtype), b.astype(dtype))
     return out.reshape(*x.shape[:-1], inner)

@@ -184,14 +184,19 @@ def _attention_flash(q, k, v, *, scale):
     return custom_calls.flash_attention(q, k, v, scale=scale)
 
 
-def hopper_supports(q, k) -> str | None:
-    """Why our Hopper kernel cannot run these inputs here, or None if it can."""
+def _not_hopper() -> str | None:
+    """Why this backend cannot run our Hopper (Mosaic GPU) kernels, or None if it can."""
     if not on_gpu():
         return "it needs a GPU backend"
     cc = getattr(jax.devices()[0], "compute_capability", "")
     if cc != "9.0":
         return f"it needs a Hopper GPU (compute capability 9.0), not {cc or 'unknown'}"
-    return _hopper_supports_shapes(q.shape, k.shape, q.dtype)
+    return None
+
+
+def hopper_supports(q, k) -> str | None:
+    """Why our Hopper kernel cannot run these inputs here, or None if it can."""
+    return _not_hopper() or _hopper_supports_shapes(q.shape, k.shape, q.dtype)
 
 
 def _require_hopper(q, k) -> None:
@@ -447,14 +452,9 @@ def _geglu_pallas(x, w, b):
 
 def geglu_hopper_supports(x, w) -> str | None:
     """Why our Hopper GEGLU kernel cannot run these inputs here, or None if it can."""
-    if not on_gpu():
-        return "it needs a GPU backend"
-    cc = getattr(jax.devices()[0], "compute_capability", "")
-    if cc != "9.0":
-        return f"it needs a Hopper GPU (compute capability 9.0), not {cc or 'unknown'}"
     from custom_calls.geglu_hopper import supports
 
-    return supports(x.shape, w.shape, x.dtype)
+    return _not_hopper() or supports(x.shape, w.shape, x.dtype)
 
 
 def _geglu_pallas_hopper(x, w, b):

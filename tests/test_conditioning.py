@@ -95,21 +95,7 @@ def test_hoisted_loop_matches_the_per_step_loop(params, scheduler_name, guided):
 
 def _scan_body_dots(jaxpr) -> int:
     """dot_generals inside the scan's body (nested calls included)."""
-
-    def count(j) -> int:
-        n = 0
-        for eqn in j.eqns:
-            n += eqn.primitive.name == "dot_general"
-            for v in eqn.params.values():
-                for sub in v if isinstance(v, (list, tuple)) else (v,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        n += count(inner)
-        return n
-
-    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
-    assert len(scans) == 1
-    return count(scans[0].params["jaxpr"].jaxpr)
+    return sum(e.primitive.name == "dot_general" for e in _scan_body_eqns(jaxpr))
 
 
 def test_the_loop_body_no_longer_projects_text_or_time(params):
