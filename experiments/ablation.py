@@ -81,7 +81,8 @@ def rows() -> dict:
 
 
 def xla_rows(specs) -> dict:
-    """{auto+NAME: (auto, {"compiler_options": defaults + options})} from --xla_row specs."""
+    """{auto+NAME: (auto, {"compiler_options": defaults + options})} from --xla_row specs
+    (`experiments.common.parse_xla_row`)."""
     from experiments import common
     from sdjax.ops import Implementations as I
     from sdjax.pipeline import default_compiler_options
@@ -89,14 +90,11 @@ def xla_rows(specs) -> dict:
     auto = I(attention="auto", group_norm="auto", geglu="auto", layer_norm="auto")
     out = {}
     for spec in specs:
-        name, sep, items = spec.partition(":")
-        if not sep or not name.strip() or not items.strip():
-            raise app.UsageError(f"--xla_row wants NAME:OPTION=VALUE[,...]; got {spec!r}")
         try:
-            options = common.parse_xla_options(items.split(","))
+            name, options = common.parse_xla_row(spec)
         except ValueError as e:
-            raise app.UsageError(f"--xla_row {spec!r}: {e}") from None
-        out[f"auto+{name.strip()}"] = (
+            raise app.UsageError(str(e)) from None
+        out[f"auto+{name}"] = (
             auto, {"compiler_options": {**default_compiler_options(), **options}}
         )  # fmt: skip
     return out

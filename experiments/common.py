@@ -178,6 +178,17 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return path
 
 
+def parse_xla_row(spec: str) -> tuple[str, dict]:
+    """`NAME:OPTION=VALUE[,OPTION=VALUE...]` (the ablation's --xla_row) as (NAME, options)."""
+    name, sep, items = spec.partition(":")
+    if not sep or not name.strip() or not items.strip():
+        raise ValueError(f"--xla_row wants NAME:OPTION=VALUE[,...]; got {spec!r}")
+    try:
+        return name.strip(), parse_xla_options(items.split(","))
+    except ValueError as e:
+        raise ValueError(f"--xla_row {spec!r}: {e}") from None
+
+
 def parse_xla_options(items) -> dict:
     """`NAME=VALUE` strings (the experiments' --xla_option) as compile options
     {name: bool | int | float | str}, for `Lowered.compile(compiler_options=...)`."""

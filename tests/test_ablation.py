@@ -52,25 +52,34 @@ def test_unknown_row_is_refused(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_xla_rows_add_options_on_top_of_the_defaults(monkeypatch):
-    """--xla_row NAME:OPT=VAL,... is `auto` compiled with the pipeline's default XLA options
-    plus these (later ones win); a malformed one is a usage error."""
+def test_xla_row_specs():
+    """--xla_row NAME:OPT=VAL,... (the ablation adds `auto` compiled with the pipeline's
+    default XLA options plus these); a malformed one is refused. (experiments.common, not
+    experiments.ablation: importing a script here would define its absl flags in-process.)"""
     import pytest
-    from absl import app
 
-    from experiments import ablation
-    from sdjax import pipeline
+    from experiments import common
 
-    monkeypatch.setattr(pipeline, "default_compiler_options", lambda: {"a": False, "b": 1})
-    rows = ablation.xla_rows(["x:a=true,c=2.5", "y: d=on"])
-    assert list(rows) == ["auto+x", "auto+y"]
-    kernels, options = rows["auto+x"]
-    assert kernels.attention == "auto" and kernels.group_norm == "auto"
-    assert options == {"compiler_options": {"a": True, "b": 1, "c": 2.5}}
-    assert rows["auto+y"][1] == {"compiler_options": {"a": False, "b": 1, "d": "on"}}
+    assert common.parse_xla_row("x:a=true,c=2.5") == ("x", {"a": True, "c": 2.5})
+    assert common.parse_xla_row(" y : d=on") == ("y", {"d": "on"})
     for bad in ("x", "x:", ":a=1", "x:a"):
-        with pytest.raises(app.UsageError, match="xla_row"):
-            ablation.xla_rows([bad])
+        with pytest.raises(ValueError, match="xla_row"):
+            common.parse_xla_row(bad)
+
+
+def test_xla_row_runs_auto_with_the_options_on_top(tmp_path):
+    """On CPU the pipeline's defaults are {}: the row's options are exactly the given ones,
+    and the row runs (a DebugOptions field valid on CPU)."""
+    proc = run_ablation(
+        tmp_path, "--rows=auto+cpu_opt", "--xla_row=cpu_opt:xla_gpu_enable_triton_gemm=false",
+        "--tag=_x", "--noreference",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "ablation_tiny_float32_x.json").read_text())
+    [row] = record["rows"]
+    assert row["row"] == "auto+cpu_opt" and "error" not in row and row["finite"]
+    assert row["options"] == {"compiler_options": {"xla_gpu_enable_triton_gemm": False}}
+    assert row["kernels"]["geglu"] == "auto"
 
 
 def test_malformed_xla_row_is_refused_before_any_work(tmp_path):
