@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from custom_calls._common import mosaic_interpret_params, resolve_interpret
+from custom_calls.group_norm import activate
 
 COMPUTE_WARPGROUPS = 2  # two consumers, ping-ponging over a program's tiles
 TILE_M = 64  # rows of a tile: one warpgroup's wgmma
@@ -57,11 +58,6 @@ SMEM_LIMIT_BYTES = 227 * 1024 - 1024
 # 64 x 128 float32 take 128 of its 232.
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
-# The A&S 7.1.26 approximation of erf (|error| < 1.5e-7): Mosaic GPU has no layout rule for
-# math.erf, so the GELU is written out (exp, a reciprocal and a polynomial).
-ERF_P = 0.3275911
-ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
-SQRT_HALF = 0.7071067811865476
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -120,18 +116,6 @@ def supports(x_shape, w_shape, dtype, config: HopperConfig | None = None) -> str
     if (smem := smem_bytes(config, d, dtype)) > SMEM_LIMIT_BYTES:
         return f"its tiles need {smem} bytes of shared memory (> {SMEM_LIMIT_BYTES})"
     return None
-
-
-def _gelu(g):
-    """Exact GELU in float32, g * Phi(g) with Phi(g) = (1 + erf(g / sqrt(2))) / 2, erf by
-    A&S 7.1.26 (odd: its sign restored by jnp.sign)."""
-    z = g * SQRT_HALF
-    t = 1.0 / (1.0 + ERF_P * jnp.abs(z))
-    poly = ERF_A[-1]
-    for a in ERF_A[-2::-1]:
-        poly = a + t * poly
-    erf = jnp.sign(z) * (1.0 - t * poly * jnp.exp(-z * z))
-    return 0.5 * g * (1.0 + erf)
 
 
 def _column_vector(ref, *, interpret: bool):
@@ -230,7 +214,9 @@ def _kernel(
             bias_g = _column_vector(biases.at[1], interpret=interpret)
             hidden = hidden + lax.broadcast_in_dim(bias_h, shape, [1])
             gate = gate + lax.broadcast_in_dim(bias_g, shape, [1])
-            out = (hidden * _gelu(gate)).astype(o_ref.dtype)
+            # exact GELU through group_norm's written-out erf (A&S 7.1.26, |error| < 1.5e-7):
+            # Mosaic GPU has no layout rule for math.erf, as Pallas' Triton has no lowering
+            out = (hidden * activate(gate, "gelu")).astype(o_ref.dtype)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's copy has read it
             o_smem.at[wg][...] = out
             plgpu.commit_smem()
