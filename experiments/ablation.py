@@ -72,6 +72,9 @@ def rows() -> dict:
         "auto": (auto, {}),
         "auto_conditioning_per_step": (auto, {"hoist_conditioning": False}),
         "auto+layer_norm": (dataclasses.replace(auto, layer_norm="pallas"), {}),
+        # auto with row-major parameters: every call transposes the conv kernels for cuDNN
+        # (the pipeline's default lets XLA choose the layouts: sdjax.pipeline's module doc)
+        "auto_row_major_params": (auto, {"auto_layouts": False}),
         # auto with the Triton GEGLU everywhere (where `auto` records the Hopper one)
         "auto_triton_geglu": (dataclasses.replace(auto, geglu="pallas"), {}),
         # auto with XLA's default options: its Triton GEMM fusions back on (the `auto` row of

@@ -762,8 +762,13 @@ def profile_program(
     """
     import jax
 
+    from sdjax import pipeline
+
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile(compiler_options=compiler_options or None)
+    # The parameters (args[0]) in the layouts XLA picks, as the pipeline runs them.
+    lowered = pipeline.lower_auto_layouts(fn, *args)
+    compiled = lowered.compile(compiler_options=compiler_options or None)
+    args = (pipeline.place_params(compiled, args[0]), *args[1:])
     compile_s = time.perf_counter() - t0
     text = compiled.as_text()
     if dump_hlo_dir:

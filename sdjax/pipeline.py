@@ -9,6 +9,13 @@ Three jitted programs, each compiled once per shape and reused:
 `denoise_loop` is importable on its own for research code. The implementations of the hot
 ops (`sdjax.ops`) are a static argument of each program, entered inside the trace.
 
+Parameter layouts: each program is compiled with its parameters' memory layouts left to XLA
+(`jax.experimental.layout`, `Layout.AUTO`), and the parameters are moved into the layouts
+it chose once, before its first call (`auto_layouts=False` keeps them row-major). On a GPU
+XLA picks the filter layout cuDNN reads (OHWI, "KRSC") for every conv kernel, which we store
+HWIO: with row-major parameters each program would transpose all its conv kernels on every
+call, keeping the transposed copies in its temporary memory.
+
 Batches are sharded over every local device along the batch axis (a 1-D `Mesh` named
 "batch"); the parameters are placed once, replicated. A batch that does not divide by the
 device count is padded and the padding dropped from the result. Each image's noise comes from
@@ -28,6 +35,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -278,6 +286,7 @@ class StableDiffusion:
         random_weights: bool = False,
         hoist_conditioning: bool = True,
         compiler_options: dict | None = None,
+        auto_layouts: bool = True,
     ):
         self.config = config
         self.dtype = resolve_dtype(dtype)
@@ -292,6 +301,8 @@ class StableDiffusion:
         self.compiler_options = (
             default_compiler_options() if compiler_options is None else dict(compiler_options)
         )
+        # parameters in the layouts each program asks for (see the module doc)
+        self.auto_layouts = auto_layouts
         self.devices = list(devices or jax.local_devices())
         self.mesh = Mesh(np.array(self.devices), ("batch",))
         self.replicated = NamedSharding(self.mesh, P())
@@ -299,6 +310,7 @@ class StableDiffusion:
         cast = functools.partial(_cast_floats, dtype=self.dtype)
         self.params = jax.device_put(jax.tree.map(cast, params), self.replicated)
         self._compiled: dict = {}
+        self._placed_for: dict = {}  # component -> the program its parameters are laid out for
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -356,16 +368,19 @@ class StableDiffusion:
     # ---- compiled components ---------------------------------------------------------------
 
     def _compile(self, name: str, fn, *args, statics: tuple = ()):
-        """Compiles fn(*args) once per (name, shapes, statics); returns (compiled, compile_s)."""
+        """Compiles fn(*args) once per (name, shapes, statics); returns (compiled, compile_s).
+
+        args[0] is a component's parameters: with `auto_layouts` their layouts are XLA's
+        choice (call the program through `_run`, which puts them there)."""
         leaves, treedef = jax.tree.flatten(args)
         # The programs capture self.kernels and self.dtype: they belong in the key.
         options = tuple(sorted(self.compiler_options.items()))
-        key = (name, self.kernels, str(self.dtype), statics, treedef, options)
+        key = (name, self.kernels, str(self.dtype), statics, treedef, options, self.auto_layouts)
         key += (tuple((a.shape, str(a.dtype)) for a in leaves),)
         if key in self._compiled:
             return self._compiled[key], 0.0
         t0 = time.perf_counter()
-        lowered = jax.jit(fn).lower(*args)
+        lowered = lower_auto_layouts(fn, *args) if self.auto_layouts else jax.jit(fn).lower(*args)
         try:
             compiled = lowered.compile(compiler_options=self.compiler_options or None)
         except Exception as e:  # XLA names a bad option deep in its stack: say which one
@@ -374,6 +389,17 @@ class StableDiffusion:
             raise
         self._compiled[key] = compiled
         return compiled, time.perf_counter() - t0
+
+    def _run(self, compiled, component: str, *args):
+        """compiled(self.params[component], *args), first moving the parameters into the
+        layouts `compiled` was built for, where they are not yet (once per component, unless
+        two programs want different layouts). The moved parameters replace the old ones."""
+        # Checking ~700 arrays' layouts costs milliseconds of host time: only when the
+        # program differs from the one the parameters were last placed for.
+        if self.auto_layouts and self._placed_for.get(component) is not compiled:
+            self.params[component] = place_params(compiled, self.params[component])
+            self._placed_for[component] = compiled
+        return compiled(self.params[component], *args)
 
     def _encode_fn(self):
         cfg, dtype, kernels = self.config.text_encoder, self.dtype, self.kernels
@@ -514,10 +540,8 @@ class StableDiffusion:
             "encode_text", self._encode_fn(), self.params["text_encoder"], batch(tokens.ids)
         )
         t0 = time.perf_counter()
-        context = encode(self.params["text_encoder"], batch(tokens.ids))
-        uncond = (
-            encode(self.params["text_encoder"], batch(neg_tokens.ids)) if use_guidance else None
-        )
+        context = self._run(encode, "text_encoder", batch(tokens.ids))
+        uncond = self._run(encode, "text_encoder", batch(neg_tokens.ids)) if use_guidance else None
         jax.block_until_ready((context, uncond))
         timings["text_encoder"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
 
@@ -536,7 +560,7 @@ class StableDiffusion:
                 enc_noise,
             )
             t0 = time.perf_counter()
-            x0 = enc(self.params["vae"], batch(init_image), enc_noise)
+            x0 = self._run(enc, "vae", batch(init_image), enc_noise)
             x = sched.add_noise(x0, batch(noise), start)
             x = jax.block_until_ready(jax.device_put(x, self.batch_sharding))
             timings["vae_encode"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
@@ -563,13 +587,13 @@ class StableDiffusion:
         statics = (sched, start, progress, self.hoist_conditioning)
         run_loop, c_s = self._compile("denoise", loop, *args, statics=statics)
         t0 = time.perf_counter()
-        x = jax.block_until_ready(run_loop(*args))
+        x = jax.block_until_ready(self._run(run_loop, "unet", *args[1:]))
         timings["denoise"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0, "steps": n_steps}
 
         # 4. decode
         decode, c_s = self._compile("decode", self._decode_fn(), self.params["vae"], x)
         t0 = time.perf_counter()
-        images = jax.block_until_ready(decode(self.params["vae"], x))
+        images = jax.block_until_ready(self._run(decode, "vae", x))
         timings["vae_decode"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
 
         return Result(
@@ -603,6 +627,36 @@ def _check_request(*, n: int, steps, guidance, index_offset) -> None:
         raise ValueError(f"guidance scale must be a finite number >= 0; got {guidance}")
     if index_offset < 0:
         raise ValueError(f"index_offset must be >= 0; got {index_offset}")
+
+
+def lower_auto_layouts(fn, params, *args):
+    """`jax.jit(fn).lower(params, *args)` with the memory layouts of `params` (a pytree of
+    arrays) left to XLA: `place_params` then moves them where the compiled program wants
+    them. The other arguments keep their own layouts."""
+    formats = jax.tree.map(lambda a: Format(Layout.AUTO, a.sharding), params)
+    # Layout.AUTO wants abstract parameters: concrete ones carry a layout already.
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), params
+    )
+    return jax.jit(fn, in_shardings=(formats, *[None] * len(args))).lower(abstract, *args)
+
+
+def place_params(compiled, params):
+    """`params` (the first argument of `compiled`) in the layouts `compiled` was built for:
+    the arrays already there as they are, the others copied (same sharding and values)."""
+
+    def place(a, fmt):
+        # None: a parameter the program does not read (the VAE's encoder in decode)
+        if fmt.layout is None or _same_layout(a.format.layout, fmt.layout):
+            return a
+        return jax.device_put(a, Format(fmt.layout, a.sharding))
+
+    return jax.tree.map(place, params, compiled.input_formats[0][0])
+
+
+def _same_layout(a: Layout, b: Layout) -> bool:
+    """Layout equality that treats an unset tiling (None, as a user builds one) as none."""
+    return a.major_to_minor == b.major_to_minor and (a.tiling or ()) == (b.tiling or ())
 
 
 def _cast_floats(x, *, dtype):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 
+import jax
 import numpy as np
 import pytest
+from jax.experimental.layout import Format, Layout
 
 from sdjax.pipeline import StableDiffusion, image_noise
 from tests._pipeline_util import random_pipeline, save_diffusers_checkpoint
@@ -319,3 +321,97 @@ def test_default_compiler_options():
     # the GPU defaults are fields of this jaxlib's DebugOptions (an unknown one fails to compile)
     x = jnp.ones(3)
     jax.jit(lambda a: a * 2).lower(x).compile(compiler_options=default_compiler_options("gpu"))
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter layouts (auto_layouts)
+# --------------------------------------------------------------------------------------------
+
+
+def test_auto_layouts_give_the_same_images():
+    """XLA's choice of parameter layouts moves bytes, not values; the parameters end up in
+    the layouts the programs were compiled for."""
+    kw = dict(steps=2, seed=3, scheduler="ddim")
+    auto = random_pipeline()
+    plain = random_pipeline(auto_layouts=False)
+    a, b = auto.generate("a cat", **kw), plain.generate("a cat", **kw)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_allclose(a.latents, b.latents, rtol=1e-6, atol=1e-6)
+    denoise = next(c for k, c in auto._compiled.items() if k[0] == "denoise")
+    wanted = jax.tree.leaves(denoise.input_formats[0][0])
+    have = jax.tree.leaves(auto.params["unet"])
+    assert len(wanted) == len(have) > 0
+    assert all(
+        f.layout is None or a.format.layout.major_to_minor == f.layout.major_to_minor
+        for a, f in zip(have, wanted, strict=True)
+    )
+
+
+class _WantsColumnMajor:
+    """A stand-in for a compiled program whose parameters are all column-major (what XLA
+    may ask for on a GPU; on the CPU it keeps row-major, so the real programs cannot show
+    the move)."""
+
+    def __init__(self, params):
+        def column_major(a):
+            return Format(Layout(major_to_minor=tuple(range(a.ndim))), a.sharding)
+
+        self.input_formats = ((jax.tree.map(column_major, params),), {})
+
+    def __call__(self, params, x):
+        return jax.tree.map(lambda a: a.format.layout, params), x
+
+
+def test_run_moves_parameters_into_the_compiled_layouts_once(monkeypatch):
+    from sdjax import pipeline as pipeline_lib
+
+    placed = []
+    place = pipeline_lib.place_params
+    monkeypatch.setattr(pipeline_lib, "place_params", lambda *a: placed.append(1) or place(*a))
+    pipe = random_pipeline()
+    before = jax.tree.map(np.asarray, pipe.params["vae"])
+    program = _WantsColumnMajor(pipe.params["vae"])
+    layouts, _ = pipe._run(program, "vae", 1)
+    wanted = jax.tree.map(lambda f: f.layout, program.input_formats[0][0])
+    assert [x.major_to_minor for x in jax.tree.leaves(layouts)] == [
+        x.major_to_minor for x in jax.tree.leaves(wanted)
+    ]
+    moved = jax.tree.leaves(pipe.params["vae"])
+    assert any(a.ndim > 1 for a in moved)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, pipe.params["vae"]),
+                 before)  # fmt: skip
+    pipe._run(program, "vae", 1)  # already there: the same arrays, not even checked again
+    assert all(a is b for a, b in zip(moved, jax.tree.leaves(pipe.params["vae"]), strict=True))
+    assert len(placed) == 1
+    other = _WantsColumnMajor(pipe.params["vae"])  # another program: checked, nothing moves
+    pipe._run(other, "vae", 1)
+    assert len(placed) == 2
+    assert all(a is b for a, b in zip(moved, jax.tree.leaves(pipe.params["vae"]), strict=True))
+    plain = random_pipeline(auto_layouts=False)
+    kept = jax.tree.leaves(plain.params["vae"])
+    plain._run(program, "vae", 1)
+    assert all(a is b for a, b in zip(kept, jax.tree.leaves(plain.params["vae"]), strict=True))
+
+
+@pytest.mark.gpu
+def test_auto_layouts_remove_the_conv_kernel_transposes():
+    """On the GPU the denoising program reads the conv kernels as cuDNN wants them: no
+    transpose of a parameter left in its HLO, and less temporary memory than with row-major
+    parameters (which it would transpose on every call)."""
+    kw = dict(steps=2, seed=3, scheduler="ddim", height=64, width=64)
+    auto = random_pipeline("tiny", dtype="float16", kernels="auto")
+    plain = random_pipeline("tiny", dtype="float16", kernels="auto", auto_layouts=False)
+    a, b = auto.generate("a cat", **kw), plain.generate("a cat", **kw)
+    assert np.abs(a.images.astype(int) - b.images).max() <= 1
+
+    def program(pipe):
+        return next(c for k, c in pipe._compiled.items() if k[0] == "denoise")
+
+    def transposes(pipe):
+        return program(pipe).as_text().count("transpose(")
+
+    assert transposes(auto) < transposes(plain), (transposes(auto), transposes(plain))
+    temp = {n: program(p).memory_analysis().temp_size_in_bytes
+            for n, p in (("auto", auto), ("plain", plain))}  # fmt: skip
+    assert temp["auto"] < temp["plain"], temp
+
