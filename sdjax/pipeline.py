@@ -405,8 +405,14 @@ class StableDiffusion:
         cfg, dtype, kernels = self.config.text_encoder, self.dtype, self.kernels
 
         def encode_text(params, ids):
+            """ids [N, 77] -> [N, 77, D]; or [2, N, 77] (prompts, negative prompts) -> the two
+            [N, 77, D] from one batch of 2N."""
             with ops.use(kernels):
-                return clip.encode(params, ids, cfg, dtype=dtype)
+                if ids.ndim == 2:
+                    return clip.encode(params, ids, cfg, dtype=dtype)
+                out = clip.encode(params, ids.reshape(-1, ids.shape[-1]), cfg, dtype=dtype)
+                out = out.reshape(*ids.shape, -1)
+                return out[0], out[1]
 
         return encode_text
 
@@ -536,12 +542,15 @@ class StableDiffusion:
                     f"the tokenizer produced token id {int(t.ids.max())}, but the text encoder "
                     f"has vocab_size {vocab}: tokenizer and checkpoint do not belong together"
                 )
+        # With guidance, prompts and negative prompts in one call: [2, N, 77] -> two [N, 77, D]
+        ids = np.stack([tokens.ids, neg_tokens.ids]) if use_guidance else tokens.ids
+        ids = batch(ids, axis=1 if use_guidance else 0)
         encode, c_s = self._compile(
-            "encode_text", self._encode_fn(), self.params["text_encoder"], batch(tokens.ids)
+            "encode_text", self._encode_fn(), self.params["text_encoder"], ids
         )
         t0 = time.perf_counter()
-        context = self._run(encode, "text_encoder", batch(tokens.ids))
-        uncond = self._run(encode, "text_encoder", batch(neg_tokens.ids)) if use_guidance else None
+        context = self._run(encode, "text_encoder", ids)
+        context, uncond = context if use_guidance else (context, None)
         jax.block_until_ready((context, uncond))
         timings["text_encoder"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
 

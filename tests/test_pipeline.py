@@ -415,3 +415,11 @@ def test_auto_layouts_remove_the_conv_kernel_transposes():
             for n, p in (("auto", auto), ("plain", plain))}  # fmt: skip
     assert temp["auto"] < temp["plain"], temp
 
+
+def test_guided_prompts_are_encoded_in_one_call(tiny):
+    """With guidance the prompts and the negative prompts go through the text encoder as one
+    batch (one program call, ids [2, N, 77]); without, the prompts alone."""
+    _gen(tiny, PROMPTS, guidance=7.5)
+    _gen(tiny, PROMPTS, guidance=1.0)
+    shapes = {k[-1][-1][0] for k in tiny._compiled if k[0] == "encode_text"}
+    assert shapes >= {(2, 2, 77), (2, 77)}, shapes
