@@ -13,7 +13,14 @@ one tile cannot hide behind the matrix products of the next. Mosaic GPU exposes 
   registers (base 2, the scale folded into one multiply-add per logit);
 - with `pingpong`, a barrier shared by the two consumers staggers them by half a step, so
   one warpgroup's softmax runs while the other's matrix products occupy the tensor cores
-  (the schedule of FlashAttention-3, Shah et al. 2024).
+  (the schedule of FlashAttention-3, Shah et al. 2024);
+- with `half_exp` (fp16 only), the exponentials run on packed fp16 pairs (`ex2.approx.f16x2`,
+  two per instruction of the special-function unit, which otherwise bounds SD's small heads:
+  at head dim 40-48 a logit costs ~4*48 tensor-core FLOPs but one exponential, and an SM
+  does ~4096 such FLOPs per clock against 16 exponentials). The logits, less their row
+  maximum, are rounded to fp16 before the exponential instead of P after it; P's row sums
+  add its fp16 values in fp32 (`half_sum`: each tile's sums in fp16, packed adds, then
+  accumulated over the tiles in fp32).
 
 Head dims that are not a multiple of `head_align` (64 by default; SD's 40, 80, 160) are
 zero-padded to `d_pad` (the next multiple) *in memory*, and the output is sliced back: extra copies of q, k, v and
@@ -71,6 +78,11 @@ class HopperConfig:
     # 40 -> 64 and 80 -> 128; 16 (32-byte swizzle) pads 40 -> 48 and leaves 80 and 160 as they
     # are (less padding and fewer copies, a narrower swizzle).
     head_align: int = D_ALIGN
+    # Exponentials on packed fp16 pairs (fp16 inputs; bf16 ones keep fp32 exponentials: their
+    # P is rounded to bf16, and a fp16 P would need another conversion). See the module doc.
+    half_exp: bool = False
+    # With half_exp: each K/V tile's row sums of P in fp16 (packed adds), the total in fp32.
+    half_sum: bool = False
 
     def __post_init__(self):
         if self.block_q % WGMMA_M:
@@ -81,6 +93,8 @@ class HopperConfig:
             raise ValueError(f"stages={self.stages} must be >= 2")
         if self.head_align not in HEAD_ALIGNS:
             raise ValueError(f"head_align={self.head_align} must be one of {HEAD_ALIGNS}")
+        if self.half_sum and not self.half_exp:
+            raise ValueError("half_sum needs half_exp")
 
 
 def tuned_config(q_shape, kv_shape, dtype) -> HopperConfig:
@@ -160,11 +174,34 @@ def _accumulate(acc, a, b_ref, *, interpret: bool):
     return pl.run_state(product)(plgpu.ACC.init(acc))
 
 
+def _exp2_f16(x, *, interpret: bool):
+    """2**x of fp16 x [block_q, block_kv] (wgmma layout), two values per instruction.
+
+    Mosaic GPU's own exp2 has no fp16 fast path, so this is its packed PTX instruction
+    through `plgpu.inline_mgpu`. Interpret mode: jnp.exp2 in fp16 (fp32 inside, rounded).
+    """
+    if interpret:
+        return jnp.exp2(x)
+    from jax.experimental.mosaic import gpu as mgpu
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=plgpu.Layout.WGMMA),
+    )
+    def ex2(ctx, a):
+        del ctx
+        return a._pointwise(
+            mgpu.FragmentedArray._lift_fast_packed_instr("ex2.approx.f16x2", "ex2.approx.f16")
+        )
+
+    return ex2(x)
+
+
 def _kernel(
     q_ref, k_ref, v_ref, o_ref,
     q_smem, k_smem, v_smem, q_full, k_full, v_full, k_free, v_free, turn,
     *, d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
-    head_offsets=(0, 0, 0),
+    head_offsets=(0, 0, 0), half_exp=False, half_sum=False,
 ):  # fmt: skip
     """One program: 2 * block_q query rows of one (batch, head); three warpgroups.
 
@@ -216,10 +253,17 @@ def _kernel(
 
             m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
             alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s * scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
+            logits = s * scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0])  # <= 0
+            if half_exp:  # P in fp16 straight from the exponential
+                p = _exp2_f16(logits.astype(jnp.float16), interpret=interpret)
+                row_sum = p.sum(axis=1).astype(jnp.float32) if half_sum else (
+                    p.astype(jnp.float32).sum(axis=1))  # fmt: skip
+            else:
+                p = jnp.exp2(logits)
+                row_sum = p.sum(axis=1)
+                p = p.astype(q_ref.dtype)
+            l_i = l_i * alpha + row_sum
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            p = p.astype(q_ref.dtype)
             if pingpong:
                 plgpu.barrier_arrive(turn)  # softmax done: the other may use the tensor cores
             plgpu.barrier_wait(v_full.at[slot])
@@ -348,6 +392,8 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         pingpong=config.pingpong,
         interpret=interpret,
         head_offsets=head_offsets,
+        half_exp=config.half_exp and jnp.dtype(q.dtype) == jnp.float16,
+        half_sum=config.half_sum,
     )
     return plgpu.kernel(
         kernel,

@@ -10,7 +10,8 @@
 #   ablation_sd21  SD2.1 768x768 fp16, every row, with the anchors ($SD21_ARGS)
 #   throughput     experiments.benchmark images/s per batch ($THROUGHPUT_BATCHES, default 1,4,8,16)
 #   hopper         the Hopper attention kernel: its GPU tests (stop here if one fails), then its
-#                  block-size sweep on $HOPPER_SHAPES (tuning table copied to results)
+#                  block-size sweep on $HOPPER_SHAPES, extra flags $HOPPER_ARGS (e.g.
+#                  --hopper_half_exp); the tuning table is copied to results
 #   attention      experiments.bench_attention on $ATTENTION_SHAPES (default: SD2.1's smaller ones),
 #                  implementations $ATTENTION_IMPLS (default: all but jax_mosaic_fa3)
 #   autotune       experiments.make_autotune from the committed benches and the newest
@@ -63,7 +64,7 @@ for stage in "$@"; do
     hopper)
       if limit python3 -m pytest -q -x -m gpu tests/test_flash_hopper.py 2>&1 | tail -25; then
         limit python3 experiments/tune_attention.py --kernels flash_hopper --budget_s ${HOPPER_BUDGET:-200} \
-          --shapes ${HOPPER_SHAPES:-sd15_self_64,sd21_self_96,sd21_self_48,sd15_self_32,sd15_self_16} 2>&1 | quiet | tail -12 || status=1
+          --shapes ${HOPPER_SHAPES:-sd15_self_64,sd21_self_96,sd21_self_48,sd15_self_32,sd15_self_16} ${HOPPER_ARGS:-} 2>&1 | quiet | tail -12 || status=1
         cp custom_calls/tuning/attention.json "$OUT/attention_tuning.json"
       else status=1; fi
       ;;

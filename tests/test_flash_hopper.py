@@ -38,12 +38,17 @@ CASES = [
     (2, 256, 2, 40, 128, jnp.float16, HopperConfig(block_q=128, pingpong=False)),
     (1, 128, 2, 40, 128, jnp.bfloat16, HopperConfig(block_kv=64, head_align=16)),  # 40 -> 48
     (1, 128, 2, 80, 128, jnp.float16, HopperConfig(block_kv=64, head_align=16)),  # no padding
+    # fp16 exponentials (and fp16 row sums per tile)
+    (2, 128, 2, 40, 192, jnp.float16, HopperConfig(block_kv=64, head_align=16, half_exp=True)),
+    (1, 256, 1, 64, 128, jnp.float16, HopperConfig(block_kv=64, half_exp=True, half_sum=True)),
+    (1, 128, 1, 40, 128, jnp.bfloat16, HopperConfig(block_kv=64, half_exp=True)),  # fp32 exp
 ]
 
 
 def _case_id(case):
     b, lq, h, d, lk, dt, c = case
-    return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}"
+    half = ":half_exp" * c.half_exp + ":half_sum" * c.half_sum
+    return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}{half}"
 
 
 def _inputs(rng, b, lq, h, d, lk, dtype, magnitude=1.0):
@@ -147,7 +152,8 @@ def test_supported_sd_shapes():
 
 
 def test_rejects_bad_configs():
-    for bad in (dict(block_q=32), dict(block_kv=96), dict(stages=1), dict(head_align=8)):
+    for bad in (dict(block_q=32), dict(block_kv=96), dict(stages=1), dict(head_align=8),
+                dict(half_sum=True)):  # fmt: skip
         with pytest.raises(ValueError):
             HopperConfig(**bad)
 
@@ -180,7 +186,9 @@ def test_gpu_sd_shapes(name, dtype, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [HopperConfig(pingpong=False), HopperConfig(stages=3),
                                     HopperConfig(block_q=128, block_kv=64),
-                                    HopperConfig(head_align=16)])  # fmt: skip
+                                    HopperConfig(head_align=16),
+                                    HopperConfig(head_align=16, half_exp=True),
+                                    HopperConfig(half_exp=True, half_sum=True)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:
