@@ -258,6 +258,7 @@ def run() -> dict:
             [dataclasses.asdict(t) for t in result.negative_truncations] if result else []
         ),
         "op_fallbacks": ops.fallbacks(),
+        "device_memory": device_memory(pipe.devices[0]),
         "prompts": prompts,
         "images": files,
     }
@@ -265,6 +266,19 @@ def run() -> dict:
     common.write_json(out / name, record)
     print(json.dumps({k: record[k] for k in ("timings", "total_run_s", "images")}, indent=1))
     return record
+
+
+def device_memory(device) -> dict | None:
+    """The allocator's figures for `device` in GiB (None where the backend has none, as on
+    the CPU). `peak` covers the whole process: loading, compiling (XLA's autotuning allocates
+    too, unless the programs came from the compilation cache) and every run."""
+    stats = device.memory_stats()
+    if not stats:
+        return None
+    keys = {"bytes_in_use": "in_use_gib", "peak_bytes_in_use": "peak_gib"}
+    out = {name: stats[k] / 2**30 for k, name in keys.items() if k in stats}
+    out["note"] = "peak_gib includes compilation unless the programs came from the cache"
+    return out
 
 
 def main(argv):
