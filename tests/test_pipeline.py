@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.layout import Format, Layout
@@ -354,7 +355,7 @@ class _WantsColumnMajor:
 
     def __init__(self, params):
         def column_major(a):
-            return Format(Layout(major_to_minor=tuple(range(a.ndim))), a.sharding)
+            return Format(Layout(major_to_minor=tuple(reversed(range(a.ndim)))), a.sharding)
 
         self.input_formats = ((jax.tree.map(column_major, params),), {})
 
@@ -367,7 +368,9 @@ def test_run_moves_parameters_into_the_compiled_layouts_once(monkeypatch):
 
     placed = []
     place = pipeline_lib.place_params
-    monkeypatch.setattr(pipeline_lib, "place_params", lambda *a: placed.append(1) or place(*a))
+    monkeypatch.setattr(
+        pipeline_lib, "place_params", lambda *a, **k: placed.append(1) or place(*a, **k)
+    )
     pipe = random_pipeline()
     before = jax.tree.map(np.asarray, pipe.params["vae"])
     program = _WantsColumnMajor(pipe.params["vae"])
@@ -377,7 +380,8 @@ def test_run_moves_parameters_into_the_compiled_layouts_once(monkeypatch):
         x.major_to_minor for x in jax.tree.leaves(wanted)
     ]
     moved = jax.tree.leaves(pipe.params["vae"])
-    assert any(a.ndim > 1 for a in moved)
+    assert all(a.format.layout.major_to_minor == tuple(reversed(range(a.ndim))) for a in moved)
+    assert any(a.ndim > 1 for a in moved)  # so some did move off row-major
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, pipe.params["vae"]),
                  before)  # fmt: skip
     pipe._run(program, "vae", 1)  # already there: the same arrays, not even checked again
@@ -423,3 +427,26 @@ def test_guided_prompts_are_encoded_in_one_call(tiny):
     _gen(tiny, PROMPTS, guidance=1.0)
     shapes = {k[-1][-1][0] for k in tiny._compiled if k[0] == "encode_text"}
     assert shapes >= {(2, 2, 77), (2, 77)}, shapes
+
+
+def test_place_params_in_place_frees_each_moved_array():
+    """in_place: the moved arrays are replaced inside the caller's dicts and the old ones are
+    released (deleted once nothing holds them), the values unchanged."""
+    import gc
+    import weakref
+
+    from sdjax.pipeline import place_params
+
+    rng = np.random.default_rng(0)
+    params = {"a": {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)},
+              "b": jnp.asarray(rng.standard_normal((2, 5)), jnp.float32)}  # fmt: skip
+    before = jax.tree.map(lambda a: np.array(a, copy=True), params)  # no view of the arrays
+    old = weakref.ref(params["a"]["w"])
+    program = _WantsColumnMajor(params)
+    out = place_params(program, params, in_place=True)
+    assert out is params
+    gc.collect()
+    assert old() is None  # nothing kept the row-major original alive
+    layouts, _ = program(params, 0)
+    assert [x.major_to_minor for x in jax.tree.leaves(layouts)] == [(1, 0), (1, 0)]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), before)
