@@ -195,3 +195,26 @@ def test_packed_weights_in_the_conditioning_match_the_level(params, packed_every
         params, CFG.unet, x, t, unet_lib.merge_conditioning(with_hw, tc)
     )
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("batch_of_temb", [1, 3])
+def test_shared_time_embedding_is_folded_into_the_conv_bias(batch_of_temb, rng):
+    """A ResnetBlock2D whose precomputed time projection has batch 1 (one timestep for the
+    whole guided batch) adds it to conv1's bias; per-sample projections are added to the
+    map. Both match the textbook order (conv + bias, then + projection)."""
+    from sdjax.models.layers import CONDITIONING, ResnetBlock2D
+
+    block = ResnetBlock2D(out_channels=16, groups=4)
+    x = jnp.asarray(rng.standard_normal((3, 6, 6, 8)), jnp.float32)
+    temb = jnp.asarray(rng.standard_normal((3, 12)), jnp.float32)
+    params = block.init(jax.random.PRNGKey(0), x, temb)["params"]
+    proj = jnp.asarray(rng.standard_normal((batch_of_temb, 16)), jnp.float32)
+    out = block.apply({"params": params, CONDITIONING: {"temb": proj}}, x)
+
+    def part(method, v):
+        return block.apply({"params": params}, v, method=method)
+
+    h = part(lambda m, v: m.conv1(m.norm1(v)), x) + proj[:, None, None, :]
+    expected = part(lambda m, v: m.conv_shortcut(v), x) + part(lambda m, v: m.conv2(m.norm2(v)), h)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(out)).max() > 0.1  # not a vacuous zero map

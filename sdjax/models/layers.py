@@ -63,8 +63,13 @@ class Conv2d(nn.Module):
     padding: Padding = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [N, H, W, in] -> [N, H', W', out]."""
+    def __call__(self, x: jax.Array, bias_offset: jax.Array | None = None) -> jax.Array:
+        """x: [N, H, W, in] -> [N, H', W', out].
+
+        bias_offset: [out], added to the bias before the bias meets the map (a ResnetBlock2D's
+        time embedding when the whole batch shares one timestep): XLA then gives cuDNN one
+        bias vector, instead of a full [N, H', W', out] broadcast of the offset to add.
+        """
         k = self.kernel_size
         kernel = self.param("kernel", _kernel_init, (k, k, x.shape[-1], self.features))
         bias = self.param("bias", _zeros, (self.features,))
@@ -78,6 +83,8 @@ class Conv2d(nn.Module):
             padding=tuple(tuple(p) for p in pad),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
+        if bias_offset is not None:
+            bias = bias.astype(jnp.float32) + bias_offset.astype(jnp.float32)
         return y + bias.astype(x.dtype)
 
 
@@ -142,12 +149,18 @@ class ResnetBlock2D(nn.Module):
 
         A precomputed `conditioning/temb` ([N or 1, out_channels]) replaces temb's projection.
         """
-        h = self.conv1(self.norm1(x))
+        proj = None
         if self.has_variable(CONDITIONING, "temb"):
             proj = self.get_variable(CONDITIONING, "temb")
-            h = h + proj.astype(h.dtype)[:, None, None, :]
         elif temb is not None:
-            h = h + self.time_projection(temb)[:, None, None, :]
+            proj = self.time_projection(temb)
+        h = self.norm1(x)
+        if proj is not None and proj.shape[0] == 1:  # one timestep for the batch: a bias
+            h = self.conv1(h, bias_offset=proj[0])
+        else:
+            h = self.conv1(h)
+            if proj is not None:
+                h = h + proj.astype(h.dtype)[:, None, None, :]
         h = self.conv2(self.norm2(h))
         if x.shape[-1] != self.out_channels:
             x = self.conv_shortcut(x)
