@@ -75,6 +75,8 @@ def rows() -> dict:
         # auto with row-major parameters: every call transposes the conv kernels for cuDNN
         # (the pipeline's default lets XLA choose the layouts: sdjax.pipeline's module doc)
         "auto_row_major_params": (auto, {"auto_layouts": False}),
+        # auto with the upsamplers' subpixel form (sdjax.ops.upsample_conv_subpixel)
+        "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),
         # auto with the Triton GEGLU everywhere (where `auto` records the Hopper one)
         "auto_triton_geglu": (dataclasses.replace(auto, geglu="pallas"), {}),
         # auto with XLA's default options: its Triton GEMM fusions back on (the `auto` row of

@@ -27,6 +27,9 @@ flags.DEFINE_string("attention", None, "override the attention implementation")
 flags.DEFINE_string("group_norm", None, "override the group norm implementation")
 flags.DEFINE_string("geglu", None, "override the GEGLU implementation")
 flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
+flags.DEFINE_string(
+    "upsample_conv", None, "override the upsample+conv implementation (reference, subpixel)"
+)
 flags.DEFINE_enum("dtype", "float32", ["float16", "bfloat16", "float32"], "the fast path's dtype")
 flags.DEFINE_integer(
     "resolution", None, "pixels per side (default: the model's, capped at 256 on CPU)"

@@ -60,6 +60,9 @@ flags.DEFINE_string("attention", None, "override the attention implementation")
 flags.DEFINE_string("group_norm", None, "override the group norm implementation")
 flags.DEFINE_string("geglu", None, "override the GEGLU implementation")
 flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
+flags.DEFINE_string(
+    "upsample_conv", None, "override the upsample+conv implementation (reference, subpixel)"
+)
 flags.DEFINE_multi_string(
     "xla_option",
     [],

@@ -56,6 +56,7 @@ AttentionImpl = Literal[
 GroupNormImpl = Literal["reference", "xla", "pallas", "auto"]
 GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
+UpsampleConvImpl = Literal["reference", "subpixel"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
 
@@ -67,6 +68,10 @@ class Implementations:
     group_norm: GroupNormImpl = "reference"
     geglu: GegluImpl = "reference"
     layer_norm: LayerNormImpl = "reference"
+    # nearest 2x upsampling + 3x3 conv (the decoders' Upsample2D): "reference" upsamples,
+    # then convolves; "subpixel" convolves the small map with four phase kernels (exact;
+    # `upsample_conv_subpixel`). Plain XLA either way: no Pallas kernel.
+    upsample_conv: UpsampleConvImpl = "reference"
 
     def __post_init__(self):
         for field, kind in (
@@ -74,6 +79,7 @@ class Implementations:
             ("group_norm", GroupNormImpl),
             ("geglu", GegluImpl),
             ("layer_norm", LayerNormImpl),
+            ("upsample_conv", UpsampleConvImpl),
         ):
             value = getattr(self, field)
             if value not in get_args(kind):
@@ -531,3 +537,75 @@ def layer_norm(x, scale, bias, *, eps: float = 1e-5, implementation: LayerNormIm
         "layer_norm", implementation, _LAYER_NORM, LayerNormImpl, lambda: _auto_layer_norm(x)
     )
     return _LAYER_NORM[impl](x, scale, bias, eps=eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest 2x upsampling followed by a 3x3 convolution
+# --------------------------------------------------------------------------------------------
+
+# Which of a 3x3 kernel's rows (or columns) feed each tap of an output phase's 2x2 kernel.
+# Output row 2i + a of conv3x3(upsample(x)) reads upsampled rows 2i + a - 1 .. 2i + a + 1,
+# which are input rows i - 1, i, i (a = 0) or i, i, i + 1 (a = 1): two distinct input rows,
+# with kernel rows (0), (1 + 2) for a = 0 and (0 + 1), (2) for a = 1.
+_PHASE_TAPS = ((( 1, 0, 0), (0, 1, 1)),
+               (( 1, 1, 0), (0, 0, 1)))  # fmt: skip
+
+
+def _conv(x, kernel, padding):
+    return jax.lax.conv_general_dilated(
+        x, kernel.astype(x.dtype), (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def upsample_conv_reference(x, kernel, bias):
+    """conv3x3(nearest_2x(x)) + bias, padding 1: x [N, H, W, I], kernel [3, 3, I, O] (HWIO),
+    bias [O] -> [N, 2H, 2W, O] in x's dtype. The textbook order."""
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _conv(up, kernel, ((1, 1), (1, 1))) + bias.astype(x.dtype)
+
+
+def subpixel_kernel(kernel):
+    """[3, 3, I, O] -> [2, 2, I, 4 * O] (float32): the four output phases' 2x2 kernels, the
+    output channels ordered (row phase, column phase, O)."""
+    taps = jnp.asarray(_PHASE_TAPS, jnp.float32)  # [phase, tap, kernel row]
+    k = jnp.einsum("aty,bux,yxio->tuiabo", taps, taps, kernel.astype(jnp.float32))
+    return k.reshape(2, 2, kernel.shape[2], 4 * kernel.shape[3])
+
+
+def upsample_conv_subpixel(x, kernel, bias):
+    """`upsample_conv_reference` without the upsampled map: one 2x2 convolution of x (padding
+    1, so (H + 1) x (W + 1) positions) with the four phases' kernels, then the phases
+    interleaved. 16 instead of 36 multiply-adds per output pixel and channel pair, and no
+    4x-sized input to write and read. The phase kernels are summed in float32 and rounded
+    once to x's dtype."""
+    return upsample_conv_phases(x, subpixel_kernel(kernel), bias)
+
+
+def upsample_conv_phases(x, phase_kernel, bias):
+    """`upsample_conv_subpixel` given its phase kernels (`subpixel_kernel`): [2, 2, I, 4 * O].
+    A jitted loop computes them once, outside the loop (loop-invariant)."""
+    n, h, w, _ = x.shape
+    out = phase_kernel.shape[-1] // 4
+    y = _conv(x, phase_kernel, ((1, 1), (1, 1)))  # [N, H + 1, W + 1, 4 * O]
+    y = y.reshape(n, h + 1, w + 1, 2, 2, out)
+    # phase (a, b) of input pixel (i, j) is position (i + a, j + b) of the 2x2 convolution
+    rows = [jnp.stack([y[:, a : a + h, b : b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
+    y = jnp.stack(rows, axis=2)  # [N, H, 2 (a), W, 2 (b), O]
+    return y.reshape(n, 2 * h, 2 * w, out) + bias.astype(x.dtype)
+
+
+_UPSAMPLE_CONV = {"reference": upsample_conv_reference, "subpixel": upsample_conv_subpixel}
+
+
+def upsample_conv(x, kernel, bias, *, implementation: UpsampleConvImpl | None = None):
+    """conv3x3(nearest_2x(x)) + bias (padding 1). x: [N, H, W, I]; kernel: [3, 3, I, O];
+    bias: [O] -> [N, 2H, 2W, O] in x's dtype."""
+    if kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != (kernel.shape[-1],):
+        raise ValueError(
+            f"upsample_conv: kernel must be [3, 3, {x.shape[-1]}, O] and bias [O]; got "
+            f"{kernel.shape}, {bias.shape}"
+        )
+    impl = implementation or current().upsample_conv
+    if impl not in _UPSAMPLE_CONV:
+        raise ValueError(f"unknown upsample_conv implementation {impl!r}")
+    return _UPSAMPLE_CONV[impl](x, kernel, bias)

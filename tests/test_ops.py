@@ -335,3 +335,95 @@ def test_auto_geglu_takes_triton_where_the_recorded_hopper_kernel_cannot_run(mon
     assert ops._auto_geglu(x, w) == "pallas"  # no GPU here
     monkeypatch.setattr(ops, "geglu_hopper_supports", lambda x, w: None)
     assert ops._auto_geglu(x, w) == "pallas_hopper"
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.float16, 5e-3),
+                                        (jnp.bfloat16, 2e-2)])  # fmt: skip
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6, 10), (1, 8, 8, 16, 16)], ids=["odd", "square"])
+def test_upsample_conv_subpixel_matches_the_textbook_order(shape, dtype, tol, rng, stack):
+    """The four-phase 2x2 convolution of the small map is conv3x3(nearest_2x(x)), padding
+    included (border phases read the zero padding exactly where the upsampled map would)."""
+    n, h, w, i, o = shape
+    if dtype == jnp.float32:  # on a GPU, float32 convs would otherwise round through TF32
+        stack.enter_context(jax.default_matmul_precision("float32"))
+    x = jnp.asarray(rng.standard_normal((n, h, w, i)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, i, o)) / 3, dtype)
+    bias = jnp.asarray(rng.standard_normal(o), dtype)
+    want = ops.upsample_conv_reference(*(jnp.asarray(a, jnp.float32) for a in (x, kernel, bias)))
+    got = ops.upsample_conv(x, kernel, bias, implementation="subpixel")
+    assert got.shape == (n, 2 * h, 2 * w, o) and got.dtype == dtype
+    assert rel(got, want) <= tol
+    with ops.use(ops.Implementations(upsample_conv="subpixel")):
+        np.testing.assert_array_equal(np.asarray(ops.upsample_conv(x, kernel, bias)),
+                                      np.asarray(got))  # fmt: skip
+
+
+def test_upsample_conv_bad_input_raises():
+    x = jnp.ones((1, 4, 4, 8))
+    with pytest.raises(ValueError, match=r"kernel must be \[3, 3, 8, O\]"):
+        ops.upsample_conv(x, jnp.ones((3, 3, 4, 2)), jnp.ones(2))
+    with pytest.raises(ValueError, match="unknown upsample_conv implementation"):
+        ops.upsample_conv(x, jnp.ones((3, 3, 8, 2)), jnp.ones(2), implementation="winograd")
+    with pytest.raises(ValueError, match="unknown upsample_conv implementation"):
+        ops.Implementations(upsample_conv="winograd")
+
+
+def test_tiny_unet_with_subpixel_upsampling(rng):
+    """The UNet's upsamplers through the subpixel form: the reference model's output."""
+    cfg = sd_config.preset("tiny").unet
+    params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(1)))()
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((2, 77, cfg.cross_attention_dim)), jnp.float32)
+
+    def run(impls):
+        with ops.use(impls), jax.default_matmul_precision("float32"):  # no TF32 on a GPU
+            fn = lambda p, x, c: UNet2DConditionModel(cfg).apply({"params": p}, x, 500, c)  # noqa: E731
+            return jax.jit(fn)(params, x, ctx)
+
+    subpixel = run(ops.Implementations(upsample_conv="subpixel"))
+    assert rel(subpixel, run("reference")) <= 1e-5
+
+
+@pytest.fixture
+def stack():
+    import contextlib
+
+    with contextlib.ExitStack() as s:
+        yield s
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_subpixel_phase_kernels_are_built_once_per_generation(guided, rng):
+    """With upsample_conv="subpixel" the per-generation conditioning carries every
+    upsampler's phase kernels, the loop body builds none, and the loop's result is the
+    reference loop's."""
+    from sdjax import pipeline, schedulers
+
+    cfg = sd_config.preset("tiny").unet
+    params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(2)))()
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((1, 77, cfg.cross_attention_dim)), jnp.float32)
+    sched = schedulers.make("ddim", sd_config.preset("tiny").scheduler, 2)
+    subpixel = ops.Implementations(upsample_conv="subpixel")
+    with ops.use(subpixel):
+        cond = UNet2DConditionModel(cfg).apply({"params": params}, ctx, jnp.float32, (8, 8),
+                                               method=UNet2DConditionModel.context_conditioning)
+    ups = [b for b in cond.values() if "upsamplers_0" in b]
+    assert ups and all(b["upsamplers_0"]["phase_kernel"].shape[:2] == (2, 2) for b in ups)
+
+    def loop(impls):
+        fn = lambda p, x, c, u: pipeline.denoise_loop(  # noqa: E731
+            p, x, c, u, 7.5, unet_config=cfg, scheduler=sched, kernels=impls)
+        with jax.default_matmul_precision("float32"):
+            return jax.jit(fn)(params, x, ctx, ctx * 0.5 if guided else None)
+
+    assert rel(loop(subpixel), loop(ops.PRESETS["reference"])) <= 1e-5
+
+    def body_dots(impls):  # the phase kernels' einsums would be dot_generals in the body
+        from tests.test_conditioning import _scan_body_dots
+
+        fn = lambda p, x, c: pipeline.denoise_loop(  # noqa: E731
+            p, x, c, None, 7.5, unet_config=cfg, scheduler=sched, kernels=impls)
+        return _scan_body_dots(jax.make_jaxpr(fn)(params, x, ctx).jaxpr)
+
+    assert body_dots(subpixel) == body_dots(ops.PRESETS["reference"])

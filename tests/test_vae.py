@@ -46,7 +46,7 @@ CONFIGS = {
     ),
 }
 CASES = [("three_levels", "reference"), ("three_levels", "xla"), ("odd_channels", "reference")]
-CASES += [("no_attention", "reference")]
+CASES += [("no_attention", "reference"), ("three_levels", "subpixel")]
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +78,12 @@ def _nhwc(t) -> np.ndarray:
 def _jitted(config: VAEConfig, method: str, impl: str):
     model = vae.AutoencoderKL(config)
 
+    # "subpixel": the reference path with the upsamplers' four-phase convolution
+    impls = ops.Implementations(upsample_conv="subpixel") if impl == "subpixel" else impl
+
     @jax.jit
     def run(params, x):
-        with ops.use(impl):
+        with ops.use(impls):
             return model.apply({"params": params}, x, method=getattr(model, method))
 
     return run

@@ -203,9 +203,27 @@ class Upsample2D(nn.Module):
     def setup(self):
         self.conv = Conv2d(self.out_channels)
 
+    def conditioning(self, dtype) -> dict:
+        """This upsampler's `conditioning` entry: its subpixel phase kernels in `dtype`
+        (`ops.subpixel_kernel`), for a denoising loop to build once, not in every step (XLA
+        does not hoist them out of the loop by itself: they are larger than the kernel)."""
+        return {"phase_kernel": ops.subpixel_kernel(self.conv.variables["params"]["kernel"])
+                .astype(dtype)}  # fmt: skip
+
     def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
-        """x: [N, H, W, C] -> [N, 2H, 2W, out_channels] (or `size`)."""
-        return self.conv(upsample_nearest(x, size))
+        """x: [N, H, W, C] -> [N, 2H, 2W, out_channels] (or `size`). An exact 2x goes
+        through `ops.upsample_conv` (whose "subpixel" form skips the upsampled map), or with
+        precomputed phase kernels (`conditioning/phase_kernel`) straight to
+        `ops.upsample_conv_phases`."""
+        doubled = size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2])
+        if doubled and self.has_variable(CONDITIONING, "phase_kernel"):
+            bias = self.conv.variables["params"]["bias"]
+            return ops.upsample_conv_phases(x, self.get_variable(CONDITIONING, "phase_kernel"),
+                                            bias)  # fmt: skip
+        if not doubled or self.is_initializing() or ops.current().upsample_conv == "reference":
+            return self.conv(upsample_nearest(x, size))
+        conv = self.conv.variables["params"]
+        return ops.upsample_conv(x, conv["kernel"], conv["bias"])
 
 
 class Attention(nn.Module):

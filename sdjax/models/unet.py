@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax import ops
 from sdjax.config import UNetConfig
 from sdjax.models.layers import (
     CONDITIONING,
@@ -290,11 +291,19 @@ class UNet2DConditionModel(nn.Module):
                 tokens[level] = h * w
                 h, w = -(-h // 2), -(-w // 2)
         levels = [*range(n), n - 1, *range(n - 1, -1, -1)]  # down blocks, mid, up blocks
-        return {
+        out = {
             b.name: {a.name: a.conditioning(context, tokens[level]) for a in b.attentions}
             for b, level in zip(self._blocks(), levels, strict=True)
             if hasattr(b, "attentions")  # the cross-attention blocks
         }
+        if ops.current().upsample_conv == "subpixel":  # the upsamplers' phase kernels
+            phases = {
+                b.name: {u.name: u.conditioning(dtype) for u in b.upsamplers}
+                for b in self.up_blocks
+                if b.add_upsample
+            }
+            out = merge_conditioning(out, phases)
+        return out
 
     def __call__(
         self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | None
