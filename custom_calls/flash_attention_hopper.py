@@ -15,12 +15,14 @@ one tile cannot hide behind the matrix products of the next. Mosaic GPU exposes 
   one warpgroup's softmax runs while the other's matrix products occupy the tensor cores
   (the schedule of FlashAttention-3, Shah et al. 2024);
 - with `half_exp` (fp16 only), the exponentials run on packed fp16 pairs (`ex2.approx.f16x2`,
-  two per instruction of the special-function unit, which otherwise bounds SD's small heads:
-  at head dim 40-48 a logit costs ~4*48 tensor-core FLOPs but one exponential, and an SM
-  does ~4096 such FLOPs per clock against 16 exponentials). The logits, less their row
-  maximum, are rounded to fp16 before the exponential instead of P after it; P's row sums
-  add its fp16 values in fp32 (`half_sum`: each tile's sums in fp16, packed adds, then
-  accumulated over the tiles in fp32).
+  two per instruction of the special-function unit). Counting suggested that unit bounds
+  SD's small heads (at head dim 48 a logit costs ~4*48 tensor-core FLOPs but one
+  exponential; an SM does ~4096 such FLOPs per clock against 16 exponentials); measured on
+  the H100 it does not where the ping-pong runs (no gain, `experiments/results/README.md`,
+  prediction 26), so the tuning table uses it only where it timed faster. The logits, less
+  their row maximum, are rounded to fp16 before the exponential instead of P after it; P's
+  row sums add its fp16 values in fp32 (`half_sum`: each tile's sums in fp16, packed adds,
+  then accumulated over the tiles in fp32).
 
 Head dims that are not a multiple of `head_align` (64 by default; SD's 40, 80, 160) are
 zero-padded to `d_pad` (the next multiple) *in memory*, and the output is sliced back: extra copies of q, k, v and

@@ -3,8 +3,8 @@
 For the upsamplers of SD1.5's UNet (batch 2) and VAE decoder (batch 1) at 512x512, times
 `sdjax.ops.upsample_conv_reference` (upsample, then convolve), `upsample_conv_subpixel`
 (four 2x2 phase kernels on the small map, combined in the timed call) and
-`upsample_conv_phases` (the phase kernels given, as in a denoising loop, where XLA hoists
-their combination out of the loop), each in one jitted program of back-to-back calls
+`upsample_conv_phases` (the phase kernels given, as in a denoising loop, which builds them
+once per generation in the UNet's conditioning), each in one jitted program of back-to-back calls
 (`experiments.common.time_jax`, median), with the error of each against float32.
 
     PYTHONPATH=. python experiments/bench_upsample.py

@@ -1,7 +1,8 @@
 """The one seam through which the models call their hot ops.
 
-The models never call a kernel directly. They call `attention`, `group_norm`, `layer_norm`
-and `geglu` here, and the implementation is chosen once, outside the model, with `use(...)`:
+The models never call a kernel directly. They call `attention`, `group_norm`, `layer_norm`,
+`geglu` and `upsample_conv` here, and the implementation is chosen once, outside the model,
+with `use(...)`:
 
     with sdjax.ops.use(Implementations(attention="flash")):
         out = unet.apply(params, ...)   # traced with the flash kernel
@@ -22,6 +23,8 @@ Implementation names:
   pallas         (group_norm, layer_norm, geglu) our Pallas kernels (Triton).
   pallas_hopper  (geglu) our Pallas Mosaic GPU GEGLU for Hopper: fp16/bf16, shapes in whole
                  tiles (`geglu_hopper.supports`).
+  subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
+                 four phase kernels (plain XLA; exact; not faster end to end on the H100).
   auto           the fastest recorded choice for the shape and backend (see `_auto_*`); a
                  recorded Hopper kernel on a GPU or shape it cannot run gives its Triton
                  sibling.
@@ -547,8 +550,10 @@ def layer_norm(x, scale, bias, *, eps: float = 1e-5, implementation: LayerNormIm
 # Output row 2i + a of conv3x3(upsample(x)) reads upsampled rows 2i + a - 1 .. 2i + a + 1,
 # which are input rows i - 1, i, i (a = 0) or i, i, i + 1 (a = 1): two distinct input rows,
 # with kernel rows (0), (1 + 2) for a = 0 and (0 + 1), (2) for a = 1.
-_PHASE_TAPS = ((( 1, 0, 0), (0, 1, 1)),
-               (( 1, 1, 0), (0, 0, 1)))  # fmt: skip
+_PHASE_TAPS = (
+    ((1, 0, 0), (0, 1, 1)),  # phase 0: input row i - 1 <- kernel row 0; row i <- rows 1 + 2
+    ((1, 1, 0), (0, 0, 1)),  # phase 1: input row i <- kernel rows 0 + 1; row i + 1 <- row 2
+)
 
 
 def _conv(x, kernel, padding):
@@ -583,7 +588,8 @@ def upsample_conv_subpixel(x, kernel, bias):
 
 def upsample_conv_phases(x, phase_kernel, bias):
     """`upsample_conv_subpixel` given its phase kernels (`subpixel_kernel`): [2, 2, I, 4 * O].
-    A jitted loop computes them once, outside the loop (loop-invariant)."""
+    A denoising loop builds them once per generation (the UNet's conditioning): XLA does not
+    hoist them out of a loop by itself, as they are larger than the kernel."""
     n, h, w, _ = x.shape
     out = phase_kernel.shape[-1] // 4
     y = _conv(x, phase_kernel, ((1, 1), (1, 1)))  # [N, H + 1, W + 1, 4 * O]
