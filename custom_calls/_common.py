@@ -6,6 +6,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# The Hopper (Mosaic GPU) kernels' shared budget: warp-specialized, two consumer warpgroups
+# and one producer (TMA) warpgroup per block.
+HOPPER_DTYPES = (jnp.float16, jnp.bfloat16)
+HOPPER_COMPUTE_WARPGROUPS = 2  # two consumers (ping-pong)
+# Shared memory a block may use on Hopper (227 KiB), less room for the barriers.
+HOPPER_SMEM_LIMIT_BYTES = 227 * 1024 - 1024
+# Registers per thread after `set_max_registers`: the consumers get most of the file
+# (64K 32-bit registers per SM across 3 warpgroups of 128 threads: 2 * 232 + 40 <= 512).
+HOPPER_CONSUMER_REGISTERS = 232
+HOPPER_PRODUCER_REGISTERS = 40
+
 
 def resolve_interpret(interpret: bool | None) -> bool:
     """`None` means: interpret mode exactly when the default backend is not a GPU."""

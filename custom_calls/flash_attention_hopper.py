@@ -50,21 +50,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from custom_calls._common import HOPPER_COMPUTE_WARPGROUPS as COMPUTE_WARPGROUPS
+from custom_calls._common import HOPPER_CONSUMER_REGISTERS as CONSUMER_REGISTERS
+from custom_calls._common import HOPPER_DTYPES as SUPPORTED_DTYPES
+from custom_calls._common import HOPPER_PRODUCER_REGISTERS as PRODUCER_REGISTERS
+from custom_calls._common import HOPPER_SMEM_LIMIT_BYTES as SMEM_LIMIT_BYTES
 from custom_calls._common import mosaic_interpret_params, resolve_interpret
 from custom_calls.flash_attention import MAX_HEAD_DIM, shape_key, tuned_table, validate
 
 LOG2_E = math.log2(math.e)
-COMPUTE_WARPGROUPS = 2  # two consumers: what the ping-pong schedule needs
 WGMMA_M = 64  # rows of one warpgroup's wgmma
 D_ALIGN = 64  # default head-dim padding: 64 fp16 = 128 bytes, the widest TMA/wgmma swizzle
 HEAD_ALIGNS = (16, 32, 64)  # columns of one swizzled tile: 32-, 64- or 128-byte swizzle in fp16
-SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16)
-# Shared memory a block may use on Hopper (227 KiB), less room for the barriers.
-SMEM_LIMIT_BYTES = 227 * 1024 - 1024
-# Registers per thread after `set_max_registers`: the consumers get most of the file
-# (64K 32-bit registers per SM across 3 warpgroups of 128 threads: 2*232 + 40 <= 512).
-CONSUMER_REGISTERS = 232
-PRODUCER_REGISTERS = 40
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

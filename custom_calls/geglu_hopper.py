@@ -45,19 +45,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from custom_calls._common import HOPPER_COMPUTE_WARPGROUPS as COMPUTE_WARPGROUPS
+from custom_calls._common import HOPPER_CONSUMER_REGISTERS as CONSUMER_REGISTERS
+from custom_calls._common import HOPPER_DTYPES as SUPPORTED_DTYPES
+from custom_calls._common import HOPPER_PRODUCER_REGISTERS as PRODUCER_REGISTERS
+from custom_calls._common import HOPPER_SMEM_LIMIT_BYTES as SMEM_LIMIT_BYTES
 from custom_calls._common import mosaic_interpret_params, resolve_interpret
 from custom_calls.group_norm import activate
 
-COMPUTE_WARPGROUPS = 2  # two consumers, ping-ponging over a program's tiles
 TILE_M = 64  # rows of a tile: one warpgroup's wgmma
-SUPPORTED_DTYPES = (jnp.float16, jnp.bfloat16)
-# Shared memory a block may use on Hopper (227 KiB), less room for the barriers.
-SMEM_LIMIT_BYTES = 227 * 1024 - 1024
-# Registers per thread after `set_max_registers` (64K 32-bit registers per SM across 3
-# warpgroups of 128 threads: 2 * 232 + 40 <= 512). A consumer's two accumulators of
-# 64 x 128 float32 take 128 of its 232.
-CONSUMER_REGISTERS = 232
-PRODUCER_REGISTERS = 40
+# A consumer's two accumulators of 64 x 128 float32 take 128 of its CONSUMER_REGISTERS (232).
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

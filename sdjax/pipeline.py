@@ -397,7 +397,7 @@ class StableDiffusion:
         # Checking ~700 arrays' layouts costs milliseconds of host time: only when the
         # program differs from the one the parameters were last placed for.
         if self.auto_layouts and self._placed_for.get(component) is not compiled:
-            place_params(compiled, self.params[component], in_place=True)
+            place_params(compiled, self.params[component])
             self._placed_for[component] = compiled
         return compiled(self.params[component], *args)
 
@@ -650,34 +650,22 @@ def lower_auto_layouts(fn, params, *args):
     return jax.jit(fn, in_shardings=(formats, *[None] * len(args))).lower(abstract, *args)
 
 
-def place_params(compiled, params, *, in_place: bool = False):
-    """`params` (the first argument of `compiled`) in the layouts `compiled` was built for:
-    the arrays already there as they are, the others copied (same sharding and values).
-
-    in_place: `params` is a tree of nested dicts whose moved arrays are replaced one at a
-    time, each old array dropped as soon as its copy exists (freed if nothing else holds
-    it): the device then holds one extra array at a time, not a copy of every moved one
-    (1.1 GiB of SD1.5's conv kernels). Returns the same tree.
-    """
-
-    def needs_move(a, fmt):
-        # None: a parameter the program does not read (the VAE's encoder in decode)
-        return fmt.layout is not None and not _same_layout(a.format.layout, fmt.layout)
-
-    def moved(a, fmt):
-        return jax.device_put(a, Format(fmt.layout, a.sharding))
-
-    wanted = compiled.input_formats[0][0]
-    if not in_place:
-        return jax.tree.map(lambda a, f: moved(a, f) if needs_move(a, f) else a, params, wanted)
+def place_params(compiled, params):
+    """Moves `params` (the first argument of `compiled`, a tree of nested dicts) into the
+    layouts `compiled` was built for, in place: each array not yet there is replaced by a
+    copy (same sharding and values) and dropped as soon as the copy exists (freed if nothing
+    else holds it), so the device holds one extra array at a time, not a copy of every moved
+    one (1.1 GiB of SD1.5's conv kernels). Returns the same tree."""
+    wanted = jax.tree.leaves(compiled.input_formats[0][0])
     # Key paths only: a list of the leaves would keep every old array alive to the end.
     paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    for path, fmt in zip(paths, jax.tree.leaves(wanted), strict=True):
+    for path, fmt in zip(paths, wanted, strict=True):
         *parents, last = (entry.key for entry in path)
         node = functools.reduce(lambda d, k: d[k], parents, params)
         old = node[last]
-        if needs_move(old, fmt):
-            node[last] = moved(old, fmt)
+        # None: a parameter the program does not read (the VAE's encoder in decode)
+        if fmt.layout is not None and not _same_layout(old.format.layout, fmt.layout):
+            node[last] = jax.device_put(old, Format(fmt.layout, old.sharding))
         del old  # the old array's last reference here
     return params
 

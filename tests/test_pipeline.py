@@ -430,7 +430,7 @@ def test_guided_prompts_are_encoded_in_one_call(tiny):
 
 
 def test_place_params_in_place_frees_each_moved_array():
-    """in_place: the moved arrays are replaced inside the caller's dicts and the old ones are
+    """The moved arrays are replaced inside the caller's dicts and the old ones are
     released (deleted once nothing holds them), the values unchanged."""
     import gc
     import weakref
@@ -443,7 +443,7 @@ def test_place_params_in_place_frees_each_moved_array():
     before = jax.tree.map(lambda a: np.array(a, copy=True), params)  # no view of the arrays
     old = weakref.ref(params["a"]["w"])
     program = _WantsColumnMajor(params)
-    out = place_params(program, params, in_place=True)
+    out = place_params(program, params)
     assert out is params
     gc.collect()
     assert old() is None  # nothing kept the row-major original alive
