@@ -10,7 +10,12 @@ from custom_calls.flash_attention_hopper import flash_attention_hopper, flash_at
 from custom_calls.fused_softmax import fused_softmax_attention, fused_softmax_attention_reference
 from custom_calls.geglu import geglu, geglu_elementwise, geglu_reference
 from custom_calls.geglu_hopper import geglu_hopper
-from custom_calls.group_norm import group_norm, group_norm_reference
+from custom_calls.group_norm import (
+    group_norm,
+    group_norm_reference,
+    group_statistics,
+    group_statistics_reference,
+)
 from custom_calls.layer_norm import layer_norm, layer_norm_reference
 
 __all__ = [
@@ -26,6 +31,8 @@ __all__ = [
     "geglu_reference",
     "group_norm",
     "group_norm_reference",
+    "group_statistics",
+    "group_statistics_reference",
     "layer_norm",
     "layer_norm_reference",
 ]

@@ -77,10 +77,17 @@ def heuristic_config(shape, dtype, *, groups: int = 32) -> Config:
     """
     del dtype
     n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
-    cp, gp = next_power_of_2(c // groups), next_power_of_2(groups)
+    cp = next_power_of_2(c // groups)
     if n * s * c <= 1 << 20:  # latency-bound: one launch, one program per (sample, group)
         return Config(mode="fused", block_rows=max(1, min(4096 // cp, next_power_of_2(s))),
                       block_groups=1)  # fmt: skip
+    return split_config(shape, groups=groups)
+
+
+def split_config(shape, *, groups: int = 32) -> Config:
+    """`heuristic_config`'s split plan, whatever the size (`group_statistics` needs one)."""
+    n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
+    cp, gp = next_power_of_2(c // groups), next_power_of_2(groups)
     row = gp * cp  # padded elements per spatial row
     block_rows = max(1, min(4096 // row, next_power_of_2(s)))
     # About 16K elements a program, and at most about 2048 programs.
@@ -447,6 +454,52 @@ def group_norm(
         name="sdjax_group_norm",
     )(x4, *stats, scale2, bias2)
     return out.reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "config", "interpret"))
+def group_statistics(x, *, groups: int = 32, config: Config | None = None,
+                     interpret: bool | None = None):  # fmt: skip
+    """Per-group mean and M2 (the sum of squared deviations from it) of x [N, ..., C]: float32
+    [N, groups] each, from the split plan's statistics kernel and XLA's combine of its partials.
+
+    For GroupNorms whose input is never written whole (`sdjax.ops.group_norm_concat` takes
+    the statistics of each part of a concatenation at a finer grouping and merges them).
+    `config`: its split-plan fields are used (default: the tuned config if it is split, else
+    `split_config`).
+    """
+    ones = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)  # only shapes are checked
+    _validate(x, ones, ones, groups, 1.0, None)
+    if config is None:
+        config = tuned_config(x.shape, x.dtype, groups=groups)
+    if config.mode != "split":
+        config = split_config(x.shape, groups=groups)
+    interpret = resolve_interpret(interpret)
+    n, c = x.shape[0], x.shape[-1]
+    s, cpg = math.prod(x.shape[1:-1]), c // groups
+    rows = min(config.block_rows, next_power_of_2(s))
+    part_rows = max(rows, min(config.stats_rows, s))
+    parts = -(-s // part_rows)
+    stat_shape = jax.ShapeDtypeStruct((n, parts, next_power_of_2(groups)), jnp.float32)
+    stats = pl.pallas_call(
+        functools.partial(_stats_kernel, parts=parts, part_rows=part_rows, rows=rows,
+                          groups=groups, cpg=cpg),  # fmt: skip
+        out_shape=(stat_shape,) * 3,
+        grid=(n * parts,),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
+        interpret=interpret,
+        name="sdjax_group_norm_stats",
+    )(x.reshape(n, s, groups, cpg))
+    shift, lo, m2 = _combine_partials(*stats, parts=parts, part_rows=part_rows, s=s, cpg=cpg)
+    return (shift + lo)[:, 0, :groups], m2[:, 0, :groups]
+
+
+def group_statistics_reference(x, *, groups: int = 32):
+    """`group_statistics` in plain jnp: two-pass float32 mean and M2, [N, groups] each."""
+    n = x.shape[0]
+    xg = x.astype(jnp.float32).reshape(n, -1, groups, x.shape[-1] // groups)
+    mean = jnp.mean(xg, axis=(1, 3))
+    m2 = jnp.sum(jnp.square(xg - mean[:, None, :, None]), axis=(1, 3))
+    return mean, m2
 
 
 def _part_counts(parts, part_rows, s, cpg) -> np.ndarray:

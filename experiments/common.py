@@ -91,6 +91,33 @@ def time_jax(fn: Callable, *args, calls: int = 20, repeats: int = 7) -> dict:
     return {"median_ms": statistics.median(per_call), "all_ms": per_call, "calls": calls}
 
 
+def kernel_us(fn: Callable, *args, sets: int = 8, calls: int = 3) -> dict:
+    """Device kernel time of one call of fn(*args), in microseconds: the summed durations of
+    the GPU kernels that `calls` runs of one jitted program (fn on `sets` distinct input sets,
+    weights included, so that nothing stays in L2 from call to call) launch, read from a
+    jax.profiler trace. Launch gaps are left out (a denoising step runs as a command buffer).
+
+    Returns {"us": per call, "kernels": {kernel name: us per call}, "launches": per call}.
+    """
+    import collections
+    import tempfile
+
+    from experiments import profile
+
+    arg_sets = _distinct_inputs(args, sets)
+    compiled = jax.jit(lambda s: [fn(*a) for a in s]).lower(arg_sets).compile()
+    with tempfile.TemporaryDirectory() as log_dir:
+        events, _ = profile.trace_program(
+            compiled, (arg_sets,), calls, log_dir, jax.default_backend()
+        )
+    per = calls * sets
+    by_name = collections.Counter()
+    for e in events:
+        by_name[e.name[:80]] += e.dur_ns / 1e3 / per
+    return {"us": sum(by_name.values()), "kernels": dict(by_name.most_common()),
+            "launches": len(events) / per}  # fmt: skip
+
+
 def time_host(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> dict:
     """Wall-clock median of a whole callable that blocks until done (end-to-end timings)."""
     for _ in range(warmup):

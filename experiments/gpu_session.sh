@@ -23,6 +23,9 @@
 #   geglu          experiments.bench_norm: the GEGLU kernels (Triton, Hopper) against XLA, by
 #                  device kernel time, and the Triton block sweep on $GEGLU_SHAPES (default:
 #                  SD1.5's four), within $GEGLU_BUDGET seconds
+#   conv           experiments/bench_conv.py: the UNet's 3x3 convs as cuDNN, taps and im2col
+#                  ($CONV_SHAPES, default all)
+#   concat         experiments/bench_concat.py: the skip concatenates written or not
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
 #                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
@@ -107,6 +110,12 @@ for stage in "$@"; do
       g=${GEGLU_SHAPES:-sd15_64,sd15_32,sd15_16,sd15_8}
       limit python3 experiments/bench_norm.py --gn_shapes unet_64x64x320 --geglu_shapes $g \
         --sweep_geglu $g --budget_s ${GEGLU_BUDGET:-100} 2>&1 | quiet | tail -30 || status=1
+      ;;
+    conv)
+      limit python3 experiments/bench_conv.py ${CONV_SHAPES:+--shapes $CONV_SHAPES} 2>&1 | quiet | tail -14 || status=1
+      ;;
+    concat)
+      limit python3 experiments/bench_concat.py 2>&1 | quiet | tail -14 || status=1
       ;;
     profile)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" limit python3 -m experiments.profile \

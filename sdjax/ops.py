@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Literal, get_args
@@ -439,6 +440,100 @@ def group_norm(
     return _GROUP_NORM[impl](x, scale, bias, groups=groups, eps=eps, activation=activation)
 
 
+def _concat_statistics_xla(parts, groups):
+    """Per-group (mean, M2) [N, G] of the channel concatenation of `parts`, by XLA: per-channel
+    sums shifted by each channel's first value (few digits lost to cancellation), merged."""
+    sums, squares, shifts = [], [], []
+    for x in parts:
+        xf = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
+        k = xf[:, :1]  # [N, 1, C]
+        sums.append(jnp.sum(xf - k, axis=1))
+        squares.append(jnp.sum(jnp.square(xf - k), axis=1))
+        shifts.append(k[:, 0])
+    s1, s2, k = (jnp.concatenate(a, axis=-1) for a in (sums, squares, shifts))  # [N, C]
+    n, c = k.shape
+    rows = math.prod(parts[0].shape[1:-1])
+    s1, s2, k = (a.reshape(n, groups, c // groups) for a in (s1, s2, k))
+    mean = jnp.sum(s1 + rows * k, axis=-1) / (rows * c // groups)
+    d = mean[..., None] - k  # the group mean less each channel's shift
+    m2 = jnp.sum(s2 - 2 * d * s1 + rows * d * d, axis=-1)
+    return mean, jnp.maximum(m2, 0.0)
+
+
+def _concat_statistics_pallas(parts, groups):
+    """The same from our statistics kernel (`custom_calls.group_statistics`), each part taken
+    at the finest grouping that no group of the concatenation straddles (a part of 640
+    channels before one of 320, in 32 groups of 30: sub-groups of gcd(640, 320, 30) = 10),
+    the sub-groups then merged by Chan's formula (equal counts)."""
+    c = sum(x.shape[-1] for x in parts)
+    cpg = c // groups
+    sub = math.gcd(cpg, *(x.shape[-1] for x in parts))
+    stats = [custom_calls.group_statistics(x, groups=x.shape[-1] // sub) for x in parts]
+    means, m2s = (jnp.concatenate(a, axis=-1) for a in zip(*stats, strict=True))
+    n, k = means.shape[0], cpg // sub
+    means, m2s = means.reshape(n, groups, k), m2s.reshape(n, groups, k)
+    mean = jnp.mean(means, axis=-1)
+    rows = math.prod(parts[0].shape[1:-1])
+    m2 = jnp.sum(m2s, axis=-1) + rows * sub * jnp.sum(jnp.square(means - mean[..., None]), -1)
+    return mean, m2
+
+
+def group_norm_concat(
+    x1,
+    x2,
+    scale,
+    bias,
+    *,
+    groups: int = 32,
+    eps: float = 1e-5,
+    activation: Activation = None,
+    implementation: GroupNormImpl | None = None,
+):
+    """`group_norm(concatenate([x1, x2], -1), ...)` without writing the concatenation first.
+
+    x1: [N, H, W, C1], x2: [N, H, W, C2]; scale, bias: [C1 + C2] -> [N, H, W, C1 + C2]. The
+    statistics come from each part (groups may straddle the boundary); the normalization of
+    both parts is one XLA fusion writing the concatenated output. "reference" is the plain
+    form (concatenate, then `group_norm_reference`); "pallas" takes the statistics from our
+    kernel, "xla" from XLA's reductions; "auto" is the recorded choice of `group_norm` at the
+    concatenated shape.
+    """
+    if x1.shape[:-1] != x2.shape[:-1] or x1.dtype != x2.dtype:
+        raise ValueError(
+            f"group_norm_concat: parts must agree but in channels; got {x1.shape} {x1.dtype} "
+            f"and {x2.shape} {x2.dtype}"
+        )
+    c = x1.shape[-1] + x2.shape[-1]
+    if scale.shape != (c,) or bias.shape != (c,):
+        raise ValueError(f"group_norm_concat: scale/bias must be [{c}]; got {scale.shape}, "
+                         f"{bias.shape}")  # fmt: skip
+    if c % groups:
+        raise ValueError(f"group_norm_concat: channels {c} not divisible by {groups=}")
+    impl = _resolve(
+        "group_norm",
+        implementation,
+        _GROUP_NORM,
+        GroupNormImpl,
+        lambda: _auto_group_norm(jax.ShapeDtypeStruct((*x1.shape[:-1], c), x1.dtype)),
+    )
+    if impl == "reference":
+        x = jnp.concatenate([x1, x2], axis=-1)
+        return group_norm_reference(x, scale, bias, groups=groups, eps=eps, activation=activation)
+    statistics = _concat_statistics_pallas if impl == "pallas" else _concat_statistics_xla
+    mean, m2 = statistics((x1, x2), groups)
+    rstd = jax.lax.rsqrt(m2 / (math.prod(x1.shape[1:-1]) * (c // groups)) + eps)  # [N, G]
+    n = x1.shape[0]
+    a = scale.astype(jnp.float32).reshape(groups, -1) * rstd[..., None]  # [N, G, C / G]
+    mean_c = jnp.broadcast_to(mean[..., None], a.shape).reshape(n, 1, 1, c)
+    a = a.reshape(n, 1, 1, c)
+    b = bias.astype(jnp.float32)
+    outs = []
+    for x, lo, hi in ((x1, 0, x1.shape[-1]), (x2, x1.shape[-1], c)):
+        y = (x.astype(jnp.float32) - mean_c[..., lo:hi]) * a[..., lo:hi] + b[lo:hi]
+        outs.append(apply_activation(y, activation).astype(x.dtype))
+    return jnp.concatenate(outs, axis=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # GEGLU: the first half of the SD feed-forward
 # --------------------------------------------------------------------------------------------
@@ -598,6 +693,30 @@ def upsample_conv_phases(x, phase_kernel, bias):
     rows = [jnp.stack([y[:, a : a + h, b : b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
     y = jnp.stack(rows, axis=2)  # [N, H, 2 (a), W, 2 (b), O]
     return y.reshape(n, 2 * h, 2 * w, out) + bias.astype(x.dtype)
+
+
+def taps_kernel(kernel):
+    """[3, 3, I, O] (HWIO) -> [I, 9 * O]: every tap's [I, O] matrix side by side, ordered
+    (kernel row, kernel column, O), for `conv3x3_taps`."""
+    i, o = kernel.shape[2:]
+    return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(i, 9 * o)
+
+
+def conv3x3_taps(x, taps, bias):
+    """conv3x3(x) + bias (stride 1, padding 1) as one matrix product and a shifted sum.
+
+    x [N, H, W, I] times every tap at once (`taps_kernel`: [I, 9 * O]) gives z [N, H, W, 3, 3,
+    O] in float32; output pixel (h, w) is the sum over taps (ky, kx) of z at pixel
+    (h + ky - 1, w + kx - 1). One pass over the kernel and no im2col: for maps so small that
+    the kernel's bytes, not its FLOPs, bound the convolution (the UNet's 8x8 level), or so few
+    output channels that a convolution kernel's tiles are mostly empty (conv_out, O = 4).
+    z is 9 * O / I times the input's size in float32, so it pays only there."""
+    n, h, w, _ = x.shape
+    o = taps.shape[-1] // 9
+    z = jnp.einsum("nhwi,ik->nhwk", x, taps.astype(x.dtype), preferred_element_type=jnp.float32)
+    z = jnp.pad(z.reshape(n, h, w, 3, 3, o), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+    y = sum(z[:, ky : ky + h, kx : kx + w, ky, kx] for ky in range(3) for kx in range(3))
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 _UPSAMPLE_CONV = {"reference": upsample_conv_reference, "subpixel": upsample_conv_subpixel}

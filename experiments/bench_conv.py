@@ -1,0 +1,116 @@
+"""The UNet's 3x3 convolutions in three forms, by device kernel time (GPU).
+
+    PYTHONPATH=. python experiments/bench_conv.py [--shapes=unet_8x1280to1280,...]
+
+Forms, each given its kernel in the layout it reads without a transpose (as the pipeline's
+`auto_layouts` places parameters):
+  cudnn   `lax.conv_general_dilated` (XLA gives it to cuDNN), kernel OHWI
+  taps    `sdjax.ops.conv3x3_taps`: one [NHW, I] x [I, 9 O] matrix product into float32,
+          then the nine shifted slices summed (kernel pre-arranged by `ops.taps_kernel`)
+  im2col  the nine shifted copies of x side by side, [NHW, 9 I] x [9 I, O]
+Each is checked against a float32 convolution. Times are `experiments.common.kernel_us`:
+summed kernel durations over distinct inputs and kernels (none served from L2).
+
+Writes bench_conv_<device>_<dtype>_<date>.json and .md to results_dir().
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments import common
+from sdjax import ops
+
+# name: (batch, side, in channels, out channels): SD1.5's UNet at 512x512 (batch 2, guided).
+SHAPES = {
+    "unet_8x1280to1280": (2, 8, 1280, 1280),
+    "unet_8x2560to1280": (2, 8, 2560, 1280),
+    "unet_16x1280to1280": (2, 16, 1280, 1280),
+    "unet_16x2560to1280": (2, 16, 2560, 1280),
+    "unet_32x640to640": (2, 32, 640, 640),
+    "unet_64x320to320": (2, 64, 320, 320),
+    "unet_conv_in_64x4to320": (2, 64, 4, 320),
+    "unet_conv_out_64x320to4": (2, 64, 320, 4),
+}
+
+_DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "dtype")
+_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), "shape names")
+_SETS = flags.DEFINE_integer("sets", 8, "distinct input sets per timed program")
+
+
+def _cudnn(x, kernel_ohwi, bias):
+    y = jax.lax.conv_general_dilated(x, kernel_ohwi, (1, 1), ((1, 1), (1, 1)),
+                                     dimension_numbers=("NHWC", "OHWI", "NHWC"))  # fmt: skip
+    return y + bias
+
+
+def _im2col(x, kernel_flat, bias):
+    n, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate(
+        [xp[:, ky : ky + h, kx : kx + w] for ky in range(3) for kx in range(3)], axis=-1
+    )
+    y = jnp.einsum("nhwk,ko->nhwo", cols, kernel_flat, preferred_element_type=jnp.float32)
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def bench(name: str, dtype) -> dict:
+    n, side, cin, cout = SHAPES[name]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, side, side, cin)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), dtype)
+    bias = jnp.asarray(rng.standard_normal(cout), dtype)
+    want = ops._conv(x.astype(jnp.float32), kernel.astype(jnp.float32), ((1, 1), (1, 1)))
+    want = want + bias.astype(jnp.float32)
+    forms = {
+        "cudnn": (_cudnn, jnp.transpose(kernel, (3, 0, 1, 2))),
+        "taps": (ops.conv3x3_taps, ops.taps_kernel(kernel).astype(dtype)),
+        "im2col": (_im2col, kernel.reshape(9 * cin, cout)),
+    }
+    gflop = 2 * n * side * side * 9 * cin * cout / 1e9
+    row = {"shape": name, "x": [n, side, side, cin], "cout": cout, "gflop": gflop,
+           "kernel_mb": 9 * cin * cout * jnp.dtype(dtype).itemsize / 1e6}  # fmt: skip
+    for form, (fn, k) in forms.items():
+        t = common.kernel_us(fn, x, k, bias, sets=_SETS.value)
+        row[f"{form}_us"] = t["us"]
+        row[f"{form}_launches"] = t["launches"]
+        row[f"{form}_kernels"] = t["kernels"]
+        row[f"{form}_err"] = common.relative_error(jax.jit(fn)(x, k, bias), want)
+    row["cudnn/taps"] = row["cudnn_us"] / row["taps_us"]
+    row["cudnn/im2col"] = row["cudnn_us"] / row["im2col_us"]
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+           if not k.endswith("_kernels")}, flush=True)  # fmt: skip
+    return row
+
+
+def main(argv):
+    del argv
+    dtype = jnp.dtype(_DTYPE.value)
+    unknown = sorted(set(_SHAPES.value) - set(SHAPES))
+    if unknown:
+        raise app.UsageError(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
+    rows = [bench(name, dtype) for name in _SHAPES.value]
+    info = common.device_info()
+    stem = (
+        common.results_dir()
+        / f"bench_conv_{info['device_kind'].replace(' ', '_')}_{dtype.name}_{datetime.date.today()}"
+    )
+    common.write_json(stem.with_suffix(".json"), {"device": info, "dtype": dtype.name,
+                                                  "rows": rows})  # fmt: skip
+    columns = ["shape", "gflop", "kernel_mb", "cudnn_us", "taps_us", "im2col_us", "cudnn/taps",
+               "cudnn/im2col", "cudnn_launches", "taps_err", "im2col_err"]  # fmt: skip
+    table = common.markdown_table(rows, columns)
+    stem.with_suffix(".md").write_text(
+        f"# 3x3 convolutions, {dtype.name}, {info['device_kind']}, jax {info['jax']}\n\n"
+        f"Device kernel time per call (us), distinct inputs and kernels.\n\n{table}\n"
+    )
+    print(table)
+
+
+if __name__ == "__main__":
+    app.run(main)
