@@ -56,7 +56,7 @@ def rows() -> dict:
     from sdjax.ops import Implementations as I
 
     xla = dict(attention="xla", group_norm="xla", geglu="xla", layer_norm="xla")
-    auto = I(attention="auto", group_norm="auto", geglu="auto", layer_norm="auto")
+    auto = I.preset("auto")
     plain = {"compiler_options": {}}  # XLA's own defaults: the kernel rows change nothing else
     return {
         "baseline_xla": (I(**xla), plain),
@@ -75,6 +75,9 @@ def rows() -> dict:
         # auto with row-major parameters: every call transposes the conv kernels for cuDNN
         # (the pipeline's default lets XLA choose the layouts: sdjax.pipeline's module doc)
         "auto_row_major_params": (auto, {"auto_layouts": False}),
+        # auto with every 3x3 conv through cuDNN (the `auto` of sessions 1-6), where `auto`
+        # takes the taps form at the weight-bound ones (sdjax.ops.taps_pays)
+        "auto_cudnn_convs": (dataclasses.replace(auto, conv3x3="reference"), {}),
         # auto with the upsamplers' subpixel form (sdjax.ops.upsample_conv_subpixel)
         "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),
         # auto with the Triton GEGLU everywhere (where `auto` records the Hopper one)
@@ -92,7 +95,7 @@ def xla_rows(specs) -> dict:
     from sdjax.ops import Implementations as I
     from sdjax.pipeline import default_compiler_options
 
-    auto = I(attention="auto", group_norm="auto", geglu="auto", layer_norm="auto")
+    auto = I.preset("auto")
     out = {}
     for spec in specs:
         try:

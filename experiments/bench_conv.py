@@ -26,7 +26,8 @@ from absl import app, flags
 from experiments import common
 from sdjax import ops
 
-# name: (batch, side, in channels, out channels): SD1.5's UNet at 512x512 (batch 2, guided).
+# name: (batch, side, in channels, out channels): SD1.5's UNet (batch 2, guided) and VAE
+# decoder (batch 1) at 512x512.
 SHAPES = {
     "unet_8x1280to1280": (2, 8, 1280, 1280),
     "unet_8x2560to1280": (2, 8, 2560, 1280),
@@ -36,6 +37,9 @@ SHAPES = {
     "unet_64x320to320": (2, 64, 320, 320),
     "unet_conv_in_64x4to320": (2, 64, 4, 320),
     "unet_conv_out_64x320to4": (2, 64, 320, 4),
+    "unet_16x1920to1280": (2, 16, 1920, 1280),
+    "vae_conv_in_64x4to512": (1, 64, 4, 512),
+    "vae_conv_out_512x128to3": (1, 512, 128, 3),
 }
 
 _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "dtype")

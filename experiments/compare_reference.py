@@ -30,6 +30,9 @@ flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
 flags.DEFINE_string(
     "upsample_conv", None, "override the upsample+conv implementation (reference, subpixel)"
 )
+flags.DEFINE_string(
+    "conv3x3", None, "override the 3x3 stride-1 conv implementation (reference, taps, auto)"
+)
 flags.DEFINE_enum("dtype", "float32", ["float16", "bfloat16", "float32"], "the fast path's dtype")
 flags.DEFINE_integer(
     "resolution", None, "pixels per side (default: the model's, capped at 256 on CPU)"

@@ -63,6 +63,9 @@ flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
 flags.DEFINE_string(
     "upsample_conv", None, "override the upsample+conv implementation (reference, subpixel)"
 )
+flags.DEFINE_string(
+    "conv3x3", None, "override the 3x3 stride-1 conv implementation (reference, taps, auto)"
+)
 flags.DEFINE_multi_string(
     "xla_option",
     [],

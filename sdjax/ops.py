@@ -1,7 +1,7 @@
 """The one seam through which the models call their hot ops.
 
 The models never call a kernel directly. They call `attention`, `group_norm`, `layer_norm`,
-`geglu` and `upsample_conv` here, and the implementation is chosen once, outside the model,
+`geglu`, `conv3x3` and `upsample_conv` here, and the implementation is chosen once, outside the model,
 with `use(...)`:
 
     with sdjax.ops.use(Implementations(attention="flash")):
@@ -23,6 +23,8 @@ Implementation names:
   pallas         (group_norm, layer_norm, geglu) our Pallas kernels (Triton).
   pallas_hopper  (geglu) our Pallas Mosaic GPU GEGLU for Hopper: fp16/bf16, shapes in whole
                  tiles (`geglu_hopper.supports`).
+  taps           (conv3x3) one matrix product against all nine taps, then a shifted sum
+                 (plain XLA; for weight-bound convs: `conv3x3_taps`).
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
                  four phase kernels (plain XLA; exact; not faster end to end on the H100).
   auto           the fastest recorded choice for the shape and backend (see `_auto_*`); a
@@ -61,6 +63,7 @@ GroupNormImpl = Literal["reference", "xla", "pallas", "auto"]
 GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 UpsampleConvImpl = Literal["reference", "subpixel"]
+Conv3x3Impl = Literal["reference", "taps", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
 
@@ -76,6 +79,10 @@ class Implementations:
     # then convolves; "subpixel" convolves the small map with four phase kernels (exact;
     # `upsample_conv_subpixel`). Plain XLA either way: no Pallas kernel.
     upsample_conv: UpsampleConvImpl = "reference"
+    # 3x3 stride-1 convolutions: "reference" is XLA's convolution (cuDNN on GPU); "taps" one
+    # matrix product against all nine taps and a shifted sum (`conv3x3_taps`); "auto" the
+    # taps form where it measured faster on GPU (`taps_pays`), else the reference.
+    conv3x3: Conv3x3Impl = "reference"
 
     def __post_init__(self):
         for field, kind in (
@@ -84,6 +91,7 @@ class Implementations:
             ("geglu", GegluImpl),
             ("layer_norm", LayerNormImpl),
             ("upsample_conv", UpsampleConvImpl),
+            ("conv3x3", Conv3x3Impl),
         ):
             value = getattr(self, field)
             if value not in get_args(kind):
@@ -111,7 +119,9 @@ PRESETS: dict[str, Implementations] = {
     "pallas": Implementations(
         attention="flash", group_norm="pallas", geglu="pallas", layer_norm="pallas"
     ),
-    "auto": Implementations(attention="auto", group_norm="auto", geglu="auto", layer_norm="auto"),
+    "auto": Implementations(
+        attention="auto", group_norm="auto", geglu="auto", layer_norm="auto", conv3x3="auto"
+    ),
 }
 
 _state = threading.local()
@@ -717,6 +727,49 @@ def conv3x3_taps(x, taps, bias):
     z = jnp.pad(z.reshape(n, h, w, 3, 3, o), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
     y = sum(z[:, ky : ky + h, kx : kx + w, ky, kx] for ky in range(3) for kx in range(3))
     return (y + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def conv3x3_reference(x, kernel, bias):
+    """conv3x3(x) + bias, stride 1, padding 1: x [N, H, W, I], kernel [3, 3, I, O] (HWIO),
+    bias [O] -> [N, H, W, O] in x's dtype. XLA's convolution (cuDNN on GPU)."""
+    return _conv(x, kernel, ((1, 1), (1, 1))) + bias.astype(x.dtype)
+
+
+def _conv3x3_taps(x, kernel, bias):
+    return conv3x3_taps(x, taps_kernel(kernel), bias)
+
+
+def taps_pays(x_shape, kernel_shape) -> bool:
+    """Where `conv3x3_taps` beat cuDNN on the H100 (`bench_conv_*_s7.*`, fp16, device kernel
+    time): weight-bound convs, whose float32 tap products z are at most half the kernel's
+    bytes (the UNet's 8x8 level, 1.3-1.4x; 16x16 at 2560 -> 1280, 1.09x; even at 1280 ->
+    1280, slower from 32x32 up), and convs to at most 4 channels (conv_out, 3.5x: cuDNN ran
+    eight kernels for 0.19 GFLOP)."""
+    n, h, w, i = x_shape
+    o = kernel_shape[-1]
+    z_bytes = n * h * w * 9 * o * 4
+    kernel_bytes = 9 * i * o * 2
+    return 2 * z_bytes <= kernel_bytes or o <= 4
+
+
+def _auto_conv3x3(x, kernel) -> str:
+    return "taps" if on_gpu() and taps_pays(x.shape, kernel.shape) else "reference"
+
+
+_CONV3X3 = {"reference": conv3x3_reference, "taps": _conv3x3_taps}
+
+
+def conv3x3(x, kernel, bias, *, implementation: Conv3x3Impl | None = None):
+    """conv3x3(x) + bias, stride 1, padding 1. x: [N, H, W, I]; kernel: [3, 3, I, O] (HWIO);
+    bias: [O] (any float dtype) -> [N, H, W, O] in x's dtype."""
+    if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[-1:]:
+        raise ValueError(
+            f"conv3x3: want x [N, H, W, I], kernel [3, 3, I, O], bias [O]; got {x.shape}, "
+            f"{kernel.shape}, {bias.shape}"
+        )
+    impl = _resolve("conv3x3", implementation, _CONV3X3, Conv3x3Impl,
+                    lambda: _auto_conv3x3(x, kernel))  # fmt: skip
+    return _CONV3X3[impl](x, kernel, bias)
 
 
 _UPSAMPLE_CONV = {"reference": upsample_conv_reference, "subpixel": upsample_conv_subpixel}

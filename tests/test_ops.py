@@ -427,3 +427,100 @@ def test_subpixel_phase_kernels_are_built_once_per_generation(guided, rng):
         return _scan_body_dots(jax.make_jaxpr(fn)(params, x, ctx).jaxpr)
 
     assert body_dots(subpixel) == body_dots(ops.PRESETS["reference"])
+
+
+# --------------------------------------------------------------------------------------------
+# 3x3 convolutions: the taps form
+# --------------------------------------------------------------------------------------------
+
+# float16 relative-norm tolerance against float32: both forms accumulate in float32 and
+# round once (the taps form's shifted sum is float32 too).
+TOL_CONV = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}
+
+
+@pytest.mark.parametrize(
+    "shape, out",
+    [((3, 5, 7, 40), 16), ((1, 8, 8, 64), 4), ((2, 9, 6, 24), 80)],
+    ids=["batch3_odd", "four_out", "wide_out"],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_conv3x3_taps_is_the_convolution(shape, out, dtype, rng):
+    x = jnp.asarray(rng.standard_normal(shape) + 0.5, dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], out)) / np.sqrt(9 * shape[-1]))
+    bias = jnp.asarray(rng.standard_normal(out), jnp.float32)
+    with jax.default_matmul_precision("float32"):  # no TF32 on a GPU
+        want = ops.conv3x3_reference(x.astype(jnp.float32), kernel, bias)
+        got = ops.conv3x3(x, kernel.astype(dtype), bias, implementation="taps")
+    assert got.dtype == dtype and got.shape == (*shape[:-1], out)
+    assert rel(got, want) <= TOL_CONV[dtype]
+
+
+def test_conv3x3_errors_and_cpu_choice(rng):
+    x = jnp.ones((1, 8, 8, 16))
+    with pytest.raises(ValueError, match="kernel \\[3, 3, I, O\\]"):
+        ops.conv3x3(x, jnp.ones((3, 3, 8, 4)), jnp.ones(4))
+    with pytest.raises(ValueError, match="unknown conv3x3 implementation"):
+        ops.conv3x3(x, jnp.ones((3, 3, 16, 4)), jnp.ones(4), implementation="winograd")
+    if jax.default_backend() != "gpu":
+        assert ops._auto_conv3x3(x, jnp.ones((3, 3, 16, 4))) == "reference"
+
+
+def test_taps_pays_where_it_measured_faster():
+    """The rule against `bench_conv_*_s7`: SD1.5's UNet at 512x512, batch 2."""
+    assert ops.taps_pays((2, 8, 8, 1280), (3, 3, 1280, 1280))  # 1.39x
+    assert ops.taps_pays((2, 8, 8, 2560), (3, 3, 2560, 1280))  # 1.30x
+    assert ops.taps_pays((2, 16, 16, 2560), (3, 3, 2560, 1280))  # 1.09x
+    assert ops.taps_pays((2, 64, 64, 320), (3, 3, 320, 4))  # conv_out, 3.5x
+    assert not ops.taps_pays((2, 16, 16, 1280), (3, 3, 1280, 1280))  # 1.01x
+    assert not ops.taps_pays((2, 32, 32, 640), (3, 3, 640, 640))  # 0.76x
+    assert not ops.taps_pays((2, 64, 64, 4), (3, 3, 4, 320))  # conv_in, 0.09x
+
+
+def test_tiny_unet_same_output_with_taps_convs(rng):
+    """Every 3x3 stride-1 conv of the model in the taps form, against the reference path."""
+    cfg = sd_config.preset("tiny").unet
+    params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(1)))()
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((2, 77, cfg.cross_attention_dim)), jnp.float32)
+
+    def run(impls):
+        with ops.use(impls), jax.default_matmul_precision("float32"):
+            return jax.jit(
+                lambda p, x, c: UNet2DConditionModel(cfg).apply({"params": p}, x, 500, c)
+            )(params, x, ctx)
+
+    taps = run(ops.Implementations(conv3x3="taps"))
+    assert rel(taps, run("reference")) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# GroupNorm of a concatenation that is never written
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "c1, c2, groups",
+    [(40, 20, 4), (64, 32, 8), (24, 24, 6)],
+    ids=["straddling", "aligned", "equal"],
+)
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_group_norm_concat_is_group_norm_of_the_concatenation(c1, c2, groups, impl, rng):
+    """40 + 20 channels in 4 groups of 15: groups 2 straddles the boundary."""
+    x1 = jnp.asarray(rng.standard_normal((3, 5, 6, c1)) * 2 + 3, jnp.float32)
+    x2 = jnp.asarray(rng.standard_normal((3, 5, 6, c2)) - 1, jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(c1 + c2), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(c1 + c2), jnp.float32)
+    kw = dict(groups=groups, activation="silu")
+    want = ops.group_norm_reference(jnp.concatenate([x1, x2], -1), scale, bias, **kw)
+    got = ops.group_norm_concat(x1, x2, scale, bias, implementation=impl, **kw)
+    assert rel(got, want) <= 1e-5
+
+
+def test_group_norm_concat_errors():
+    x = jnp.ones((1, 4, 4, 8))
+    with pytest.raises(ValueError, match="parts must agree"):
+        ops.group_norm_concat(x, jnp.ones((1, 4, 5, 8)), jnp.ones(16), jnp.ones(16), groups=4)
+    with pytest.raises(ValueError, match="scale/bias must be \\[16\\]"):
+        ops.group_norm_concat(x, x, jnp.ones(8), jnp.ones(8), groups=4)
+    with pytest.raises(ValueError, match="not divisible"):
+        ops.group_norm_concat(x, x, jnp.ones(16), jnp.ones(16), groups=5)

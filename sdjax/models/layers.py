@@ -76,6 +76,10 @@ class Conv2d(nn.Module):
         pad = self.padding
         if isinstance(pad, int):
             pad = ((pad, pad), (pad, pad))
+        if bias_offset is not None:
+            bias = bias.astype(jnp.float32) + bias_offset.astype(jnp.float32)
+        if k == 3 and self.stride == 1 and tuple(map(tuple, pad)) == ((1, 1), (1, 1)):
+            return ops.conv3x3(x, kernel, bias)  # the implementation in force (`ops.use`)
         y = jax.lax.conv_general_dilated(
             x,
             kernel.astype(x.dtype),
@@ -83,8 +87,6 @@ class Conv2d(nn.Module):
             padding=tuple(tuple(p) for p in pad),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        if bias_offset is not None:
-            bias = bias.astype(jnp.float32) + bias_offset.astype(jnp.float32)
         return y + bias.astype(x.dtype)
 
 
@@ -260,12 +262,19 @@ class Attention(nn.Module):
         be None)."""
         b, length, _ = x.shape
         head_dim = self.dim // self.heads
-        if context is None and not cross and not self.has_variable(CONDITIONING, "k"):
+        self_attention = context is None and not cross and not self.has_variable(CONDITIONING, "k")
+        if self_attention:
             shape = (b, length, self.heads, head_dim)
             if packed := ops.packed_self_attention_head_dim(shape, x.dtype):
                 return self._packed_self_attention(x, packed)
-        q = self.to_q(x)
-        if self.has_variable(CONDITIONING, "k"):
+        fused = self._stacked_qkv_kernel(x) if self_attention else None
+        if fused is not None:  # q, k and v in one product, the weights stacked once
+            qkv = jnp.dot(x, fused.astype(x.dtype))
+            if self.has_variable(CONDITIONING, "qkv_bias"):
+                qkv = qkv + self.get_variable(CONDITIONING, "qkv_bias").astype(x.dtype)
+            q, k, v = jnp.split(qkv, 3, axis=-1)
+        elif self.has_variable(CONDITIONING, "k"):
+            q = self.to_q(x)
             k, v = (self.get_variable(CONDITIONING, n).astype(x.dtype) for n in ("k", "v"))
         else:
             if context is None and cross:
@@ -274,12 +283,22 @@ class Attention(nn.Module):
                     f"precomputed '{CONDITIONING}' K/V"
                 )
             context = x if context is None else context
-            k, v = self.to_k(context), self.to_v(context)
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (t.reshape(b, t.shape[1], self.heads, head_dim) for t in (q, k, v))
         out = ops.attention(q, k, v, scale=head_dim**-0.5)
         return self.to_out_0(out.reshape(b, length, self.dim))
 
-    def packed_weights(self, in_features: int, padded: int, dtype) -> dict:
+    def _stacked_qkv_kernel(self, x: jax.Array) -> jax.Array | None:
+        """The precomputed `conditioning/qkv_kernel` [in, 3 * dim] (q, k, v side by side) if
+        there is one of that width (the packed kernel's is wider where it pads heads)."""
+        if not self.has_variable(CONDITIONING, "qkv_kernel"):
+            return None
+        kernel = self.get_variable(CONDITIONING, "qkv_kernel")
+        return kernel if kernel.shape == (x.shape[-1], 3 * self.dim) else None
+
+    def packed_weights(
+        self, in_features: int, padded: int, dtype, *, out_projection: bool = True
+    ) -> dict:
         """The fused projection's weights for `_packed_self_attention` with heads widened to
         `padded`: {"qkv_kernel" [in_features, 3 * heads * padded], "qkv_bias" [3 * heads *
         padded] (where the projections have biases), "out_kernel" [heads * padded, dim]}, in
@@ -299,6 +318,8 @@ class Attention(nn.Module):
         out = {"qkv_kernel": jnp.stack(kernels, axis=1).reshape(-1, 3 * heads * padded)}
         if biases:  # Attention's q, k and v projections have biases together or not at all
             out["qkv_bias"] = jnp.stack(biases, axis=1).reshape(-1)
+        if not out_projection:
+            return out
         kernel, _ = self.to_out_0.weights(self.dim)
         kernel = kernel.astype(dtype).reshape(heads, head_dim, -1)
         kernel = jnp.pad(kernel, ((0, 0), (0, extra), (0, 0)))  # zero rows after each head's
@@ -383,14 +404,20 @@ class BasicTransformerBlock(nn.Module):
 
     def conditioning(self, context: jax.Array, tokens: int | None = None) -> dict:
         """This block's `conditioning` entry: the cross-attention's K/V of context [B, S, C],
-        and, given the token count of x, the self-attention's fused projection weights where
-        it runs packed (`ops.packed_self_attention_head_dim`)."""
+        and, given the token count of x, the self-attention's fused projection weights: padded
+        for the packed kernel where it runs packed (`ops.packed_self_attention_head_dim`), else
+        q, k and v side by side, [dim, 3 * dim] (XLA would otherwise merge the three products
+        itself, stacking the weights in every step of a denoising loop)."""
         out = {"attn2": self.attn2.key_value(context)}
         if tokens is not None:
             head_dim = self.dim // self.heads
             shape = (context.shape[0], tokens, self.heads, head_dim)
             if packed := ops.packed_self_attention_head_dim(shape, context.dtype):
                 out["attn1"] = self.attn1.packed_weights(self.dim, packed, context.dtype)
+            else:  # q, k and v stacked once here, not by XLA in every step (its dot merger)
+                out["attn1"] = self.attn1.packed_weights(
+                    self.dim, head_dim, context.dtype, out_projection=False
+                )
         return out
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
