@@ -2,12 +2,14 @@
 
     PYTHONPATH=. python experiments/bench_conv.py [--shapes=unet_8x1280to1280,...]
 
-Forms, each given its kernel in the layout it reads without a transpose (as the pipeline's
-`auto_layouts` places parameters):
-  cudnn   `lax.conv_general_dilated` (XLA gives it to cuDNN), kernel OHWI
-  taps    `sdjax.ops.conv3x3_taps`: one [NHW, I] x [I, 9 O] matrix product into float32,
-          then the nine shifted slices summed (kernel pre-arranged by `ops.taps_kernel`)
-  im2col  the nine shifted copies of x side by side, [NHW, 9 I] x [9 I, O]
+Forms:
+  cudnn   `lax.conv_general_dilated` (XLA gives it to cuDNN), kernel OHWI (the layout the
+          pipeline's `auto_layouts` gives it)
+  taps    `sdjax.ops.conv3x3_taps`: x times all nine taps into float32 (a batch of nine
+          products, or one [NHW, I] x [I, 9 O] product for a small kernel), then the nine
+          shifted slices summed; kernel HWIO, as the parameter is (any rearrangement of it
+          is in the timed program, as in the model)
+  im2col  the nine shifted copies of x side by side, [NHW, 9 I] x [9 I, O], kernel HWIO
 Each is checked against a float32 convolution. Times are `experiments.common.kernel_us`:
 summed kernel durations over distinct inputs and kernels (none served from L2).
 
@@ -73,7 +75,7 @@ def bench(name: str, dtype) -> dict:
     want = want + bias.astype(jnp.float32)
     forms = {
         "cudnn": (_cudnn, jnp.transpose(kernel, (3, 0, 1, 2))),
-        "taps": (ops.conv3x3_taps, ops.taps_kernel(kernel).astype(dtype)),
+        "taps": (ops.conv3x3_taps, kernel),
         "im2col": (_im2col, kernel.reshape(9 * cin, cout)),
     }
     gflop = 2 * n * side * side * 9 * cin * cout / 1e9

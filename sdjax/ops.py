@@ -705,26 +705,36 @@ def upsample_conv_phases(x, phase_kernel, bias):
     return y.reshape(n, 2 * h, 2 * w, out) + bias.astype(x.dtype)
 
 
-def taps_kernel(kernel):
-    """[3, 3, I, O] (HWIO) -> [I, 9 * O]: every tap's [I, O] matrix side by side, ordered
-    (kernel row, kernel column, O), for `conv3x3_taps`."""
-    i, o = kernel.shape[2:]
-    return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(i, 9 * o)
+def conv3x3_taps(x, kernel, bias):
+    """conv3x3(x) + bias (stride 1, padding 1) as matrix products against every tap at once
+    and a shifted sum. x [N, H, W, I], kernel [3, 3, I, O] (HWIO), bias [O] -> [N, H, W, O]
+    in x's dtype.
 
+    z[t] = x @ kernel[t] for the nine taps t = (ky, kx), in float32; output pixel (h, w) is
+    the sum over taps of z[t] at pixel (h + ky - 1, w + kx - 1). The kernel is read once,
+    with the taps as a wide N (or a batch), where a convolution kernel's tiles at few output
+    pixels leave it latency-bound (the UNet's 8x8 level), or with so few output channels that
+    its tiles are mostly empty (conv_out). z is 9 * O / I times the input's size in float32,
+    so it pays only there (`taps_pays`).
 
-def conv3x3_taps(x, taps, bias):
-    """conv3x3(x) + bias (stride 1, padding 1) as one matrix product and a shifted sum.
-
-    x [N, H, W, I] times every tap at once (`taps_kernel`: [I, 9 * O]) gives z [N, H, W, 3, 3,
-    O] in float32; output pixel (h, w) is the sum over taps (ky, kx) of z at pixel
-    (h + ky - 1, w + kx - 1). One pass over the kernel and no im2col: for maps so small that
-    the kernel's bytes, not its FLOPs, bound the convolution (the UNet's 8x8 level), or so few
-    output channels that a convolution kernel's tiles are mostly empty (conv_out, O = 4).
-    z is 9 * O / I times the input's size in float32, so it pays only there."""
-    n, h, w, _ = x.shape
-    o = taps.shape[-1] // 9
-    z = jnp.einsum("nhwi,ik->nhwk", x, taps.astype(x.dtype), preferred_element_type=jnp.float32)
-    z = jnp.pad(z.reshape(n, h, w, 3, 3, o), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+    HWIO's taps are contiguous [I, O] blocks, so a large kernel is used in place, as a batch
+    of nine products of the same x (XLA writes x nine times: small where the kernel is large);
+    a small one is rearranged to [I, 9 O] for one product (XLA transposes it in every call:
+    cheap where it is small, and XLA does not make the rearrangement free by choosing the
+    parameter's layout)."""
+    n, h, w, i = x.shape
+    o = kernel.shape[-1]
+    taps = kernel.astype(x.dtype).reshape(9, i, o)  # [(ky, kx), I, O]: a bitcast of HWIO
+    xm = x.reshape(n * h * w, i)
+    if 9 * xm.size <= 2 * taps.size:  # nine copies of x cost less than moving the kernel
+        xb = jnp.broadcast_to(xm[None], (9, *xm.shape))
+        z = jax.lax.dot_general(xb, taps, (((2,), (1,)), ((0,), (0,))),
+                                preferred_element_type=jnp.float32)  # fmt: skip
+        z = jnp.moveaxis(z.reshape(3, 3, n, h, w, o), (0, 1), (3, 4))  # [N, H, W, 3, 3, O]
+    else:
+        z = jnp.einsum("mi,tio->mto", xm, taps, preferred_element_type=jnp.float32)
+        z = z.reshape(n, h, w, 3, 3, o)
+    z = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
     y = sum(z[:, ky : ky + h, kx : kx + w, ky, kx] for ky in range(3) for kx in range(3))
     return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
@@ -735,28 +745,25 @@ def conv3x3_reference(x, kernel, bias):
     return _conv(x, kernel, ((1, 1), (1, 1))) + bias.astype(x.dtype)
 
 
-def _conv3x3_taps(x, kernel, bias):
-    return conv3x3_taps(x, taps_kernel(kernel), bias)
-
-
 def taps_pays(x_shape, kernel_shape) -> bool:
-    """Where `conv3x3_taps` beat cuDNN on the H100 (`bench_conv_*_s7.*`, fp16, device kernel
-    time): weight-bound convs, whose float32 tap products z are at most half the kernel's
-    bytes (the UNet's 8x8 level, 1.3-1.4x; 16x16 at 2560 -> 1280, 1.09x; even at 1280 ->
-    1280, slower from 32x32 up), and convs to at most 4 channels (conv_out, 3.5x: cuDNN ran
-    eight kernels for 0.19 GFLOP)."""
+    """Where `conv3x3_taps` beat cuDNN on the H100 (`bench_conv_*_s7*`, fp16, device kernel
+    time, the kernel read as the parameter is): weight-bound convs, whose float32 tap products
+    z are at most a quarter of the kernel's bytes (the UNet's 8x8 level; at 16x16, z is 0.4
+    to 0.8 of the kernel and the gain is within 10% or negative), and convs to at most 4
+    channels (UNet conv_out 3.5x, where cuDNN ran eight kernels for 0.19 GFLOP; VAE conv_out
+    1.46x)."""
     n, h, w, i = x_shape
     o = kernel_shape[-1]
     z_bytes = n * h * w * 9 * o * 4
     kernel_bytes = 9 * i * o * 2
-    return 2 * z_bytes <= kernel_bytes or o <= 4
+    return 4 * z_bytes <= kernel_bytes or o <= 4
 
 
 def _auto_conv3x3(x, kernel) -> str:
     return "taps" if on_gpu() and taps_pays(x.shape, kernel.shape) else "reference"
 
 
-_CONV3X3 = {"reference": conv3x3_reference, "taps": _conv3x3_taps}
+_CONV3X3 = {"reference": conv3x3_reference, "taps": conv3x3_taps}
 
 
 def conv3x3(x, kernel, bias, *, implementation: Conv3x3Impl | None = None):
