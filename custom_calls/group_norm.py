@@ -14,13 +14,6 @@ Two plans (`Config.mode`):
             writes act(x * a + b) with a = scale * rstd, b = bias - mean * a.
   fused  one program per (sample, block of groups) reads its groups twice (the second read
          mostly from L2) and writes once: one launch, for the small latency-bound shapes.
-  channels
-         the split plan over whole rows: x viewed as [N, S, C], a tile [block_rows, C_pad]
-         (C_pad the next power of two), so that a row is one contiguous, vectorizable load
-         rather than G masked pieces of cpg lanes (10 of 16 at C = 320). The statistics
-         programs write shifted per-channel sums; XLA merges them into per-group statistics
-         (`_channel_affine`, Chan's formula over every (chunk, channel) cell of a group) and
-         hands the normalize programs per-channel (shift, a, b).
 """
 
 from __future__ import annotations
@@ -49,7 +42,7 @@ _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 class Config:
     """Block sizes. Row counts are spatial positions (H*W rows of C channels)."""
 
-    mode: Literal["split", "fused", "channels"] = "split"
+    mode: Literal["split", "fused"] = "split"
     block_rows: int = 8  # rows per tile (power of two)
     stats_rows: int = 64  # split: rows per statistics program (a multiple of block_rows)
     norm_rows: int = 64  # split: rows per normalize program (a multiple of block_rows)
@@ -60,10 +53,9 @@ class Config:
     xla_combine: Literal["chan", "sums"] = "chan"
     block_groups: int = 32  # fused: groups per program (power of two)
     num_warps: int = 4
-    num_stages: int = 1  # Triton's software pipelining of each program's loop of tiles
 
     def __post_init__(self):
-        if self.mode not in ("split", "fused", "channels"):
+        if self.mode not in ("split", "fused"):
             raise ValueError(f"Config: unknown {self.mode=}")
         if self.xla_combine not in ("chan", "sums"):
             raise ValueError(f"Config: unknown {self.xla_combine=}")
@@ -71,9 +63,7 @@ class Config:
             v = getattr(self, f)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"Config: {f}={v} must be a power of two")
-        if self.num_stages < 1:
-            raise ValueError(f"Config: num_stages={self.num_stages} must be >= 1")
-        for f in ("stats_rows", "norm_rows") if self.mode != "fused" else ():
+        for f in ("stats_rows", "norm_rows") if self.mode == "split" else ():
             if getattr(self, f) % self.block_rows:
                 raise ValueError(
                     f"Config: {f}={getattr(self, f)} must be a multiple of {self.block_rows=}"
@@ -359,139 +349,6 @@ def _fused_kernel(x_ref, scale_ref, bias_ref, o_ref, *, rows, bg, groups, cpg, e
     jax.lax.fori_loop(0, -(-s // rows), body, 0)
 
 
-def _row_tile(ref, n, r0, row_end, *, rows, cp, c, row_mask, eviction=None):
-    """Loads x[n, r0:r0+rows, :cp] of the [N, S, C] view as float32, and the mask of real
-    elements (None where all are real)."""
-    mask = None
-    if row_mask:
-        mask = (r0 + jnp.arange(rows) < row_end)[:, None]
-    if cp != c:
-        cols = (jnp.arange(cp) < c)[None, :]
-        mask = cols if mask is None else mask & cols
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (rows, cp))
-    view = ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)]
-    x = plgpu.load(view, mask=mask, other=None if mask is None else 0.0, eviction_policy=eviction)
-    return x.astype(jnp.float32), mask
-
-
-def _channel_stats_kernel(x_ref, shift_ref, s1_ref, s2_ref, *, parts, part_rows, rows, c):
-    """One chunk of rows of one sample: per channel, the chunk's first-tile mean (the shift)
-    and the sums of (x - shift) and (x - shift)^2 over the chunk."""
-    n, p = pl.program_id(0) // parts, pl.program_id(0) % parts
-    s = x_ref.shape[1]
-    cp = next_power_of_2(c)
-    r_start = p * part_rows
-    r_end = jnp.minimum(r_start + part_rows, s)
-    row_mask = s % part_rows != 0 or part_rows % rows != 0
-    tile = functools.partial(_row_tile, x_ref, n, row_end=r_end, rows=rows, cp=cp, c=c,
-                             row_mask=row_mask)  # fmt: skip
-    x0, mask0 = tile(r_start)
-    shift = jnp.sum(x0, axis=0) / jnp.minimum(r_end - r_start, rows).astype(jnp.float32)
-
-    def centered(x, mask):
-        d = x - shift[None, :]
-        return d if mask is None else jnp.where(mask, d, 0.0)
-
-    def body(t, acc):
-        d = centered(*tile(r_start + t * rows))
-        return acc[0] + d, acc[1] + d * d
-
-    d0 = centered(x0, mask0)
-    s1, s2 = jax.lax.fori_loop(1, (r_end - r_start + rows - 1) // rows, body, (d0, d0 * d0))
-    shift_ref[n, p, :] = shift
-    s1_ref[n, p, :] = jnp.sum(s1, axis=0)
-    s2_ref[n, p, :] = jnp.sum(s2, axis=0)
-
-
-def _channel_affine(shift, s1, s2, scale, bias, *, part_rows, s, groups, eps):
-    """XLA: the statistics kernel's per-(chunk, channel) sums [N, P, C_pad] -> per-channel
-    float32 (shift, a, b) [N, C_pad] with out = (x - shift) * a + b.
-
-    Each cell (chunk p, channel c) has count n_p, mean shift_pc + s1_pc / n_p and M2 =
-    s2_pc - s1_pc^2 / n_p; a group's mean and M2 merge its cells by Chan's formula, relative
-    to one shift per group (the mean of its channels' first-chunk shifts), so that x - shift
-    is exact for data near the mean and nothing large cancels."""
-    n, parts, _ = shift.shape
-    c = scale.shape[0]
-    cpg = c // groups
-    counts = jnp.asarray(np.clip(s - np.arange(parts) * part_rows, 0, part_rows), jnp.float32)
-    counts = counts[None, :, None, None]
-    cells = [a[..., :c].reshape(n, parts, groups, cpg) for a in (shift, s1, s2)]
-    shift, s1, s2 = cells
-    ref = jnp.mean(shift[:, 0], axis=-1)  # [N, G]
-    rel = (shift - ref[:, None, :, None]) + s1 / counts  # cell mean - ref: small
-    total = float(s * cpg)
-    lo = jnp.sum(counts * rel, axis=(1, 3)) / total  # group mean - ref
-    m2 = jnp.sum(s2 - s1 * s1 / counts, axis=(1, 3))
-    m2 = m2 + jnp.sum(counts * jnp.square(rel - lo[:, None, :, None]), axis=(1, 3))
-    rstd = jax.lax.rsqrt(jnp.maximum(m2, 0.0) / total + eps)  # [N, G]
-    a = scale.astype(jnp.float32).reshape(groups, cpg) * rstd[..., None]  # [N, G, cpg]
-    b = bias.astype(jnp.float32).reshape(groups, cpg) - lo[..., None] * a
-    shift_c = jnp.broadcast_to(ref[..., None], a.shape)
-    pad = ((0, 0), (0, next_power_of_2(c) - c))
-    return tuple(jnp.pad(v.reshape(n, c), pad) for v in (shift_c, a, b))
-
-
-def _channel_normalize_kernel(x_ref, shift_ref, a_ref, b_ref, o_ref, *, blocks, block_rows_prog,
-                              rows, c, activation):  # fmt: skip
-    pid = pl.num_programs(0) - 1 - pl.program_id(0)  # reverse: L2 still holds the tail
-    n, q = pid // blocks, pid % blocks
-    s = x_ref.shape[1]
-    cp = next_power_of_2(c)
-    affine = tuple(r[n, :][None, :] for r in (shift_ref, a_ref, b_ref))
-    r_start = q * block_rows_prog
-    r_end = jnp.minimum(r_start + block_rows_prog, s)
-    row_mask = s % block_rows_prog != 0 or block_rows_prog % rows != 0
-
-    def body(t, carry):
-        r0 = r_start + t * rows
-        x, mask = _row_tile(x_ref, n, r0, r_end, rows=rows, cp=cp, c=c, row_mask=row_mask,
-                            eviction="evict_first")  # fmt: skip
-        shift, a, b = affine
-        y = activate((x - shift) * a + b, activation)
-        plgpu.store(o_ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)], y.astype(o_ref.dtype), mask=mask,
-                    eviction_policy="evict_first")  # fmt: skip
-        return carry
-
-    jax.lax.fori_loop(0, (r_end - r_start + rows - 1) // rows, body, 0)
-
-
-def _group_norm_channels(x, scale, bias, *, groups, eps, activation, config, interpret):
-    """The "channels" plan (module doc): statistics kernel, XLA merge, normalize kernel."""
-    n, c = x.shape[0], x.shape[-1]
-    s = math.prod(x.shape[1:-1])
-    cp = next_power_of_2(c)
-    x3 = x.reshape(n, s, c)
-    rows = min(config.block_rows, next_power_of_2(s))
-    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
-    part_rows = max(rows, min(config.stats_rows, s))
-    parts = -(-s // part_rows)
-    stat_shape = jax.ShapeDtypeStruct((n, parts, cp), jnp.float32)
-    sums = pl.pallas_call(
-        functools.partial(_channel_stats_kernel, parts=parts, part_rows=part_rows, rows=rows,
-                          c=c),  # fmt: skip
-        out_shape=(stat_shape,) * 3,
-        grid=(n * parts,),
-        compiler_params=params,
-        interpret=interpret,
-        name="sdjax_group_norm_channel_stats",
-    )(x3)
-    affine = _channel_affine(*sums, scale, bias, part_rows=part_rows, s=s, groups=groups, eps=eps)
-    norm_rows = max(rows, min(config.norm_rows, s))
-    blocks = -(-s // norm_rows)
-    out = pl.pallas_call(
-        functools.partial(_channel_normalize_kernel, blocks=blocks, block_rows_prog=norm_rows,
-                          rows=rows, c=c, activation=activation),  # fmt: skip
-        out_shape=jax.ShapeDtypeStruct(x3.shape, x.dtype),
-        grid=(n * blocks,),
-        compiler_params=params,
-        interpret=interpret,
-        name="sdjax_group_norm_channels",
-    )(x3, *affine)
-    return out.reshape(x.shape)
-
-
 # ------------------------------------------------------------------------------------------
 # Public entry point
 # ------------------------------------------------------------------------------------------
@@ -540,12 +397,9 @@ def group_norm(
     gp = next_power_of_2(groups)
     x4 = x.reshape(n, s, groups, cpg)
     scale2, bias2 = scale.reshape(groups, cpg), bias.reshape(groups, cpg)
-    if config.mode == "channels":
-        return _group_norm_channels(x, scale, bias, groups=groups, eps=eps,
-                                    activation=activation, config=config, interpret=interpret)  # fmt: skip
     rows = min(config.block_rows, next_power_of_2(s))
     out_shape = jax.ShapeDtypeStruct(x4.shape, x.dtype)
-    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
     statics = dict(rows=rows, groups=groups, cpg=cpg)
 
     if config.mode == "fused":

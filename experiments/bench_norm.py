@@ -63,11 +63,7 @@ _REPORT = flags.DEFINE_string(
 )
 _CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program")
 _PLANS = flags.DEFINE_list(
-    "sweep_plans", ["split", "fused"],
-    "GroupNorm plans the sweep tries (and the current): split, fused, channels",
-)  # fmt: skip
-_STAGES = flags.DEFINE_list(
-    "sweep_stages", ["1"], "Triton num_stages the sweep tries for split and channels configs"
+    "sweep_plans", ["split", "fused"], "GroupNorm plans the sweep tries (and the current)"
 )
 _GN_TABLE = flags.DEFINE_string(
     "gn_table",
@@ -270,7 +266,7 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
 
 
 def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
-                          dtype=jnp.float16, stages=(1,)) -> list[GNConfig]:  # fmt: skip
+                          dtype=jnp.float16) -> list[GNConfig]:  # fmt: skip
     """Block configs worth timing at this shape: the one in force first (table or heuristic),
     the heuristic, then those of `plans`."""
     n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
@@ -296,24 +292,11 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
         for bg in (1, 4):
             out.append(GNConfig(mode="fused", block_rows=max(1, min(4096 // cp, s)),
                                 block_groups=bg))  # fmt: skip
-    # whole rows: tiles of about 4096 elements (and twice that with eight warps)
-    row_tile = max(1, min(4096 // next_power_of_2(c), next_power_of_2(s)))
-    for rows in (16, 32, 64, 128, 256):
-        if row_tile <= rows <= s:
-            out.append(GNConfig(mode="channels", block_rows=row_tile, stats_rows=rows,
-                                norm_rows=rows))  # fmt: skip
-            if 2 * row_tile <= rows:
-                out.append(GNConfig(mode="channels", block_rows=2 * row_tile, stats_rows=rows,
-                                    norm_rows=rows, num_warps=8))  # fmt: skip
     out = out[:2] + [cfg for cfg in out[2:] if cfg.mode in plans]
     # each XLA-combined split config also with the one-pass combine
     sums = [dataclasses.replace(cfg, xla_combine="sums") for cfg in out
             if cfg.mode == "split" and not cfg.combine_in_kernel]  # fmt: skip
-    out = list(dict.fromkeys(out + sums))
-    # and the looped plans with Triton's software pipelining of their tiles
-    staged = [dataclasses.replace(cfg, num_stages=st) for st in stages if st != 1
-              for cfg in out[2:] if cfg.mode != "fused"]  # fmt: skip
-    return list(dict.fromkeys(out + staged))
+    return list(dict.fromkeys(out + sums))
 
 
 def sweep_group_norm(dtype, names, deadline) -> list[dict]:
@@ -326,9 +309,7 @@ def sweep_group_norm(dtype, names, deadline) -> list[dict]:
         ref = group_norm_reference(
             x.astype(jnp.float32), sc, b, groups=s.groups, eps=s.eps, activation=s.activation
         )
-        stages = tuple(int(v) for v in _STAGES.value)
-        for cfg in group_norm_candidates(s.shape, s.groups, _PLANS.value, jnp.dtype(dtype),
-                                         stages):  # fmt: skip
+        for cfg in group_norm_candidates(s.shape, s.groups, _PLANS.value, jnp.dtype(dtype)):
             if time.perf_counter() > deadline:
                 return rows
             row = {"shape": name, **dataclasses.asdict(cfg)}
