@@ -65,6 +65,9 @@ def define_flags() -> None:
         "dtype", None, ["float16", "bfloat16", "float32"], "compute dtype (default: float16 on GPU)"
     )
     flags.DEFINE_string("kernels", "auto", "op implementation preset (sdjax.ops.PRESETS)")
+    flags.DEFINE_multi_string(
+        "impl", [], "OP=NAME: override one op of the preset, repeatable (e.g. upsample_conv=subpixel)"
+    )
     flags.DEFINE_integer("resolution", None, "pixels per side; default: the model's")
     flags.DEFINE_integer("calls", 5, "traced calls of each program")
     flags.DEFINE_integer("wall_calls", 20, "back-to-back calls of the untraced timing")
@@ -881,7 +884,7 @@ def measure_rates(dtype, matmul_size: int, copy_mib: int) -> dict:
 def profile(
     config_name: str = "sd15",
     dtype: str | None = None,
-    kernels: str = "auto",
+    kernels="auto",
     *,
     resolution: int | None = None,
     calls: int = 5,
@@ -894,7 +897,8 @@ def profile(
     dump_hlo_dir: str | None = None,
     compiler_options: dict | None = None,
 ) -> dict:
-    """The run as a record (see the module docstring). `compiler_options`: XLA compile
+    """The run as a record (see the module docstring). `kernels`: a preset name or an
+    `sdjax.ops.Implementations`. `compiler_options`: XLA compile
     options for every traced program (e.g. {"xla_gpu_enable_triton_gemm": True}); None: the
     pipeline's defaults (`sdjax.pipeline.default_compiler_options`)."""
     import jax
@@ -917,7 +921,7 @@ def profile(
     dtype = dtype or ("float16" if backend == "gpu" else "float32")
     jdtype = jnp.dtype(dtype)
     config = sd_config.preset(config_name)
-    impls = ops.Implementations.preset(kernels)
+    impls = kernels if isinstance(kernels, ops.Implementations) else ops.Implementations.preset(kernels)
     res = resolution or config.default_resolution
     latent = res // config.vae.downscale
     t0 = time.perf_counter()
@@ -1246,6 +1250,26 @@ def write_outputs(record: dict, out_dir, *, top: int = 30, tag: str = "") -> tup
     return paths, md
 
 
+def _implementations(preset: str, overrides: list[str]):
+    """The preset with each OP=NAME of `overrides` replaced (a usage error if malformed)."""
+    import dataclasses
+
+    from sdjax import ops
+
+    impls = ops.Implementations.preset(preset)
+    for item in overrides:
+        op, sep, name = item.partition("=")
+        if not sep or op not in ops.Implementations.fields():
+            raise app.UsageError(
+                f"--impl {item!r}: want OP=NAME with OP one of {ops.Implementations.fields()}"
+            )
+        try:
+            impls = dataclasses.replace(impls, **{op: name})
+        except ValueError as e:  # an unknown implementation name
+            raise app.UsageError(f"--impl {item!r}: {e}") from None
+    return impls if overrides else preset
+
+
 def main(argv):
     del argv
     from experiments import common
@@ -1257,7 +1281,7 @@ def main(argv):
     record = profile(
         FLAGS.config,
         FLAGS.dtype,
-        FLAGS.kernels,
+        _implementations(FLAGS.kernels, FLAGS.impl),
         resolution=FLAGS.resolution,
         calls=FLAGS.calls,
         wall_calls=FLAGS.wall_calls,

@@ -354,3 +354,20 @@ def test_command_line(tmp_path):
 def test_unknown_program_is_refused():
     with pytest.raises(ValueError, match="unknown programs"):
         profile.profile("tiny", "float32", "xla", programs=("unet_stepp",))
+
+
+def test_impl_overrides_replace_one_op_of_the_preset():
+    from absl import app
+
+    from experiments import profile
+    from sdjax import ops
+
+    assert profile._implementations("auto", []) == "auto"
+    impls = profile._implementations("auto", ["upsample_conv=subpixel", "conv3x3=reference"])
+    assert impls == ops.Implementations(
+        attention="auto", group_norm="auto", geglu="auto", layer_norm="auto",
+        conv3x3="reference", upsample_conv="subpixel",
+    )  # fmt: skip
+    for bad in ("upsample_conv", "winograd=yes", "conv3x3=fast"):
+        with pytest.raises(app.UsageError, match="--impl"):
+            profile._implementations("auto", [bad])
