@@ -78,8 +78,11 @@ def rows() -> dict:
         # auto with every 3x3 conv through cuDNN (the `auto` of sessions 1-6), where `auto`
         # takes the taps form at the weight-bound ones (sdjax.ops.taps_pays)
         "auto_cudnn_convs": (dataclasses.replace(auto, conv3x3="reference"), {}),
-        # auto with the upsamplers' subpixel form (sdjax.ops.upsample_conv_subpixel)
+        # auto with every upsampler in the subpixel form (sdjax.ops.upsample_conv_subpixel),
+        # where `auto` keeps the textbook order at 8x8 inputs (sdjax.ops.subpixel_pays)
         "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),
+        # auto with every upsampler in the textbook order (the `auto` of sessions 1-6)
+        "auto_textbook_upsample": (dataclasses.replace(auto, upsample_conv="reference"), {}),
         # auto with the Triton GEGLU everywhere (where `auto` records the Hopper one)
         "auto_triton_geglu": (dataclasses.replace(auto, geglu="pallas"), {}),
         # auto with XLA's default options: its Triton GEMM fusions back on (the `auto` row of

@@ -26,7 +26,7 @@ Implementation names:
   taps           (conv3x3) one matrix product against all nine taps, then a shifted sum
                  (plain XLA; for weight-bound convs: `conv3x3_taps`).
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
-                 four phase kernels (plain XLA; exact; not faster end to end on the H100).
+                 four phase kernels (plain XLA; exact; `auto` takes it from 16x16 inputs up).
   auto           the fastest recorded choice for the shape and backend (see `_auto_*`); a
                  recorded Hopper kernel on a GPU or shape it cannot run gives its Triton
                  sibling.
@@ -62,7 +62,7 @@ AttentionImpl = Literal[
 GroupNormImpl = Literal["reference", "xla", "pallas", "auto"]
 GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
-UpsampleConvImpl = Literal["reference", "subpixel"]
+UpsampleConvImpl = Literal["reference", "subpixel", "auto"]
 Conv3x3Impl = Literal["reference", "taps", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
@@ -77,7 +77,8 @@ class Implementations:
     layer_norm: LayerNormImpl = "reference"
     # nearest 2x upsampling + 3x3 conv (the decoders' Upsample2D): "reference" upsamples,
     # then convolves; "subpixel" convolves the small map with four phase kernels (exact;
-    # `upsample_conv_subpixel`). Plain XLA either way: no Pallas kernel.
+    # `upsample_conv_subpixel`); "auto" the subpixel form where it measured faster on GPU
+    # (`subpixel_pays`). Plain XLA either way: no Pallas kernel.
     upsample_conv: UpsampleConvImpl = "reference"
     # 3x3 stride-1 convolutions: "reference" is XLA's convolution (cuDNN on GPU); "taps" one
     # matrix product against all nine taps and a shifted sum (`conv3x3_taps`); "auto" the
@@ -120,7 +121,12 @@ PRESETS: dict[str, Implementations] = {
         attention="flash", group_norm="pallas", geglu="pallas", layer_norm="pallas"
     ),
     "auto": Implementations(
-        attention="auto", group_norm="auto", geglu="auto", layer_norm="auto", conv3x3="auto"
+        attention="auto",
+        group_norm="auto",
+        geglu="auto",
+        layer_norm="auto",
+        upsample_conv="auto",
+        conv3x3="auto",
     ),
 }
 
@@ -676,9 +682,25 @@ def upsample_conv_reference(x, kernel, bias):
 
 def subpixel_kernel(kernel):
     """[3, 3, I, O] -> [2, 2, I, 4 * O] (float32): the four output phases' 2x2 kernels, the
-    output channels ordered (row phase, column phase, O)."""
-    taps = jnp.asarray(_PHASE_TAPS, jnp.float32)  # [phase, tap, kernel row]
-    k = jnp.einsum("aty,bux,yxio->tuiabo", taps, taps, kernel.astype(jnp.float32))
+    output channels ordered (row phase, column phase, O).
+
+    Each phase tap is a sum of one, two or four of the kernel's taps, written as adds (one
+    XLA fusion, bandwidth-bound): as an einsum against the 0/1 tap matrices XLA ran a float32
+    matrix product of ~0.1 ms per 1280-channel upsampler, in every generation."""
+    k = kernel.astype(jnp.float32)
+
+    def tap_sum(terms, phase, tap):  # the terms (kernel rows or columns) a phase tap sums
+        return sum(terms[j] for j in range(3) if _PHASE_TAPS[phase][tap][j])
+
+    per_tap = []  # [t][u]: [I, a, b, O]
+    for t in (0, 1):
+        per_tap.append([])
+        for u in (0, 1):
+            rows = [tap_sum(k, a, t) for a in (0, 1)]  # [3 (kernel column), I, O] per a
+            phases = [jnp.stack([tap_sum(rows[a], b, u) for b in (0, 1)], axis=1)
+                      for a in (0, 1)]  # fmt: skip
+            per_tap[t].append(jnp.stack(phases, axis=1))
+    k = jnp.stack([jnp.stack(row) for row in per_tap])  # [t, u, I, a, b, O]
     return k.reshape(2, 2, kernel.shape[2], 4 * kernel.shape[3])
 
 
@@ -782,6 +804,26 @@ def conv3x3(x, kernel, bias, *, implementation: Conv3x3Impl | None = None):
 _UPSAMPLE_CONV = {"reference": upsample_conv_reference, "subpixel": upsample_conv_subpixel}
 
 
+def subpixel_pays(height: int, width: int) -> bool:
+    """Where the subpixel form beat the textbook order on the H100 (fp16): from 16x16 inputs
+    up (`bench_upsample_*_s6`, phases given: UNet 16->32 1.08x, 32->64 1.49x, the VAE's
+    1.27-1.72x; in the denoising loop, `profile_*_loop_*_s7g`: 91 -> 56 and 111 -> 56 us),
+    not at the UNet's 8x8 (0.78x alone, even in the loop)."""
+    return height * width >= 256
+
+
+def upsample_conv_choice(x_shape) -> str:
+    """The form `upsample_conv` runs for x [N, H, W, C] under the implementations in force:
+    "reference" or "subpixel" ("auto" resolved: subpixel on GPU where `subpixel_pays`)."""
+    return _resolve_upsample_conv(current().upsample_conv, x_shape)
+
+
+def _resolve_upsample_conv(impl: str, x_shape) -> str:
+    if impl == "auto":
+        return "subpixel" if on_gpu() and subpixel_pays(*x_shape[1:3]) else "reference"
+    return impl
+
+
 def upsample_conv(x, kernel, bias, *, implementation: UpsampleConvImpl | None = None):
     """conv3x3(nearest_2x(x)) + bias (padding 1). x: [N, H, W, I]; kernel: [3, 3, I, O];
     bias: [O] -> [N, 2H, 2W, O] in x's dtype."""
@@ -790,7 +832,7 @@ def upsample_conv(x, kernel, bias, *, implementation: UpsampleConvImpl | None = 
             f"upsample_conv: kernel must be [3, 3, {x.shape[-1]}, O] and bias [O]; got "
             f"{kernel.shape}, {bias.shape}"
         )
-    impl = implementation or current().upsample_conv
+    impl = _resolve_upsample_conv(implementation or current().upsample_conv, x.shape)
     if impl not in _UPSAMPLE_CONV:
         raise ValueError(f"unknown upsample_conv implementation {impl!r}")
     return _UPSAMPLE_CONV[impl](x, kernel, bias)

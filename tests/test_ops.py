@@ -546,3 +546,34 @@ def test_auto_conv3x3_on_gpu_reads_a_large_kernel_in_place(rng):
     with jax.default_matmul_precision("float32"):
         want = ops.conv3x3_reference(x.astype(jnp.float32), kernel.astype(jnp.float32), bias)
     assert rel(fn(x, kernel, bias), want) <= TOL_CONV[jnp.float16]
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest 2x + 3x3 conv: where `auto` takes the subpixel form
+# --------------------------------------------------------------------------------------------
+
+
+def test_subpixel_pays_from_16x16_inputs():
+    assert not ops.subpixel_pays(8, 8)  # UNet 8 -> 16: 0.78x alone, even in the loop
+    assert ops.subpixel_pays(16, 16) and ops.subpixel_pays(32, 32) and ops.subpixel_pays(64, 64)
+    with ops.use(ops.Implementations(upsample_conv="auto")):
+        want = "subpixel" if jax.default_backend() == "gpu" else "reference"
+        assert ops.upsample_conv_choice((2, 32, 32, 8)) == want
+        assert ops.upsample_conv_choice((2, 8, 8, 8)) == "reference"
+
+
+@pytest.mark.parametrize("latent, built", [(32, True), (16, False)])
+def test_auto_upsample_phases_in_the_conditioning_where_subpixel_pays(monkeypatch, latent, built):
+    """The tiny UNet's one upsampler reads its level at half the latent's side: 16x16 gets
+    phase kernels in the per-generation conditioning (on a GPU), 8x8 does not."""
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    cfg = sd_config.preset("tiny").unet
+    params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(0)))()
+    ctx = jnp.zeros((2, 77, cfg.cross_attention_dim), jnp.float32) + 0.5
+    with ops.use(ops.Implementations(upsample_conv="auto")):
+        cond = UNet2DConditionModel(cfg).apply(
+            {"params": params}, ctx, jnp.float32, (latent, latent),
+            method=UNet2DConditionModel.context_conditioning,
+        )  # fmt: skip
+    paths = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(cond)[0]]
+    assert any("phase_kernel" in p for p in paths) == built, paths

@@ -285,10 +285,11 @@ class UNet2DConditionModel(nn.Module):
         context = encoder_hidden_states.astype(dtype)
         n = len(self.config.block_out_channels)
         tokens = [None] * n  # H * W at each level: conv_in keeps it, each downsample halves it
+        sizes = [None] * n  # (H, W) at each level
         if sample_hw is not None:
             h, w = sample_hw
             for level in range(n):
-                tokens[level] = h * w
+                tokens[level], sizes[level] = h * w, (h, w)
                 h, w = -(-h // 2), -(-w // 2)
         levels = [*range(n), n - 1, *range(n - 1, -1, -1)]  # down blocks, mid, up blocks
         out = {
@@ -296,14 +297,22 @@ class UNet2DConditionModel(nn.Module):
             for b, level in zip(self._blocks(), levels, strict=True)
             if hasattr(b, "attentions")  # the cross-attention blocks
         }
-        if ops.current().upsample_conv == "subpixel":  # the upsamplers' phase kernels
-            phases = {
-                b.name: {u.name: u.conditioning(dtype) for u in b.upsamplers}
-                for b in self.up_blocks
-                if b.add_upsample
-            }
-            out = merge_conditioning(out, phases)
-        return out
+        # the phase kernels of the upsamplers that run in the subpixel form (the one in force;
+        # under "auto" it depends on the upsampler's input size, so only with sample_hw)
+        phases = {}
+        for i, b in enumerate(self.up_blocks):
+            if not b.add_upsample:
+                continue
+            level = n - 1 - i  # up block i works at level n - 1 - i, then doubles it
+            impl = ops.current().upsample_conv
+            hw = sizes[level]
+            if impl == "subpixel" or (
+                impl == "auto"
+                and hw is not None
+                and ops.upsample_conv_choice((1, *hw, 1)) == "subpixel"
+            ):
+                phases[b.name] = {u.name: u.conditioning(dtype) for u in b.upsamplers}
+        return merge_conditioning(out, phases) if phases else out
 
     def __call__(
         self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | None
