@@ -18,8 +18,6 @@ Writes bench_concat_<device>_<dtype>_<date>.json and .md to results_dir().
 
 from __future__ import annotations
 
-import datetime
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,8 +91,7 @@ def bench(name: str, dtype) -> dict:
             row[f"{form}_err_norm"] = common.relative_error(got[0], want[0])
             row[f"{form}_err_shortcut"] = common.relative_error(got[1], want[1])
     row["saved_us"] = row["current_us"] - min(row["split_pallas_us"], row["split_xla_us"])
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
-           if not k.endswith("_kernels")}, flush=True)  # fmt: skip
+    common.print_row(row)
     return row
 
 
@@ -108,22 +105,13 @@ def main(argv):
     total = {"shape": "per step (weighted)"}
     for key in ("current_us", "split_pallas_us", "split_xla_us", "concat_us", "saved_us"):
         total[key] = sum(r[key] * r["per_step"] for r in rows)
-    info = common.device_info()
-    stem = (
-        common.results_dir()
-        / f"bench_concat_{info['device_kind'].replace(' ', '_')}_{dtype.name}_"
-        f"{datetime.date.today()}"
-    )
-    common.write_json(stem.with_suffix(".json"), {"device": info, "dtype": dtype.name,
-                                                  "rows": rows, "total": total})  # fmt: skip
     columns = ["shape", "per_step", "mb_concat", "current_us", "split_pallas_us", "split_xla_us",
                "concat_us", "saved_us", "split_pallas_err_norm", "split_xla_err_norm",
                "split_pallas_err_shortcut"]  # fmt: skip
-    table = common.markdown_table([*rows, total], columns)
-    stem.with_suffix(".md").write_text(
-        f"# Skip concatenates, {dtype.name}, {info['device_kind']}, jax {info['jax']}\n\n"
-        f"Device kernel time per call (us), distinct inputs and weights.\n\n{table}\n"
-    )
+    table = common.write_bench(
+        "bench_concat", dtype, {"rows": rows, "total": total}, [*rows, total], columns,
+        "Skip concatenates (device kernel time per call, us; distinct inputs and weights)",
+    )  # fmt: skip
     print(table)
 
 

@@ -18,8 +18,6 @@ Writes bench_conv_<device>_<dtype>_<date>.json and .md to results_dir().
 
 from __future__ import annotations
 
-import datetime
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,8 +87,7 @@ def bench(name: str, dtype) -> dict:
         row[f"{form}_err"] = common.relative_error(jax.jit(fn)(x, k, bias), want)
     row["cudnn/taps"] = row["cudnn_us"] / row["taps_us"]
     row["cudnn/im2col"] = row["cudnn_us"] / row["im2col_us"]
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
-           if not k.endswith("_kernels")}, flush=True)  # fmt: skip
+    common.print_row(row)
     return row
 
 
@@ -101,20 +98,12 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
     rows = [bench(name, dtype) for name in _SHAPES.value]
-    info = common.device_info()
-    stem = (
-        common.results_dir()
-        / f"bench_conv_{info['device_kind'].replace(' ', '_')}_{dtype.name}_{datetime.date.today()}"
-    )
-    common.write_json(stem.with_suffix(".json"), {"device": info, "dtype": dtype.name,
-                                                  "rows": rows})  # fmt: skip
     columns = ["shape", "gflop", "kernel_mb", "cudnn_us", "taps_us", "im2col_us", "cudnn/taps",
                "cudnn/im2col", "cudnn_launches", "taps_err", "im2col_err"]  # fmt: skip
-    table = common.markdown_table(rows, columns)
-    stem.with_suffix(".md").write_text(
-        f"# 3x3 convolutions, {dtype.name}, {info['device_kind']}, jax {info['jax']}\n\n"
-        f"Device kernel time per call (us), distinct inputs and kernels.\n\n{table}\n"
-    )
+    table = common.write_bench(
+        "bench_conv", dtype, {"rows": rows}, rows, columns,
+        "3x3 convolutions (device kernel time per call, us; distinct inputs and kernels)",
+    )  # fmt: skip
     print(table)
 
 

@@ -14,8 +14,6 @@ Writes bench_upsample_<device>_<dtype>_<date>.json and .md to results_dir().
 
 from __future__ import annotations
 
-import datetime
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,20 +65,10 @@ def main(argv):
     del argv
     dtype = jnp.dtype(_DTYPE.value)
     rows = [bench(name, dtype) for name in SHAPES]
-    info = common.device_info()
-    stem = (
-        common.results_dir()
-        / f"bench_upsample_{info['device_kind'].replace(' ', '_')}_{dtype.name}_"
-        f"{datetime.date.today()}"
-    )
-    common.write_json(stem.with_suffix(".json"), {"device": info, "dtype": dtype.name,
-                                                  "rows": rows})  # fmt: skip
     columns = ["shape", "gflop_reference", "reference_ms", "subpixel_ms", "phases_ms",
                "reference/phases", "reference_err", "phases_err"]  # fmt: skip
-    table = common.markdown_table(rows, columns)
-    stem.with_suffix(".md").write_text(
-        f"# Upsample + conv, {dtype.name}, {info['device_kind']}, jax {info['jax']}\n\n{table}\n"
-    )
+    table = common.write_bench("bench_upsample", dtype, {"rows": rows}, rows, columns,
+                               "Upsample + conv")  # fmt: skip
     print(table)
 
 

@@ -91,6 +91,33 @@ def time_jax(fn: Callable, *args, calls: int = 20, repeats: int = 7) -> dict:
     return {"median_ms": statistics.median(per_call), "all_ms": per_call, "calls": calls}
 
 
+def write_bench(prefix: str, dtype, record: dict, rows: Sequence[dict], columns: Sequence[str],
+                title: str) -> str:  # fmt: skip
+    """Writes a benchmark's record as <prefix>_<device>_<dtype>_<date>.json and its rows as a
+    markdown table (.md, under `title` and the device line) to results_dir(); returns the
+    table."""
+    info = device_info()
+    stem = (
+        results_dir()
+        / f"{prefix}_{info['device_kind'].replace(' ', '_')}_{jnp.dtype(dtype).name}_"
+        f"{datetime.date.today()}"
+    )
+    write_json(stem.with_suffix(".json"), {"device": info, "dtype": jnp.dtype(dtype).name,
+                                           **record})  # fmt: skip
+    table = markdown_table(rows, columns)
+    stem.with_suffix(".md").write_text(
+        f"# {title}, {jnp.dtype(dtype).name}, {info['device_kind']}, jax {info['jax']}\n\n"
+        f"{table}\n"
+    )
+    return table
+
+
+def print_row(row: dict) -> None:
+    """One benchmark row on the console: floats rounded, per-kernel breakdowns left out."""
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
+           if not k.endswith("_kernels")}, flush=True)  # fmt: skip
+
+
 def kernel_us(fn: Callable, *args, sets: int = 8, calls: int = 3) -> dict:
     """Device kernel time of one call of fn(*args), in microseconds: the summed durations of
     the GPU kernels that `calls` runs of one jitted program (fn on `sets` distinct input sets,

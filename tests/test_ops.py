@@ -368,8 +368,14 @@ def test_upsample_conv_bad_input_raises():
         ops.Implementations(upsample_conv="winograd")
 
 
-def test_tiny_unet_with_subpixel_upsampling(rng):
-    """The UNet's upsamplers through the subpixel form: the reference model's output."""
+@pytest.mark.parametrize(
+    "impls",
+    [ops.Implementations(upsample_conv="subpixel"), ops.Implementations(conv3x3="taps")],
+    ids=["subpixel_upsampling", "taps_convs"],
+)
+def test_tiny_unet_same_output_with_the_plain_xla_forms(impls, rng):
+    """The UNet's upsamplers through the subpixel form, or every 3x3 stride-1 conv through the
+    taps form: the reference model's output."""
     cfg = sd_config.preset("tiny").unet
     params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(1)))()
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
@@ -380,8 +386,7 @@ def test_tiny_unet_with_subpixel_upsampling(rng):
             fn = lambda p, x, c: UNet2DConditionModel(cfg).apply({"params": p}, x, 500, c)  # noqa: E731
             return jax.jit(fn)(params, x, ctx)
 
-    subpixel = run(ops.Implementations(upsample_conv="subpixel"))
-    assert rel(subpixel, run("reference")) <= 1e-5
+    assert rel(run(impls), run("reference")) <= 1e-5
 
 
 @pytest.fixture
@@ -475,23 +480,6 @@ def test_taps_pays_where_it_measured_faster():
     assert not ops.taps_pays((2, 16, 16, 1280), (3, 3, 1280, 1280))  # 1.01x
     assert not ops.taps_pays((2, 32, 32, 640), (3, 3, 640, 640))  # 0.76x
     assert not ops.taps_pays((2, 64, 64, 4), (3, 3, 4, 320))  # conv_in, 0.09x
-
-
-def test_tiny_unet_same_output_with_taps_convs(rng):
-    """Every 3x3 stride-1 conv of the model in the taps form, against the reference path."""
-    cfg = sd_config.preset("tiny").unet
-    params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(1)))()
-    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
-    ctx = jnp.asarray(rng.standard_normal((2, 77, cfg.cross_attention_dim)), jnp.float32)
-
-    def run(impls):
-        with ops.use(impls), jax.default_matmul_precision("float32"):
-            return jax.jit(
-                lambda p, x, c: UNet2DConditionModel(cfg).apply({"params": p}, x, 500, c)
-            )(params, x, ctx)
-
-    taps = run(ops.Implementations(conv3x3="taps"))
-    assert rel(taps, run("reference")) <= 1e-5
 
 
 # --------------------------------------------------------------------------------------------
