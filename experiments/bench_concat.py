@@ -98,10 +98,7 @@ def bench(name: str, dtype) -> dict:
 def main(argv):
     del argv
     dtype = jnp.dtype(_DTYPE.value)
-    unknown = sorted(set(_SHAPES.value) - set(SHAPES))
-    if unknown:
-        raise app.UsageError(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
-    rows = [bench(name, dtype) for name in _SHAPES.value]
+    rows = [bench(name, dtype) for name in common.known_names(_SHAPES.value, SHAPES)]
     total = {"shape": "per step (weighted)"}
     for key in ("current_us", "split_pallas_us", "split_xla_us", "concat_us", "saved_us"):
         total[key] = sum(r[key] * r["per_step"] for r in rows)

@@ -94,10 +94,7 @@ def bench(name: str, dtype) -> dict:
 def main(argv):
     del argv
     dtype = jnp.dtype(_DTYPE.value)
-    unknown = sorted(set(_SHAPES.value) - set(SHAPES))
-    if unknown:
-        raise app.UsageError(f"unknown shapes {unknown}; choose from {list(SHAPES)}")
-    rows = [bench(name, dtype) for name in _SHAPES.value]
+    rows = [bench(name, dtype) for name in common.known_names(_SHAPES.value, SHAPES)]
     columns = ["shape", "gflop", "kernel_mb", "cudnn_us", "taps_us", "im2col_us", "cudnn/taps",
                "cudnn/im2col", "cudnn_launches", "taps_err", "im2col_err"]  # fmt: skip
     table = common.write_bench(

@@ -112,6 +112,16 @@ def write_bench(prefix: str, dtype, record: dict, rows: Sequence[dict], columns:
     return table
 
 
+def known_names(names: Sequence[str], known) -> list[str]:
+    """names, or a usage error (absl) naming the unknown ones and the choices."""
+    from absl import app
+
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise app.UsageError(f"unknown shapes {unknown}; choose from {list(known)}")
+    return list(names)
+
+
 def print_row(row: dict) -> None:
     """One benchmark row on the console: floats rounded, per-kernel breakdowns left out."""
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()
