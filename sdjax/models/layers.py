@@ -55,6 +55,8 @@ class Conv2d(nn.Module):
     """torch.nn.Conv2d on NHWC input: params `kernel` [kh, kw, in, out] (HWIO) and `bias`.
 
     `padding` is an int (symmetric, as torch) or explicit ((top, bottom), (left, right)).
+    3x3 stride-1 convs with padding 1 go through `ops.conv3x3` (the implementation in force:
+    cuDNN's convolution, or the taps form where `auto` measured it faster).
     """
 
     features: int
