@@ -602,6 +602,21 @@ def trace_program(compiled, args, calls: int, log_dir: str, backend: str):
     return read_trace(log_dir, backend)
 
 
+def _busy_and_overlap(events: list[KernelEvent]) -> tuple[float, dict]:
+    """(ns covered by the union of the events' intervals, {hlo_op: ns of its kernels' time
+    that an earlier-started kernel also covered})."""
+    busy, reach = 0.0, -math.inf
+    overlap = collections.Counter()
+    for e in sorted(events, key=lambda e: e.start_ns):
+        end = e.start_ns + e.dur_ns
+        covered = min(max(reach - e.start_ns, 0.0), e.dur_ns)
+        if covered and e.hlo_op:
+            overlap[e.hlo_op] += covered
+        busy += e.dur_ns - covered  # all of it covered where it ends before `reach`
+        reach = max(reach, end)
+    return busy, dict(overlap)
+
+
 def summarize(
     events: list[KernelEvent],
     *,
@@ -723,9 +738,16 @@ def summarize(
     ]
     starts = [e.start_ns for e in events]
     ends = [e.start_ns + e.dur_ns for e in events]
+    busy_ns, overlap_by_op = _busy_and_overlap(events)
+    for row in top_ops:
+        row["overlap_ms"] = overlap_by_op.get(row["hlo_op"], 0.0) / calls / 1e6
     return {
         "top_ops": top_ops,
         "kernel_ms": total_ns / calls / 1e6,
+        # the union of the kernels' intervals: less than kernel_ms where kernels overlap (two
+        # streams, or a kernel launched early that waits on its predecessor), whose summed
+        # durations then count the same time twice
+        "busy_ms": busy_ns / calls / 1e6,
         "kernels_per_call": len(events) / calls,
         "traced_span_ms": (max(ends) - min(starts)) / calls / 1e6 if events else 0.0,
         "kinds": kinds,
@@ -1090,6 +1112,7 @@ _OP_COLUMNS = {
     "hlo_op": "HLO instruction",
     "kind": "kind",
     "ms": "ms/call",
+    "overlap_ms": "of it overlapped, ms",
     "per_call": "launches/call",
     "opcode": "opcode",
     "shape": "result shape",
@@ -1123,7 +1146,8 @@ def _program_markdown(p: dict, title: str, top: int) -> str:
     md = (
         f"\n## {title}\n\n"
         f"Untraced wall {p['wall_ms']:.4g} ms/call; device kernel time {p['kernel_ms']:.4g} "
-        f"ms/call in {p['kernels_per_call']:.0f} kernels; traced span {p['traced_span_ms']:.4g} "
+        f"ms/call in {p['kernels_per_call']:.0f} kernels (busy {p.get('busy_ms', 0.0):.4g} ms: "
+        f"the union of their intervals); traced span {p['traced_span_ms']:.4g} "
         f"ms/call ({p['calls']} traced calls, read from {p['trace_read_as']}).\n\n"
         f"FLOPs: conv {fl['conv'] / 1e9:.4g} G, matmul {fl['matmul'] / 1e9:.4g} G, attention "
         f"{fl['attention'] / 1e9:.4g} G (from the shapes; the jaxpr's batched dots: "

@@ -371,3 +371,17 @@ def test_impl_overrides_replace_one_op_of_the_preset():
     for bad in ("upsample_conv", "winograd=yes", "conv3x3=fast"):
         with pytest.raises(app.UsageError, match="--impl"):
             profile._implementations("auto", [bad])
+
+
+def test_busy_time_is_the_union_of_kernel_intervals():
+    """Two overlapping kernels and a later one: busy counts the overlap once, and the
+    overlap is charged to the kernel that started second."""
+    ev = [
+        profile.KernelEvent("a", start_ns=0.0, dur_ns=10.0, line="s", hlo_op="a.1"),
+        profile.KernelEvent("b", start_ns=6.0, dur_ns=10.0, line="s", hlo_op="b.1"),
+        profile.KernelEvent("c", start_ns=20.0, dur_ns=5.0, line="s", hlo_op="c.1"),
+        profile.KernelEvent("d", start_ns=21.0, dur_ns=2.0, line="s", hlo_op="d.1"),  # inside c
+    ]
+    busy, overlap = profile._busy_and_overlap(ev)
+    assert busy == 16.0 + 5.0
+    assert overlap == {"b.1": 4.0, "d.1": 2.0}
