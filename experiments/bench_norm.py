@@ -41,6 +41,7 @@ from custom_calls.group_norm import (
 )
 from experiments.common import (
     device_info,
+    kernel_us_of_sets,
     markdown_table,
     relative_error,
     results_dir,
@@ -123,25 +124,10 @@ def _time(fn, arg_sets) -> float:
 
 
 def _kernel_us(fn, arg_sets, calls: int = 3) -> float:
-    """Device kernel time per call, in us: the summed durations of the GPU kernels that
-    `calls` runs of one jitted program (fn on each argument set) launch, read from a
-    jax.profiler trace, over calls * len(arg_sets).
-
-    Launch gaps are left out on purpose. Inside the UNet's denoising loop XLA replays a step
-    as a command buffer (a CUDA graph), where they mostly vanish; the wall time of a program
-    of small kernels launched one by one measures the host's launch rate instead (a 5 MB
-    GroupNorm of ~20 us of kernels read 43-62 us by `_time`).
-    """
-    import tempfile
-
-    from experiments import profile
-
-    compiled = jax.jit(lambda sets: [fn(*a) for a in sets]).lower(arg_sets).compile()
-    with tempfile.TemporaryDirectory() as log_dir:
-        events, _ = profile.trace_program(
-            compiled, (arg_sets,), calls, log_dir, jax.default_backend()
-        )
-    return sum(e.dur_ns for e in events) / 1e3 / (calls * len(arg_sets))
+    """Device kernel time per call, in us (`experiments.common.kernel_us_of_sets`). The wall
+    time of a program of small kernels launched one by one measures the host's launch rate
+    instead (a 5 MB GroupNorm of ~20 us of kernels read 43-62 us by `_time`)."""
+    return kernel_us_of_sets(fn, arg_sets, calls=calls)["us"]
 
 
 def _torch(fn):

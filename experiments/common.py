@@ -129,10 +129,17 @@ def print_row(row: dict) -> None:
 
 
 def kernel_us(fn: Callable, *args, sets: int = 8, calls: int = 3) -> dict:
-    """Device kernel time of one call of fn(*args), in microseconds: the summed durations of
-    the GPU kernels that `calls` runs of one jitted program (fn on `sets` distinct input sets,
-    weights included, so that nothing stays in L2 from call to call) launch, read from a
-    jax.profiler trace. Launch gaps are left out (a denoising step runs as a command buffer).
+    """Device kernel time of one call of fn(*args), in microseconds: `kernel_us_of_sets` over
+    `sets` distinct input sets (weights included, so that nothing stays in L2 from call to
+    call)."""
+    return kernel_us_of_sets(fn, _distinct_inputs(args, sets), calls=calls)
+
+
+def kernel_us_of_sets(fn: Callable, arg_sets: Sequence[tuple], *, calls: int = 3) -> dict:
+    """The summed durations of the GPU kernels that `calls` runs of one jitted program (fn on
+    each of `arg_sets`) launch, read from a jax.profiler trace, per call of fn. Launch gaps
+    are left out on purpose: inside the UNet's denoising loop XLA replays a step as a command
+    buffer (a CUDA graph), where they mostly vanish.
 
     Returns {"us": per call, "kernels": {kernel name: us per call}, "launches": per call}.
     """
@@ -141,13 +148,12 @@ def kernel_us(fn: Callable, *args, sets: int = 8, calls: int = 3) -> dict:
 
     from experiments import profile
 
-    arg_sets = _distinct_inputs(args, sets)
     compiled = jax.jit(lambda s: [fn(*a) for a in s]).lower(arg_sets).compile()
     with tempfile.TemporaryDirectory() as log_dir:
         events, _ = profile.trace_program(
             compiled, (arg_sets,), calls, log_dir, jax.default_backend()
         )
-    per = calls * sets
+    per = calls * len(arg_sets)
     by_name = collections.Counter()
     for e in events:
         by_name[e.name[:80]] += e.dur_ns / 1e3 / per

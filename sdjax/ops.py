@@ -812,16 +812,15 @@ def subpixel_pays(height: int, width: int) -> bool:
     return height * width >= 256
 
 
-def upsample_conv_choice(x_shape) -> str:
-    """The form `upsample_conv` runs for x [N, H, W, C] under the implementations in force:
-    "reference" or "subpixel" ("auto" resolved: subpixel on GPU where `subpixel_pays`)."""
-    return _resolve_upsample_conv(current().upsample_conv, x_shape)
+def _auto_upsample_conv(x_shape) -> str:
+    return "subpixel" if on_gpu() and subpixel_pays(*x_shape[1:3]) else "reference"
 
 
-def _resolve_upsample_conv(impl: str, x_shape) -> str:
-    if impl == "auto":
-        return "subpixel" if on_gpu() and subpixel_pays(*x_shape[1:3]) else "reference"
-    return impl
+def upsample_conv_choice(x_shape, implementation: UpsampleConvImpl | None = None) -> str:
+    """The form `upsample_conv` runs for x [N, H, W, C]: "reference" or "subpixel" (the given
+    implementation, else the one in force; "auto" resolved by `subpixel_pays` on GPU)."""
+    return _resolve("upsample_conv", implementation, _UPSAMPLE_CONV, UpsampleConvImpl,
+                    lambda: _auto_upsample_conv(x_shape))  # fmt: skip
 
 
 def upsample_conv(x, kernel, bias, *, implementation: UpsampleConvImpl | None = None):
@@ -832,7 +831,4 @@ def upsample_conv(x, kernel, bias, *, implementation: UpsampleConvImpl | None = 
             f"upsample_conv: kernel must be [3, 3, {x.shape[-1]}, O] and bias [O]; got "
             f"{kernel.shape}, {bias.shape}"
         )
-    impl = _resolve_upsample_conv(implementation or current().upsample_conv, x.shape)
-    if impl not in _UPSAMPLE_CONV:
-        raise ValueError(f"unknown upsample_conv implementation {impl!r}")
-    return _UPSAMPLE_CONV[impl](x, kernel, bias)
+    return _UPSAMPLE_CONV[upsample_conv_choice(x.shape, implementation)](x, kernel, bias)

@@ -228,7 +228,7 @@ class Upsample2D(nn.Module):
         if not doubled or self.is_initializing() or textbook:
             return self.conv(upsample_nearest(x, size))
         conv = self.conv.variables["params"]
-        return ops.upsample_conv(x, conv["kernel"], conv["bias"])
+        return ops.upsample_conv(x, conv["kernel"], conv["bias"], implementation="subpixel")
 
 
 class Attention(nn.Module):

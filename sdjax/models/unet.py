@@ -304,13 +304,9 @@ class UNet2DConditionModel(nn.Module):
             if not b.add_upsample:
                 continue
             level = n - 1 - i  # up block i works at level n - 1 - i, then doubles it
-            impl = ops.current().upsample_conv
             hw = sizes[level]
-            if impl == "subpixel" or (
-                impl == "auto"
-                and hw is not None
-                and ops.upsample_conv_choice((1, *hw, 1)) == "subpixel"
-            ):
+            form = ops.upsample_conv_choice((1, *hw, 1)) if hw else ops.current().upsample_conv
+            if form == "subpixel":
                 phases[b.name] = {u.name: u.conditioning(dtype) for u in b.upsamplers}
         return merge_conditioning(out, phases) if phases else out
 
