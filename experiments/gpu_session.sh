@@ -26,6 +26,9 @@
 #   conv           experiments/bench_conv.py: the UNet's 3x3 convs as cuDNN, taps and im2col
 #                  ($CONV_SHAPES, default all)
 #   concat         experiments/bench_concat.py: the skip concatenates written or not
+#   ncu            Nsight Compute on experiments/ncu_probe.py ($NCU_OPS, default all): per kernel
+#                  speed of light, pipe utilization, warp stall reasons, memory and occupancy, as
+#                  text (ncu_report.txt; $NCU_ARGS adds options, e.g. --section SourceCounters)
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
 #                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
@@ -116,6 +119,16 @@ for stage in "$@"; do
       ;;
     concat)
       limit python3 experiments/bench_concat.py 2>&1 | quiet | tail -14 || status=1
+      ;;
+    ncu)
+      ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_PREALLOCATE=false \
+        limit "$ncu_bin" --clock-control none --kernel-name regex:sdjax_ \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section Occupancy --section LaunchStats --section SchedulerStats --section WarpStateStats \
+        --section InstructionStats ${NCU_ARGS:-} \
+        python3 experiments/ncu_probe.py ${NCU_OPS:+--ops $NCU_OPS} > "$OUT/ncu_report.txt" 2>&1 || status=1
+      grep -E "relative error|==PROF==|==ERROR==|==WARNING==" "$OUT/ncu_report.txt" | head -20
       ;;
     profile)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" limit python3 -m experiments.profile \

@@ -1,0 +1,105 @@
+"""Runs chosen kernels once each, at SD1.5's shapes, for Nsight Compute to profile (GPU).
+
+    ncu --clock-control none --kernel-name regex:sdjax_ --section SpeedOfLight ... \\
+        python3 experiments/ncu_probe.py --ops=attention_64,group_norm_64x320,geglu_16
+
+`experiments/gpu_session.sh ncu` runs it under ncu with the sections that answer "what bounds
+this kernel" (speed of light, warp stall reasons, pipe utilization, memory, occupancy) and
+writes the report as text. Each op is compiled, run once and waited for, so that every
+profiled launch is a steady-state launch of the op (compilation launches none of our kernels).
+Inputs are fresh normal draws, never zeros. The output is checked against the op's reference
+so that a profile of a wrong kernel does not pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import custom_calls
+
+
+def _attention(length, heads, head_dim, padded):
+    """The UNet's packed self-attention: qkv [2, L, 3, H, padded] (zero-padded heads)."""
+
+    def make(rng):
+        qkv = rng.standard_normal((2, length, 3, heads, head_dim)).astype(np.float16)
+        qkv = np.pad(qkv, ((0, 0),) * 4 + ((0, padded - head_dim),))
+        return (jnp.asarray(qkv),)
+
+    def run(qkv):
+        return custom_calls.flash_attention_hopper_qkv(qkv)
+
+    def reference(qkv):
+        q, k, v = (qkv[:, :, i, :, :head_dim] for i in range(3))
+        return custom_calls.flash_attention_reference(q, k, v)
+
+    return make, run, lambda out, qkv: (out[..., :head_dim], reference(qkv))
+
+
+def _group_norm(side, channels, activation):
+    def make(rng):
+        x = rng.standard_normal((2, side, side, channels)).astype(np.float16)
+        scale = 1 + 0.1 * rng.standard_normal(channels).astype(np.float32)
+        bias = 0.1 * rng.standard_normal(channels).astype(np.float32)
+        return jnp.asarray(x), jnp.asarray(scale), jnp.asarray(bias)
+
+    def run(x, scale, bias):
+        return custom_calls.group_norm(x, scale, bias, activation=activation)
+
+    def check(out, x, scale, bias):
+        return out, custom_calls.group_norm_reference(x, scale, bias, activation=activation)
+
+    return make, run, check
+
+
+def _geglu(m, d, f, hopper):
+    def make(rng):
+        x = rng.standard_normal((m, d)).astype(np.float16)
+        w = (0.05 * rng.standard_normal((d, 2 * f))).astype(np.float16)
+        b = rng.standard_normal(2 * f).astype(np.float32)
+        return jnp.asarray(x), jnp.asarray(w), jnp.asarray(b)
+
+    fn = custom_calls.geglu_hopper if hopper else custom_calls.geglu
+    return make, fn, lambda out, x, w, b: (out, custom_calls.geglu_reference(x, w, b))
+
+
+# name: (make inputs, run, (out, *inputs) -> (out, reference)); SD1.5 512x512, batch 2.
+OPS = {
+    "attention_64": _attention(4096, 8, 40, 48),
+    "attention_32": _attention(1024, 8, 80, 80),
+    "group_norm_64x320": _group_norm(64, 320, "silu"),
+    "group_norm_64x640": _group_norm(64, 640, "silu"),
+    "group_norm_32x1280": _group_norm(32, 1280, "silu"),
+    "geglu_64_hopper": _geglu(8192, 320, 1280, True),
+    "geglu_32": _geglu(2048, 640, 2560, False),
+    "geglu_16": _geglu(512, 1280, 5120, False),
+}
+
+_OPS = flags.DEFINE_list("ops", list(OPS), f"ops to run, of {sorted(OPS)}")
+_TOLERANCE = 5e-3  # fp16 outputs against their fp32 references: relative L2 error
+
+
+def main(argv):
+    del argv
+    rng = np.random.default_rng(11)
+    failed = []
+    for name in _OPS.value:
+        make, run, check = OPS[name]
+        args = make(rng)
+        out = jax.block_until_ready(jax.jit(run)(*args))
+        got, want = check(out, *args)
+        got, want = (np.asarray(t, np.float32) for t in (got, want))
+        err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+        ok = np.isfinite(got).all() and err < _TOLERANCE
+        print(f"{name}: relative error {err:.2e} {'ok' if ok else 'FAILED'}", flush=True)
+        if not ok:
+            failed.append(name)
+    if failed:
+        raise SystemExit(f"wrong outputs: {failed}")
+
+
+if __name__ == "__main__":
+    app.run(main)
