@@ -218,6 +218,7 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
         impls = {
             "ours": _gn_fn(s),
             "xla": functools.partial(ops._group_norm_xla, **kw),
+            "columns": functools.partial(ops.group_norm_columns, **kw),
             "xla_ref": functools.partial(ops.group_norm_reference, **kw),
         }
         sets = [(v, sc, b) for v in _variants(x, _CALLS.value)]
@@ -351,6 +352,12 @@ def _xla_matmul_then_ours(x, w, b):
     return geglu_elementwise(h, bias=b)
 
 
+def _xla_matmul_bias_then_ours(x, w, b):
+    """The bias added in the matmul's epilogue (cuBLAS), then our element-wise GEGLU."""
+    h = jnp.einsum("...d,df->...f", x, w.astype(x.dtype)) + b.astype(x.dtype)
+    return geglu_elementwise(h)
+
+
 def _xla_lowp(x, w, b):
     """XLA un-fused with a low-precision projection (the cheapest XLA form)."""
     h = jnp.einsum("...d,df->...f", x, w.astype(x.dtype)) + b.astype(x.dtype)
@@ -360,7 +367,7 @@ def _xla_lowp(x, w, b):
 
 # The GEGLU forms also timed by device kernel time on a GPU (what `make_autotune` compares):
 # the wall time of a loop of calls of a 20-50 us kernel is partly the host's launch rate.
-GEGLU_KERNEL_TIMED = ("fused", "hopper", "xla", "matmul_only")
+GEGLU_KERNEL_TIMED = ("fused", "hopper", "xla", "matmul_only", "xla_mm+ours", "xla_mm_bias+ours")
 
 
 def benchmark_geglu(dtype: str = "float16", names=None, *, configs=None) -> list[dict]:
@@ -379,6 +386,7 @@ def benchmark_geglu(dtype: str = "float16", names=None, *, configs=None) -> list
         impls = {
             "fused": functools.partial(geglu, config=(configs or {}).get(name)),
             "xla_mm+ours": _xla_matmul_then_ours,
+            "xla_mm_bias+ours": _xla_matmul_bias_then_ours,
             "xla": ops._geglu_xla,
             "xla_lowp": _xla_lowp,
             "matmul_only": lambda x, w, b: jnp.einsum("...d,df->...f", x, w),
@@ -468,11 +476,13 @@ def _chart(gn_rows, geglu_rows, path, title):
     return path
 
 
-GN_COLUMNS = ["shape", "dims", "act", "ours_ms", "best_swept_ms", "xla_ms", "xla_ref_ms", "torch_ms", "xla/ours",
-              "torch/ours", "ours_gbs", "ours/copy", "ours_err", "xla_err", "torch_err"]  # fmt: skip
+GN_COLUMNS = ["shape", "dims", "act", "ours_ms", "best_swept_ms", "xla_ms", "columns_ms", "xla_ref_ms",
+              "torch_ms", "ours_kernel_us", "columns_kernel_us", "xla_kernel_us", "xla/ours",
+              "torch/ours", "ours_gbs", "ours/copy", "ours_err", "columns_err", "xla_err", "torch_err"]  # fmt: skip
 GEGLU_COLUMNS = ["shape", "m", "d", "f", "fused_ms", "hopper_ms", "best_swept_ms", "xla_mm+ours_ms", "xla_ms",
                  "xla_lowp_ms", "matmul_only_ms", "fused_kernel_us", "hopper_kernel_us",
-                 "xla_kernel_us", "matmul_only_kernel_us", "hopper_kernel_tflops", "xla/fused",
+                 "xla_kernel_us", "matmul_only_kernel_us", "xla_mm+ours_kernel_us",
+                 "xla_mm_bias+ours_kernel_us", "hopper_kernel_tflops", "xla/fused",
                  "xla/xla_mm+ours", "fused_tflops", "fused_err", "hopper_err", "xla_mm+ours_err",
                  "xla_err"]  # fmt: skip
 

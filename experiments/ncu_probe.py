@@ -29,8 +29,8 @@ def _attention(length, heads, head_dim, padded):
         qkv = np.pad(qkv, ((0, 0),) * 4 + ((0, padded - head_dim),))
         return (jnp.asarray(qkv),)
 
-    def run(qkv):
-        return custom_calls.flash_attention_hopper_qkv(qkv)
+    def run(qkv):  # the UNet passes the unpadded head's scale, as here
+        return custom_calls.flash_attention_hopper_qkv(qkv, scale=head_dim**-0.5)
 
     def reference(qkv):
         q, k, v = (qkv[:, :, i, :, :head_dim] for i in range(3))

@@ -20,6 +20,9 @@ Implementation names:
   flash_hopper   (attention) our Pallas Mosaic GPU FlashAttention for Hopper (H100/H200):
                  fp16/bf16, lengths in whole blocks (`flash_attention_hopper.supports`).
   fused_softmax  (attention) our Pallas partially fused softmax (the paper's variant).
+  columns        (group_norm) plain XLA in the shapes XLA reduces well: per-channel shifted
+                 sums in one column reduction, merged into groups (Chan's formula), then one
+                 element-wise normalize (`group_norm_columns`).
   pallas         (group_norm, layer_norm, geglu) our Pallas kernels (Triton).
   pallas_hopper  (geglu) our Pallas Mosaic GPU GEGLU for Hopper: fp16/bf16, shapes in whole
                  tiles (`geglu_hopper.supports`).
@@ -59,7 +62,7 @@ logger = logging.getLogger(__name__)
 AttentionImpl = Literal[
     "reference", "xla", "cudnn", "flash", "flash_hopper", "fused_softmax", "auto"
 ]
-GroupNormImpl = Literal["reference", "xla", "pallas", "auto"]
+GroupNormImpl = Literal["reference", "xla", "columns", "pallas", "auto"]
 GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 UpsampleConvImpl = Literal["reference", "subpixel", "auto"]
@@ -406,6 +409,36 @@ def _group_norm_xla(x, scale, bias, *, groups, eps, activation):
     return apply_activation(y, activation).astype(x.dtype)
 
 
+def group_norm_columns(x, scale, bias, *, groups=32, eps=1e-5, activation: Activation = None):
+    """GroupNorm as XLA fuses it well: x [N, ..., C] viewed as [N, S, C] (S = H*W).
+
+    1. One column reduction over S: per channel c, the sums of d = x - K_c and of d^2, with
+       K_c = x[n, 0, c] (the first position), so that the float32 sums do not cancel when a
+       channel's mean is far from zero.
+    2. Per channel: mean_c and M2_c (the centred sum of squares); per group, Chan's merge of
+       its cpg channels (equal counts): mean_g = mean of mean_c, M2_g = sum of M2_c plus
+       S * (mean_c - mean_g)^2.
+    3. One element-wise pass: act(x * a_c + b_c), a_c = scale_c * rstd_g, b_c = bias_c - mean_g * a_c.
+    Reads x twice and writes it once; statistics and normalization in float32.
+    """
+    n, c = x.shape[0], x.shape[-1]
+    cpg = c // groups
+    x3 = x.reshape(n, -1, c)
+    s = x3.shape[1]
+    shift = x3[:, :1].astype(jnp.float32)  # [N, 1, C]
+    d = x3.astype(jnp.float32) - shift
+    s1, s2 = jnp.sum(d, axis=1), jnp.sum(d * d, axis=1)  # [N, C]
+    mean_c = (shift[:, 0] + s1 / s).reshape(n, groups, cpg)
+    m2_c = (s2 - s1 * s1 / s).reshape(n, groups, cpg)
+    mean_g = jnp.mean(mean_c, axis=-1, keepdims=True)
+    m2_g = jnp.sum(m2_c + s * jnp.square(mean_c - mean_g), axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.maximum(m2_g, 0.0) / (s * cpg) + eps)  # [N, G, 1]
+    a = scale.astype(jnp.float32).reshape(groups, cpg) * rstd
+    b = bias.astype(jnp.float32).reshape(groups, cpg) - mean_g * a
+    y = x3.astype(jnp.float32) * a.reshape(n, 1, c) + b.reshape(n, 1, c)
+    return apply_activation(y, activation).astype(x.dtype).reshape(x.shape)
+
+
 def _group_norm_pallas(x, scale, bias, *, groups, eps, activation):
     return custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation)
 
@@ -427,6 +460,7 @@ def _auto_group_norm(x) -> str:
 _GROUP_NORM: dict[str, Callable] = {
     "reference": group_norm_reference,
     "xla": _group_norm_xla,
+    "columns": group_norm_columns,
     "pallas": _group_norm_pallas,
 }
 
