@@ -82,6 +82,10 @@ class HopperConfig:
     half_exp: bool = False
     # With half_exp: each K/V tile's row sums of P in fp16 (packed adds), the total in fp32.
     half_sum: bool = False
+    # Row max and row sum of each [block_q, block_kv] tile by halving its columns (independent
+    # element-wise ops, down to 8 columns), then the per-thread chain and the lane shuffles;
+    # without it, each thread's share of a row is reduced as one dependent chain.
+    tree_reduce: bool = False
 
     def __post_init__(self):
         if self.block_q % WGMMA_M:
@@ -173,6 +177,23 @@ def _accumulate(acc, a, b_ref, *, interpret: bool):
     return pl.run_state(product)(plgpu.ACC.init(acc))
 
 
+# Stages that `experiments/ablate_attention.py` leaves out to see what each costs (timing
+# only: the results are wrong). Read at trace time; empty in every other use.
+_ABLATE: frozenset[str] = frozenset()
+ABLATABLE = ("max", "exp", "sum", "rescale", "pv", "pingpong")
+
+
+def _row_reduce(x, op: str, *, tree: bool):
+    """max or sum over axis 1 of x [rows, cols] (fp32, wgmma layout) -> [rows]. With `tree`,
+    halve the columns with element-wise ops first (at multiples of 8: whole layout tiles)."""
+    if tree:
+        while x.shape[1] > 8:
+            half = x.shape[1] // 2
+            a, b = x[:, :half], x[:, half:]
+            x = jnp.maximum(a, b) if op == "max" else a + b
+    return x.max(axis=1) if op == "max" else x.sum(axis=1)
+
+
 def _exp2_f16(x, *, interpret: bool):
     """2**x of fp16 x [block_q, block_kv] (wgmma layout), two values per instruction.
 
@@ -200,7 +221,7 @@ def _kernel(
     q_ref, k_ref, v_ref, o_ref,
     q_smem, k_smem, v_smem, q_full, k_full, v_full, k_free, v_free, turn,
     *, d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
-    head_offsets=(0, 0, 0), half_exp=False, half_sum=False,
+    head_offsets=(0, 0, 0), half_exp=False, half_sum=False, tree=False,
 ):  # fmt: skip
     """One program: 2 * block_q query rows of one (batch, head); three warpgroups.
 
@@ -210,6 +231,8 @@ def _kernel(
     (0, H, 2H), the same buffer passed three times).
     """
     q_off, k_off, v_off = head_offsets
+    ablate = _ABLATE
+    pingpong = pingpong and "pingpong" not in ablate
     batch = lax.axis_index("batch")
     head = lax.axis_index("heads")
     wg = lax.axis_index("wg")
@@ -235,7 +258,8 @@ def _kernel(
             return x if interpret else plgpu.layout_cast(x, layout)
 
         row_layout = plgpu.Layout.WGMMA.reduce(1)
-        m_i = in_layout(jnp.full((block_q,), -jnp.inf, jnp.float32), row_layout)
+        m_init = 0.0 if "max" in ablate else -jnp.inf  # (ablated: a fixed maximum)
+        m_i = in_layout(jnp.full((block_q,), m_init, jnp.float32), row_layout)
         l_i = in_layout(jnp.zeros((block_q,), jnp.float32), row_layout)
         acc = in_layout(jnp.zeros((block_q, d_pad), jnp.float32), plgpu.Layout.WGMMA)
         if pingpong:
@@ -250,26 +274,31 @@ def _kernel(
                         interpret=interpret, meanwhile=stagger)  # fmt: skip
             plgpu.barrier_arrive(k_free.at[slot])
 
-            m_new = jnp.maximum(m_i, s.max(axis=1) * scale_log2)
+            if "max" in ablate:
+                m_new = m_i
+            else:
+                m_new = jnp.maximum(m_i, _row_reduce(s, "max", tree=tree) * scale_log2)
             alpha = jnp.exp2(m_i - m_new)
             logits = s * scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0])  # <= 0
             if half_exp:  # P in fp16 straight from the exponential
                 p = _exp2_f16(logits.astype(jnp.float16), interpret=interpret)
                 row_sum = p.sum(axis=1).astype(jnp.float32) if half_sum else (
-                    p.astype(jnp.float32).sum(axis=1))  # fmt: skip
+                    _row_reduce(p.astype(jnp.float32), "sum", tree=tree))  # fmt: skip
             else:
-                p = jnp.exp2(logits)
-                row_sum = p.sum(axis=1)
+                p = logits if "exp" in ablate else jnp.exp2(logits)
+                row_sum = l_i if "sum" in ablate else _row_reduce(p, "sum", tree=tree)
                 p = p.astype(q_ref.dtype)
             l_i = l_i * alpha + row_sum
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            if "rescale" not in ablate:
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if pingpong:
                 plgpu.barrier_arrive(turn)  # softmax done: the other may use the tensor cores
             plgpu.barrier_wait(v_full.at[slot])
             if pingpong:
                 plgpu.barrier_wait(turn)  # until the other's matmul is issued
 
-            acc = _accumulate(acc, p, v_smem.at[slot], interpret=interpret)
+            if "pv" not in ablate:
+                acc = _accumulate(acc, p, v_smem.at[slot], interpret=interpret)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l_i
 
@@ -393,6 +422,7 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         head_offsets=head_offsets,
         half_exp=config.half_exp and jnp.dtype(q.dtype) == jnp.float16,
         half_sum=config.half_sum,
+        tree=config.tree_reduce,
     )
     return plgpu.kernel(
         kernel,

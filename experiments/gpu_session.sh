@@ -29,6 +29,8 @@
 #   ncu            Nsight Compute on experiments/ncu_probe.py ($NCU_OPS, default all): per kernel
 #                  speed of light, pipe utilization, warp stall reasons, memory and occupancy, as
 #                  text (ncu_report.txt; $NCU_ARGS adds options, e.g. --section SourceCounters)
+#   ablate_attention  experiments/ablate_attention.py: the Hopper attention kernel with stages
+#                  left out, and its correct alternatives, by device kernel time ($ABLATE_ARGS)
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
 #                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
@@ -129,6 +131,9 @@ for stage in "$@"; do
         --section InstructionStats ${NCU_ARGS:-} \
         python3 experiments/ncu_probe.py ${NCU_OPS:+--ops $NCU_OPS} > "$OUT/ncu_report.txt" 2>&1 || status=1
       grep -E "relative error|==PROF==|==ERROR==|==WARNING==" "$OUT/ncu_report.txt" | head -20
+      ;;
+    ablate_attention)
+      limit python3 experiments/ablate_attention.py ${ABLATE_ARGS:-} 2>&1 | quiet | tail -30 || status=1
       ;;
     profile)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" limit python3 -m experiments.profile \

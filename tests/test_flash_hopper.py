@@ -42,12 +42,16 @@ CASES = [
     (2, 128, 2, 40, 192, jnp.float16, HopperConfig(block_kv=64, head_align=16, half_exp=True)),
     (1, 256, 1, 64, 128, jnp.float16, HopperConfig(block_kv=64, half_exp=True, half_sum=True)),
     (1, 128, 1, 40, 128, jnp.bfloat16, HopperConfig(block_kv=64, half_exp=True)),  # fp32 exp
+    # row max and row sum by halving the columns
+    (3, 128, 2, 40, 192, jnp.float16, HopperConfig(block_kv=64, head_align=16, tree_reduce=True)),
+    (1, 256, 1, 80, 256, jnp.bfloat16, HopperConfig(block_q=128, tree_reduce=True)),
+    (1, 128, 2, 40, 128, jnp.float16, HopperConfig(block_kv=64, half_exp=True, tree_reduce=True)),
 ]
 
 
 def _case_id(case):
     b, lq, h, d, lk, dt, c = case
-    half = ":half_exp" * c.half_exp + ":half_sum" * c.half_sum
+    half = ":half_exp" * c.half_exp + ":half_sum" * c.half_sum + ":tree" * c.tree_reduce
     return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}{half}"
 
 
@@ -188,7 +192,8 @@ def test_gpu_sd_shapes(name, dtype, rng):
                                     HopperConfig(block_q=128, block_kv=64),
                                     HopperConfig(head_align=16),
                                     HopperConfig(head_align=16, half_exp=True),
-                                    HopperConfig(half_exp=True, half_sum=True)])  # fmt: skip
+                                    HopperConfig(half_exp=True, half_sum=True),
+                                    HopperConfig(head_align=16, tree_reduce=True)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:
@@ -253,3 +258,12 @@ def test_tuned_table_covers_the_padded_heads_the_unet_passes():
             assert table[f"{q_len}x{heads}x{d_pad}:{kv_len}:{bits}"] == config, key
             checked += 1
     assert checked >= 1  # SD1.5's head dim 40 at 4096 tokens (80 and 160 need none at align 16)
+
+
+def test_no_stage_is_left_out_outside_the_ablation_experiment():
+    """`_ABLATE` (timing experiments only) is empty in every other use of the kernel."""
+    import importlib
+
+    module = importlib.import_module("custom_calls.flash_attention_hopper")
+    assert module._ABLATE == frozenset()
+    assert set(module.ABLATABLE) == {"max", "exp", "sum", "rescale", "pv", "pingpong"}
