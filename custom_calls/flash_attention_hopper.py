@@ -62,6 +62,7 @@ LOG2_E = math.log2(math.e)
 WGMMA_M = 64  # rows of one warpgroup's wgmma
 D_ALIGN = 64  # default head-dim padding: 64 fp16 = 128 bytes, the widest TMA/wgmma swizzle
 HEAD_ALIGNS = (16, 32, 64)  # columns of one swizzled tile: 32-, 64- or 128-byte swizzle in fp16
+ONES_COLS = 16  # columns of the ones tile (mma_row_sum): the narrowest swizzled tile
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,6 +87,10 @@ class HopperConfig:
     # element-wise ops, down to 8 columns), then the per-thread chain and the lane shuffles;
     # without it, each thread's share of a row is reduced as one dependent chain.
     tree_reduce: bool = False
+    # Row sums of P on the tensor cores: a second wgmma per step, P times a [block_kv, 16]
+    # tile of ones (its own accumulator, rescaled like O), instead of each thread summing its
+    # values and the lanes shuffling. The ones arrive by TMA once per program.
+    mma_row_sum: bool = False
 
     def __post_init__(self):
         if self.block_q % WGMMA_M:
@@ -114,7 +119,8 @@ def padded_head_dim(head_dim: int, align: int = D_ALIGN) -> int:
 def smem_bytes(config: HopperConfig, head_dim: int, dtype) -> int:
     """Shared memory of the Q tiles and the K/V ring."""
     rows = COMPUTE_WARPGROUPS * config.block_q + 2 * config.stages * config.block_kv
-    return rows * padded_head_dim(head_dim, config.head_align) * jnp.dtype(dtype).itemsize
+    ones = COMPUTE_WARPGROUPS * config.block_kv * ONES_COLS if config.mma_row_sum else 0
+    return (rows * padded_head_dim(head_dim, config.head_align) + ones) * jnp.dtype(dtype).itemsize
 
 
 def supports(q_shape, kv_shape, dtype, config: HopperConfig | None = None) -> str | None:
@@ -217,11 +223,24 @@ def _exp2_f16(x, *, interpret: bool):
     return ex2(x)
 
 
+def _accumulate_with_sums(acc, sums, a, b_ref, ones_ref, *, interpret: bool):
+    """(acc + a @ b_ref, sums + a @ ones_ref): two wgmmas issued together, awaited once."""
+    if interpret:
+        return (acc + jnp.dot(a, b_ref[...], preferred_element_type=jnp.float32),
+                sums + jnp.dot(a, ones_ref[...], preferred_element_type=jnp.float32))  # fmt: skip
+
+    def product(refs):
+        acc_ref, sums_ref = refs
+        plgpu.wgmma(acc_ref, a, b_ref)
+        plgpu.wgmma(sums_ref, a, ones_ref)
+
+    return pl.run_state(product)((plgpu.ACC.init(acc), plgpu.ACC.init(sums)))
+
+
 def _kernel(
-    q_ref, k_ref, v_ref, o_ref,
-    q_smem, k_smem, v_smem, q_full, k_full, v_full, k_free, v_free, turn,
-    *, d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
-    head_offsets=(0, 0, 0), half_exp=False, half_sum=False, tree=False,
+    q_ref, k_ref, v_ref, *refs,
+    d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
+    head_offsets=(0, 0, 0), half_exp=False, half_sum=False, tree=False, mma_sum=False,
 ):  # fmt: skip
     """One program: 2 * block_q query rows of one (batch, head); three warpgroups.
 
@@ -230,6 +249,11 @@ def _kernel(
     head_offsets: where head h of q, k and v sits in its ref (packed qkv [B, L, 3H, d_pad]:
     (0, H, 2H), the same buffer passed three times).
     """
+    if mma_sum:
+        (ones_ref, o_ref, q_smem, k_smem, v_smem, ones_smem,
+         q_full, k_full, v_full, k_free, v_free, turn, ones_full) = refs  # fmt: skip
+    else:
+        o_ref, q_smem, k_smem, v_smem, q_full, k_full, v_full, k_free, v_free, turn = refs
     q_off, k_off, v_off = head_offsets
     ablate = _ABLATE
     pingpong = pingpong and "pingpong" not in ablate
@@ -252,6 +276,9 @@ def _kernel(
         q_tile = q_smem.at[wg]
         q_start = (lax.axis_index("q_tiles") * COMPUTE_WARPGROUPS + wg) * block_q
         plgpu.copy_gmem_to_smem(rows(q_ref, q_start, block_q, q_off), q_tile, q_full.at[wg])
+        if mma_sum:
+            plgpu.copy_gmem_to_smem(ones_ref, ones_smem.at[wg], ones_full.at[wg])
+            plgpu.barrier_wait(ones_full.at[wg])
         plgpu.barrier_wait(q_full.at[wg])
 
         def in_layout(x, layout):  # interpret mode has no layouts (jax 0.10 no layout_cast)
@@ -262,6 +289,8 @@ def _kernel(
         m_i = in_layout(jnp.full((block_q,), m_init, jnp.float32), row_layout)
         l_i = in_layout(jnp.zeros((block_q,), jnp.float32), row_layout)
         acc = in_layout(jnp.zeros((block_q, d_pad), jnp.float32), plgpu.Layout.WGMMA)
+        if mma_sum:  # every column of it is the row sum: it stands in for l_i
+            l_i = in_layout(jnp.zeros((block_q, ONES_COLS), jnp.float32), plgpu.Layout.WGMMA)
         if pingpong:
             pl.when(wg == 1)(stagger)  # consumer 1 starts half a step behind consumer 0
 
@@ -282,13 +311,19 @@ def _kernel(
             logits = s * scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0])  # <= 0
             if half_exp:  # P in fp16 straight from the exponential
                 p = _exp2_f16(logits.astype(jnp.float16), interpret=interpret)
-                row_sum = p.sum(axis=1).astype(jnp.float32) if half_sum else (
-                    _row_reduce(p.astype(jnp.float32), "sum", tree=tree))  # fmt: skip
+                if not mma_sum:
+                    row_sum = p.sum(axis=1).astype(jnp.float32) if half_sum else (
+                        _row_reduce(p.astype(jnp.float32), "sum", tree=tree))  # fmt: skip
+            elif mma_sum:  # (the row sums come with P V)
+                p = (logits if "exp" in ablate else jnp.exp2(logits)).astype(q_ref.dtype)
             else:
                 p = logits if "exp" in ablate else jnp.exp2(logits)
                 row_sum = l_i if "sum" in ablate else _row_reduce(p, "sum", tree=tree)
                 p = p.astype(q_ref.dtype)
-            l_i = l_i * alpha + row_sum
+            if mma_sum:
+                l_i = l_i * lax.broadcast_in_dim(alpha, l_i.shape, [0])
+            else:
+                l_i = l_i * alpha + row_sum
             if "rescale" not in ablate:
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             if pingpong:
@@ -297,7 +332,10 @@ def _kernel(
             if pingpong:
                 plgpu.barrier_wait(turn)  # until the other's matmul is issued
 
-            if "pv" not in ablate:
+            if mma_sum:
+                acc, l_i = _accumulate_with_sums(acc, l_i, p, v_smem.at[slot],
+                                                 ones_smem.at[wg], interpret=interpret)  # fmt: skip
+            elif "pv" not in ablate:
                 acc = _accumulate(acc, p, v_smem.at[slot], interpret=interpret)
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l_i
@@ -305,6 +343,8 @@ def _kernel(
         acc, m_i, l_i = lax.fori_loop(0, kv_steps, step, (acc, m_i, l_i))
         if pingpong:
             pl.when(wg == 0)(stagger)  # balance consumer 1's extra meeting at the start
+        if mma_sum:  # the columns are equal: their max is the row sum, exactly
+            l_i = l_i.max(axis=1)
         out = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
         q_tile[...] = out.astype(o_ref.dtype)  # the query tile's buffer is free: reuse it
         plgpu.commit_smem()
@@ -409,6 +449,14 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),  # v_free
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),  # turn (ping-pong)
     ]
+    inputs = (q, k, v)
+    if config.mma_row_sum:  # the ones tile: from a constant, by TMA, one per consumer
+        ones_transforms = (plgpu.TilingTransform((8, ONES_COLS)),
+                           plgpu.SwizzleTransform(ONES_COLS * jnp.dtype(q.dtype).itemsize))  # fmt: skip
+        scratch.insert(3, plgpu.SMEM((COMPUTE_WARPGROUPS, config.block_kv, ONES_COLS), q.dtype,
+                                     transforms=ones_transforms))  # fmt: skip
+        scratch.append(plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS))  # ones_full
+        inputs += (jnp.ones((config.block_kv, ONES_COLS), q.dtype),)
     kernel = functools.partial(
         _kernel,
         d_pad=d_pad,
@@ -423,6 +471,7 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         half_exp=config.half_exp and jnp.dtype(q.dtype) == jnp.float16,
         half_sum=config.half_sum,
         tree=config.tree_reduce,
+        mma_sum=config.mma_row_sum,
     )
     return plgpu.kernel(
         kernel,
@@ -435,4 +484,4 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=mosaic_interpret_params(interpret),
         kernel_name="sdjax_flash_hopper",
-    )(q, k, v)
+    )(*inputs)

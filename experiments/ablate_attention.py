@@ -6,7 +6,7 @@ Nsight Compute found the kernel at SD1.5's 64x64 self-attention latency-bound (t
 37%, issue slots 39%, one CTA per SM; `experiments/results/README.md`, call 1 of the eighth
 session) without saying which stage waits. Here each variant is the kernel with stages left out
 (`flash_attention_hopper._ABLATE`: max, exp, sum, rescale, pv, pingpong; wrong results,
-timing only) or with a correct alternative (`tree_reduce`, `half_exp`), timed by device kernel
+timing only) or with a correct alternative (`tree_reduce`, `half_exp`, `mma_row_sum`), timed by device kernel
 time (`experiments.common.kernel_us`: distinct inputs, none served from L2). The difference to
 the full kernel is what a stage costs on the critical path. Correct variants are checked
 against the float32 reference.
@@ -37,6 +37,9 @@ VARIANTS = {
     "tree_reduce": ({"tree_reduce": True}, ()),
     "half_exp": ({"half_exp": True}, ()),
     "tree_reduce+half_exp": ({"tree_reduce": True, "half_exp": True}, ()),
+    "mma_row_sum": ({"mma_row_sum": True}, ()),
+    "mma_row_sum+half_exp": ({"mma_row_sum": True, "half_exp": True}, ()),
+    "mma_row_sum+no_pingpong": ({"mma_row_sum": True, "pingpong": False}, ()),
     "no_max": ({}, ("max",)),
     "no_exp": ({}, ("exp",)),
     "no_sum": ({}, ("sum",)),

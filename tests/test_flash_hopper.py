@@ -46,12 +46,18 @@ CASES = [
     (3, 128, 2, 40, 192, jnp.float16, HopperConfig(block_kv=64, head_align=16, tree_reduce=True)),
     (1, 256, 1, 80, 256, jnp.bfloat16, HopperConfig(block_q=128, tree_reduce=True)),
     (1, 128, 2, 40, 128, jnp.float16, HopperConfig(block_kv=64, half_exp=True, tree_reduce=True)),
+    # row sums on the tensor cores
+    (3, 128, 2, 40, 256, jnp.float16, HopperConfig(block_kv=64, head_align=16, mma_row_sum=True)),
+    (1, 256, 1, 80, 128, jnp.bfloat16, HopperConfig(block_q=128, mma_row_sum=True)),
+    (2, 128, 1, 160, 192, jnp.float16, HopperConfig(block_kv=64, stages=3, mma_row_sum=True)),
+    (1, 128, 2, 40, 128, jnp.float16, HopperConfig(block_kv=64, half_exp=True, mma_row_sum=True)),
 ]
 
 
 def _case_id(case):
     b, lq, h, d, lk, dt, c = case
     half = ":half_exp" * c.half_exp + ":half_sum" * c.half_sum + ":tree" * c.tree_reduce
+    half += ":mma_sum" * c.mma_row_sum
     return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}{half}"
 
 
@@ -193,7 +199,10 @@ def test_gpu_sd_shapes(name, dtype, rng):
                                     HopperConfig(head_align=16),
                                     HopperConfig(head_align=16, half_exp=True),
                                     HopperConfig(half_exp=True, half_sum=True),
-                                    HopperConfig(head_align=16, tree_reduce=True)])  # fmt: skip
+                                    HopperConfig(head_align=16, tree_reduce=True),
+                                    HopperConfig(head_align=16, mma_row_sum=True),
+                                    HopperConfig(head_align=16, mma_row_sum=True,
+                                                 pingpong=False)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:
