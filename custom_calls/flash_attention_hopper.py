@@ -63,6 +63,9 @@ WGMMA_M = 64  # rows of one warpgroup's wgmma
 D_ALIGN = 64  # default head-dim padding: 64 fp16 = 128 bytes, the widest TMA/wgmma swizzle
 HEAD_ALIGNS = (16, 32, 64)  # columns of one swizzled tile: 32-, 64- or 128-byte swizzle in fp16
 ONES_COLS = 16  # columns of the ones tile (mma_row_sum): the narrowest swizzled tile
+# overlap_qk: two fp32 score tiles of block_q * block_kv per warpgroup (128 threads) must fit
+# the consumer's registers beside O and P: 8192 elements is 64 registers a tile.
+OVERLAP_MAX_TILE = 8192
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,6 +94,11 @@ class HopperConfig:
     # tile of ones (its own accumulator, rescaled like O), instead of each thread summing its
     # values and the lanes shuffling. The ones arrive by TMA once per program.
     mma_row_sum: bool = False
+    # Issue step i + 1's Q K^T before step i's softmax, so that the tensor cores compute it
+    # while the warpgroup's other units run the softmax (FlashAttention-3's intra-warpgroup
+    # overlap). Two score tiles are live at once: registers limit it to block_q * block_kv
+    # <= 8192 per warpgroup. Without the ping-pong.
+    overlap_qk: bool = False
 
     def __post_init__(self):
         if self.block_q % WGMMA_M:
@@ -103,6 +111,13 @@ class HopperConfig:
             raise ValueError(f"head_align={self.head_align} must be one of {HEAD_ALIGNS}")
         if self.half_sum and not self.half_exp:
             raise ValueError("half_sum needs half_exp")
+        if self.overlap_qk and self.pingpong:
+            raise ValueError("overlap_qk replaces the ping-pong: set pingpong=False")
+        if self.overlap_qk and self.block_q * self.block_kv > OVERLAP_MAX_TILE:
+            raise ValueError(
+                f"overlap_qk keeps two score tiles in registers: block_q * block_kv must be "
+                f"<= {OVERLAP_MAX_TILE}; got {self.block_q} * {self.block_kv}"
+            )
 
 
 def tuned_config(q_shape, kv_shape, dtype) -> HopperConfig:
@@ -142,17 +157,26 @@ def supports(q_shape, kv_shape, dtype, config: HopperConfig | None = None) -> st
     return None
 
 
-def _scores(q_ref, k_ref, *, block_q: int, block_kv: int, interpret: bool, meanwhile):
+def _scores(q_ref, k_ref, *, block_q: int, block_kv: int, interpret: bool, meanwhile,
+            before=None):  # fmt: skip
     """q_ref @ k_ref.T in fp32: [block_q, d_pad] x [block_kv, d_pad] -> [block_q, block_kv].
 
     On the GPU a wgmma on the two shared-memory tiles; `meanwhile()` runs after the wgmma is
-    issued and before its result is awaited. Mosaic GPU's interpret mode in jax 0.10 has no
-    wgmma on a transposed operand (0.11 has), so there it is a plain fp32 dot.
+    issued and before its result is awaited (`before()`, if given, just before it is issued).
+    Returns the scores, or (*meanwhile's tuple, scores) when meanwhile returns a tuple. Mosaic
+    GPU's interpret mode in jax 0.10 has no wgmma on a transposed operand (0.11 has), so
+    there it is a plain fp32 dot.
     """
+
+    def joined(extra, s):
+        return s if extra is None else (*extra, s)
+
     if interpret:
-        meanwhile()
-        return lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)  # fmt: skip
+        if before is not None:
+            before()
+        extra = meanwhile()
+        return joined(extra, lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
+                                             preferred_element_type=jnp.float32))  # fmt: skip
 
     def product(s_ref):
         k_t = (
@@ -160,9 +184,11 @@ def _scores(q_ref, k_ref, *, block_q: int, block_kv: int, interpret: bool, meanw
             if hasattr(k_ref, "transpose")
             else plgpu.transpose_ref(k_ref, (1, 0))
         )  # jax 0.11 / 0.10 spellings
+        if before is not None:
+            before()
         plgpu.wgmma(s_ref, q_ref, k_t)
-        meanwhile()
-        return s_ref[...]
+        extra = meanwhile()
+        return joined(extra, s_ref[...])
 
     return pl.run_scoped(product, plgpu.ACC((block_q, block_kv), jnp.float32))
 
@@ -241,6 +267,7 @@ def _kernel(
     q_ref, k_ref, v_ref, *refs,
     d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
     head_offsets=(0, 0, 0), half_exp=False, half_sum=False, tree=False, mma_sum=False,
+    overlap=False,
 ):  # fmt: skip
     """One program: 2 * block_q query rows of one (batch, head); three warpgroups.
 
@@ -294,15 +321,9 @@ def _kernel(
         if pingpong:
             pl.when(wg == 1)(stagger)  # consumer 1 starts half a step behind consumer 0
 
-        def step(i, carry):
-            acc, m_i, l_i = carry
+        def softmax_pv(i, s, acc, m_i, l_i):
+            """The online softmax of step i's scores s, then O += P V (awaited)."""
             slot = lax.rem(i, stages)
-            plgpu.barrier_wait(k_full.at[slot])
-
-            s = _scores(q_tile, k_smem.at[slot], block_q=block_q, block_kv=block_kv,
-                        interpret=interpret, meanwhile=stagger)  # fmt: skip
-            plgpu.barrier_arrive(k_free.at[slot])
-
             if "max" in ablate:
                 m_new = m_i
             else:
@@ -340,7 +361,36 @@ def _kernel(
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l_i
 
-        acc, m_i, l_i = lax.fori_loop(0, kv_steps, step, (acc, m_i, l_i))
+        def scores(i, meanwhile):
+            slot = lax.rem(i, stages)
+            plgpu.barrier_wait(k_full.at[slot])
+            s = _scores(q_tile, k_smem.at[slot], block_q=block_q, block_kv=block_kv,
+                        interpret=interpret, meanwhile=meanwhile)  # fmt: skip
+            plgpu.barrier_arrive(k_free.at[slot])
+            return s
+
+        def step(i, carry):
+            acc, m_i, l_i = carry
+            return softmax_pv(i, scores(i, stagger), acc, m_i, l_i)
+
+        def overlapped_step(i, carry):
+            """Step i's softmax and P V while the tensor cores compute step i + 1's scores
+            (FlashAttention-3's intra-warpgroup overlap): returns those scores, awaited."""
+            acc, m_i, l_i, s = carry
+            acc, m_i, l_i, s_next = _scores(
+                q_tile, k_smem.at[lax.rem(i + 1, stages)], block_q=block_q, block_kv=block_kv,
+                interpret=interpret, meanwhile=lambda: softmax_pv(i, s, acc, m_i, l_i),
+                before=lambda: plgpu.barrier_wait(k_full.at[lax.rem(i + 1, stages)]),
+            )  # fmt: skip
+            plgpu.barrier_arrive(k_free.at[lax.rem(i + 1, stages)])
+            return acc, m_i, l_i, s_next
+
+        if overlap:
+            carry = (acc, m_i, l_i, scores(0, lambda: None))
+            acc, m_i, l_i, s = lax.fori_loop(0, kv_steps - 1, overlapped_step, carry)
+            acc, m_i, l_i = softmax_pv(kv_steps - 1, s, acc, m_i, l_i)
+        else:
+            acc, m_i, l_i = lax.fori_loop(0, kv_steps, step, (acc, m_i, l_i))
         if pingpong:
             pl.when(wg == 0)(stagger)  # balance consumer 1's extra meeting at the start
         if mma_sum:  # the columns are equal: their max is the row sum, exactly
@@ -472,6 +522,7 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         half_sum=config.half_sum,
         tree=config.tree_reduce,
         mma_sum=config.mma_row_sum,
+        overlap=config.overlap_qk and kv_steps > 1,
     )
     return plgpu.kernel(
         kernel,

@@ -6,7 +6,7 @@ Nsight Compute found the kernel at SD1.5's 64x64 self-attention latency-bound (t
 37%, issue slots 39%, one CTA per SM; `experiments/results/README.md`, call 1 of the eighth
 session) without saying which stage waits. Here each variant is the kernel with stages left out
 (`flash_attention_hopper._ABLATE`: max, exp, sum, rescale, pv, pingpong; wrong results,
-timing only) or with a correct alternative (`tree_reduce`, `half_exp`, `mma_row_sum`), timed by device kernel
+timing only) or with a correct alternative (`tree_reduce`, `half_exp`, `mma_row_sum`, `overlap_qk`), timed by device kernel
 time (`experiments.common.kernel_us`: distinct inputs, none served from L2). The difference to
 the full kernel is what a stage costs on the critical path. Correct variants are checked
 against the float32 reference.
@@ -40,6 +40,18 @@ VARIANTS = {
     "mma_row_sum": ({"mma_row_sum": True}, ()),
     "mma_row_sum+half_exp": ({"mma_row_sum": True, "half_exp": True}, ()),
     "mma_row_sum+no_pingpong": ({"mma_row_sum": True, "pingpong": False}, ()),
+    "q64_no_pingpong": ({"block_q": 64, "pingpong": False}, ()),
+    "overlap_q64": ({"block_q": 64, "pingpong": False, "overlap_qk": True}, ()),
+    "overlap_q64_kv64": ({"block_q": 64, "block_kv": 64, "pingpong": False, "overlap_qk": True},
+                         ()),  # fmt: skip
+    "overlap_q128_kv64": ({"block_q": 128, "block_kv": 64, "pingpong": False, "overlap_qk": True},
+                          ()),  # fmt: skip
+    "overlap_q64+mma_row_sum": ({"block_q": 64, "pingpong": False, "overlap_qk": True,
+                                 "mma_row_sum": True}, ()),  # fmt: skip
+    "overlap_q64+half_exp": ({"block_q": 64, "pingpong": False, "overlap_qk": True,
+                              "half_exp": True}, ()),  # fmt: skip
+    "overlap_q64+fp32_exp": ({"block_q": 64, "pingpong": False, "overlap_qk": True,
+                              "half_exp": False}, ()),  # fmt: skip
     "no_max": ({}, ("max",)),
     "no_exp": ({}, ("exp",)),
     "no_sum": ({}, ("sum",)),

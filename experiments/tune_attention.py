@@ -34,6 +34,7 @@ from custom_calls.flash_attention import (
 )
 from custom_calls.flash_attention import Config as FlashConfig
 from custom_calls.flash_attention_hopper import (
+    OVERLAP_MAX_TILE,
     HopperConfig,
     flash_attention_hopper,
     padded_head_dim,
@@ -59,6 +60,11 @@ _MMA_SUM = flags.DEFINE_bool(
     "flash_hopper: also try each config with the row sums on the tensor cores "
     "(HopperConfig.mma_row_sum)",
 )  # fmt: skip
+_OVERLAP = flags.DEFINE_bool(
+    "hopper_overlap", False,
+    "flash_hopper: also try each config without the ping-pong with step i + 1's scores under "
+    "step i's softmax (HopperConfig.overlap_qk), where its two score tiles fit",
+)  # fmt: skip
 _DTYPE = flags.DEFINE_string("dtype", "float16", "input dtype to tune with")
 _BUDGET = flags.DEFINE_float("budget_s", 100.0, "stop starting new shapes after this long")
 _WORKERS = flags.DEFINE_integer("workers", 8, "parallel compilations")
@@ -78,10 +84,12 @@ FAST_EXP_BASE = [(128, 64, 8, 4), (128, 64, 8, 3), (256, 64, 8, 3), (256, 64, 8,
                  (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 4, 3)]  # fmt: skip
 
 
-def hopper_candidates(shape, half_exp: bool = False, mma_sum: bool = False) -> list[HopperConfig]:
+def hopper_candidates(shape, half_exp: bool = False, mma_sum: bool = False,
+                      overlap: bool = False) -> list[HopperConfig]:  # fmt: skip
     """The Hopper kernel's grid, less the configs that cannot run the shape. `half_exp`: each
     config also with fp16 exponentials, with fp32 and with fp16 row sums per tile. `mma_sum`:
-    each config also with the row sums on the tensor cores."""
+    each config also with the row sums on the tensor cores. `overlap`: each config without
+    the ping-pong also with `overlap_qk`, where its tiles allow it."""
     # A narrower swizzle only where it pads less (SD's head dims 40, 80, 160).
     aligns = (64, 16) if shape.head_dim % 64 else (64,)
     halves = ((False, False), (True, False), (True, True)) if half_exp else ((False, False),)
@@ -92,13 +100,17 @@ def hopper_candidates(shape, half_exp: bool = False, mma_sum: bool = False) -> l
     if mma_sum:
         configs += [dataclasses.replace(c, mma_row_sum=True, half_sum=False) for c in configs]
         configs = list(dict.fromkeys(configs))
+    if overlap:
+        configs += [dataclasses.replace(c, overlap_qk=True) for c in configs
+                    if not c.pingpong and c.block_q * c.block_kv <= OVERLAP_MAX_TILE]  # fmt: skip
     return [c for c in configs if supports(shape.q_shape, shape.kv_shape, jnp.float16, c) is None]
 
 
 def candidates(kernel: str, shape, full: bool, fast_exp: bool = False) -> list:
     """Configs to try, deduplicated after clamping blocks to the sequence lengths."""
     if kernel == "flash_hopper":
-        return hopper_candidates(shape, _HALF.value and _DTYPE.value == "float16", _MMA_SUM.value)
+        return hopper_candidates(shape, _HALF.value and _DTYPE.value == "float16", _MMA_SUM.value,
+                                 _OVERLAP.value)  # fmt: skip
     cls = KERNELS[kernel][1]
     differ = head_chunks(shape.head_dim, True) != head_chunks(shape.head_dim, False)
     splits = [True, False] if differ else [True]

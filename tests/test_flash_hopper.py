@@ -51,13 +51,25 @@ CASES = [
     (1, 256, 1, 80, 128, jnp.bfloat16, HopperConfig(block_q=128, mma_row_sum=True)),
     (2, 128, 1, 160, 192, jnp.float16, HopperConfig(block_kv=64, stages=3, mma_row_sum=True)),
     (1, 128, 2, 40, 128, jnp.float16, HopperConfig(block_kv=64, half_exp=True, mma_row_sum=True)),
+    # step i + 1's scores under step i's softmax (one step, two, a refilled ring; with the
+    # tensor-core row sums and fp16 exponentials)
+    (1, 128, 2, 40, 64, jnp.float16,
+     HopperConfig(block_kv=64, pingpong=False, overlap_qk=True)),
+    (3, 128, 2, 40, 320, jnp.float16,
+     HopperConfig(block_kv=64, head_align=16, pingpong=False, overlap_qk=True)),
+    (1, 256, 1, 80, 256, jnp.bfloat16,
+     HopperConfig(block_q=128, block_kv=64, stages=3, pingpong=False, overlap_qk=True)),
+    (2, 128, 1, 160, 192, jnp.float16,
+     HopperConfig(block_kv=64, pingpong=False, overlap_qk=True, mma_row_sum=True)),
+    (1, 128, 2, 40, 256, jnp.float16,
+     HopperConfig(block_kv=128, pingpong=False, overlap_qk=True, half_exp=True)),
 ]
 
 
 def _case_id(case):
     b, lq, h, d, lk, dt, c = case
     half = ":half_exp" * c.half_exp + ":half_sum" * c.half_sum + ":tree" * c.tree_reduce
-    half += ":mma_sum" * c.mma_row_sum
+    half += ":mma_sum" * c.mma_row_sum + ":overlap" * c.overlap_qk
     return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}{half}"
 
 
@@ -163,7 +175,8 @@ def test_supported_sd_shapes():
 
 def test_rejects_bad_configs():
     for bad in (dict(block_q=32), dict(block_kv=96), dict(stages=1), dict(head_align=8),
-                dict(half_sum=True)):  # fmt: skip
+                dict(half_sum=True), dict(overlap_qk=True),  # overlap_qk needs no ping-pong
+                dict(overlap_qk=True, pingpong=False, block_q=128, block_kv=128)):  # fmt: skip
         with pytest.raises(ValueError):
             HopperConfig(**bad)
 
@@ -202,7 +215,11 @@ def test_gpu_sd_shapes(name, dtype, rng):
                                     HopperConfig(head_align=16, tree_reduce=True),
                                     HopperConfig(head_align=16, mma_row_sum=True),
                                     HopperConfig(head_align=16, mma_row_sum=True,
-                                                 pingpong=False)])  # fmt: skip
+                                                 pingpong=False),
+                                    HopperConfig(head_align=16, pingpong=False, block_q=64,
+                                                 overlap_qk=True),
+                                    HopperConfig(head_align=16, pingpong=False, block_q=128,
+                                                 block_kv=64, overlap_qk=True)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:
