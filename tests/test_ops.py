@@ -105,7 +105,7 @@ def test_attention_implementations_agree(impl, dtype, rng):
     assert rel(out, ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "columns", "pallas"])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_group_norm_implementations_agree(impl, activation, rng):
     x = jnp.asarray(rng.standard_normal((3, 6, 5, 40)) + 3.0, jnp.float32)
@@ -114,6 +114,30 @@ def test_group_norm_implementations_agree(impl, activation, rng):
     kw = dict(groups=4, eps=1e-6, activation=activation)
     ref = ops.group_norm(x, scale, bias, implementation="reference", **kw)
     assert rel(ops.group_norm(x, scale, bias, implementation=impl, **kw), ref) <= 1e-5
+
+
+# (shape, groups): batch 3, 10 channels per group (SD's 320 / 32), odd spatial sizes, one
+# spatial position, and 2D input [N, C] (one position per sample).
+@pytest.mark.parametrize("shape, groups", [((3, 7, 5, 80), 8), ((2, 1, 1, 40), 4),
+                                           ((3, 9, 40), 4), ((1, 16, 16, 320), 32)])  # fmt: skip
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
+                         ids=["float32", "float16", "bfloat16"])  # fmt: skip
+@pytest.mark.parametrize("activation", [None, "silu", "gelu"])
+def test_group_norm_columns_matches_the_reference(shape, groups, dtype, activation, rng):
+    """The XLA column form against the two-pass reference, with a mean far from zero (100
+    standard deviations: the shifted sums must not cancel) and per-channel offsets."""
+    c = shape[-1]
+    offsets = rng.standard_normal(c) * 5.0
+    x = jnp.asarray(rng.standard_normal(shape) + 100.0 + offsets, dtype)
+    scale = jnp.asarray(1.0 + 0.3 * rng.standard_normal(c), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(c), jnp.float32)
+    kw = dict(groups=groups, eps=1e-5, activation=activation)
+    want = ops.group_norm_reference(x, scale, bias, **kw)
+    got = ops.group_norm(x, scale, bias, implementation="columns", **kw)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    # the reference rounds to the same dtype: differences are a few output ulps
+    assert rel(got, want) <= {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}[dtype]
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
