@@ -219,6 +219,7 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
             "ours": _gn_fn(s),
             "xla": functools.partial(ops._group_norm_xla, **kw),
             "columns": functools.partial(ops.group_norm_columns, **kw),
+            "pallas_stats": functools.partial(ops.group_norm_pallas_stats, **kw),
             "xla_ref": functools.partial(ops.group_norm_reference, **kw),
         }
         sets = [(v, sc, b) for v in _variants(x, _CALLS.value)]
@@ -229,7 +230,9 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
                 row[f"{impl}_gbs"] = gbytes / (ms * 1e-3) if ms > 0 else None
                 row[f"{impl}_err"] = relative_error(out, ref)
                 if jax.default_backend() == "gpu":
-                    row[f"{impl}_kernel_us"] = _kernel_us(fn, sets)
+                    timed = kernel_us_of_sets(fn, sets, calls=3)
+                    row[f"{impl}_kernel_us"] = timed["us"]
+                    row[f"{impl}_kernels"] = timed["kernels"]  # us per call, by kernel name
             except Exception as e:
                 row[f"{impl}_error"] = _error_text(e)
         del sets
@@ -477,8 +480,10 @@ def _chart(gn_rows, geglu_rows, path, title):
 
 
 GN_COLUMNS = ["shape", "dims", "act", "ours_ms", "best_swept_ms", "xla_ms", "columns_ms", "xla_ref_ms",
-              "torch_ms", "ours_kernel_us", "columns_kernel_us", "xla_kernel_us", "xla/ours",
-              "torch/ours", "ours_gbs", "ours/copy", "ours_err", "columns_err", "xla_err", "torch_err"]  # fmt: skip
+              "torch_ms", "ours_kernel_us", "pallas_stats_kernel_us", "columns_kernel_us",
+              "xla_kernel_us", "xla/ours",
+              "torch/ours", "ours_gbs", "ours/copy", "ours_err", "columns_err", "pallas_stats_err", "xla_err",
+              "torch_err"]  # fmt: skip
 GEGLU_COLUMNS = ["shape", "m", "d", "f", "fused_ms", "hopper_ms", "best_swept_ms", "xla_mm+ours_ms", "xla_ms",
                  "xla_lowp_ms", "matmul_only_ms", "fused_kernel_us", "hopper_kernel_us",
                  "xla_kernel_us", "matmul_only_kernel_us", "xla_mm+ours_kernel_us",

@@ -24,6 +24,8 @@ Implementation names:
                  sums in one column reduction, merged into groups (Chan's formula), then one
                  element-wise normalize (`group_norm_columns`).
   pallas         (group_norm, layer_norm, geglu) our Pallas kernels (Triton).
+  pallas_stats   (group_norm) our Pallas statistics kernel (`custom_calls.group_statistics`),
+                 then XLA's element-wise normalize with per-channel a, b.
   pallas_hopper  (geglu) our Pallas Mosaic GPU GEGLU for Hopper: fp16/bf16, shapes in whole
                  tiles (`geglu_hopper.supports`).
   taps           (conv3x3) one matrix product against all nine taps, then a shifted sum
@@ -62,7 +64,7 @@ logger = logging.getLogger(__name__)
 AttentionImpl = Literal[
     "reference", "xla", "cudnn", "flash", "flash_hopper", "fused_softmax", "auto"
 ]
-GroupNormImpl = Literal["reference", "xla", "columns", "pallas", "auto"]
+GroupNormImpl = Literal["reference", "xla", "columns", "pallas", "pallas_stats", "auto"]
 GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 UpsampleConvImpl = Literal["reference", "subpixel", "auto"]
@@ -439,6 +441,22 @@ def group_norm_columns(x, scale, bias, *, groups=32, eps=1e-5, activation: Activ
     return apply_activation(y, activation).astype(x.dtype).reshape(x.shape)
 
 
+def group_norm_pallas_stats(x, scale, bias, *, groups=32, eps=1e-5,
+                            activation: Activation = None):  # fmt: skip
+    """GroupNorm from our statistics kernel (`custom_calls.group_statistics`: per-group mean
+    and M2 in float32) and one XLA element-wise pass act(x * a_c + b_c) over x [N, S, C],
+    with a_c = scale_c * rstd_g and b_c = bias_c - mean_g * a_c."""
+    n, c = x.shape[0], x.shape[-1]
+    cpg = c // groups
+    x3 = x.reshape(n, -1, c)
+    mean, m2 = custom_calls.group_statistics(x, groups=groups)  # [N, G] each
+    rstd = jax.lax.rsqrt(m2 / (x3.shape[1] * cpg) + eps)
+    a = scale.astype(jnp.float32).reshape(groups, cpg) * rstd[:, :, None]
+    b = bias.astype(jnp.float32).reshape(groups, cpg) - mean[:, :, None] * a
+    y = x3.astype(jnp.float32) * a.reshape(n, 1, c) + b.reshape(n, 1, c)
+    return apply_activation(y, activation).astype(x.dtype).reshape(x.shape)
+
+
 def _group_norm_pallas(x, scale, bias, *, groups, eps, activation):
     return custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation)
 
@@ -462,6 +480,7 @@ _GROUP_NORM: dict[str, Callable] = {
     "xla": _group_norm_xla,
     "columns": group_norm_columns,
     "pallas": _group_norm_pallas,
+    "pallas_stats": group_norm_pallas_stats,
 }
 
 

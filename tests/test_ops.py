@@ -105,7 +105,7 @@ def test_attention_implementations_agree(impl, dtype, rng):
     assert rel(out, ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("impl", ["xla", "columns", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "columns", "pallas", "pallas_stats"])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_group_norm_implementations_agree(impl, activation, rng):
     x = jnp.asarray(rng.standard_normal((3, 6, 5, 40)) + 3.0, jnp.float32)
@@ -123,9 +123,11 @@ def test_group_norm_implementations_agree(impl, activation, rng):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16],
                          ids=["float32", "float16", "bfloat16"])  # fmt: skip
 @pytest.mark.parametrize("activation", [None, "silu", "gelu"])
-def test_group_norm_columns_matches_the_reference(shape, groups, dtype, activation, rng):
-    """The XLA column form against the two-pass reference, with a mean far from zero (100
-    standard deviations: the shifted sums must not cancel) and per-channel offsets."""
+@pytest.mark.parametrize("impl", ["columns", "pallas_stats"])
+def test_group_norm_columns_matches_the_reference(shape, groups, dtype, activation, impl, rng):
+    """The XLA column form and the Pallas-statistics form against the two-pass reference, with
+    a mean far from zero (100 standard deviations: shifted sums must not cancel) and
+    per-channel offsets."""
     c = shape[-1]
     offsets = rng.standard_normal(c) * 5.0
     x = jnp.asarray(rng.standard_normal(shape) + 100.0 + offsets, dtype)
@@ -133,7 +135,7 @@ def test_group_norm_columns_matches_the_reference(shape, groups, dtype, activati
     bias = jnp.asarray(rng.standard_normal(c), jnp.float32)
     kw = dict(groups=groups, eps=1e-5, activation=activation)
     want = ops.group_norm_reference(x, scale, bias, **kw)
-    got = ops.group_norm(x, scale, bias, implementation="columns", **kw)
+    got = ops.group_norm(x, scale, bias, implementation=impl, **kw)
     assert got.shape == x.shape and got.dtype == x.dtype
     assert np.isfinite(np.asarray(got, np.float32)).all()
     # the reference rounds to the same dtype: differences are a few output ulps
