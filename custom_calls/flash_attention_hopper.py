@@ -24,6 +24,16 @@ one tile cannot hide behind the matrix products of the next. Mosaic GPU exposes 
   row sums add its fp16 values in fp32 (`half_sum`: each tile's sums in fp16, packed adds,
   then accumulated over the tiles in fp32).
 
+Three more schedule options, each tested and each measured not to beat the ping-pong kernel at
+SD1.5's 64x64 self-attention (H100, `experiments/ablate_attention.py`, where leaving stages out
+showed the two consumers' alternating softmaxes, mostly the exponentials, to be the bound):
+- `tree_reduce`: the row max and sum by halving the columns before each thread's chain (+1%);
+- `mma_row_sum`: P's row sums as a second wgmma against a tile of ones (no gain under the
+  ping-pong; without it, 4% ahead of the 2-stage ping-pong config but 1.5% behind the
+  3-stage one in the sweep);
+- `overlap_qk`: step i + 1's Q K^T issued before step i's softmax (FlashAttention-3's
+  intra-warpgroup overlap; 1.4-1.6x slower, most likely serialized wgmmas).
+
 Head dims that are not a multiple of `head_align` (64 by default; SD's 40, 80, 160) are
 zero-padded to `d_pad` (the next multiple) *in memory*, and the output is sliced back: extra copies of q, k, v and
 the output that the Triton kernel avoids with masks. The reason: Mosaic GPU places a TMA
@@ -111,6 +121,8 @@ class HopperConfig:
             raise ValueError(f"head_align={self.head_align} must be one of {HEAD_ALIGNS}")
         if self.half_sum and not self.half_exp:
             raise ValueError("half_sum needs half_exp")
+        if self.half_sum and self.mma_row_sum:
+            raise ValueError("half_sum and mma_row_sum both set how P's row sums are taken")
         if self.overlap_qk and self.pingpong:
             raise ValueError("overlap_qk replaces the ping-pong: set pingpong=False")
         if self.overlap_qk and self.block_q * self.block_kv > OVERLAP_MAX_TILE:
@@ -132,7 +144,7 @@ def padded_head_dim(head_dim: int, align: int = D_ALIGN) -> int:
 
 
 def smem_bytes(config: HopperConfig, head_dim: int, dtype) -> int:
-    """Shared memory of the Q tiles and the K/V ring."""
+    """Shared memory of the Q tiles, the K/V ring and (mma_row_sum) the ones tiles."""
     rows = COMPUTE_WARPGROUPS * config.block_q + 2 * config.stages * config.block_kv
     ones = COMPUTE_WARPGROUPS * config.block_kv * ONES_COLS if config.mma_row_sum else 0
     return (rows * padded_head_dim(head_dim, config.head_align) + ones) * jnp.dtype(dtype).itemsize
@@ -272,7 +284,9 @@ def _kernel(
     """One program: 2 * block_q query rows of one (batch, head); three warpgroups.
 
     q_ref, o_ref: [B, Lq, H, d_pad]; k_ref, v_ref: [B, Lk, H, d_pad]. q_smem [2, block_q, d_pad];
-    k_smem, v_smem [stages, block_kv, d_pad]; the barriers as named in the module doc.
+    k_smem, v_smem [stages, block_kv, d_pad]; the barriers as named in the module doc. `refs`:
+    (o_ref, the scratch) or, with mma_sum, (ones_ref [block_kv, 16], o_ref, the scratch with
+    ones_smem [2, block_kv, 16] after v_smem and its barrier ones_full last).
     head_offsets: where head h of q, k and v sits in its ref (packed qkv [B, L, 3H, d_pad]:
     (0, H, 2H), the same buffer passed three times).
     """

@@ -176,6 +176,7 @@ def test_supported_sd_shapes():
 def test_rejects_bad_configs():
     for bad in (dict(block_q=32), dict(block_kv=96), dict(stages=1), dict(head_align=8),
                 dict(half_sum=True), dict(overlap_qk=True),  # overlap_qk needs no ping-pong
+                dict(half_exp=True, half_sum=True, mma_row_sum=True),
                 dict(overlap_qk=True, pingpong=False, block_q=128, block_kv=128)):  # fmt: skip
         with pytest.raises(ValueError):
             HopperConfig(**bad)
