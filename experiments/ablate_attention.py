@@ -101,7 +101,7 @@ def main(argv):
         q, k, v = (qkv[:, :, i, :, :head_dim] for i in range(3))
         ref = jax.jit(flash_attention_reference)(q, k, v)
         full_us = None
-        for variant in common.known_names(_VARIANTS.value, VARIANTS):
+        for variant in common.known_names(_VARIANTS.value, VARIANTS, what="variants"):
             changes, ablate = VARIANTS[variant]
             config = dataclasses.replace(base, **changes)
             row = {"shape": name, "variant": variant, "config": str(config)}

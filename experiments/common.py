@@ -112,13 +112,14 @@ def write_bench(prefix: str, dtype, record: dict, rows: Sequence[dict], columns:
     return table
 
 
-def known_names(names: Sequence[str], known) -> list[str]:
-    """names, or a usage error (absl) naming the unknown ones and the choices."""
+def known_names(names: Sequence[str], known, what: str = "shapes") -> list[str]:
+    """names, or a usage error (absl) naming the unknown ones (`what` they are) and the
+    choices."""
     from absl import app
 
     unknown = sorted(set(names) - set(known))
     if unknown:
-        raise app.UsageError(f"unknown shapes {unknown}; choose from {list(known)}")
+        raise app.UsageError(f"unknown {what} {unknown}; choose from {list(known)}")
     return list(names)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from absl import app, flags
 
 import custom_calls
+from experiments import common
 
 
 def _attention(length, heads, head_dim, padded):
@@ -86,7 +87,7 @@ def main(argv):
     del argv
     rng = np.random.default_rng(11)
     failed = []
-    for name in _OPS.value:
+    for name in common.known_names(_OPS.value, OPS, what="ops"):
         make, run, check = OPS[name]
         args = make(rng)
         out = jax.block_until_ready(jax.jit(run)(*args))
