@@ -53,6 +53,11 @@ class Config:
     xla_combine: Literal["chan", "sums"] = "chan"
     block_groups: int = 32  # fused: groups per program (power of two)
     num_warps: int = 4
+    # split: the statistics program that arrives last for its sample (an atomic count per
+    # sample) combines the sample's partials, so that each normalize program reads one set
+    # instead of combining them all again (combine_in_kernel) or XLA combining them in
+    # extra launches. No program waits for another: the combine runs in whichever is last.
+    last_combine: bool = False
 
     def __post_init__(self):
         if self.mode not in ("split", "fused"):
@@ -234,6 +239,43 @@ def _stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, g
     stats = _chunk_stats(lambda r0: tile(r0, r_end, 0), r_start, r_end, rows=rows, cpg=cpg)
     for ref, value in zip((shift_ref, lo_ref, m2_ref), stats, strict=True):
         ref[n, p, :] = value
+
+
+def _stats_last_combine_kernel(
+    x_ref, _count_in, shift_ref, lo_ref, m2_ref, fshift_ref, flo_ref, fm2_ref, count_ref,
+    *, parts, part_rows, rows, groups, cpg, interpret,
+):  # fmt: skip
+    """`_stats_kernel`, then the sample's last program to arrive combines its partials into
+    fshift/flo/fm2 [N, 1, Gp]. count_ref [N] (int32, zero on entry: aliased to _count_in)
+    counts the arrivals. On the GPU the partials are written by atomic exchanges (release
+    ordered) and the arrival is an acquire-release atomic at GPU scope, so the last program
+    reads them all. Interpret mode runs the programs one after another and has neither the
+    atomic exchange nor the barrier: plain stores there."""
+    n, p = pl.program_id(0) // parts, pl.program_id(0) % parts
+    s = x_ref.shape[1]
+    gp, cp = next_power_of_2(groups), next_power_of_2(cpg)
+    r_start = p * part_rows
+    r_end = jnp.minimum(r_start + part_rows, s)
+    row_mask = s % part_rows != 0 or part_rows % rows != 0
+    tile = functools.partial(
+        _tile, x_ref, n, rows=rows, bg=gp, cp=cp, groups=groups, cpg=cpg, row_mask=row_mask
+    )
+    stats = _chunk_stats(lambda r0: tile(r0, r_end, 0), r_start, r_end, rows=rows, cpg=cpg)
+    for ref, value in zip((shift_ref, lo_ref, m2_ref), stats, strict=True):
+        if interpret:
+            ref[n, p, :] = value
+        else:
+            plgpu.atomic_xchg(ref, (n, p, pl.ds(0, gp)), value)
+    if not interpret:
+        plgpu.debug_barrier()  # every thread's partials are out before the arrival
+    arrived = plgpu.atomic_add(count_ref, (n,), jnp.int32(1))
+
+    @pl.when(arrived == parts - 1)
+    def _last():
+        combined = _combine(shift_ref, lo_ref, m2_ref, n, parts=parts, part_rows=part_rows,
+                            s=s, gp=gp, cpg=cpg)  # fmt: skip
+        for ref, value in zip((fshift_ref, flo_ref, fm2_ref), combined, strict=True):
+            ref[n, 0, :] = value
 
 
 def _combine(shift_ref, lo_ref, m2_ref, n, *, parts, part_rows, s, gp, cpg, sums=False):
@@ -418,14 +460,28 @@ def group_norm(
     part_rows = max(rows, min(config.stats_rows, s))
     parts = -(-s // part_rows)
     stat_shape = jax.ShapeDtypeStruct((n, parts, gp), jnp.float32)
-    stats = pl.pallas_call(
-        functools.partial(_stats_kernel, parts=parts, part_rows=part_rows, **statics),
-        out_shape=(stat_shape,) * 3,
-        grid=(n * parts,),
-        compiler_params=params,
-        interpret=interpret,
-        name="sdjax_group_norm_stats",
-    )(x4)
+    if config.last_combine and parts > 1:
+        final = jax.ShapeDtypeStruct((n, 1, gp), jnp.float32)
+        *_, fshift, flo, fm2, _ = pl.pallas_call(
+            functools.partial(_stats_last_combine_kernel, parts=parts, part_rows=part_rows,
+                              interpret=bool(interpret), **statics),  # fmt: skip
+            out_shape=(stat_shape,) * 3 + (final,) * 3 + (jax.ShapeDtypeStruct((n,), jnp.int32),),
+            grid=(n * parts,),
+            input_output_aliases={1: 6},
+            compiler_params=params,
+            interpret=interpret,
+            name="sdjax_group_norm_stats_combined",
+        )(x4, jnp.zeros((n,), jnp.int32))
+        stats, parts, part_rows = (fshift, flo, fm2), 1, s
+    else:
+        stats = pl.pallas_call(
+            functools.partial(_stats_kernel, parts=parts, part_rows=part_rows, **statics),
+            out_shape=(stat_shape,) * 3,
+            grid=(n * parts,),
+            compiler_params=params,
+            interpret=interpret,
+            name="sdjax_group_norm_stats",
+        )(x4)
     sums = False
     if not config.combine_in_kernel and parts > 1:
         sums = config.xla_combine == "sums"

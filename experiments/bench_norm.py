@@ -286,7 +286,10 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
     # each XLA-combined split config also with the one-pass combine
     sums = [dataclasses.replace(cfg, xla_combine="sums") for cfg in out
             if cfg.mode == "split" and not cfg.combine_in_kernel]  # fmt: skip
-    return list(dict.fromkeys(out + sums))
+    # each split config with several partials also with the last program combining them
+    last = [dataclasses.replace(cfg, last_combine=True, combine_in_kernel=True) for cfg in out
+            if cfg.mode == "split" and -(-s // min(cfg.stats_rows, s)) > 1]  # fmt: skip
+    return list(dict.fromkeys(out + sums + last))
 
 
 def sweep_group_norm(dtype, names, deadline) -> list[dict]:
