@@ -229,7 +229,8 @@ def _write(view, x, mask, affine, activation):
     plgpu.store(view, y.astype(view.dtype), mask=mask, eviction_policy="evict_first")
 
 
-def _stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, groups, cpg):
+def _program_partial(x_ref, *, parts, part_rows, rows, groups, cpg):
+    """This statistics program's (sample n, part p, its partial (shift, lo, M2) [Gp])."""
     n, p = pl.program_id(0) // parts, pl.program_id(0) % parts
     s = x_ref.shape[1]
     gp, cp = next_power_of_2(groups), next_power_of_2(cpg)
@@ -240,6 +241,12 @@ def _stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, g
         _tile, x_ref, n, rows=rows, bg=gp, cp=cp, groups=groups, cpg=cpg, row_mask=row_mask
     )
     stats = _chunk_stats(lambda r0: tile(r0, r_end, 0), r_start, r_end, rows=rows, cpg=cpg)
+    return n, p, stats
+
+
+def _stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, groups, cpg):
+    n, p, stats = _program_partial(x_ref, parts=parts, part_rows=part_rows, rows=rows,
+                                   groups=groups, cpg=cpg)  # fmt: skip
     for ref, value in zip((shift_ref, lo_ref, m2_ref), stats, strict=True):
         ref[n, p, :] = value
 
@@ -254,16 +261,9 @@ def _stats_last_combine_kernel(
     ordered) and the arrival is an acquire-release atomic at GPU scope, so the last program
     reads them all. Interpret mode runs the programs one after another and has neither the
     atomic exchange nor the barrier: plain stores there."""
-    n, p = pl.program_id(0) // parts, pl.program_id(0) % parts
-    s = x_ref.shape[1]
-    gp, cp = next_power_of_2(groups), next_power_of_2(cpg)
-    r_start = p * part_rows
-    r_end = jnp.minimum(r_start + part_rows, s)
-    row_mask = s % part_rows != 0 or part_rows % rows != 0
-    tile = functools.partial(
-        _tile, x_ref, n, rows=rows, bg=gp, cp=cp, groups=groups, cpg=cpg, row_mask=row_mask
-    )
-    stats = _chunk_stats(lambda r0: tile(r0, r_end, 0), r_start, r_end, rows=rows, cpg=cpg)
+    n, p, stats = _program_partial(x_ref, parts=parts, part_rows=part_rows, rows=rows,
+                                   groups=groups, cpg=cpg)  # fmt: skip
+    s, gp = x_ref.shape[1], next_power_of_2(groups)
     for ref, value in zip((shift_ref, lo_ref, m2_ref), stats, strict=True):
         if interpret:
             ref[n, p, :] = value

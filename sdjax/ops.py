@@ -21,11 +21,11 @@ Implementation names:
                  fp16/bf16, lengths in whole blocks (`flash_attention_hopper.supports`).
   fused_softmax  (attention) our Pallas partially fused softmax (the paper's variant).
   columns        (group_norm) plain XLA in the shapes XLA reduces well: per-channel shifted
-                 sums in one column reduction, merged into groups (Chan's formula), then one
-                 element-wise normalize (`group_norm_columns`).
+                 sums in one column reduction, merged into groups, then one element-wise
+                 normalize (`group_norm_columns`: `group_norm_concat`'s XLA form, one part).
   pallas         (group_norm, layer_norm, geglu) our Pallas kernels (Triton).
   pallas_stats   (group_norm) our Pallas statistics kernel (`custom_calls.group_statistics`),
-                 then XLA's element-wise normalize with per-channel a, b.
+                 then XLA's element-wise normalize (`group_norm_concat`'s Pallas form, one part).
   pallas_hopper  (geglu) our Pallas Mosaic GPU GEGLU for Hopper: fp16/bf16, shapes in whole
                  tiles (`geglu_hopper.supports`).
   taps           (conv3x3) one matrix product against all nine taps, then a shifted sum
@@ -412,49 +412,21 @@ def _group_norm_xla(x, scale, bias, *, groups, eps, activation):
 
 
 def group_norm_columns(x, scale, bias, *, groups=32, eps=1e-5, activation: Activation = None):
-    """GroupNorm as XLA fuses it well: x [N, ..., C] viewed as [N, S, C] (S = H*W).
-
-    1. One column reduction over S: per channel c, the sums of d = x - K_c and of d^2, with
-       K_c = x[n, 0, c] (the first position), so that the float32 sums do not cancel when a
-       channel's mean is far from zero.
-    2. Per channel: mean_c and M2_c (the centred sum of squares); per group, Chan's merge of
-       its cpg channels (equal counts): mean_g = mean of mean_c, M2_g = sum of M2_c plus
-       S * (mean_c - mean_g)^2.
-    3. One element-wise pass: act(x * a_c + b_c), a_c = scale_c * rstd_g, b_c = bias_c - mean_g * a_c.
-    Reads x twice and writes it once; statistics and normalization in float32.
-    """
-    n, c = x.shape[0], x.shape[-1]
-    cpg = c // groups
-    x3 = x.reshape(n, -1, c)
-    s = x3.shape[1]
-    shift = x3[:, :1].astype(jnp.float32)  # [N, 1, C]
-    d = x3.astype(jnp.float32) - shift
-    s1, s2 = jnp.sum(d, axis=1), jnp.sum(d * d, axis=1)  # [N, C]
-    mean_c = (shift[:, 0] + s1 / s).reshape(n, groups, cpg)
-    m2_c = (s2 - s1 * s1 / s).reshape(n, groups, cpg)
-    mean_g = jnp.mean(mean_c, axis=-1, keepdims=True)
-    m2_g = jnp.sum(m2_c + s * jnp.square(mean_c - mean_g), axis=-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.maximum(m2_g, 0.0) / (s * cpg) + eps)  # [N, G, 1]
-    a = scale.astype(jnp.float32).reshape(groups, cpg) * rstd
-    b = bias.astype(jnp.float32).reshape(groups, cpg) - mean_g * a
-    y = x3.astype(jnp.float32) * a.reshape(n, 1, c) + b.reshape(n, 1, c)
-    return apply_activation(y, activation).astype(x.dtype).reshape(x.shape)
+    """GroupNorm as XLA fuses it well: per-channel sums of x less each channel's first value in
+    one column reduction, merged into groups (`_concat_statistics_xla`), then one element-wise
+    pass with per-channel a, b (`_normalize_parts`). x [N, ..., C]; float32 statistics."""
+    stats = _concat_statistics_xla((x,), groups)
+    return _normalize_parts((x,), *stats, scale, bias, groups=groups, eps=eps,
+                            activation=activation)  # fmt: skip
 
 
 def group_norm_pallas_stats(x, scale, bias, *, groups=32, eps=1e-5,
                             activation: Activation = None):  # fmt: skip
-    """GroupNorm from our statistics kernel (`custom_calls.group_statistics`: per-group mean
-    and M2 in float32) and one XLA element-wise pass act(x * a_c + b_c) over x [N, S, C],
-    with a_c = scale_c * rstd_g and b_c = bias_c - mean_g * a_c."""
-    n, c = x.shape[0], x.shape[-1]
-    cpg = c // groups
-    x3 = x.reshape(n, -1, c)
-    mean, m2 = custom_calls.group_statistics(x, groups=groups)  # [N, G] each
-    rstd = jax.lax.rsqrt(m2 / (x3.shape[1] * cpg) + eps)
-    a = scale.astype(jnp.float32).reshape(groups, cpg) * rstd[:, :, None]
-    b = bias.astype(jnp.float32).reshape(groups, cpg) - mean[:, :, None] * a
-    y = x3.astype(jnp.float32) * a.reshape(n, 1, c) + b.reshape(n, 1, c)
-    return apply_activation(y, activation).astype(x.dtype).reshape(x.shape)
+    """GroupNorm from our statistics kernel (`custom_calls.group_statistics`, through
+    `_concat_statistics_pallas`) and XLA's element-wise pass (`_normalize_parts`)."""
+    stats = _concat_statistics_pallas((x,), groups)
+    return _normalize_parts((x,), *stats, scale, bias, groups=groups, eps=eps,
+                            activation=activation)  # fmt: skip
 
 
 def _group_norm_pallas(x, scale, bias, *, groups, eps, activation):
@@ -590,17 +562,30 @@ def group_norm_concat(
         return group_norm_reference(x, scale, bias, groups=groups, eps=eps, activation=activation)
     statistics = _concat_statistics_pallas if impl == "pallas" else _concat_statistics_xla
     mean, m2 = statistics((x1, x2), groups)
-    rstd = jax.lax.rsqrt(m2 / (math.prod(x1.shape[1:-1]) * (c // groups)) + eps)  # [N, G]
-    n = x1.shape[0]
+    return _normalize_parts((x1, x2), mean, m2, scale, bias, groups=groups, eps=eps,
+                            activation=activation)  # fmt: skip
+
+
+def _normalize_parts(parts, mean, m2, scale, bias, *, groups, eps, activation):
+    """act((x - mean_g) * a_c + b_c) of the channel concatenation of `parts` [N, ..., C_i],
+    given its per-group mean and M2 [N, G], as one XLA fusion writing the concatenated output
+    (a_c = scale_c * rstd_g, b_c = bias_c)."""
+    c = sum(x.shape[-1] for x in parts)
+    lead = parts[0].shape[:-1]
+    rstd = jax.lax.rsqrt(m2 / (math.prod(lead[1:]) * (c // groups)) + eps)  # [N, G]
+    n = lead[0]
     a = scale.astype(jnp.float32).reshape(groups, -1) * rstd[..., None]  # [N, G, C / G]
-    mean_c = jnp.broadcast_to(mean[..., None], a.shape).reshape(n, 1, 1, c)
-    a = a.reshape(n, 1, 1, c)
+    bcast = (n,) + (1,) * (len(lead) - 1) + (c,)
+    mean_c = jnp.broadcast_to(mean[..., None], a.shape).reshape(bcast)
+    a = a.reshape(bcast)
     b = bias.astype(jnp.float32)
-    outs = []
-    for x, lo, hi in ((x1, 0, x1.shape[-1]), (x2, x1.shape[-1], c)):
+    outs, lo = [], 0
+    for x in parts:
+        hi = lo + x.shape[-1]
         y = (x.astype(jnp.float32) - mean_c[..., lo:hi]) * a[..., lo:hi] + b[lo:hi]
         outs.append(apply_activation(y, activation).astype(x.dtype))
-    return jnp.concatenate(outs, axis=-1)
+        lo = hi
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
