@@ -96,7 +96,8 @@ def define_flags() -> None:
 # layout changes included, is paid per call). denoise_loop: the pipeline's jitted scan of
 # --loop_steps guided steps, reported per step: what a step costs inside generation, where XLA
 # may hoist loop-invariant work (weight layout changes, the context's K/V projections) out.
-PROGRAMS = ("unet_step", "denoise_loop", "vae_decode")
+# text_encoder: the CLIP encoder on a guided batch (prompt and negative prompt, 77 tokens each).
+PROGRAMS = ("unet_step", "denoise_loop", "vae_decode", "text_encoder")
 
 TOP_OPS = 60  # HLO instructions listed per program (JSON), by time
 
@@ -145,17 +146,20 @@ KIND_RULES: tuple[tuple[str, str, bool], ...] = (
 )
 _RULES = tuple((kind, re.compile(p, re.IGNORECASE), strong) for kind, p, strong in KIND_RULES)
 
-_ATTENTION_MODULE = re.compile(r"^(attn\d+|attentions_\d+)$")
+_ATTENTION_MODULE = re.compile(r"^(attn\d+|attentions_\d+|self_attn)$")  # UNet, VAE; CLIP
 # First scope under an attention module that is not the attention itself.
 _NOT_CORE = re.compile(
-    r"^(to_\w+|proj_(in|out)|norm\d*|group_norm|ff|net_\d+|transformer_blocks_\d+)$"
+    r"^(to_\w+|[qkv]_proj|out_proj|proj_(in|out)|norm\d*|group_norm|ff|net_\d+|"
+    r"transformer_blocks_\d+)$"
 )
 # Ops placed directly in an attention module's scope that belong to softmax(QK^T)V.
 _CORE_OPS = {
     "dot_general", "exp", "exp2", "reduce_max", "reduce_sum", "sub", "div", "mul", "max",
-    "pallas_call", "dot_product_attention", "custom_call",
+    "pallas_call", "dot_product_attention", "custom_call", "select_n",
 }  # fmt: skip
-_NORM_MODULE = re.compile(r"^(norm\d*|group_norm|conv_norm_out|norm_out)$")
+_NORM_MODULE = re.compile(
+    r"^(norm\d*|group_norm|conv_norm_out|norm_out|layer_norm\d*|final_layer_norm)$"
+)
 
 
 def _scope_kind(op_name: str) -> str | None:
@@ -550,6 +554,17 @@ def vae_attention_shapes(cfg, latent: int, batch: int = 1):
     return [AttentionShape(f"vae_mid_{c}", batch, latent * latent, 1, c, latent * latent)]
 
 
+def text_attention_shapes(cfg, batch: int = 2):
+    """The text encoder's causal self-attentions, one per layer, counted in full (the jaxpr's
+    products are; causality halves what a fused kernel needs)."""
+    from sdjax.shapes import AttentionShape
+
+    length = cfg.max_position_embeddings
+    heads = cfg.num_attention_heads
+    shape = AttentionShape(f"text_{length}", batch, length, heads, cfg.hidden_size // heads, length)
+    return [shape] * cfg.num_hidden_layers
+
+
 def _registry_names(shapes, prefix: str) -> dict[str, int]:
     """{name: count}, named as in sdjax.shapes.ATTENTION_SHAPES where the shape is there."""
     from sdjax.shapes import ATTENTION_SHAPES
@@ -929,6 +944,7 @@ def profile(
     from experiments import common
     from sdjax import config as sd_config
     from sdjax import ops, pipeline, schedulers, weights
+    from sdjax.models import clip
     from sdjax.models.vae import AutoencoderKL
 
     if compiler_options is None:
@@ -950,6 +966,7 @@ def profile(
     params = weights.random_params(config, seed=0, dtype=jdtype)
     unet_params = jax.device_put(params["unet"])
     vae_params = jax.device_put(params["vae"])
+    text_params = jax.device_put(params["text_encoder"])
     del params
     setup_s = time.perf_counter() - t0
 
@@ -968,6 +985,13 @@ def profile(
     )
     z = jax.random.normal(jax.random.fold_in(key, 3), (1, latent, latent, vcfg.latent_channels))
     vae_args = (vae_params, z.astype(jdtype))
+    tcfg = config.text_encoder
+    # token ids of a guided batch: random ids in the vocabulary (the encoder's cost does not
+    # depend on them), 77 per prompt
+    ids = jax.random.randint(
+        jax.random.fold_in(key, 4), (2, tcfg.max_position_embeddings), 0, tcfg.vocab_size
+    )
+    text_args = (text_params, ids)
 
     def unet_step_with(impl):
         def unet_step(p, x, t, ctx, uctx, scale):
@@ -996,6 +1020,13 @@ def profile(
                 return AutoencoderKL(vcfg).apply({"params": p}, z, method="decode")
 
         return vae_decode
+
+    def text_encoder_with(impl):
+        def text_encoder(p, ids):
+            with ops.use(impl):
+                return clip.encode(p, ids, tcfg, dtype=jdtype)
+
+        return text_encoder
 
     rates = measure_rates(jdtype, matmul_size, copy_mib)
     common_kw = dict(
@@ -1038,6 +1069,15 @@ def profile(
             vae_args,
             flops_fn=vae_decode_with(xla),
             attention_shapes=vae_attention_shapes(vcfg, latent, batch=1),
+            shape_prefix="",
+            **common_kw,
+        ),
+        "text_encoder": lambda: profile_program(
+            "text_encoder",
+            text_encoder_with(impls),
+            text_args,
+            flops_fn=text_encoder_with(xla),
+            attention_shapes=text_attention_shapes(tcfg, batch=2),
             shape_prefix="",
             **common_kw,
         ),
@@ -1205,6 +1245,7 @@ def markdown(record: dict, top: int = 30) -> str:
         "denoise_loop": f"UNet step inside the denoising scan ({record.get('loop_steps')} "
         "guided steps per call; figures per step)",
         "vae_decode": f"VAE decode (batch {record['vae_batch']})",
+        "text_encoder": "text encoder (batch 2: prompt and negative prompt)",
     }
     for key, p in record["programs"].items():
         if "error" in p:

@@ -1,7 +1,7 @@
 """The one seam through which the models call their hot ops.
 
-The models never call a kernel directly. They call `attention`, `group_norm`, `layer_norm`,
-`geglu`, `conv3x3` and `upsample_conv` here, and the implementation is chosen once, outside the model,
+The models never call a kernel directly. They call `attention` (and the text encoder's
+`causal_attention`), `group_norm`, `layer_norm`, `geglu`, `conv3x3` and `upsample_conv` here, and the implementation is chosen once, outside the model,
 with `use(...)`:
 
     with sdjax.ops.use(Implementations(attention="flash")):
@@ -376,6 +376,70 @@ def attention(q, k, v, *, scale: float | None = None, implementation: AttentionI
         impl = "xla"
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _ATTENTION[impl](q, k, v, scale=scale)
+
+
+def causal_attention_reference(q, k, v, *, scale: float):
+    """Causal softmax attention in float32 (query i sees keys 0..i), returned in q's dtype.
+
+    q, k, v: [batch, length, heads, head_dim] (self-attention: one length).
+    """
+    length = q.shape[1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).astype(q.dtype)
+
+
+def _causal_xla(q, k, v, *, scale):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla")
+
+
+def _causal_cudnn(q, k, v, *, scale):
+    if why := cudnn_supports(q):
+        raise ValueError(f"attention implementation 'cudnn' cannot run {q.shape} {q.dtype}: {why}")
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=True, implementation="cudnn"
+    )
+
+
+_CAUSAL: dict[str, Callable] = {
+    "reference": causal_attention_reference,
+    "xla": _causal_xla,
+    "cudnn": _causal_cudnn,
+}
+
+
+def _auto_causal(q) -> str:
+    """cuDNN's fused causal attention on GPU where it runs (the text encoder's 77 tokens:
+    one kernel in place of XLA's two batched products, mask and softmax), else the fp32
+    reference (CPU, fp32)."""
+    return "cudnn" if on_gpu() and not cudnn_supports(q) else "reference"
+
+
+def causal_attention(q, k, v, *, scale: float | None = None,
+                     implementation: AttentionImpl | None = None):  # fmt: skip
+    """Causal softmax self-attention (the text encoder's). q, k, v: [B, L, H, D] -> [B, L, H, D].
+
+    Takes the `attention` implementation in force. Our kernels (flash, flash_hopper,
+    fused_softmax) have no causal mask: they run XLA's, logged and listed in `fallbacks()`.
+    """
+    if q.ndim != 4 or not q.shape == k.shape == v.shape:
+        raise ValueError(
+            f"causal_attention wants q, k, v of one shape [B,L,H,D]; got {q.shape=} {k.shape=} "
+            f"{v.shape=}"
+        )
+    impl = implementation or current().attention
+    if impl == "auto":
+        impl = _auto_causal(q)
+    if impl in ("flash", "flash_hopper", "fused_softmax"):
+        _fallback(f"causal attention {impl}->xla", f"{impl} has no causal mask")
+        impl = "xla"
+    if impl not in _CAUSAL:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose from "
+                         f"{get_args(AttentionImpl)}")  # fmt: skip
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _CAUSAL[impl](q, k, v, scale=scale)
 
 
 # --------------------------------------------------------------------------------------------

@@ -591,3 +591,73 @@ def test_auto_upsample_phases_in_the_conditioning_where_subpixel_pays(monkeypatc
         )  # fmt: skip
     paths = ["/".join(map(str, p)) for p, _ in jax.tree_util.tree_flatten_with_path(cond)[0]]
     assert any("phase_kernel" in p for p in paths) == built, paths
+
+
+def _causal_inputs(rng, shape, dtype):
+    return [jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3)]
+
+
+def _causal_by_hand(q, k, v, scale):
+    """Query i attends to keys 0..i: each row's softmax over its own prefix, in float64."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    out = np.zeros_like(q)
+    for i in range(q.shape[1]):
+        logits = np.einsum("bhd,bkhd->bhk", q[:, i], k[:, : i + 1]) * scale
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, i] = np.einsum("bhk,bkhd->bhd", p, v[:, : i + 1])
+    return out
+
+
+def test_causal_attention_reference_is_the_prefix_softmax(rng):
+    q, k, v = _causal_inputs(rng, (3, 77, 2, 40), jnp.float32)
+    out = ops.causal_attention(q, k, v, implementation="reference")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert rel(out, _causal_by_hand(q, k, v, 40**-0.5)) <= 1e-5
+    # the first query sees only the first key: its output is v[:, 0]
+    np.testing.assert_allclose(out[:, 0], v[:, 0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_causal_attention_xla_agrees(dtype, head_dim, rng):
+    q, k, v = _causal_inputs(rng, (3, 77, 3, head_dim), dtype)
+    ref = ops.causal_attention(q, k, v, implementation="reference")
+    out = ops.causal_attention(q, k, v, implementation="xla")
+    assert out.dtype == dtype
+    assert rel(out, ref) <= {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 2e-2}[dtype]
+
+
+def test_causal_attention_kernels_without_a_mask_run_xla_and_say_so(rng):
+    q, k, v = _causal_inputs(rng, (2, 77, 2, 64), jnp.float32)
+    ref = ops.causal_attention(q, k, v, implementation="reference")
+    for impl in ("flash", "fused_softmax"):
+        assert rel(ops.causal_attention(q, k, v, implementation=impl), ref) <= 1e-5
+        assert f"causal attention {impl}->xla" in ops.fallbacks()
+
+
+def test_causal_attention_errors(rng):
+    q = jnp.ones((2, 77, 2, 64), jnp.float16)
+    with pytest.raises(ValueError, match="one shape"):
+        ops.causal_attention(q, q[:, :10], q[:, :10])
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        ops.causal_attention(q, q, q, implementation="flashy")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="cudnn.*needs a GPU"):
+            ops.causal_attention(q, q, q, implementation="cudnn")
+        with ops.use("auto"):  # auto off GPU: the float32 reference
+            assert ops._auto_causal(q) == "reference"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 77, 12, 64), (3, 77, 16, 64), (1, 77, 20, 64), (2, 50, 8, 40)])
+def test_causal_attention_cudnn_agrees_on_gpu(dtype, shape, rng):
+    """cuDNN's fused causal attention (what `auto` takes on GPU) against the float32
+    reference: SD1.x's text encoder (12 heads), SD2.x's (16), batch 3, an odd length."""
+    q, k, v = _causal_inputs(rng, shape, dtype)
+    ref = ops.causal_attention(q, k, v, implementation="reference")
+    out = ops.causal_attention(q, k, v, implementation="cudnn")
+    assert out.dtype == dtype
+    assert rel(out, ref) <= {jnp.float16: 2e-3, jnp.bfloat16: 2e-2}[dtype]
+    assert ops._auto_causal(q) == "cudnn"
