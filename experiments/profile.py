@@ -1095,7 +1095,7 @@ def profile(
         "device": common.device_info(),
         "config": config_name,
         "dtype": dtype,
-        "kernels": kernels,
+        "kernels": implementations_label(kernels),
         "implementations": dataclasses.asdict(impls),
         "compiler_options": dict(compiler_options or {}),
         "resolution": res,
@@ -1313,6 +1313,22 @@ def write_outputs(record: dict, out_dir, *, top: int = 30, tag: str = "") -> tup
     except Exception:  # the chart is a convenience; the JSON and markdown are written
         traceback.print_exc()
     return paths, md
+
+
+def implementations_label(impls) -> str:
+    """A file-name-safe name of an `sdjax.ops.Implementations`: the preset it equals, else the
+    nearest preset and its overrides ("auto+attention=reference")."""
+    from sdjax import ops
+
+    if isinstance(impls, str):
+        return impls
+
+    def diff(preset):
+        return [f"{f}={getattr(impls, f)}" for f in ops.Implementations.fields()
+                if getattr(impls, f) != getattr(preset, f)]  # fmt: skip
+
+    name, changed = min(((n, diff(p)) for n, p in ops.PRESETS.items()), key=lambda t: len(t[1]))
+    return "+".join([name, *changed])
 
 
 def _implementations(preset: str, overrides: list[str]):

@@ -390,3 +390,16 @@ def test_busy_time_is_the_union_of_kernel_intervals():
     busy, overlap = profile._busy_and_overlap(ev)
     assert busy == 16.0 + 5.0
     assert overlap == {"b.1": 4.0, "d.1": 2.0}
+
+
+def test_implementations_label_names_the_preset_and_its_overrides():
+    import dataclasses
+
+    from sdjax import ops
+
+    auto = ops.Implementations.preset("auto")
+    assert profile.implementations_label("auto") == "auto"
+    assert profile.implementations_label(auto) == "auto"
+    changed = dataclasses.replace(auto, attention="reference")
+    assert profile.implementations_label(changed) == "auto+attention=reference"
+    assert profile.implementations_label(ops.Implementations.preset("xla")) == "xla"
