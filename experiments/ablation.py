@@ -4,7 +4,10 @@
 
 Rows add our kernels one at a time to the plain-XLA baseline, then `auto`. For each row:
 text encoder, UNet per step, VAE decode and 20-step total (median of --repeats runs of the
-whole pipeline, compile excluded), compile time, the programs' memory (XLA's memory
+whole pipeline, compile excluded, each component waited for before the next starts), the
+image's end-to-end wall time with the components dispatched back to back and one wait at the
+end (median of --end_to_end_repeats runs: what a caller waits for; the pipeline's launch work
+for one component then overlaps the GPU's work on the one before), compile time, the programs' memory (XLA's memory
 analysis) and the final image's difference from the float32 reference path. All rows run in
 one process on the same random weights and inputs. Anchors in the same process: the
 diffusers PyTorch UNet (fp16, SDPA; eager and as a CUDA graph) and the last diffusers with
@@ -30,6 +33,12 @@ flags.DEFINE_integer("steps", 20, "denoising steps (DDIM: one UNet call per step
 flags.DEFINE_integer("resolution", None, "pixels per side; default: the model's")
 flags.DEFINE_float("guidance", 7.5, "guidance scale")
 flags.DEFINE_integer("repeats", 3, "timed runs per row (median)")
+flags.DEFINE_integer(
+    "end_to_end_repeats",
+    3,
+    "runs per row with the components dispatched back to back and one wait at the end "
+    "(generate(sync_components=False)): the image's end-to-end wall time, median; 0: none",
+)
 flags.DEFINE_list("rows", None, "subset of rows to run (default: all)")
 flags.DEFINE_bool("anchors", True, "time the diffusers PyTorch and Flax UNets too")
 flags.DEFINE_bool("reference", True, "compare every row's image with the float32 reference path")
@@ -149,6 +158,12 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, o
         for _ in range(FLAGS.repeats)
     ]
     med = {c: statistics.median(r.timings[c]["run_s"] for r in runs) * 1e3 for c in first.timings}
+    # The same image with no wait between components (the pipeline's launch work for one
+    # component overlaps the GPU's work on the one before): what a caller of generate waits.
+    unsynced = [
+        pipe.generate("a photograph of an astronaut riding a horse", sync_components=False, **kw)
+        for _ in range(FLAGS.end_to_end_repeats)
+    ]
     steps = first.timings["denoise"]["steps"]
     row = {
         "row": name,
@@ -158,11 +173,19 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, o
         "unet_step_ms": med["denoise"] / steps,
         "denoise_ms": med["denoise"],
         "vae_decode_ms": med["vae_decode"],
+        # the components' wall times, each waited for: what the image costs, component by
+        # component
         "total_ms": sum(med.values()),
         "compile_s": sum(v["compile_s"] for v in first.timings.values()),
         "compile_s_by_component": {c: v["compile_s"] for c, v in first.timings.items()},
         "memory": _memory(pipe),
     }
+    if unsynced:
+        row["end_to_end_ms"] = statistics.median(
+            r.timings["end_to_end"]["run_s"] for r in unsynced
+        ) * 1e3  # fmt: skip
+        same = all(np.array_equal(r.images, runs[-1].images) for r in unsynced)
+        row["end_to_end_same_image"] = bool(same)
     row["est_peak_gib"] = row["memory"]["est_peak_gib"]
     for key, compiled in pipe._compiled.items():
         if key[0] == "denoise":
@@ -369,6 +392,7 @@ def main(argv):
         "unet_step_ms",
         "vae_decode_ms",
         "total_ms",
+        "end_to_end_ms",
         "speedup_vs_baseline",
         "est_peak_gib",
         "compile_s",

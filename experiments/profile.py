@@ -96,7 +96,8 @@ def define_flags() -> None:
 # layout changes included, is paid per call). denoise_loop: the pipeline's jitted scan of
 # --loop_steps guided steps, reported per step: what a step costs inside generation, where XLA
 # may hoist loop-invariant work (weight layout changes, the context's K/V projections) out.
-# text_encoder: the CLIP encoder on a guided batch (prompt and negative prompt, 77 tokens each).
+# text_encoder: the CLIP encoder on a guided batch (prompt and negative prompt, 77 tokens each),
+# as the pipeline runs it (padded to sdjax.pipeline.TEXT_PAD_MULTIPLE tokens).
 PROGRAMS = ("unet_step", "denoise_loop", "vae_decode", "text_encoder")
 
 TOP_OPS = 60  # HLO instructions listed per program (JSON), by time
@@ -1024,7 +1025,9 @@ def profile(
     def text_encoder_with(impl):
         def text_encoder(p, ids):
             with ops.use(impl):
-                return clip.encode(p, ids, tcfg, dtype=jdtype)
+                return clip.encode(
+                    p, ids, tcfg, dtype=jdtype, pad_multiple=pipeline.TEXT_PAD_MULTIPLE
+                )
 
         return text_encoder
 

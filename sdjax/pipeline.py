@@ -51,6 +51,12 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 
+# The text encoder runs its layers on the prompt's tokens padded to a multiple of this (77 ->
+# 80; exact, `sdjax.models.clip.CLIPTextTransformer`): XLA would otherwise pad the rows of
+# each of its 48 matrix products (2 x 77 = 154) to a multiple of 8 for cuBLAS, a copy kernel
+# before each one on GPU (experiments/results/README.md, ninth session).
+TEXT_PAD_MULTIPLE = 16
+
 
 # The compile options a pipeline uses unless told otherwise (experiments/results/README.md).
 # On a GPU, XLA's own Triton GEMM fusions off, so that every dot outside our kernels goes to
@@ -407,10 +413,13 @@ class StableDiffusion:
         def encode_text(params, ids):
             """ids [N, 77] -> [N, 77, D]; or [2, N, 77] (prompts, negative prompts) -> the two
             [N, 77, D] from one batch of 2N."""
+            encode = functools.partial(
+                clip.encode, config=cfg, dtype=dtype, pad_multiple=TEXT_PAD_MULTIPLE
+            )
             with ops.use(kernels):
                 if ids.ndim == 2:
-                    return clip.encode(params, ids, cfg, dtype=dtype)
-                out = clip.encode(params, ids.reshape(-1, ids.shape[-1]), cfg, dtype=dtype)
+                    return encode(params, ids)
+                out = encode(params, ids.reshape(-1, ids.shape[-1]))
                 out = out.reshape(*ids.shape, -1)
                 return out[0], out[1]
 
@@ -462,6 +471,7 @@ class StableDiffusion:
         strength: float = 0.8,
         index_offset: int = 0,
         progress=None,
+        sync_components: bool = True,
     ) -> Result:
         """Generates one image per prompt.
 
@@ -481,6 +491,13 @@ class StableDiffusion:
             longer list (`sdjax.distributed.process_block`) makes the same images as one host
             generating all of it.
           progress: optional host callable(step_index) after each step.
+          sync_components: wait for each component (text encoder, VAE encode, denoising,
+            VAE decode) before starting the next, so that `timings[c]["run_s"]` is that
+            component's wall time. False dispatches them back to back and waits once at the
+            end: the host's launch work for one component then overlaps the GPU's work on the
+            one before, and `timings` gives only compile times per component and
+            `timings["end_to_end"]["run_s"]`, the wall time from the text encoder's dispatch to
+            the decoded images (less any compile time in between: meaningful once compiled).
         """
         cfg = self.config
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -548,11 +565,19 @@ class StableDiffusion:
         encode, c_s = self._compile(
             "encode_text", self._encode_fn(), self.params["text_encoder"], ids
         )
-        t0 = time.perf_counter()
+        def finished(name, out, t0, compile_s):
+            """Records component `name` (waiting for `out` when sync_components)."""
+            if sync_components:
+                out = jax.block_until_ready(out)
+                timings[name] = {"compile_s": compile_s, "run_s": time.perf_counter() - t0}
+            else:
+                timings[name] = {"compile_s": compile_s}
+            return out
+
+        t_start = t0 = time.perf_counter()
         context = self._run(encode, "text_encoder", ids)
         context, uncond = context if use_guidance else (context, None)
-        jax.block_until_ready((context, uncond))
-        timings["text_encoder"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
+        context, uncond = finished("text_encoder", (context, uncond), t0, c_s)
 
         # 2. initial latents
         if latents is not None:
@@ -571,8 +596,7 @@ class StableDiffusion:
             t0 = time.perf_counter()
             x0 = self._run(enc, "vae", batch(init_image), enc_noise)
             x = sched.add_noise(x0, batch(noise), start)
-            x = jax.block_until_ready(jax.device_put(x, self.batch_sharding))
-            timings["vae_encode"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
+            x = finished("vae_encode", jax.device_put(x, self.batch_sharding), t0, c_s)
         else:
             x = batch(noise * np.float32(sched.init_noise_sigma))
         step_noise = None
@@ -596,14 +620,20 @@ class StableDiffusion:
         statics = (sched, start, progress, self.hoist_conditioning)
         run_loop, c_s = self._compile("denoise", loop, *args, statics=statics)
         t0 = time.perf_counter()
-        x = jax.block_until_ready(self._run(run_loop, "unet", *args[1:]))
-        timings["denoise"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0, "steps": n_steps}
+        x = finished("denoise", self._run(run_loop, "unet", *args[1:]), t0, c_s)
+        timings["denoise"]["steps"] = n_steps
 
         # 4. decode
         decode, c_s = self._compile("decode", self._decode_fn(), self.params["vae"], x)
         t0 = time.perf_counter()
-        images = jax.block_until_ready(self._run(decode, "vae", x))
-        timings["vae_decode"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0}
+        images = finished("vae_decode", self._run(decode, "vae", x), t0, c_s)
+        if not sync_components:
+            images = jax.block_until_ready(images)
+            compile_s = sum(t["compile_s"] for t in timings.values())
+            timings["end_to_end"] = {
+                "compile_s": compile_s,
+                "run_s": time.perf_counter() - t_start - compile_s,
+            }
 
         return Result(
             images=np.asarray(images)[:n],

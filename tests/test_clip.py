@@ -6,6 +6,7 @@ these tests also cover the text encoder's name mapping end to end.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -115,3 +116,23 @@ def test_rejects_too_long_input():
     params = clip.init_params(config, np.zeros(2, np.uint32))
     with pytest.raises(ValueError, match="input_ids"):
         clip.encode(params, jnp.zeros((1, 5), jnp.int32), config)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_padded_tokens_change_nothing_before_them(dtype):
+    """pad_multiple runs the layers on zero vectors after the prompt: the causal attention
+    keeps the first L outputs as they were."""
+    from sdjax import config as sd_config
+
+    cfg = sd_config.preset("tiny").text_encoder
+    params = clip.init_params(cfg, jax.random.PRNGKey(0))
+    ids = jax.random.randint(jax.random.PRNGKey(1), (3, 13), 0, cfg.vocab_size)
+    plain = clip.encode(params, ids, cfg, dtype=dtype)
+    padded = clip.encode(params, ids, cfg, dtype=dtype, pad_multiple=16)
+    assert padded.shape == plain.shape == (3, 13, cfg.hidden_size)
+    a, b = np.asarray(padded, np.float64), np.asarray(plain, np.float64)
+    assert np.isfinite(a).all()
+    tol = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}[dtype]
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) <= tol
+    with pytest.raises(ValueError, match="pad_multiple"):
+        clip.encode(params, ids, cfg, pad_multiple=0)

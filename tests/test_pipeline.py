@@ -170,6 +170,31 @@ def test_same_seed_same_image_other_seed_differs(tiny):
     assert a.timings["denoise"]["compile_s"] > 0 and b.timings["denoise"]["compile_s"] == 0
 
 
+def test_unsynced_components_make_the_same_image_and_time_it_end_to_end(tiny, monkeypatch):
+    synced = _gen(tiny, seed=3)
+    waits = []
+    real_wait = jax.block_until_ready
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: waits.append(1) or real_wait(x))
+    unsynced = _gen(tiny, seed=3, sync_components=False)
+    np.testing.assert_array_equal(unsynced.images, synced.images)
+    np.testing.assert_array_equal(unsynced.latents, synced.latents)
+    assert len(waits) == 1  # once, at the end
+    assert set(synced.timings) == {"text_encoder", "denoise", "vae_decode"}
+    assert all(t["run_s"] > 0 for t in synced.timings.values())
+    # unsynced: compile times per component, one wall time for the whole image
+    assert set(unsynced.timings) == {"text_encoder", "denoise", "vae_decode", "end_to_end"}
+    assert all("run_s" not in unsynced.timings[c] for c in ("text_encoder", "vae_decode"))
+    assert unsynced.timings["denoise"]["steps"] == 3
+    assert unsynced.timings["end_to_end"]["run_s"] > 0
+    assert unsynced.timings["end_to_end"]["compile_s"] == 0  # compiled by the synced call
+    # img2img's encode is a component too
+    image = synced.images
+    waits.clear()
+    img2img = _gen(tiny, seed=3, init_image=image, sync_components=False)
+    assert len(waits) == 1 and "vae_encode" in img2img.timings
+    assert img2img.timings["end_to_end"]["run_s"] > 0
+
+
 def test_batch_of_prompts_matches_single_runs(tiny):
     """Image i depends on (seed, i) only; index_offset places a block in a longer list."""
     batch = _gen(tiny, PROMPTS, seed=5)

@@ -125,8 +125,17 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
+    """Embeddings, encoder layers, final LayerNorm.
+
+    pad_multiple: run the layers on the tokens padded with zero vectors to a multiple of this
+    many, and return the first L. Exact: the attention is causal and every other op works per
+    token, so tokens after the prompt change nothing before them. It spares XLA's padding of
+    each matrix product's rows (77 tokens per prompt: a copy before every product on GPU).
+    """
+
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    pad_multiple: int = 1
 
     def setup(self):
         self.embeddings = CLIPTextEmbeddings(self.config, dtype=self.dtype)
@@ -134,7 +143,11 @@ class CLIPTextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype)
 
     def __call__(self, input_ids):
-        return self.final_layer_norm(self.encoder(self.embeddings(input_ids)))
+        x = self.embeddings(input_ids)  # [B, L, hidden]
+        length = x.shape[1]
+        if pad := -length % self.pad_multiple:
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        return self.final_layer_norm(self.encoder(x))[:, :length]
 
 
 class CLIPTextModel(nn.Module):
@@ -142,9 +155,14 @@ class CLIPTextModel(nn.Module):
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
+    pad_multiple: int = 1  # see CLIPTextTransformer
 
     def setup(self):
-        self.text_model = CLIPTextTransformer(self.config, dtype=self.dtype)
+        if self.pad_multiple < 1:
+            raise ValueError(f"pad_multiple must be >= 1; got {self.pad_multiple}")
+        self.text_model = CLIPTextTransformer(
+            self.config, dtype=self.dtype, pad_multiple=self.pad_multiple
+        )
 
     def __call__(self, input_ids):
         """input_ids: int [B, L], L <= max_position_embeddings -> last_hidden_state [B, L, hidden]."""
@@ -162,6 +180,8 @@ def init_params(config: CLIPTextConfig, rng: jax.Array) -> dict:
     return CLIPTextModel(config).init(rng, ids)["params"]
 
 
-def encode(params, input_ids, config: CLIPTextConfig, *, dtype=jnp.float32):
-    """input_ids: int [B, L] -> last_hidden_state [B, L, hidden] in `dtype`."""
-    return CLIPTextModel(config, dtype=dtype).apply({"params": params}, input_ids)
+def encode(params, input_ids, config: CLIPTextConfig, *, dtype=jnp.float32, pad_multiple: int = 1):
+    """input_ids: int [B, L] -> last_hidden_state [B, L, hidden] in `dtype`. pad_multiple:
+    the layers run on the tokens padded to a multiple of it (exact; `CLIPTextTransformer`)."""
+    model = CLIPTextModel(config, dtype=dtype, pad_multiple=pad_multiple)
+    return model.apply({"params": params}, input_ids)
