@@ -54,6 +54,10 @@ from custom_calls._common import mosaic_interpret_params, resolve_interpret
 from custom_calls.group_norm import activate
 
 TILE_M = 64  # rows of a tile: one warpgroup's wgmma
+# Programs per cluster: Hopper's portable cluster sizes go to 8; a cluster tile of 64 * 4 rows
+# already divides w's L2 reads by 4 against x's by 1 (tile [64, 128], D = 320: 41 KB of x
+# against 164 KB of w per tile).
+CLUSTER_SIZES = (1, 2, 4)
 # A consumer's two accumulators of 64 x 128 float32 take 128 of its CONSUMER_REGISTERS (232).
 
 
@@ -65,6 +69,11 @@ class HopperConfig:
     block_k: int = 64  # reduction step: 64 fp16 = 128 bytes, the widest TMA/wgmma swizzle
     stages: int = 2  # reduction steps in flight per consumer (its shared-memory ring)
     programs: int | None = None  # persistent programs; None: one per SM of the device
+    # Programs per cluster (1, 2 or 4; GPU only): the cluster's programs take vertically
+    # adjacent tiles (rows 64 * c of a [64 * cluster, block_n] cluster tile) and receive each
+    # w tile once by TMA multicast, each issuing its share: w's reads from L2 fall by the
+    # cluster size. A ring slot is free again once every program of the cluster has used it.
+    cluster: int = 1
 
     def __post_init__(self):
         for f in ("block_n", "block_k"):
@@ -74,6 +83,8 @@ class HopperConfig:
             raise ValueError(f"stages={self.stages} must be >= 1")
         if self.programs is not None and self.programs < 1:
             raise ValueError(f"programs={self.programs} must be >= 1")
+        if self.cluster not in CLUSTER_SIZES:
+            raise ValueError(f"cluster={self.cluster} must be one of {CLUSTER_SIZES}")
 
 
 def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
@@ -104,8 +115,8 @@ def supports(x_shape, w_shape, dtype, config: HopperConfig | None = None) -> str
     config = config or heuristic_config(m, d, f2 // 2)
     if jnp.dtype(dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
         return f"dtype {jnp.dtype(dtype).name} (fp16/bf16 only)"
-    if m % TILE_M or m == 0:
-        return f"M={m} is not a positive multiple of {TILE_M}"
+    if m % (TILE_M * config.cluster) or m == 0:
+        return f"M={m} is not a positive multiple of {TILE_M * config.cluster} (64 x cluster)"
     if d % config.block_k:
         return f"D={d} is not a multiple of block_k={config.block_k}"
     if (f2 // 2) % config.block_n:
@@ -130,26 +141,31 @@ def _column_vector(ref, *, interpret: bool):
 
 def _kernel(
     x_ref, w_ref, b_ref, o_ref, x_smem, h_smem, g_smem, b_smem, o_smem, full, free, go, b_full,
-    *, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, interpret,
+    *, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, cluster, interpret,
 ):  # fmt: skip
-    """One persistent program: tiles pid, pid + programs, ... of the output.
+    """One persistent program: tiles pid, pid + programs, ... of the output (with clusters:
+    cluster tiles, of which this program takes rows 64 * (its index in the cluster)).
 
     x_ref [M, D]; w_ref [D, 2F] (hidden columns first); b_ref [2F]; o_ref [M, F].
     x_smem [2, stages, 64, block_k]; h_smem, g_smem [2, stages, block_k, block_n] (one ring
     per consumer); b_smem [2, 2, 2, block_n] (consumer, tile parity, hidden/gate);
     o_smem [2, 64, block_n]. full, free: [2 * stages] barriers, consumer c's slot s at
-    c * stages + s. go: [2], go[c] lets consumer c start its next tile's wgmmas. b_full:
-    [2 * 2], consumer c's biases of a tile of parity q at 2 * c + q.
+    c * stages + s (with clusters, `free` is a cluster barrier: every program's consumer
+    arrives on it in all the cluster's programs). go: [2], go[c] lets consumer c start its
+    next tile's wgmmas. b_full: [2 * 2], consumer c's biases of a tile of parity q at 2 * c + q.
+    `programs` and `tiles` count clusters and cluster tiles where cluster > 1.
     """
     wg = lax.axis_index("wg")
     pid = lax.axis_index("programs")
+    rank = lax.axis_index("cluster") if cluster > 1 else 0  # this program's rows of a tile
     n_local = (tiles - pid + programs - 1) // programs  # this program's tiles
     k_unroll = k_steps <= 32  # a short reduction: unrolled
+    multicast = {"collective_axes": "cluster"} if cluster > 1 else {}
 
     def origin(j):
         """Rows and columns of this program's j-th tile."""
         t = pid + j * programs
-        return (t // tiles_n) * TILE_M, (t % tiles_n) * block_n
+        return (t // tiles_n) * TILE_M * cluster + rank * TILE_M, (t % tiles_n) * block_n
 
     def slot_of(u, i):
         """Ring slot of reduction step i of a consumer's u-th tile."""
@@ -240,10 +256,11 @@ def _kernel(
                 ks = pl.ds(i * block_k, block_k)
                 plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(m0, TILE_M), ks], x_smem.at[c, slot],
                                         full.at[barrier])  # fmt: skip
+                # the same w tiles in every program of a cluster: one multicast copy
                 plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(n0, block_n)], h_smem.at[c, slot],
-                                        full.at[barrier])  # fmt: skip
+                                        full.at[barrier], **multicast)  # fmt: skip
                 plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(inner + n0, block_n)],
-                                        g_smem.at[c, slot], full.at[barrier])  # fmt: skip
+                                        g_smem.at[c, slot], full.at[barrier], **multicast)  # fmt: skip
 
             return carry
 
@@ -290,11 +307,21 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
     if why := supports(x.shape, w.shape, x.dtype, config):
         raise ValueError(f"geglu_hopper cannot run {x.shape} @ {w.shape}: {why}")
     interpret = resolve_interpret(interpret)
+    if config.cluster > 1 and interpret:
+        raise ValueError("geglu_hopper: clusters (cluster > 1) need the GPU, not interpret mode")
     k_steps = d // config.block_k
     stages = min(config.stages, k_steps)
     tiles_n = inner // config.block_n
-    tiles = (m // TILE_M) * tiles_n
-    programs = min(tiles, config.programs or _num_sms())
+    cl = config.cluster
+    tiles = (m // (TILE_M * cl)) * tiles_n  # cluster tiles
+    programs = min(tiles, (config.programs or _num_sms()) // cl)  # clusters
+    cluster_kw = dict(cluster=(cl,), cluster_names=("cluster",)) if cl > 1 else {}
+    slots = COMPUTE_WARPGROUPS * stages
+    free = (
+        plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=slots)
+        if cl > 1
+        else plgpu.Barrier(num_barriers=slots)
+    )
     dtype = x.dtype
     in_t, out_t = _transforms(config.block_k, dtype), _transforms(config.block_n, dtype)
     cw, bk, bn = COMPUTE_WARPGROUPS, config.block_k, config.block_n
@@ -305,7 +332,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         plgpu.SMEM((cw, 2, 2, bn), dtype),  # biases: consumer, tile parity, hidden/gate
         plgpu.SMEM((cw, TILE_M, bn), dtype, transforms=out_t),  # output tiles
         plgpu.Barrier(num_arrivals=3, num_barriers=cw * stages),  # full: x, hidden and gate
-        plgpu.Barrier(num_barriers=cw * stages),  # free: the consumer is done with the slot
+        free,  # free: the consumer (with clusters: every program's consumer) is done with it
         plgpu.Barrier(num_barriers=cw),  # go: the tensor cores are this consumer's
         plgpu.Barrier(num_arrivals=2, num_barriers=cw * 2),  # b_full: the two bias slices
     ]
@@ -319,6 +346,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         tiles_n=tiles_n,
         tiles=tiles,
         programs=programs,
+        cluster=cl,
         interpret=interpret,
     )
     out = plgpu.kernel(
@@ -327,6 +355,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         scratch_types=scratch,
         grid=(programs,),
         grid_names=("programs",),
+        **cluster_kw,
         num_threads=COMPUTE_WARPGROUPS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

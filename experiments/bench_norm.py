@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import importlib
 import itertools
 import json
 import math
@@ -57,6 +58,12 @@ _GN = flags.DEFINE_list("gn_shapes", [], "GroupNorm shape names (default: all)")
 _GEGLU = flags.DEFINE_list("geglu_shapes", [], "GEGLU shape names (default: all)")
 _SWEEP = flags.DEFINE_list("sweep", [], "GroupNorm shapes whose block configs are swept")
 _SWEEP_GEGLU = flags.DEFINE_list("sweep_geglu", [], "GEGLU shapes whose tiles are swept")
+_SWEEP_GEGLU_HOPPER = flags.DEFINE_list(
+    "sweep_geglu_hopper",
+    [],
+    "GEGLU shapes whose Hopper kernel configs (block_n, stages, cluster) are swept, by device "
+    "kernel time (GPU)",
+)
 _BUDGET = flags.DEFINE_float("budget_s", 1e9, "stop sweeping after this many seconds")
 _TIMING_CHECK = flags.DEFINE_bool("timing_check", False, "also time XLA with common.time_jax")
 _REPORT = flags.DEFINE_string(
@@ -450,6 +457,52 @@ def sweep_geglu(dtype, names, deadline) -> list[dict]:
     return rows
 
 
+def hopper_geglu_candidates(m: int, d: int, f: int, dtype) -> list:
+    """The Hopper GEGLU configs in scope for x [m, d] @ w [d, 2f]: tiles 64 or 128 columns
+    wide, 2-4 stages, clusters of 1, 2 and 4 programs (`geglu_hopper.HopperConfig`)."""
+    gh = importlib.import_module("custom_calls.geglu_hopper")
+    out = []
+    for cluster in gh.CLUSTER_SIZES:
+        # clusters of 4 also with 128 programs: an SM group (GPC) of 18 SMs holds four of
+        # them, so 132 // 4 = 33 clusters may not all be resident at once
+        for programs in (None, 128) if cluster == 4 else (None,):
+            for block_n in (64, 128):
+                for stages in (2, 3, 4):
+                    cfg = gh.HopperConfig(
+                        block_n=block_n, stages=stages, cluster=cluster, programs=programs
+                    )
+                    if gh.supports((m, d), (d, 2 * f), dtype, cfg) is None:
+                        out.append(cfg)
+    return out
+
+
+def sweep_geglu_hopper(dtype, names, deadline) -> list[dict]:
+    """Device kernel time and error of each Hopper GEGLU config on each named shape."""
+    rows, rng = [], np.random.default_rng(5)
+    for name in names:
+        s = GEGLU_SHAPES[name]
+        d, f = s.x_shape[-1], s.inner
+        m = math.prod(s.x_shape[:-1])
+        x, w = _normal(rng, s.x_shape, dtype, 1.0), _normal(rng, s.w_shape, dtype, d**-0.5)
+        b = _normal(rng, (2 * f,), jnp.float32, 0.5)
+        ref = np.asarray(jax.jit(geglu_reference)(x, w, b).astype(jnp.float32))
+        sets = [(v, w, b) for v in _variants(x, _CALLS.value)]
+        for cfg in hopper_geglu_candidates(m, d, f, x.dtype):
+            if time.perf_counter() > deadline:
+                return rows
+            row = {"shape": name, **dataclasses.asdict(cfg)}
+            fn = functools.partial(geglu_hopper, config=cfg)
+            try:
+                row["err"] = relative_error(jax.jit(fn)(x, w, b), ref)
+                row["kernel_us"] = _kernel_us(fn, sets)
+            except Exception as e:
+                row["error"] = _error_text(e)
+            rows.append(row)
+            print(f"hopper sweep {name:8s} {row.get('kernel_us', row.get('error'))} "
+                  f"err={row.get('err')} {cfg}", flush=True)  # fmt: skip
+    return rows
+
+
 # ------------------------------------------------------------------------------------------
 
 
@@ -553,6 +606,9 @@ def main(argv):
         update_gn_table(record["group_norm_sweep"], _GN_TABLE.value, _DTYPE.value)
         print(f"updated {_GN_TABLE.value}", flush=True)
     record["geglu_sweep"] = sweep_geglu(_DTYPE.value, _SWEEP_GEGLU.value, deadline)
+    record["geglu_hopper_sweep"] = sweep_geglu_hopper(
+        _DTYPE.value, _SWEEP_GEGLU_HOPPER.value, deadline
+    )
     for rows, sweep in ((record["group_norm"], record["group_norm_sweep"]),
                         (record["geglu"], record["geglu_sweep"])):  # fmt: skip
         for row in rows:

@@ -105,7 +105,8 @@ def test_heuristic_keeps_the_sms_busy():
 
 
 def test_rejects_bad_configs_and_inputs():
-    for bad in (dict(block_n=96), dict(block_k=32), dict(stages=0), dict(programs=0)):
+    for bad in (dict(block_n=96), dict(block_k=32), dict(stages=0), dict(programs=0),
+                dict(cluster=3), dict(cluster=8)):  # fmt: skip
         with pytest.raises(ValueError):
             HopperConfig(**bad)
     x = jnp.zeros((128, 64), jnp.float16)
@@ -113,6 +114,17 @@ def test_rejects_bad_configs_and_inputs():
         geglu_hopper(x, jnp.zeros((32, 256), jnp.float16), jnp.zeros((256,), jnp.float16))
     with pytest.raises(ValueError, match="bias must be"):
         geglu_hopper(x, jnp.zeros((64, 256), jnp.float16), jnp.zeros((128,), jnp.float16))
+
+
+def test_clusters_need_whole_cluster_tiles_and_the_gpu():
+    # a cluster's tile is 64 * cluster rows
+    assert supports((192, 128), (128, 256), jnp.float16, HopperConfig(cluster=2)) == (
+        "M=192 is not a positive multiple of 128 (64 x cluster)"
+    )
+    assert supports((256, 128), (128, 256), jnp.float16, HopperConfig(cluster=4)) is None
+    x, w, b = (jnp.ones(s, jnp.float16) for s in ((256, 128), (128, 256), (256,)))
+    with pytest.raises(ValueError, match="clusters .* need the GPU"):
+        geglu_hopper(x, w, b, config=HopperConfig(cluster=2), interpret=True)
 
 
 def _on_hopper() -> bool:
@@ -142,6 +154,32 @@ def test_gpu_configs(config, rng):
     x, w, b = _inputs(rng, (2, 1024, 640), 640, 2560, jnp.float16)
     out = geglu_hopper(x, w, b, config=config)
     assert _relative_error(out, geglu_reference(x, w, b)) <= TOLERANCE[jnp.float16]
+
+
+# Clusters (TMA multicast of w, a cluster barrier per ring slot): SD1.5's three levels, a
+# program count that leaves the clusters an uneven number of tiles, one stage (every step
+# waits on the whole cluster), batch 3 in x's leading axes, bf16.
+CLUSTER_CASES = [
+    ((2, 4096, 320), 320, 1280, jnp.float16, HopperConfig(cluster=2)),
+    ((2, 1024, 640), 640, 2560, jnp.float16, HopperConfig(block_n=64, stages=3, cluster=4)),
+    ((2, 256, 1280), 1280, 5120, jnp.float16, HopperConfig(block_n=64, stages=4, cluster=2)),
+    ((2, 256, 1280), 1280, 5120, jnp.bfloat16, HopperConfig(cluster=4)),
+    ((3, 256, 640), 640, 2560, jnp.float16, HopperConfig(block_n=64, stages=1, cluster=2,
+                                                         programs=14)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CLUSTER_CASES, ids=lambda c: _case_id(c) + f"c{c[-1].cluster}")
+def test_gpu_clusters(case, rng):
+    x_shape, d, f, dtype, config = case
+    x, w, b = _inputs(rng, x_shape, d, f, dtype)
+    ref = geglu_reference(x, w, b)
+    out = geglu_hopper(x, w, b, config=config)
+    assert out.shape == ref.shape
+    assert _relative_error(out, ref) <= TOLERANCE[dtype]
+    # the same output again: no slot overwritten before every program of the cluster used it
+    np.testing.assert_array_equal(np.asarray(geglu_hopper(x, w, b, config=config)), out)
 
 
 @pytest.mark.gpu
