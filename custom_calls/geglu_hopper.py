@@ -26,7 +26,12 @@ Where it stands (H100, device kernel time): 40.1 us at 8192 x 320 x 2560 (Triton
 81.2 us at 18432 x 320 x 2560 (Triton 104.2); behind Triton at K = 640 and 1280. It re-reads
 w for every 64-row tile, 256 MB of L2 reads at the first shape, at about 6.4 TB/s: L2-bound.
 Two designs that read less (a 128-row tile shared by both consumers; w resident per program)
-measured slower (`experiments/results/README.md`, "GEGLU on Hopper").
+measured slower (`experiments/results/README.md`, "GEGLU on Hopper"). A third does better:
+*clusters* (`HopperConfig.cluster`) of 2 programs take vertically adjacent tiles and receive
+each w tile once, by TMA multicast, each program issuing half of it; a ring slot is free
+again when the consumers of both programs have arrived on its cluster barrier. At SD1.5's
+64x64 and 32x32 levels: 42.8 -> 39.2 and 41.5 -> 33.1 us, the latter ahead of Triton's 35.5
+(`CLUSTERED`). Clusters of 4 were 1.7-1.8x slower. Interpret mode has no clusters.
 
 Scope (`supports`): fp16/bf16; x's rows (M) a multiple of 64; D a multiple of block_k; F a
 multiple of block_n. Other shapes take the Triton kernel (`sdjax.ops`). Off GPU the kernel
@@ -97,10 +102,20 @@ def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
     return jnp.dtype(dtype).itemsize * COMPUTE_WARPGROUPS * (stages * step + out + bias)
 
 
+# (D, F) of SD's GEGLUs where clusters of 2 measured fastest (H100, device kernel time,
+# `bench_norm --sweep_geglu_hopper`, `experiments/results/README.md`, call 4 of the ninth
+# session): 64-column tiles, 4 stages. SD1.5's 64x64 level (8192 x 320 x 1280): 42.8 -> 39.2
+# us; 32x32 (2048 x 640 x 2560): 41.5 -> 33.1 us (Triton: 35.5). Clusters of 4 were 1.7-1.8x
+# slower at both.
+CLUSTERED = {(320, 1280), (640, 2560)}
+
+
 def heuristic_config(m: int, d: int, f: int) -> HopperConfig:
-    """A first guess: tiles 128 columns wide, 64 where that leaves fewer tiles than four per
-    SM (SD1.5's 8x8 level: 128 x 5120 makes 80 tiles of 128 columns)."""
-    del d
+    """Clusters of 2 where they measured fastest (`CLUSTERED`, rows in whole cluster tiles);
+    else tiles 128 columns wide, 64 where that leaves fewer tiles than four per SM (SD1.5's
+    8x8 level: 128 x 5120 makes 80 tiles of 128 columns)."""
+    if (d, f) in CLUSTERED and m % (2 * TILE_M) == 0:
+        return HopperConfig(block_n=64, stages=4, cluster=2)
     block_n = 128 if (m // TILE_M) * (f // 128) >= 4 * 132 else 64
     return HopperConfig(block_n=block_n)
 
@@ -303,10 +318,13 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
     d, inner = x.shape[-1], w.shape[1] // 2
     x2 = x.reshape(-1, d)
     m = x2.shape[0]
-    config = config or heuristic_config(m, d, inner)
+    interpret = resolve_interpret(interpret)
+    if config is None:
+        config = heuristic_config(m, d, inner)
+        if interpret:  # interpret mode has no clusters: the same tiles, one program each
+            config = dataclasses.replace(config, cluster=1)
     if why := supports(x.shape, w.shape, x.dtype, config):
         raise ValueError(f"geglu_hopper cannot run {x.shape} @ {w.shape}: {why}")
-    interpret = resolve_interpret(interpret)
     if config.cluster > 1 and interpret:
         raise ValueError("geglu_hopper: clusters (cluster > 1) need the GPU, not interpret mode")
     k_steps = d // config.block_k
