@@ -102,7 +102,7 @@ for stage in "$@"; do
       latest_norm=$(ls -t "$OUT"/bench_norm_*.json 2>/dev/null | head -1)
       python3 -m experiments.make_autotune \
         --attention $r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runa.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runb.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s3.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s4.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s6.json${latest:+,$latest} \
-        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s4_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5b_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s5c_geglu.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s6_vae_gn.json${latest_norm:+,$latest_norm} 2>&1 | tail -3 || status=1
+        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s4_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5b_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s5c_geglu.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s6_vae_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s9e_geglu.json${latest_norm:+,$latest_norm} 2>&1 | tail -3 || status=1
       cp sdjax/assets/autotune.json "$OUT/autotune.json"
       ;;
     gn)
