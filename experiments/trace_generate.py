@@ -1,0 +1,217 @@
+"""Where one image's wall time goes between kernels: a trace of `StableDiffusion.generate`.
+
+    python -m experiments.trace_generate --config sd15 --dtype float16 --kernels auto
+
+The profile (`experiments.profile`) times each program alone, back to back. This traces one
+whole `generate` call per mode, as a user runs it:
+
+- `sync`: each component (text encoder, denoising loop, VAE decode) waited for before the
+  next starts (`generate`'s default);
+- `unsync`: dispatched back to back, one wait at the end (`sync_components=False`).
+
+For each mode it reports the host's wall time, and from the trace's device kernels (read
+with `experiments.profile.read_trace`): per component (by the XLA module that ran each
+kernel) its kernels, their summed time, the union of their intervals (busy), the idle inside
+its span, and the idle before its first kernel; and the longest idle gaps of the whole call
+with the kernels on either side. Kernel time against wall time says how much of an image is
+launch work and waiting rather than GPU work (`experiments/results/README.md`, items 76-77).
+
+While a trace runs XLA launches kernels one by one instead of replaying command buffers
+(`--xla_enable_command_buffers_during_profiling=false` is XLA's default; set it in XLA_FLAGS
+to trace with them) and each launch pays the tracer's overhead: gaps are upper bounds.
+
+Writes trace_generate_<config>_<dtype><tag>.json and .md to `experiments.common.results_dir()`.
+"""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+MODES = ("sync", "unsync")
+# The pipeline's programs (the names of the functions it jits, in the XLA module names).
+COMPONENTS = (
+    ("encode_text", "text_encoder"),
+    ("encode_image", "vae_encode"),
+    ("denoise", "denoise"),
+    ("decode", "vae_decode"),
+)
+
+
+def define_flags() -> None:
+    """Registered only when run as a script (tests import the module for its functions)."""
+    flags.DEFINE_string("config", "sd15", "architecture preset (random weights)")
+    flags.DEFINE_enum("dtype", None, ["float16", "bfloat16", "float32"],
+                      "compute dtype (default: float16 on GPU, float32 on CPU)")  # fmt: skip
+    flags.DEFINE_string("kernels", "auto", "op implementation preset (sdjax.ops.PRESETS)")
+    flags.DEFINE_integer("steps", 20, "DDIM steps")
+    flags.DEFINE_integer("resolution", None, "pixels per side; default: the model's")
+    flags.DEFINE_list("modes", list(MODES), f"of {', '.join(MODES)}")
+    flags.DEFINE_integer("top_gaps", 15, "longest idle gaps listed per mode")
+    flags.DEFINE_string("tag", "", "suffix of the output file names")
+
+
+def component_of(module: str | None) -> str:
+    """The pipeline component whose XLA module ran a kernel ("other" if none)."""
+    for key, name in COMPONENTS:
+        if module and key in module:
+            return name
+    return "other"
+
+
+def analyse(events, *, top_gaps: int = 15) -> dict:
+    """Per component and overall: kernels, kernel time, busy time (union of intervals), idle
+    inside the component's span and before it; the longest idle gaps. Times in ms."""
+    events = sorted(events, key=lambda e: e.start_ns)
+    if not events:
+        raise ValueError("the trace has no kernel events")
+    t0 = events[0].start_ns
+    by = collections.defaultdict(list)
+    for e in events:
+        by[component_of(e.hlo_module)].append(e)
+
+    def union(evs):
+        """[(start, end)] of the union of the events' intervals, in time order."""
+        out = []
+        for e in sorted(evs, key=lambda e: e.start_ns):
+            s, t = e.start_ns, e.start_ns + e.dur_ns
+            if out and s <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], t)
+            else:
+                out.append([s, t])
+        return out
+
+    components, previous_end = {}, None
+    for name, evs in sorted(by.items(), key=lambda kv: kv[1][0].start_ns):
+        segs = union(evs)
+        start, end = segs[0][0], segs[-1][1]
+        busy = sum(t - s for s, t in segs)
+        components[name] = {
+            "kernels": len(evs),
+            "kernel_ms": sum(e.dur_ns for e in evs) / 1e6,
+            "busy_ms": busy / 1e6,
+            "span_ms": (end - start) / 1e6,
+            "idle_inside_ms": (end - start - busy) / 1e6,
+            "starts_at_ms": (start - t0) / 1e6,
+            "idle_before_ms": None if previous_end is None else max(start - previous_end, 0) / 1e6,
+        }
+        previous_end = end if previous_end is None else max(previous_end, end)
+
+    segs = union(events)
+    gaps = []
+    # the kernel that ends a busy segment and the one that starts the next
+    starts, ends = {}, {}
+    for e in events:
+        starts.setdefault(e.start_ns, e)
+        ends.setdefault(e.start_ns + e.dur_ns, e)
+    for (_, a_end), (b_start, _) in zip(segs, segs[1:], strict=False):
+        before, after = ends.get(a_end), starts.get(b_start)
+        gaps.append({
+            "gap_us": (b_start - a_end) / 1e3,
+            "at_ms": (a_end - t0) / 1e6,
+            "before": f"{component_of(before.hlo_module)}: {before.name[:80]}" if before else "",
+            "after": f"{component_of(after.hlo_module)}: {after.name[:80]}" if after else "",
+        })  # fmt: skip
+    busy = sum(t - s for s, t in segs)
+    span = segs[-1][1] - segs[0][0]
+    return {
+        "kernels": len(events),
+        "kernel_ms": sum(e.dur_ns for e in events) / 1e6,
+        "busy_ms": busy / 1e6,
+        "span_ms": span / 1e6,
+        "idle_ms": (span - busy) / 1e6,
+        "gaps_over_10us": sum(1 for g in gaps if g["gap_us"] > 10),
+        "idle_in_gaps_over_10us_ms": sum(g["gap_us"] for g in gaps if g["gap_us"] > 10) / 1e3,
+        "components": components,
+        "top_gaps": sorted(gaps, key=lambda g: -g["gap_us"])[:top_gaps],
+    }
+
+
+def trace_generate(config_name: str, dtype: str | None, kernels: str, *, steps: int = 20,
+                   resolution: int | None = None, modes=MODES, top_gaps: int = 15) -> dict:  # fmt: skip
+    """The record: per mode, the host wall of one traced `generate` and `analyse` of it."""
+    import jax
+
+    from experiments import common, profile
+    from sdjax import config as sd_config
+    from sdjax.pipeline import StableDiffusion
+
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    backend = jax.default_backend()
+    dtype = dtype or ("float16" if backend == "gpu" else "float32")
+    config = sd_config.preset(config_name)
+    res = resolution or config.default_resolution
+    pipe = StableDiffusion.from_random(config, dtype=dtype, kernels=kernels)
+    kw = dict(steps=steps, scheduler="ddim", seed=0, height=res, width=res)
+    prompt = "a photograph of an astronaut riding a horse"
+    record = {"device": common.device_info(), "config": config_name, "dtype": dtype,
+              "kernels": kernels, "steps": steps, "resolution": res, "modes": {}}  # fmt: skip
+    for mode in modes:
+        sync = mode == "sync"
+        for _ in range(2):  # compiled and warm
+            pipe.generate(prompt, sync_components=sync, **kw)
+        with tempfile.TemporaryDirectory() as d:
+            jax.profiler.start_trace(d)
+            t0 = time.perf_counter()
+            result = pipe.generate(prompt, sync_components=sync, **kw)
+            wall = time.perf_counter() - t0
+            jax.profiler.stop_trace()
+            events, how = profile.read_trace(d, backend)
+        record["modes"][mode] = {
+            "wall_ms": wall * 1e3,
+            "timings": result.timings,
+            "trace_read_as": how,
+            **analyse(events, top_gaps=top_gaps),
+        }
+    return record
+
+
+def markdown(record: dict) -> str:
+    from experiments import common
+
+    dev = record["device"]
+    md = (f"# One traced `generate`: {record['config']} {record['resolution']}px, "
+          f"{record['steps']} DDIM steps, {record['dtype']}, kernels={record['kernels']}\n\n"
+          f"device: {dev['device_kind']}, jax {dev['jax']}. Command buffers are off while "
+          "tracing (XLA's default), so each launch pays the tracer: gaps are upper bounds.\n")  # fmt: skip
+    for mode, m in record["modes"].items():
+        md += (f"\n## {mode}\n\nhost wall {m['wall_ms']:.2f} ms; {m['kernels']} kernels, "
+               f"{m['kernel_ms']:.2f} ms of kernel time, busy {m['busy_ms']:.2f} ms, span "
+               f"{m['span_ms']:.2f} ms, idle {m['idle_ms']:.2f} ms ({m['gaps_over_10us']} gaps "
+               f"over 10 us: {m['idle_in_gaps_over_10us_ms']:.2f} ms)\n\n")  # fmt: skip
+        rows = [{"component": k, **v} for k, v in m["components"].items()]
+        md += common.markdown_table(rows, ["component", "kernels", "kernel_ms", "busy_ms",
+                                           "span_ms", "idle_inside_ms", "starts_at_ms",
+                                           "idle_before_ms"])  # fmt: skip
+        md += "\nLongest idle gaps:\n\n" + common.markdown_table(
+            m["top_gaps"], ["gap_us", "at_ms", "before", "after"]
+        )
+    return md
+
+
+def main(argv):
+    del argv
+    from experiments import common
+
+    common.enable_compilation_cache()
+    record = trace_generate(FLAGS.config, FLAGS.dtype, FLAGS.kernels, steps=FLAGS.steps,
+                            resolution=FLAGS.resolution, modes=tuple(FLAGS.modes),
+                            top_gaps=FLAGS.top_gaps)  # fmt: skip
+    out = common.results_dir()
+    stem = f"trace_generate_{record['config']}_{record['dtype']}{FLAGS.tag}"
+    common.write_json(out / f"{stem}.json", record)
+    md = markdown(record)
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
