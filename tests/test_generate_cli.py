@@ -126,6 +126,12 @@ def test_run_writes_pngs_and_json(checkpoint, tmp_path):
         assert times["compile_s"] > 0 and times["run_s"] > 0
     assert record["timings"]["denoise"]["steps"] == 2
     assert record["total_compile_s"] > 0 and record["load_s"] > 0
+    # the whole call's wall covers the components' (their sum leaves out the host work)
+    assert record["end_to_end_s"] >= record["total_run_s"] > 0
+    parts = ("text_encoder", "denoise", "vae_decode")
+    assert record["total_compile_s"] == pytest.approx(
+        sum(record["timings"][c]["compile_s"] for c in parts)
+    )
 
     # --batch=2 repeats each prompt: a cat, a cat, long, long.
     assert record["prompts"] == ["a cat", "a cat", LONG_PROMPT.strip(), LONG_PROMPT.strip()]
