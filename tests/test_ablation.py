@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,8 @@ def test_rows_on_tiny(tmp_path):
         # default 3) make the same image
         assert r["end_to_end_ms"] >= r["total_ms"] > 0
         assert r["end_to_end_unsync_ms"] > 0 and r["end_to_end_same_image"], r
+        assert set(r["compile_s_by_component"]) == {"text_encoder", "denoise", "vae_decode"}
+        assert r["compile_s"] == pytest.approx(sum(r["compile_s_by_component"].values()))
     by_name = {r["row"]: r for r in record["rows"]}
     # options as run: the kernel-free baseline with XLA's own defaults ({}), auto with the
     # pipeline's defaults (also {} on CPU; Triton GEMM fusions off on a GPU)
