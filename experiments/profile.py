@@ -556,11 +556,13 @@ def vae_attention_shapes(cfg, latent: int, batch: int = 1):
 
 
 def text_attention_shapes(cfg, batch: int = 2):
-    """The text encoder's causal self-attentions, one per layer, counted in full (the jaxpr's
-    products are; causality halves what a fused kernel needs)."""
+    """The text encoder's causal self-attentions, one per layer, on the tokens as the pipeline
+    pads them (`sdjax.pipeline.TEXT_PAD_MULTIPLE`), counted in full (the jaxpr's products are;
+    causality halves what a fused kernel needs)."""
+    from sdjax.pipeline import TEXT_PAD_MULTIPLE
     from sdjax.shapes import AttentionShape
 
-    length = cfg.max_position_embeddings
+    length = -(-cfg.max_position_embeddings // TEXT_PAD_MULTIPLE) * TEXT_PAD_MULTIPLE
     heads = cfg.num_attention_heads
     shape = AttentionShape(f"text_{length}", batch, length, heads, cfg.hidden_size // heads, length)
     return [shape] * cfg.num_hidden_layers
