@@ -317,7 +317,9 @@ class StableDiffusion:
         self.params = jax.device_put(jax.tree.map(cast, params), self.replicated)
         self._compiled: dict = {}
         self._signatures: dict = {}  # program name -> (its last parameter tree, `_signature`)
-        self._placed_for: dict = {}  # component -> the program its parameters are laid out for
+        # component -> (the program, the parameter tree) last laid out for it (references, not
+        # ids: a replaced tree's id may be reused; the next placement drops the old tree)
+        self._placed_for: dict = {}
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -416,11 +418,14 @@ class StableDiffusion:
         layouts `compiled` was built for, where they are not yet (once per component, unless
         two programs want different layouts). The moved parameters replace the old ones."""
         # Checking ~700 arrays' layouts costs milliseconds of host time: only when the
-        # program differs from the one the parameters were last placed for.
-        if self.auto_layouts and self._placed_for.get(component) is not compiled:
-            place_params(compiled, self.params[component])
-            self._placed_for[component] = compiled
-        return compiled(self.params[component], *args)
+        # program, or the parameter tree (`pipe.params[c] = merged`, e.g. a LoRA merged in),
+        # differs from the pair last placed.
+        params = self.params[component]
+        last = self._placed_for.get(component)
+        if self.auto_layouts and (last is None or last[0] is not compiled or last[1] is not params):
+            place_params(compiled, params)
+            self._placed_for[component] = (compiled, params)
+        return compiled(params, *args)
 
     def _encode_fn(self):
         cfg, dtype, kernels = self.config.text_encoder, self.dtype, self.kernels

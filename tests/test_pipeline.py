@@ -444,6 +444,14 @@ def test_run_moves_parameters_into_the_compiled_layouts_once(monkeypatch):
     pipe._run(other, "vae", 1)
     assert len(placed) == 2
     assert all(a is b for a, b in zip(moved, jax.tree.leaves(pipe.params["vae"]), strict=True))
+    # a new parameter tree (a merged LoRA, say) in row-major layouts: placed again
+    pipe.params = {**pipe.params, "vae": jax.tree.map(lambda a: jnp.array(np.asarray(a)),
+                                                      pipe.params["vae"])}  # fmt: skip
+    layouts, _ = pipe._run(other, "vae", 1)
+    assert len(placed) == 3
+    assert [x.major_to_minor for x in jax.tree.leaves(layouts)] == [
+        x.major_to_minor for x in jax.tree.leaves(wanted)
+    ]
     plain = random_pipeline(auto_layouts=False)
     kept = jax.tree.leaves(plain.params["vae"])
     plain._run(program, "vae", 1)
