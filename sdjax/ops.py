@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import threading
@@ -184,8 +185,10 @@ def attention_reference(q, k, v, *, scale: float | None = None):
     return custom_calls.flash_attention_reference(q, k, v, scale=scale).astype(q.dtype)
 
 
-def _attention_xla(q, k, v, *, scale):
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
+def _attention_xla(q, k, v, *, scale, is_causal=False):
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=is_causal, implementation="xla"
+    )
 
 
 def cudnn_supports(q) -> str | None:
@@ -205,11 +208,13 @@ def cudnn_supports(q) -> str | None:
     return None
 
 
-def _attention_cudnn(q, k, v, *, scale):
+def _attention_cudnn(q, k, v, *, scale, is_causal=False):
     why = cudnn_supports(q)
     if why:
         raise ValueError(f"attention implementation 'cudnn' cannot run {q.shape} {q.dtype}: {why}")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, is_causal=is_causal, implementation="cudnn"
+    )
 
 
 def _attention_flash(q, k, v, *, scale):
@@ -392,22 +397,21 @@ def causal_attention_reference(q, k, v, *, scale: float):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).astype(q.dtype)
 
 
-def _causal_xla(q, k, v, *, scale):
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="xla")
+def _causal_without_kernel(impl: str):
+    """Our kernels have no causal mask: XLA's causal attention, the substitution recorded."""
 
+    def run(q, k, v, *, scale):
+        _fallback(f"causal attention {impl}->xla", f"{impl} has no causal mask")
+        return _attention_xla(q, k, v, scale=scale, is_causal=True)
 
-def _causal_cudnn(q, k, v, *, scale):
-    if why := cudnn_supports(q):
-        raise ValueError(f"attention implementation 'cudnn' cannot run {q.shape} {q.dtype}: {why}")
-    return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, is_causal=True, implementation="cudnn"
-    )
+    return run
 
 
 _CAUSAL: dict[str, Callable] = {
     "reference": causal_attention_reference,
-    "xla": _causal_xla,
-    "cudnn": _causal_cudnn,
+    "xla": functools.partial(_attention_xla, is_causal=True),
+    "cudnn": functools.partial(_attention_cudnn, is_causal=True),
+    **{k: _causal_without_kernel(k) for k in ("flash", "flash_hopper", "fused_softmax")},
 }
 
 
@@ -433,15 +437,7 @@ def causal_attention(q, k, v, *, scale: float | None = None,
             f"causal_attention wants q, k, v of one shape [B,L,H,D]; got {q.shape=} {k.shape=} "
             f"{v.shape=}"
         )
-    impl = implementation or current().attention
-    if impl == "auto":
-        impl = _auto_causal(q)
-    if impl in ("flash", "flash_hopper", "fused_softmax"):
-        _fallback(f"causal attention {impl}->xla", f"{impl} has no causal mask")
-        impl = "xla"
-    if impl not in _CAUSAL:
-        raise ValueError(f"unknown attention implementation {impl!r}; choose from "
-                         f"{get_args(AttentionImpl)}")  # fmt: skip
+    impl = _resolve("attention", implementation, _CAUSAL, AttentionImpl, lambda: _auto_causal(q))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _CAUSAL[impl](q, k, v, scale=scale)
 

@@ -673,6 +673,11 @@ class StableDiffusion:
         )
 
 
+def component_timings(timings: dict) -> dict:
+    """`Result.timings` less `end_to_end` (the whole call): one entry per component."""
+    return {c: t for c, t in timings.items() if c != "end_to_end"}
+
+
 def _negatives(negative_prompts, n: int) -> list[str]:
     if negative_prompts is None:
         return [""] * n
