@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import platform
 import statistics
 import time
@@ -249,13 +250,19 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return path
 
 
+# A comma that starts the next OPTION=VALUE item; other commas belong to a value, as in
+# xla_gpu_enable_command_buffer=FUSION,CUBLAS,WHILE.
+_NEXT_OPTION = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)")
+
+
 def parse_xla_row(spec: str) -> tuple[str, dict]:
-    """`NAME:OPTION=VALUE[,OPTION=VALUE...]` (the ablation's --xla_row) as (NAME, options)."""
+    """`NAME:OPTION=VALUE[,OPTION=VALUE...]` (the ablation's --xla_row) as (NAME, options).
+    A value may hold commas (a list option): only a comma followed by `OPTION=` splits."""
     name, sep, items = spec.partition(":")
     if not sep or not name.strip() or not items.strip():
         raise ValueError(f"--xla_row wants NAME:OPTION=VALUE[,...]; got {spec!r}")
     try:
-        return name.strip(), parse_xla_options(items.split(","))
+        return name.strip(), parse_xla_options(_NEXT_OPTION.split(items))
     except ValueError as e:
         raise ValueError(f"--xla_row {spec!r}: {e}") from None
 

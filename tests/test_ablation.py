@@ -70,6 +70,9 @@ def test_xla_row_specs():
 
     assert common.parse_xla_row("x:a=true,c=2.5") == ("x", {"a": True, "c": 2.5})
     assert common.parse_xla_row(" y : d=on") == ("y", {"d": "on"})
+    # a list value keeps its commas; a comma before OPTION= starts the next option
+    assert common.parse_xla_row("cb:xla_gpu_enable_command_buffer=FUSION,CUBLAS,WHILE,b=1") == (
+        "cb", {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,WHILE", "b": 1})  # fmt: skip
     for bad in ("x", "x:", ":a=1", "x:a"):
         with pytest.raises(ValueError, match="xla_row"):
             common.parse_xla_row(bad)
