@@ -31,6 +31,8 @@
 #                  text (ncu_report.txt; $NCU_ARGS adds options, e.g. --section SourceCounters)
 #   ablate_attention  experiments/ablate_attention.py: the Hopper attention kernel with stages
 #                  left out, and its correct alternatives, by device kernel time ($ABLATE_ARGS)
+#   trace          experiments.trace_generate: one traced `generate` per mode, with command
+#                  buffers kept on while tracing ($TRACE_ARGS)
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
 #                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
@@ -134,6 +136,10 @@ for stage in "$@"; do
       ;;
     ablate_attention)
       limit python3 experiments/ablate_attention.py ${ABLATE_ARGS:-} 2>&1 | quiet | tail -30 || status=1
+      ;;
+    trace)
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_enable_command_buffers_during_profiling=true" limit python3 -m experiments.trace_generate \
+        --config sd15 --dtype float16 --kernels auto ${TRACE_ARGS:-} 2>&1 | quiet | tail -60 || status=1
       ;;
     profile)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" limit python3 -m experiments.profile \

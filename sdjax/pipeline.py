@@ -256,6 +256,47 @@ def image_noise(seed: int, indices: Sequence[int], shape: Sequence[int], stream:
     return np.stack(out)
 
 
+# Seeds that `device_noise` passes to its program as int32: PRNGKey(seed) of such a seed is
+# bit-identical whether the seed is a Python int or a traced int32 (tests compare them).
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def device_noise(
+    seed: int, indices: Sequence[int], shape: Sequence[int], stream: str = "latents", *,
+    scale: float = 1.0, batch_axis: int = 0,
+):  # fmt: skip
+    """`image_noise(...) * scale` drawn by one compiled program, left on the device.
+
+    Bit-identical to `image_noise` (the same threefry keys and normal transform, batched),
+    without its per-image dispatches and its copy to the host, which a 512x512 image's wall
+    time paid (about 3 ms on the H100's host, `experiments/results/README.md`, item 85).
+    batch_axis: where the images' axis goes (1 puts the "steps" stream's [N, S, ...] as
+    [S, N, ...]). A seed outside int32 takes `image_noise`'s eager path (same values).
+    """
+    if stream not in NOISE_STREAMS:
+        raise ValueError(f"unknown noise stream {stream!r}; choose from {sorted(NOISE_STREAMS)}")
+    if not _INT32[0] <= int(seed) <= _INT32[1]:
+        noise = image_noise(seed, indices, shape, stream) * np.float32(scale)
+        return jnp.asarray(np.moveaxis(noise, 0, batch_axis))
+    return _noise_program(np.int32(seed), np.asarray(list(indices), np.int32), np.float32(scale),
+                          shape=tuple(int(d) for d in shape), stream=stream,
+                          batch_axis=batch_axis)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "stream", "batch_axis"))
+def _noise_program(seed, indices, scale, *, shape, stream, batch_axis):
+    def one(i):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+        if NOISE_STREAMS[stream] is not None:
+            key = jax.random.fold_in(key, NOISE_STREAMS[stream])
+        return jax.random.normal(key, shape, jnp.float32)
+
+    # The barrier keeps the scaling out of the normal transform's fusion: fused, XLA may round
+    # its last products differently (1 ulp), and the values must be image_noise's * scale.
+    noise = jax.lax.optimization_barrier(jax.vmap(one)(indices))
+    return jnp.moveaxis(noise * scale, 0, batch_axis)
+
+
 # --------------------------------------------------------------------------------------------
 # The pipeline object
 # --------------------------------------------------------------------------------------------
@@ -559,31 +600,38 @@ class StableDiffusion:
 
         # Pad the batch to a multiple of the device count; the padding is dropped at the end.
         pad = -n % len(self.devices)
+        padded = [*indices, *[indices[-1]] * pad]  # a padded image repeats the last one
+
+        def sharded(a, axis=0):
+            return jax.device_put(a, NamedSharding(self.mesh, P(*([None] * axis), "batch")))
 
         def batch(a, axis=0):
             a = np.asarray(a)
             if pad:
                 last = np.take(a, [-1] * pad, axis=axis)
                 a = np.concatenate([a, last], axis=axis)
-            spec = P(*([None] * axis), "batch")
-            return jax.device_put(a, NamedSharding(self.mesh, spec))
+            return sharded(a, axis)
+
+        def noise_of(stream, shape, scale=1.0, axis=0):  # drawn on the device, kept there
+            return sharded(device_noise(seed, padded, shape, stream, scale=scale,
+                                        batch_axis=axis), axis)  # fmt: skip
 
         timings: dict = {}
         t_start = time.perf_counter()  # the image's wall time starts here (end_to_end)
 
-        # The noise first: drawn on the device and copied to the host, which waits for the
-        # device's queue; before the text encoder is dispatched, that queue is empty.
-        if latents is not None:
-            noise = np.asarray(latents, np.float32)
-        else:
-            noise = image_noise(seed, indices, latent_shape[1:], "latents")
-        vae_noise = None
-        if init_image is not None:
-            vae_noise = image_noise(seed, indices, latent_shape[1:], "vae")
+        # The noise: one program per stream, its result left on the device (no copy to the
+        # host and back), dispatched before the text encoder.
+        given = None if latents is None else np.asarray(latents, np.float32)
         step_noise = None
-        if sched.needs_noise:
-            sn = image_noise(seed, indices, (n_steps, *latent_shape[1:]), "steps")
-            step_noise = batch(sn.swapaxes(0, 1), axis=1)  # [S, N, h, w, C]
+        if sched.needs_noise:  # [S, N, h, w, C]
+            step_noise = noise_of("steps", (n_steps, *latent_shape[1:]), axis=1)
+        if init_image is not None:
+            vae_noise = noise_of("vae", latent_shape[1:])
+            noise = batch(given) if given is not None else noise_of("latents", latent_shape[1:])
+        elif given is not None:
+            x = batch(given * np.float32(sched.init_noise_sigma))
+        else:
+            x = noise_of("latents", latent_shape[1:], scale=sched.init_noise_sigma)
 
         # 1. text
         tokens = self.tokenizer(prompts)
@@ -618,20 +666,14 @@ class StableDiffusion:
 
         # 2. initial latents
         if init_image is not None:
-            enc_noise = batch(vae_noise)
+            image = batch(init_image)
             enc, c_s = self._compile(
-                "encode_image",
-                self._encode_image_fn(),
-                self.params["vae"],
-                batch(init_image),
-                enc_noise,
+                "encode_image", self._encode_image_fn(), self.params["vae"], image, vae_noise
             )
             t0 = time.perf_counter()
-            x0 = self._run(enc, "vae", batch(init_image), enc_noise)
-            x = sched.add_noise(x0, batch(noise), start)
+            x0 = self._run(enc, "vae", image, vae_noise)
+            x = sched.add_noise(x0, noise, start)
             x = finished("vae_encode", jax.device_put(x, self.batch_sharding), t0, c_s)
-        else:
-            x = batch(noise * np.float32(sched.init_noise_sigma))
 
         # 3. the loop
         loop = functools.partial(
@@ -645,7 +687,7 @@ class StableDiffusion:
             progress=progress,
             hoist_conditioning=self.hoist_conditioning,
         )
-        args = (self.params["unet"], x, context, uncond, jnp.float32(guidance), step_noise)
+        args = (self.params["unet"], x, context, uncond, np.float32(guidance), step_noise)
         statics = (sched, start, progress, self.hoist_conditioning)
         run_loop, c_s = self._compile("denoise", loop, *args, statics=statics)
         t0 = time.perf_counter()
@@ -662,6 +704,7 @@ class StableDiffusion:
             "run_s": time.perf_counter() - t_start - compile_s,
         }
 
+        images, x = jax.device_get((images, x))  # both copies in flight at once
         return Result(
             images=np.asarray(images)[:n],
             latents=np.asarray(x)[:n],

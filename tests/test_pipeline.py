@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.experimental.layout import Format, Layout
 
-from sdjax.pipeline import StableDiffusion, image_noise
+from sdjax.pipeline import StableDiffusion, device_noise, image_noise
 from tests._pipeline_util import random_pipeline, save_diffusers_checkpoint
 
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor of a lighthouse"]
@@ -241,6 +241,23 @@ def test_caller_latents(tiny):
     np.testing.assert_array_equal(seeded.images, given.images)
     other = _gen(tiny, latents=np.zeros((1, 8, 8, 4), np.float32))
     assert not np.array_equal(other.images, seeded.images)
+
+
+@pytest.mark.parametrize("seed", [0, 11, -5, 2**31 - 1, 2**31 + 7])
+def test_device_noise_is_image_noise(seed):
+    """The one-program noise `generate` draws equals the eager per-image `image_noise`, bit
+    for bit, for each stream, scaled and with the images' axis moved (a seed beyond int32
+    takes the eager path)."""
+    for stream in ("latents", "vae", "steps"):
+        want = image_noise(seed, [0, 3, 3], (5, 4, 2), stream)
+        got = device_noise(seed, [0, 3, 3], (5, 4, 2), stream)
+        np.testing.assert_array_equal(np.asarray(got), want)
+    scaled = device_noise(seed, [2, 1], (3, 4, 4), "steps", scale=14.6, batch_axis=1)
+    want = np.moveaxis(image_noise(seed, [2, 1], (3, 4, 4), "steps") * np.float32(14.6), 0, 1)
+    assert scaled.shape == (3, 2, 4, 4)
+    np.testing.assert_array_equal(np.asarray(scaled), want)
+    with pytest.raises(ValueError, match="noise stream"):
+        device_noise(seed, [0], (2,), "nope")
 
 
 def test_guidance_at_most_one_turns_guidance_off(tiny):
