@@ -8,7 +8,9 @@ of the whole pipeline, compile excluded, each component waited for before the ne
 the image's wall time in those runs (`end_to_end_ms`: from tokenizing the prompts to the
 decoded images, so the host work between the components counts too: what a caller waits
 for); the same with the components dispatched back to back and one wait at the end
-(`end_to_end_unsync_ms`, median of --end_to_end_repeats runs); compile time, the programs'
+(`end_to_end_unsync_ms`, median of --end_to_end_repeats runs); the same with the three as one
+compiled program (`generate(one_program=True)`: `end_to_end_one_program_ms`, as many runs,
+its image checked against the float32 reference too); compile time, the programs'
 memory (XLA's memory analysis) and the final image's difference from the float32 reference
 path. All rows run in
 one process on the same random weights and inputs. Anchors in the same process: the
@@ -39,7 +41,8 @@ flags.DEFINE_integer(
     "end_to_end_repeats",
     3,
     "runs per row with the components dispatched back to back and one wait at the end "
-    "(generate(sync_components=False)): end_to_end_unsync_ms, median; 0: none",
+    "(generate(sync_components=False)): end_to_end_unsync_ms, median; as many again with the "
+    "components as one program (generate(one_program=True)): end_to_end_one_program_ms; 0: none",
 )
 flags.DEFINE_list("rows", None, "subset of rows to run (default: all)")
 flags.DEFINE_bool("anchors", True, "time the diffusers PyTorch and Flax UNets too")
@@ -166,6 +169,13 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, o
         pipe.generate("a photograph of an astronaut riding a horse", sync_components=False, **kw)
         for _ in range(FLAGS.end_to_end_repeats)
     ]
+    # The same image with text encoder, loop and decoder as one program.
+    whole = [
+        pipe.generate("a photograph of an astronaut riding a horse", one_program=True, **kw)
+        for _ in range(FLAGS.end_to_end_repeats + 1 if FLAGS.end_to_end_repeats else 0)
+    ]
+    whole_compile_s = whole[0].timings["image"]["compile_s"] if whole else None
+    whole = whole[1:]  # the first compiled
     steps = first.timings["denoise"]["steps"]
     row = {
         "row": name,
@@ -190,12 +200,23 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, o
         ) * 1e3  # fmt: skip
         same = all(np.array_equal(r.images, runs[-1].images) for r in unsynced)
         row["end_to_end_same_image"] = bool(same)
+    if whole:
+        row["end_to_end_one_program_ms"] = statistics.median(
+            r.timings["end_to_end"]["run_s"] for r in whole
+        ) * 1e3  # fmt: skip
+        row["one_program_compile_s"] = whole_compile_s
+        diff = np.abs(whole[-1].images.astype(int) - runs[-1].images.astype(int))
+        row["one_program_image_max_diff"] = int(diff.max())
     row["est_peak_gib"] = row["memory"]["est_peak_gib"]
     for key, compiled in pipe._compiled.items():
         if key[0] == "denoise":
             row["hlo_per_step"] = count_hlo(compiled.as_text())
     if ref_latents is not None:
         row["latent_rel_error"] = common.relative_error(runs[-1].latents, ref_latents["latents"])
+        if whole:
+            row["one_program_latent_rel_error"] = common.relative_error(
+                whole[-1].latents, ref_latents["latents"]
+            )  # fmt: skip
         diff = np.abs(runs[-1].images.astype(np.float64) - ref_latents["images"].astype(np.float64))
         row["image_mean_abs_diff"] = float(diff.mean())
     row["finite"] = bool(np.isfinite(runs[-1].latents).all())
@@ -398,6 +419,7 @@ def main(argv):
         "total_ms",
         "end_to_end_ms",
         "end_to_end_unsync_ms",
+        "end_to_end_one_program_ms",
         "speedup_vs_baseline",
         "est_peak_gib",
         "compile_s",

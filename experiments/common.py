@@ -11,8 +11,8 @@ import datetime
 import json
 import os
 import pathlib
-import re
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence

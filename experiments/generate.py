@@ -76,6 +76,12 @@ flags.DEFINE_bool(
     True,
     "compute the cross-attention K/V and the time projections once, before the denoising loop",
 )
+flags.DEFINE_bool(
+    "one_program",
+    False,
+    "text encoder, denoising loop and VAE decoder as one compiled program (one launch, no "
+    "host work between them; timings then has one 'image' entry for the three)",
+)
 flags.DEFINE_string("init_image", None, "img2img: path of an image (resized to --height/--width)")
 flags.DEFINE_float("strength", 0.8, "img2img strength in (0, 1]")
 flags.DEFINE_string("out", "out", "output folder")
@@ -226,6 +232,7 @@ def run() -> dict:
                 strength=FLAGS.strength,
                 index_offset=block.start,
                 progress=progress,
+                one_program=FLAGS.one_program,
             )
             runs.append(result.timings)
         if bar is not None:

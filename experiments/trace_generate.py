@@ -7,7 +7,9 @@ whole `generate` call per mode, as a user runs it:
 
 - `sync`: each component (text encoder, denoising loop, VAE decode) waited for before the
   next starts (`generate`'s default);
-- `unsync`: dispatched back to back, one wait at the end (`sync_components=False`).
+- `unsync`: dispatched back to back, one wait at the end (`sync_components=False`);
+- `one_program`: text encoder, loop and decoder as one compiled program (`one_program=True`;
+  its kernels are the component "image").
 
 For each mode it reports the host's wall time, and from the trace's device kernels (read
 with `experiments.profile.read_trace`): per component (by the XLA module that ran each
@@ -33,13 +35,14 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-MODES = ("sync", "unsync")
+MODES = ("sync", "unsync", "one_program")
 # The pipeline's programs (the names of the functions it jits, in the XLA module names).
 COMPONENTS = (
     ("encode_text", "text_encoder"),
     ("encode_image", "vae_encode"),
     ("denoise", "denoise"),
     ("decode", "vae_decode"),
+    ("image", "image"),  # generate(one_program=True)
 )
 
 
@@ -154,13 +157,13 @@ def trace_generate(config_name: str, dtype: str | None, kernels: str, *, steps: 
     record = {"device": common.device_info(), "config": config_name, "dtype": dtype,
               "kernels": kernels, "steps": steps, "resolution": res, "modes": {}}  # fmt: skip
     for mode in modes:
-        sync = mode == "sync"
+        mode_kw = dict(sync_components=mode == "sync", one_program=mode == "one_program")
         for _ in range(2):  # compiled and warm
-            pipe.generate(prompt, sync_components=sync, **kw)
+            pipe.generate(prompt, **mode_kw, **kw)
         with tempfile.TemporaryDirectory() as d:
             jax.profiler.start_trace(d)
             t0 = time.perf_counter()
-            result = pipe.generate(prompt, sync_components=sync, **kw)
+            result = pipe.generate(prompt, **mode_kw, **kw)
             wall = time.perf_counter() - t0
             jax.profiler.stop_trace()
             events, how = profile.read_trace(d, backend)

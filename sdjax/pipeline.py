@@ -50,6 +50,10 @@ from sdjax.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+# The parameter trees of `StableDiffusion.params`, and the name `_run` gives all of them at once
+# (the whole image's program of `generate(one_program=True)`).
+COMPONENTS = ("text_encoder", "unet", "vae")
+WHOLE = "all"
 
 # The text encoder runs its layers on the prompt's tokens padded to a multiple of this (77 ->
 # 80; exact, `sdjax.models.clip.CLIPTextTransformer`): XLA would otherwise pad the rows of
@@ -461,12 +465,27 @@ class StableDiffusion:
         # Checking ~700 arrays' layouts costs milliseconds of host time: only when the
         # program, or the parameter tree (`pipe.params[c] = merged`, e.g. a LoRA merged in),
         # differs from the pair last placed.
-        params = self.params[component]
+        params = self._whole_params() if component == WHOLE else self.params[component]
         last = self._placed_for.get(component)
         if self.auto_layouts and (last is None or last[0] is not compiled or last[1] is not params):
             place_params(compiled, params)
+            # The whole image's program and the components' share the arrays: a placement for
+            # one may have moved arrays the other's record still vouches for.
+            for other in list(self._placed_for):
+                if (other == WHOLE) != (component == WHOLE):
+                    del self._placed_for[other]
             self._placed_for[component] = (compiled, params)
         return compiled(params, *args)
+
+    def _whole_params(self) -> dict:
+        """{component: self.params[component]} for the whole image's program: the same dict
+        object while every component's tree is the same object (so that `_signature` and
+        `_run` skip their walks), a new one once any is replaced (a merged LoRA)."""
+        parts = {c: self.params[c] for c in COMPONENTS}
+        cached = getattr(self, "_whole", None)
+        if cached is None or any(cached[c] is not parts[c] for c in COMPONENTS):
+            self._whole = cached = parts
+        return cached
 
     def _encode_fn(self):
         cfg, dtype, kernels = self.config.text_encoder, self.dtype, self.kernels
@@ -497,6 +516,20 @@ class StableDiffusion:
             return jnp.round(image * 255).astype(jnp.uint8)
 
         return decode
+
+    def _image_fn(self, loop, use_guidance: bool):
+        """The whole image as one program: params {component: tree}, ids, the initial latents,
+        guidance, step noise -> (uint8 images, float32 latents). `loop`: `denoise_loop` with
+        its statics bound."""
+        encode, decode = self._encode_fn(), self._decode_fn()
+
+        def image(params, ids, latents, guidance, step_noise):
+            context = encode(params["text_encoder"], ids)
+            context, uncond = context if use_guidance else (context, None)
+            x = loop(params["unet"], latents, context, uncond, guidance, step_noise)
+            return decode(params["vae"], x), x
+
+        return image
 
     def _encode_image_fn(self):
         vae_cfg, dtype, kernels = self.config.vae, self.dtype, self.kernels
@@ -533,6 +566,7 @@ class StableDiffusion:
         index_offset: int = 0,
         progress=None,
         sync_components: bool = True,
+        one_program: bool = False,
     ) -> Result:
         """Generates one image per prompt.
 
@@ -557,7 +591,13 @@ class StableDiffusion:
             component's wall time. False dispatches them back to back and waits once at the
             end: the host's launch work for one component may then overlap the GPU's work on
             the one before, and `timings` gives only compile times per component.
-            Either way `timings["end_to_end"]["run_s"]` is the image's wall time: from
+          one_program: the text encoder, the denoising loop and the VAE decoder as one
+            compiled program (img2img's VAE encoder stays its own): one launch and no host
+            work between them, so the image's wall time is the GPU's, give or take one
+            dispatch. The same computation as the components (XLA may fuse across their
+            boundaries: the images agree within rounding); `timings` then has one entry,
+            "image", for the three, instead of one per component.
+            In every mode `timings["end_to_end"]["run_s"]` is the image's wall time: from
             tokenizing the prompts to the decoded images on the device, host work between the
             components included (drawing the noise, looking up the compiled programs), less
             any compile time in between (meaningful once compiled).
@@ -647,9 +687,7 @@ class StableDiffusion:
         # With guidance, prompts and negative prompts in one call: [2, N, 77] -> two [N, 77, D]
         ids = np.stack([tokens.ids, neg_tokens.ids]) if use_guidance else tokens.ids
         ids = batch(ids, axis=1 if use_guidance else 0)
-        encode, c_s = self._compile(
-            "encode_text", self._encode_fn(), self.params["text_encoder"], ids
-        )
+
         def finished(name, out, t0, compile_s):
             """Records component `name` (waiting for `out` when sync_components)."""
             if sync_components:
@@ -659,12 +697,7 @@ class StableDiffusion:
                 timings[name] = {"compile_s": compile_s}
             return out
 
-        t0 = time.perf_counter()
-        context = self._run(encode, "text_encoder", ids)
-        context, uncond = context if use_guidance else (context, None)
-        context, uncond = finished("text_encoder", (context, uncond), t0, c_s)
-
-        # 2. initial latents
+        # 2. initial latents (img2img: the VAE encoder, its own program in either mode)
         if init_image is not None:
             image = batch(init_image)
             enc, c_s = self._compile(
@@ -675,7 +708,6 @@ class StableDiffusion:
             x = sched.add_noise(x0, noise, start)
             x = finished("vae_encode", jax.device_put(x, self.batch_sharding), t0, c_s)
 
-        # 3. the loop
         loop = functools.partial(
             denoise_loop,
             unet_config=cfg.unet,
@@ -687,17 +719,39 @@ class StableDiffusion:
             progress=progress,
             hoist_conditioning=self.hoist_conditioning,
         )
-        args = (self.params["unet"], x, context, uncond, np.float32(guidance), step_noise)
         statics = (sched, start, progress, self.hoist_conditioning)
-        run_loop, c_s = self._compile("denoise", loop, *args, statics=statics)
-        t0 = time.perf_counter()
-        x = finished("denoise", self._run(run_loop, "unet", *args[1:]), t0, c_s)
-        timings["denoise"]["steps"] = n_steps
+        guidance = np.float32(guidance)
+        if one_program:  # 1, 3 and 4 as one program: one launch, no waits between them
+            image_fn = self._image_fn(loop, use_guidance)
+            args = (self._whole_params(), ids, x, guidance, step_noise)
+            run_image, c_s = self._compile("image", image_fn, *args, statics=statics)
+            t0 = time.perf_counter()
+            images, x = self._run(run_image, WHOLE, *args[1:])
+            images = jax.block_until_ready(images)
+            timings["image"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0,
+                                "steps": n_steps}  # fmt: skip
+        else:
+            # 1. text
+            encode, c_s = self._compile(
+                "encode_text", self._encode_fn(), self.params["text_encoder"], ids
+            )
+            t0 = time.perf_counter()
+            context = self._run(encode, "text_encoder", ids)
+            context, uncond = context if use_guidance else (context, None)
+            context, uncond = finished("text_encoder", (context, uncond), t0, c_s)
 
-        # 4. decode
-        decode, c_s = self._compile("decode", self._decode_fn(), self.params["vae"], x)
-        t0 = time.perf_counter()
-        images = jax.block_until_ready(finished("vae_decode", self._run(decode, "vae", x), t0, c_s))
+            # 3. the loop
+            args = (self.params["unet"], x, context, uncond, guidance, step_noise)
+            run_loop, c_s = self._compile("denoise", loop, *args, statics=statics)
+            t0 = time.perf_counter()
+            x = finished("denoise", self._run(run_loop, "unet", *args[1:]), t0, c_s)
+            timings["denoise"]["steps"] = n_steps
+
+            # 4. decode
+            decode, c_s = self._compile("decode", self._decode_fn(), self.params["vae"], x)
+            t0 = time.perf_counter()
+            images = self._run(decode, "vae", x)
+            images = jax.block_until_ready(finished("vae_decode", images, t0, c_s))
         compile_s = sum(t["compile_s"] for t in timings.values())
         timings["end_to_end"] = {
             "compile_s": compile_s,

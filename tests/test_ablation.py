@@ -38,6 +38,11 @@ def test_rows_on_tiny(tmp_path):
         # default 3) make the same image
         assert r["end_to_end_ms"] >= r["total_ms"] > 0
         assert r["end_to_end_unsync_ms"] > 0 and r["end_to_end_same_image"], r
+        # and as one program: timed, its image the components' within a uint8 level, and
+        # checked against the reference as the row's is
+        assert r["end_to_end_one_program_ms"] > 0 and r["one_program_compile_s"] > 0
+        assert r["one_program_image_max_diff"] <= 1
+        assert r["one_program_latent_rel_error"] < 2 * r["latent_rel_error"] + 1e-6, r
         assert set(r["compile_s_by_component"]) == {"text_encoder", "denoise", "vae_decode"}
         assert r["compile_s"] == pytest.approx(sum(r["compile_s_by_component"].values()))
     by_name = {r["row"]: r for r in record["rows"]}

@@ -144,3 +144,23 @@ def test_run_writes_pngs_and_json(checkpoint, tmp_path):
     # The persistent compilation cache is on by default (it stores programs that took > 1 s
     # to compile, so whether this run's tiny programs land in it depends on the machine).
     assert record["flags"]["compilation_cache"] is True and cache.is_dir()
+
+
+def test_one_program_flag(checkpoint, tmp_path):
+    """--one_program: the image as one compiled program, its timing one "image" entry, the
+    same PNG as the components' (within a uint8 level)."""
+    common = (f"--checkpoint={checkpoint}", "--prompt=a cat", "--steps=2", "--scheduler=ddim",
+              "--seed=3", "--noprogress", "--nocompilation_cache")  # fmt: skip
+    records = {}
+    for mode in ("one_program", "noone_program"):
+        out = tmp_path / mode
+        proc = run_cli(*common, f"--{mode}", f"--out={out}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records[mode] = json.loads((out / "generate.json").read_text())
+    whole = records["one_program"]
+    assert whole["flags"]["one_program"] is True
+    assert set(whole["timings"]) == {"image", "end_to_end"}
+    assert whole["timings"]["image"]["steps"] == 2 and whole["total_run_s"] > 0
+    assert whole["end_to_end_s"] >= whole["total_run_s"]
+    a, b = (np.asarray(Image.open(r["images"][0])).astype(int) for r in records.values())
+    assert np.abs(a - b).max() <= 1

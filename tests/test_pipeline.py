@@ -198,6 +198,45 @@ def test_unsynced_components_make_the_same_image_and_time_it_end_to_end(tiny, mo
     assert img2img.timings["end_to_end"]["run_s"] > 0
 
 
+def test_one_program_makes_the_components_image(tiny):
+    """generate(one_program=True): the text encoder, the loop and the decoder as one compiled
+    program make the components' image (within one uint8 level and float rounding: XLA may
+    fuse across their boundaries), with guidance and without, with an ancestral scheduler,
+    and after img2img's encoder (its own program); one "image" timing for the three."""
+    for kw in (dict(seed=3), dict(seed=3, guidance=1.0), dict(seed=4, scheduler="euler_a")):
+        parts, whole = _gen(tiny, **kw), _gen(tiny, one_program=True, **kw)
+        assert np.abs(parts.images.astype(int) - whole.images).max() <= 1
+        assert _rel(whole.latents, parts.latents) < 1e-5
+    assert set(whole.timings) == {"image", "end_to_end"}
+    assert whole.timings["image"]["steps"] == 3 and whole.timings["image"]["run_s"] > 0
+    again = _gen(tiny, one_program=True, seed=4, scheduler="euler_a")
+    assert again.timings["image"]["compile_s"] == 0 == again.timings["end_to_end"]["compile_s"]
+    np.testing.assert_array_equal(again.images, whole.images)
+    a = _gen(tiny, seed=5, init_image=parts.images)
+    b = _gen(tiny, seed=5, init_image=parts.images, one_program=True)
+    assert np.abs(a.images.astype(int) - b.images).max() <= 1
+    assert set(b.timings) == {"vae_encode", "image", "end_to_end"}
+
+
+def test_one_program_reads_a_replaced_parameter_tree(tiny):
+    """The whole image's program reads the components' trees as they are at each call: a UNet
+    tree replaced in the params dict after it ran (a merged LoRA, say) changes its image as
+    it changes the components' (and alternating the modes keeps both right)."""
+    params = dict(tiny.params)
+    before = _gen(tiny, seed=2, one_program=True)
+    try:
+        tiny.params["unet"] = jax.tree.map(lambda a: a * 1.05, params["unet"])
+        whole = _gen(tiny, seed=2, one_program=True)
+        parts = _gen(tiny, seed=2)
+        assert np.abs(whole.images.astype(int) - before.images).mean() > 0.5
+        assert np.abs(whole.images.astype(int) - parts.images).max() <= 1
+        assert _rel(_gen(tiny, seed=2, one_program=True).latents, parts.latents) < 1e-5
+    finally:
+        tiny.params.update(params)
+    restored = _gen(tiny, seed=2, one_program=True)
+    np.testing.assert_array_equal(restored.images, before.images)
+
+
 def test_parameter_signatures_are_walked_once_per_tree(tiny, monkeypatch):
     """The compiled-program lookup walks a parameter tree's ~700 arrays once, not per image;
     a new tree is walked again."""

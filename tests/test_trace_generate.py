@@ -63,9 +63,11 @@ def test_command_line_on_tiny(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "trace_generate_tiny_float32_t.json").read_text())
-    assert set(record["modes"]) == {"sync", "unsync"}
+    assert set(record["modes"]) == {"sync", "unsync", "one_program"}
     for mode, m in record["modes"].items():
         assert m["wall_ms"] > 0 and m["kernels"] > 0 and 0 < m["busy_ms"] <= m["span_ms"]
-        assert {"text_encoder", "denoise", "vae_decode"} <= set(m["components"]), mode
+        parts = {"image"} if mode == "one_program" else {"text_encoder", "denoise", "vae_decode"}
+        assert parts <= set(m["components"]), mode
     assert "end_to_end" in record["modes"]["unsync"]["timings"]
+    assert set(record["modes"]["one_program"]["timings"]) == {"image", "end_to_end"}
     assert "## sync" in proc.stdout and "Longest idle gaps" in proc.stdout
