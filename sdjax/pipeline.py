@@ -267,7 +267,7 @@ _INT32 = (-(2**31), 2**31 - 1)
 
 def device_noise(
     seed: int, indices: Sequence[int], shape: Sequence[int], stream: str = "latents", *,
-    scale: float = 1.0, batch_axis: int = 0,
+    scale: float = 1.0, batch_axis: int = 0, sharding: jax.sharding.Sharding | None = None,
 ):  # fmt: skip
     """`image_noise(...) * scale` drawn by one compiled program, left on the device.
 
@@ -275,20 +275,30 @@ def device_noise(
     without its per-image dispatches and its copy to the host, which a 512x512 image's wall
     time paid (about 3 ms on the H100's host, `experiments/results/README.md`, item 85).
     batch_axis: where the images' axis goes (1 puts the "steps" stream's [N, S, ...] as
-    [S, N, ...]). A seed outside int32 takes `image_noise`'s eager path (same values).
+    [S, N, ...]). sharding: where the result goes (the program writes it there; a later
+    `device_put` would copy it). A seed outside int32 takes `image_noise`'s eager path (the
+    same values).
     """
     if stream not in NOISE_STREAMS:
         raise ValueError(f"unknown noise stream {stream!r}; choose from {sorted(NOISE_STREAMS)}")
     if not _INT32[0] <= int(seed) <= _INT32[1]:
-        noise = image_noise(seed, indices, shape, stream) * np.float32(scale)
-        return jnp.asarray(np.moveaxis(noise, 0, batch_axis))
-    return _noise_program(np.int32(seed), np.asarray(list(indices), np.int32), np.float32(scale),
-                          shape=tuple(int(d) for d in shape), stream=stream,
-                          batch_axis=batch_axis)  # fmt: skip
+        noise = np.moveaxis(image_noise(seed, indices, shape, stream) * np.float32(scale), 0,
+                            batch_axis)  # fmt: skip
+        return jax.device_put(noise, sharding) if sharding is not None else jnp.asarray(noise)
+    program = _noise_program(sharding)
+    return program(np.int32(seed), np.asarray(list(indices), np.int32), np.float32(scale),
+                   shape=tuple(int(d) for d in shape), stream=stream,
+                   batch_axis=batch_axis)  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "stream", "batch_axis"))
-def _noise_program(seed, indices, scale, *, shape, stream, batch_axis):
+@functools.lru_cache(maxsize=8)
+def _noise_program(sharding):
+    """`_noise` jitted to write its result with `sharding` (None: the default device)."""
+    return jax.jit(_noise, static_argnames=("shape", "stream", "batch_axis"),
+                   out_shardings=sharding)  # fmt: skip
+
+
+def _noise(seed, indices, scale, *, shape, stream, batch_axis):
     def one(i):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
         if NOISE_STREAMS[stream] is not None:
@@ -653,8 +663,9 @@ class StableDiffusion:
             return sharded(a, axis)
 
         def noise_of(stream, shape, scale=1.0, axis=0):  # drawn on the device, kept there
-            return sharded(device_noise(seed, padded, shape, stream, scale=scale,
-                                        batch_axis=axis), axis)  # fmt: skip
+            where = NamedSharding(self.mesh, P(*([None] * axis), "batch"))
+            return device_noise(seed, padded, shape, stream, scale=scale, batch_axis=axis,
+                                sharding=where)  # fmt: skip
 
         timings: dict = {}
         t_start = time.perf_counter()  # the image's wall time starts here (end_to_end)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.layout import Format, Layout
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sdjax.pipeline import StableDiffusion, device_noise, image_noise
 from tests._pipeline_util import random_pipeline, save_diffusers_checkpoint
@@ -297,6 +299,11 @@ def test_device_noise_is_image_noise(seed):
     np.testing.assert_array_equal(np.asarray(scaled), want)
     with pytest.raises(ValueError, match="noise stream"):
         device_noise(seed, [0], (2,), "nope")
+    # written where it is asked for (the pipeline's batch sharding), the same values
+    where = NamedSharding(Mesh(np.array(jax.devices()[:1]), ("batch",)), P("batch"))
+    placed = device_noise(seed, [0, 3], (5, 4, 2), sharding=where)
+    assert placed.sharding == where
+    np.testing.assert_array_equal(np.asarray(placed), image_noise(seed, [0, 3], (5, 4, 2)))
 
 
 def test_guidance_at_most_one_turns_guidance_off(tiny):
