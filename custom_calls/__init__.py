@@ -1,11 +1,15 @@
 """Pallas GPU kernels for Stable Diffusion's hot ops.
 
-Each kernel module holds one public function (the Hopper attention module also its packed
-form, `flash_attention_hopper_qkv`, for a fused q/k/v projection), its pure-jnp reference (or,
+Each kernel module holds one public function (the attention modules also their packed forms,
+`flash_attention_qkv` and `flash_attention_hopper_qkv`, for a fused q/k/v projection), its pure-jnp reference (or,
 for the Hopper variants, its Triton sibling's), and a frozen config of block sizes. Off GPU the kernels run through Pallas interpret mode (for tests, not speed).
 """
 
-from custom_calls.flash_attention import flash_attention, flash_attention_reference
+from custom_calls.flash_attention import (
+    flash_attention,
+    flash_attention_qkv,
+    flash_attention_reference,
+)
 from custom_calls.flash_attention_hopper import flash_attention_hopper, flash_attention_hopper_qkv
 from custom_calls.fused_softmax import fused_softmax_attention, fused_softmax_attention_reference
 from custom_calls.geglu import geglu, geglu_elementwise, geglu_reference
@@ -22,6 +26,7 @@ __all__ = [
     "flash_attention",
     "flash_attention_hopper",
     "flash_attention_hopper_qkv",
+    "flash_attention_qkv",
     "flash_attention_reference",
     "fused_softmax_attention",
     "fused_softmax_attention_reference",

@@ -246,10 +246,32 @@ def flash_attention(q, k, v, *, scale=None, config: Config | None = None, interp
     scale defaults to 1/sqrt(D). fp16/bf16/fp32 inputs; accumulation in fp32. D <= 256.
     """
     validate("flash_attention", q, k, v)
-    batch, q_len, heads, head_dim = q.shape
-    kv_len = k.shape[1]
+    return _launch(q, k, v, q.shape, k.shape[1], (0, 0, 0), scale, config, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def flash_attention_qkv(qkv, *, scale=None, config: Config | None = None, interpret=None):
+    """Self-attention of a fused projection: qkv [B, L, 3, H, D] (q, k, v on axis 2) ->
+    [B, L, H, D]. The same kernel as `flash_attention`, reading q, k and v straight from qkv
+    (viewed, for free, as [B, L, 3H, D]: head h of q, k, v at h, H + h, 2H + h) instead of from
+    three slices that XLA would copy out of it."""
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"flash_attention_qkv wants qkv [B, L, 3, H, D]; got {qkv.shape}")
+    batch, length, _, heads, head_dim = qkv.shape
+    q_shape = (batch, length, heads, head_dim)
+    validate("flash_attention_qkv", *(jax.ShapeDtypeStruct(q_shape, qkv.dtype),) * 3)
+    packed = qkv.reshape(batch, length, 3 * heads, head_dim)  # a bitcast: no data moves
+    offsets = (0, heads, 2 * heads)
+    return _launch(packed, packed, packed, q_shape, length, offsets, scale, config, interpret)
+
+
+def _launch(q, k, v, q_shape, kv_len, head_offsets, scale, config, interpret):
+    """The kernel on q [B, Lq, *, D], k, v [B, Lk, *, D] (head h of each at h + its offset in
+    `head_offsets`) -> [B, Lq, H, D] with q_shape = (B, Lq, H, D)."""
+    batch, q_len, heads, head_dim = q_shape
     scale = head_dim**-0.5 if scale is None else float(scale)
-    config = config or heuristic_config(q.shape, k.shape, q.dtype)
+    kv_shape = (batch, kv_len, heads, head_dim)
+    config = config or heuristic_config(q_shape, kv_shape, q.dtype)
     block_q = clamp_block(config.block_q, q_len)
     block_k = clamp_block(config.block_k, kv_len)
     chunks = head_chunks(head_dim, config.head_split)
@@ -267,15 +289,22 @@ def flash_attention(q, k, v, *, scale=None, config: Config | None = None, interp
         fast_exp=config.fast_exp and q.dtype == jnp.float16,
         interpret=resolve_interpret(interpret),
     )
-    q_spec = pl.BlockSpec((None, block_q, None, d_block), lambda i, b, h: (b, i, h, 0))
+    q_off, k_off, v_off = head_offsets
+    # Blocks of d_block columns run past D (packed: their addresses run into the next head's
+    # row): every column at or past head_dim is masked in the kernel, never read or written.
+    o_spec = pl.BlockSpec((None, block_q, None, d_block), lambda i, b, h: (b, i, h, 0))
+    q_spec = pl.BlockSpec((None, block_q, None, d_block), lambda i, b, h: (b, i, h + q_off, 0))
     kv_rows = pl.cdiv(kv_len, block_k) * block_k  # the ragged tail is masked, never copied
-    kv_spec = pl.BlockSpec((None, kv_rows, None, d_block), lambda i, b, h: (b, 0, h, 0))
+
+    def kv_spec(offset):
+        return pl.BlockSpec((None, kv_rows, None, d_block), lambda i, b, h: (b, 0, h + offset, 0))
+
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q_shape, q.dtype),
         grid=(pl.cdiv(q_len, block_q), batch, heads),
-        in_specs=[q_spec, kv_spec, kv_spec],
-        out_specs=q_spec,
+        in_specs=[q_spec, kv_spec(k_off), kv_spec(v_off)],
+        out_specs=o_spec,
         compiler_params=plgpu.CompilerParams(
             num_warps=config.num_warps, num_stages=config.num_stages
         ),

@@ -266,16 +266,27 @@ def _auto_attention(q, k, v) -> str:
 
 def packed_self_attention_head_dim(shape, dtype) -> int | None:
     """The head dim to give `self_attention_packed` where it reads q, k and v straight from
-    one fused projection, else None.
+    one fused projection, else None (`packed_self_attention_plan`'s head dim)."""
+    plan = packed_self_attention_plan(shape, dtype)
+    return plan[1] if plan else None
 
-    Not None where our Hopper kernel is the attention in force for a self-attention of
-    `shape` [B, L, H, D] and can run it: then D padded to its tuned config's head_align (D
-    itself where no padding is needed). A model that knows it can project x once into
-    qkv [B, L, 3, H, that dim], with zero weight columns for any padding, and skip both the
-    slicing copies of a fused projection and the kernel's padding copies
-    (`sdjax.models.layers.Attention` does).
+
+def packed_self_attention_plan(shape, dtype) -> tuple[str, int] | None:
+    """(implementation, head dim) where the attention in force for a self-attention of `shape`
+    [B, L, H, D] reads q, k and v straight from one fused projection qkv [B, L, 3, H, head
+    dim], else None: our Hopper kernel (D padded to its tuned config's head_align; D itself
+    where no padding is needed) or our Triton kernel (D). A model that knows it can project x
+    once into qkv, with zero weight columns for any padding, and skip both the slicing copies
+    of a fused projection and the kernel's padding copies (`sdjax.models.layers.Attention`
+    does, passing the implementation on to `self_attention_packed`).
     """
-    return _hopper_head_dim(shape, shape, dtype)
+    if d_pad := _hopper_head_dim(shape, shape, dtype):
+        return "flash_hopper", d_pad
+    q = jax.ShapeDtypeStruct(tuple(shape), dtype)
+    impl = _resolve("attention", None, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, q, q))
+    if impl == "flash" and shape[-1] <= MAX_KERNEL_HEAD_DIM:
+        return "flash", shape[-1]
+    return None
 
 
 def _hopper_head_dim(q_shape, kv_shape, dtype) -> int | None:
@@ -293,9 +304,10 @@ def _hopper_head_dim(q_shape, kv_shape, dtype) -> int | None:
 def self_attention_packed(qkv, *, scale: float | None = None, implementation=None):
     """Self-attention of a fused projection: qkv [B, L, 3, H, D] -> [B, L, H, D].
 
-    Our Hopper kernel reads q, k and v from qkv in place (`flash_attention_hopper_qkv`);
-    every other implementation gets the three slices through `attention`. scale defaults to
-    1/sqrt(D) (pass the unpadded head dim's where D carries zero padding)."""
+    Our kernels read q, k and v from qkv in place (`flash_attention_hopper_qkv`,
+    `flash_attention_qkv`); every other implementation gets the three slices through
+    `attention`. scale defaults to 1/sqrt(D) (pass the unpadded head dim's where D carries
+    zero padding)."""
     if qkv.ndim != 5 or qkv.shape[2] != 3:
         raise ValueError(f"self_attention_packed wants qkv [B, L, 3, H, D]; got {qkv.shape}")
     q = jax.ShapeDtypeStruct(qkv.shape[:2] + qkv.shape[3:], qkv.dtype)
@@ -337,8 +349,15 @@ _ATTENTION: dict[str, Callable] = {
 }
 
 
+def _attention_flash_packed(qkv, *, scale):
+    return custom_calls.flash_attention_qkv(qkv, scale=scale)
+
+
 # Implementations with a packed-qkv entry (self_attention_packed); the others get slices.
-_ATTENTION_PACKED: dict[str, Callable] = {"flash_hopper": _attention_flash_hopper_packed}
+_ATTENTION_PACKED: dict[str, Callable] = {
+    "flash_hopper": _attention_flash_hopper_packed,
+    "flash": _attention_flash_packed,
+}
 
 
 # Head dims above this go to XLA whatever the choice: our kernels and cuDNN stop at 256. In SD

@@ -16,6 +16,7 @@ import pytest
 from custom_calls.flash_attention import (
     MAX_HEAD_DIM,
     flash_attention,
+    flash_attention_qkv,
     flash_attention_reference,
     head_chunks,
 )
@@ -147,6 +148,43 @@ def test_rejects_bad_inputs(kernel):
         config_cls(block_q=48)
 
 
+# The packed form: q, k, v read from one fused projection [B, L, 3, H, D] (self-attention).
+PACKED_CASES = [
+    (3, 77, 2, 40, jnp.float16),
+    (1, 100, 2, 80, jnp.bfloat16),
+    (1, 257, 2, 160, jnp.float32),
+    (3, 128, 3, 64, jnp.float16),
+]
+
+
+def _check_packed(qkv, *, config=None, tol=None):
+    out = flash_attention_qkv(qkv, config=config)
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    assert out.shape == q.shape and out.dtype == qkv.dtype
+    err = _relative_error(out, flash_attention_reference(q, k, v))
+    tol = TOLERANCE[qkv.dtype.type] if tol is None else tol
+    assert err <= tol, f"packed: relative error {err:.3g} > {tol:g}"
+    # the same kernel on the three slices: the same numbers
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(flash_attention(q, k, v, config=config)))
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: f"{c[0]}x{c[1]}x{c[2]}x{c[3]}")
+def test_packed_qkv_matches_reference(case, rng):
+    """flash_attention_qkv reads head h of q, k and v at h, H + h and 2H + h of the packed
+    view; ragged lengths and head dims that need column masks included (a masked column of
+    one head is the next head's data in memory: it must never leak in)."""
+    b, length, h, d, dtype = case
+    qkv = jnp.asarray(rng.standard_normal((b, length, 3, h, d), dtype=np.float32), dtype)
+    _check_packed(qkv, config=FlashConfig(block_q=32, block_k=32))
+
+
+def test_packed_qkv_rejects_bad_inputs():
+    with pytest.raises(ValueError, match=r"qkv \[B, L, 3, H, D\]"):
+        flash_attention_qkv(jnp.ones((1, 8, 2, 2, 16), jnp.float32))
+    with pytest.raises(ValueError, match="head_dim"):
+        flash_attention_qkv(jnp.ones((1, 8, 3, 1, MAX_HEAD_DIM + 8), jnp.float32))
+
+
 # --------------------------------------------------------------------------------------------
 # GPU: real SD shapes, and proof that the compiled program calls our kernels
 # --------------------------------------------------------------------------------------------
@@ -178,6 +216,15 @@ def test_gpu_dtypes(kernel, dtype, rng):
 def test_gpu_large_logits(kernel, rng):
     q, k, v = _inputs(rng, 2, 1024, 8, 80, 77, jnp.float16, magnitude=4.0)
     _check(kernel, q, k, v, scale=1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sd15_self_16", "sd15_self_8", "sd15_self_32"])
+def test_gpu_packed_qkv_sd_shapes(name, rng):
+    """The packed form at SD1.5's unpadded self-attentions (head dims 160 and 80), fp16."""
+    s = ATTENTION_SHAPES[name]
+    shape = (s.batch, s.q_len, 3, s.heads, s.head_dim)
+    _check_packed(jnp.asarray(rng.standard_normal(shape, dtype=np.float32), jnp.float16))
 
 
 @pytest.mark.gpu

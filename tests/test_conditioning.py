@@ -153,7 +153,8 @@ def packed_everywhere(monkeypatch):
         calls.append(qkv.shape)
         return ops.attention_reference(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=scale)
 
-    monkeypatch.setattr(ops, "packed_self_attention_head_dim", lambda shape, dtype: shape[-1] + 8)
+    monkeypatch.setattr(ops, "packed_self_attention_plan",
+                        lambda shape, dtype: ("flash_hopper", shape[-1] + 8))  # fmt: skip
     monkeypatch.setitem(ops._ATTENTION_PACKED, "flash_hopper", stand_in)
     return calls
 

@@ -265,7 +265,7 @@ def test_packed_self_attention_is_the_same_attention(monkeypatch, qkv_bias, padd
     params = module.init(jax.random.PRNGKey(1), x)
     params = jax.tree.map(lambda p: p + 0.1 * jnp.ones_like(p), params)  # non-zero biases
     plain = module.apply(params, x)
-    monkeypatch.setattr(ops, "packed_self_attention_head_dim", lambda shape, dtype: padded)
+    monkeypatch.setattr(ops, "packed_self_attention_plan", lambda s, d: ("flash_hopper", padded))
     monkeypatch.setitem(ops._ATTENTION_PACKED, "flash_hopper", hopper_stand_in)
     packed = module.apply(params, x)
     assert seen == [(3, 24, 3, 2, padded)]
@@ -316,7 +316,9 @@ def test_auto_head_padding_on_a_faked_hopper(monkeypatch):
         for s in (shape, (2, 1024, 8, 80)):  # packed wherever flash_hopper is chosen
             d_pad = padded_head_dim(s[-1], tuned_config(s, s, jnp.float16).head_align)
             assert ops.packed_self_attention_head_dim(s, jnp.float16) == d_pad
-        assert ops.packed_self_attention_head_dim((2, 100, 8, 80), jnp.float16) is None
+        # where the Hopper kernel cannot run it (100 rows), `auto` gives the Triton kernel,
+        # which reads the packed projection at the head dim itself
+        assert ops.packed_self_attention_plan((2, 100, 8, 80), jnp.float16) == ("flash", 80)
         assert ops.attention_head_padding((2, 1024, 5, 64), (2, 1024, 5, 64), jnp.float16) is None
         assert ops.attention_head_padding((2, 100, 8, 80), (2, 100, 8, 80), jnp.float16) is None
     FakeHopper.compute_capability = "8.0"  # an A100: the table's Hopper choice becomes flash
@@ -336,7 +338,7 @@ def test_packed_weights_of_another_width_are_rebuilt(monkeypatch, rng):
     plain = module.apply(params, x)
     stale = module.apply(params, 80, 48, jnp.float32, method="packed_weights")
     assert stale["qkv_kernel"].shape == (80, 3 * 2 * 48)
-    monkeypatch.setattr(ops, "packed_self_attention_head_dim", lambda shape, dtype: 64)
+    monkeypatch.setattr(ops, "packed_self_attention_plan", lambda s, d: ("flash_hopper", 64))
     monkeypatch.setitem(
         ops._ATTENTION_PACKED, "flash_hopper",
         lambda qkv, *, scale: ops.attention_reference(*(qkv[:, :, i] for i in range(3)), scale=scale),
@@ -661,3 +663,33 @@ def test_causal_attention_cudnn_agrees_on_gpu(dtype, shape, rng):
     assert out.dtype == dtype
     assert rel(out, ref) <= {jnp.float16: 2e-3, jnp.bfloat16: 2e-2}[dtype]
     assert ops._auto_causal(q) == "cudnn"
+
+
+def test_packed_plan_takes_the_triton_kernel_where_flash_is_in_force(rng):
+    """With the Triton kernel in force (here in interpret mode), a self-attention runs packed
+    through `flash_attention_qkv` at its own head dim, the same as the plain attention."""
+    from sdjax.models.layers import Attention
+
+    shape = (2, 24, 2, 40)
+    with ops.use(ops.Implementations(attention="flash")):
+        assert ops.packed_self_attention_plan(shape, jnp.float32) == ("flash", 40)
+        assert ops.packed_self_attention_head_dim(shape, jnp.float32) == 40
+    with ops.use(ops.Implementations(attention="xla")):
+        assert ops.packed_self_attention_plan(shape, jnp.float32) is None
+    module = Attention(dim=80, heads=2)
+    x = jnp.asarray(rng.standard_normal((2, 24, 80)), jnp.float32)
+    params = module.init(jax.random.PRNGKey(1), x)
+    with ops.use(ops.Implementations(attention="reference")):
+        plain = module.apply(params, x)
+    calls = []
+    real = ops._ATTENTION_PACKED["flash"]
+    with ops.use(ops.Implementations(attention="flash")):
+        ops._ATTENTION_PACKED["flash"] = lambda qkv, *, scale: calls.append(qkv.shape) or real(
+            qkv, scale=scale
+        )
+        try:
+            packed = module.apply(params, x)
+        finally:
+            ops._ATTENTION_PACKED["flash"] = real
+    assert calls == [(2, 24, 3, 2, 40)]
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(plain), rtol=1e-5, atol=1e-5)

@@ -268,8 +268,8 @@ class Attention(nn.Module):
         self_attention = context is None and not cross and not self.has_variable(CONDITIONING, "k")
         if self_attention:
             shape = (b, length, self.heads, head_dim)
-            if packed := ops.packed_self_attention_head_dim(shape, x.dtype):
-                return self._packed_self_attention(x, packed)
+            if plan := ops.packed_self_attention_plan(shape, x.dtype):
+                return self._packed_self_attention(x, *plan)
         fused = self._stacked_qkv_kernel(x) if self_attention else None
         if fused is not None:  # q, k and v in one product, the weights stacked once
             qkv = jnp.dot(x, fused.astype(x.dtype))
@@ -329,9 +329,10 @@ class Attention(nn.Module):
         out["out_kernel"] = kernel.reshape(heads * padded, -1)
         return out
 
-    def _packed_self_attention(self, x: jax.Array, padded: int) -> jax.Array:
+    def _packed_self_attention(self, x: jax.Array, implementation: str, padded: int) -> jax.Array:
         """Self-attention through one fused projection, qkv [B, L, 3, heads, padded], read in
-        place by the attention kernel (`ops.self_attention_packed`): no slicing copies. Where
+        place by `implementation`'s kernel (`ops.self_attention_packed`, as
+        `ops.packed_self_attention_plan` chose): no slicing copies. Where
         `padded` exceeds the head dim, each head's q, k, v are widened by zero weight columns
         and the output projection by zero rows, so that a kernel that wants padded heads gets
         them without copying. Same result: zero columns add nothing to the logits, and the
@@ -355,7 +356,7 @@ class Attention(nn.Module):
         if "qkv_bias" in weights:
             qkv = qkv + weights["qkv_bias"].astype(x.dtype)
         qkv = qkv.reshape(b, length, 3, heads, padded)
-        out = ops.self_attention_packed(qkv, scale=head_dim**-0.5, implementation="flash_hopper")
+        out = ops.self_attention_packed(qkv, scale=head_dim**-0.5, implementation=implementation)
         _, bias = self.to_out_0.weights(self.dim)
         y = jnp.dot(out.reshape(b, length, -1), weights["out_kernel"].astype(x.dtype))
         return y + bias.astype(x.dtype)
