@@ -6,7 +6,8 @@ Three jitted programs, each compiled once per shape and reused:
   denoise       latents [N, h, w, 4], context -> latents, the whole loop in one `lax.scan`
   decode        latents [N, h, w, 4]          -> images uint8 [N, H, W, 3]
 
-`denoise_loop` is importable on its own for research code. The implementations of the hot
+or, with `generate(one_program=True)`, the three as one program ("image": one launch, no
+host work between them). `denoise_loop` is importable on its own for research code. The implementations of the hot
 ops (`sdjax.ops`) are a static argument of each program, entered inside the trace.
 
 Parameter layouts: each program is compiled with its parameters' memory layouts left to XLA
@@ -20,7 +21,8 @@ Batches are sharded over every local device along the batch axis (a 1-D `Mesh` n
 "batch"); the parameters are placed once, replicated. A batch that does not divide by the
 device count is padded and the padding dropped from the result. Each image's noise comes from
 `fold_in(PRNGKey(seed), index)`, so an image depends on its seed and index only, not on the
-batch size or the number of devices (see `image_noise`).
+batch size or the number of devices (see `image_noise`; `generate` draws it on the device with
+`device_noise`, which gives the same values in one program).
 """
 
 from __future__ import annotations
@@ -375,6 +377,7 @@ class StableDiffusion:
         # component -> (the program, the parameter tree) last laid out for it (references, not
         # ids: a replaced tree's id may be reused; the next placement drops the old tree)
         self._placed_for: dict = {}
+        self._whole: dict | None = None  # `_whole_params`' dict of the component trees
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -492,7 +495,7 @@ class StableDiffusion:
         object while every component's tree is the same object (so that `_signature` and
         `_run` skip their walks), a new one once any is replaced (a merged LoRA)."""
         parts = {c: self.params[c] for c in COMPONENTS}
-        cached = getattr(self, "_whole", None)
+        cached = self._whole
         if cached is None or any(cached[c] is not parts[c] for c in COMPONENTS):
             self._whole = cached = parts
         return cached
@@ -652,20 +655,19 @@ class StableDiffusion:
         pad = -n % len(self.devices)
         padded = [*indices, *[indices[-1]] * pad]  # a padded image repeats the last one
 
-        def sharded(a, axis=0):
-            return jax.device_put(a, NamedSharding(self.mesh, P(*([None] * axis), "batch")))
+        def batched(axis):  # the images' axis split over the devices
+            return NamedSharding(self.mesh, P(*([None] * axis), "batch"))
 
         def batch(a, axis=0):
             a = np.asarray(a)
             if pad:
                 last = np.take(a, [-1] * pad, axis=axis)
                 a = np.concatenate([a, last], axis=axis)
-            return sharded(a, axis)
+            return jax.device_put(a, batched(axis))
 
         def noise_of(stream, shape, scale=1.0, axis=0):  # drawn on the device, kept there
-            where = NamedSharding(self.mesh, P(*([None] * axis), "batch"))
             return device_noise(seed, padded, shape, stream, scale=scale, batch_axis=axis,
-                                sharding=where)  # fmt: skip
+                                sharding=batched(axis))  # fmt: skip
 
         timings: dict = {}
         t_start = time.perf_counter()  # the image's wall time starts here (end_to_end)
