@@ -157,25 +157,24 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, o
     kw = dict(
         steps=FLAGS.steps, guidance=FLAGS.guidance, scheduler="ddim", seed=0, height=res, width=res
     )
-    first = pipe.generate("a photograph of an astronaut riding a horse", **kw)
-    runs = [
-        pipe.generate("a photograph of an astronaut riding a horse", **kw)
-        for _ in range(FLAGS.repeats)
-    ]
+
+    def image(n, **mode):  # n runs of the row's image, in a generate mode
+        return [pipe.generate("a photograph of an astronaut riding a horse", **kw, **mode)
+                for _ in range(n)]  # fmt: skip
+
+    def wall_ms(results):  # the median whole-call wall
+        return statistics.median(r.timings["end_to_end"]["run_s"] for r in results) * 1e3
+
+    first, *runs = image(1 + FLAGS.repeats)
     components = list(component_timings(first.timings))
     med = {c: statistics.median(r.timings[c]["run_s"] for r in runs) * 1e3 for c in components}
     # The same image with the components dispatched back to back and one wait at the end.
-    unsynced = [
-        pipe.generate("a photograph of an astronaut riding a horse", sync_components=False, **kw)
-        for _ in range(FLAGS.end_to_end_repeats)
-    ]
-    # The same image with text encoder, loop and decoder as one program.
-    whole = [
-        pipe.generate("a photograph of an astronaut riding a horse", one_program=True, **kw)
-        for _ in range(FLAGS.end_to_end_repeats + 1 if FLAGS.end_to_end_repeats else 0)
-    ]
+    unsynced = image(FLAGS.end_to_end_repeats, sync_components=False)
+    # The same image with text encoder, loop and decoder as one program (the first compiles).
+    whole = image(FLAGS.end_to_end_repeats + 1 if FLAGS.end_to_end_repeats else 0,
+                  one_program=True)  # fmt: skip
     whole_compile_s = whole[0].timings["image"]["compile_s"] if whole else None
-    whole = whole[1:]  # the first compiled
+    whole = whole[1:]
     steps = first.timings["denoise"]["steps"]
     row = {
         "row": name,
@@ -193,17 +192,13 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, o
         "memory": _memory(pipe),
     }
     # the image's wall time: tokenizing to decoded images, host work between components in
-    row["end_to_end_ms"] = statistics.median(r.timings["end_to_end"]["run_s"] for r in runs) * 1e3
+    row["end_to_end_ms"] = wall_ms(runs)
     if unsynced:
-        row["end_to_end_unsync_ms"] = statistics.median(
-            r.timings["end_to_end"]["run_s"] for r in unsynced
-        ) * 1e3  # fmt: skip
+        row["end_to_end_unsync_ms"] = wall_ms(unsynced)
         same = all(np.array_equal(r.images, runs[-1].images) for r in unsynced)
         row["end_to_end_same_image"] = bool(same)
     if whole:
-        row["end_to_end_one_program_ms"] = statistics.median(
-            r.timings["end_to_end"]["run_s"] for r in whole
-        ) * 1e3  # fmt: skip
+        row["end_to_end_one_program_ms"] = wall_ms(whole)
         row["one_program_compile_s"] = whole_compile_s
         diff = np.abs(whole[-1].images.astype(int) - runs[-1].images.astype(int))
         row["one_program_image_max_diff"] = int(diff.max())
@@ -220,7 +215,6 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, o
         diff = np.abs(runs[-1].images.astype(np.float64) - ref_latents["images"].astype(np.float64))
         row["image_mean_abs_diff"] = float(diff.mean())
     row["finite"] = bool(np.isfinite(runs[-1].latents).all())
-    del pipe
     return row, runs[-1]
 
 

@@ -299,6 +299,25 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
     return list(dict.fromkeys(out + sums + last))
 
 
+def _sweep_configs(name, configs, measure, deadline, label) -> tuple[list[dict], bool]:
+    """One row per config of shape `name`: the config's fields, those `measure(cfg, row)`
+    writes into it, and the error it raised if it did; printed as they come. Returns (rows,
+    whether the deadline cut it)."""
+    rows = []
+    for cfg in configs:
+        if time.perf_counter() > deadline:
+            return rows, True
+        row = {"shape": name, **dataclasses.asdict(cfg)}
+        try:
+            measure(cfg, row)
+        except Exception as e:
+            row["error"] = _error_text(e)
+        rows.append(row)
+        shown = next((row[k] for k in ("kernel_us", "ms", "error") if k in row), None)
+        print(f"{label} {name:20s} {shown} err={row.get('err')} {cfg}", flush=True)
+    return rows, False
+
+
 def sweep_group_norm(dtype, names, deadline) -> list[dict]:
     rows, rng = [], np.random.default_rng(2)
     for name in names:
@@ -309,22 +328,20 @@ def sweep_group_norm(dtype, names, deadline) -> list[dict]:
         ref = group_norm_reference(
             x.astype(jnp.float32), sc, b, groups=s.groups, eps=s.eps, activation=s.activation
         )
-        for cfg in group_norm_candidates(s.shape, s.groups, _PLANS.value, jnp.dtype(dtype)):
-            if time.perf_counter() > deadline:
-                return rows
-            row = {"shape": name, **dataclasses.asdict(cfg)}
-            try:
-                fn = _gn_fn(s, cfg)
-                row["err"] = relative_error(jax.jit(fn)(x, sc, b), ref)
-                row["ms"] = _time(fn, sets)
-                row["gbs"] = 2 * x.size * x.dtype.itemsize / 1e9 / max(row["ms"] * 1e-3, 1e-9)
-                if jax.default_backend() == "gpu":
-                    row["kernel_us"] = _kernel_us(fn, sets)
-            except Exception as e:
-                row["error"] = _error_text(e)
-            rows.append(row)
-            print(f"sweep {name:20s} {row.get('kernel_us', row.get('ms', row.get('error')))} "
-                  f"{cfg}", flush=True)  # fmt: skip
+
+        def measure(cfg, row, s=s, x=x, sc=sc, b=b, sets=sets, ref=ref):
+            fn = _gn_fn(s, cfg)
+            row["err"] = relative_error(jax.jit(fn)(x, sc, b), ref)
+            row["ms"] = _time(fn, sets)
+            row["gbs"] = 2 * x.size * x.dtype.itemsize / 1e9 / max(row["ms"] * 1e-3, 1e-9)
+            if jax.default_backend() == "gpu":
+                row["kernel_us"] = _kernel_us(fn, sets)
+
+        configs = group_norm_candidates(s.shape, s.groups, _PLANS.value, jnp.dtype(dtype))
+        done, cut = _sweep_configs(name, configs, measure, deadline, "sweep")
+        rows += done
+        if cut:
+            break
     return rows
 
 
@@ -444,16 +461,14 @@ def sweep_geglu(dtype, names, deadline) -> list[dict]:
         x, w = _normal(rng, s.x_shape, dtype), _normal(rng, s.w_shape, dtype, 0.05)
         b = _normal(rng, (s.w_shape[1],), jnp.float32)
         sets = [(v, w, b) for v in _variants(x, _CALLS.value)]
-        for cfg in cands:
-            if time.perf_counter() > deadline:
-                return rows
-            row = {"shape": name, **dataclasses.asdict(cfg)}
-            try:
-                row["ms"] = _time(functools.partial(geglu, config=cfg), sets)
-            except Exception as e:
-                row["error"] = _error_text(e)
-            rows.append(row)
-            print(f"sweep {name:8s} {row.get('ms', row.get('error'))} {cfg}", flush=True)
+
+        def measure(cfg, row, sets=sets):
+            row["ms"] = _time(functools.partial(geglu, config=cfg), sets)
+
+        done, cut = _sweep_configs(name, cands, measure, deadline, "sweep")
+        rows += done
+        if cut:
+            break
     return rows
 
 
@@ -487,19 +502,17 @@ def sweep_geglu_hopper(dtype, names, deadline) -> list[dict]:
         b = _normal(rng, (2 * f,), jnp.float32, 0.5)
         ref = np.asarray(jax.jit(geglu_reference)(x, w, b).astype(jnp.float32))
         sets = [(v, w, b) for v in _variants(x, _CALLS.value)]
-        for cfg in hopper_geglu_candidates(m, d, f, x.dtype):
-            if time.perf_counter() > deadline:
-                return rows
-            row = {"shape": name, **dataclasses.asdict(cfg)}
+
+        def measure(cfg, row, x=x, w=w, b=b, sets=sets, ref=ref):
             fn = functools.partial(geglu_hopper, config=cfg)
-            try:
-                row["err"] = relative_error(jax.jit(fn)(x, w, b), ref)
-                row["kernel_us"] = _kernel_us(fn, sets)
-            except Exception as e:
-                row["error"] = _error_text(e)
-            rows.append(row)
-            print(f"hopper sweep {name:8s} {row.get('kernel_us', row.get('error'))} "
-                  f"err={row.get('err')} {cfg}", flush=True)  # fmt: skip
+            row["err"] = relative_error(jax.jit(fn)(x, w, b), ref)
+            row["kernel_us"] = _kernel_us(fn, sets)
+
+        configs = hopper_geglu_candidates(m, d, f, x.dtype)
+        done, cut = _sweep_configs(name, configs, measure, deadline, "hopper sweep")
+        rows += done
+        if cut:
+            break
     return rows
 
 
