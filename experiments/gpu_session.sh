@@ -22,7 +22,7 @@
 #                  (copied to results), which later stages of the call then use
 #   geglu          experiments.bench_norm: the GEGLU kernels (Triton, Hopper) against XLA, by
 #                  device kernel time, and the Triton block sweep on $GEGLU_SHAPES (default:
-#                  SD1.5's four), within $GEGLU_BUDGET seconds
+#                  SD1.5's four), within $GEGLU_BUDGET seconds; extra flags $GEGLU_ARGS
 #   conv           experiments/bench_conv.py: the UNet's 3x3 convs as cuDNN, taps and im2col
 #                  ($CONV_SHAPES, default all)
 #   concat         experiments/bench_concat.py: the skip concatenates written or not
@@ -33,6 +33,8 @@
 #                  left out, and its correct alternatives, by device kernel time ($ABLATE_ARGS)
 #   trace          experiments.trace_generate: one traced `generate` per mode, with command
 #                  buffers kept on while tracing ($TRACE_ARGS)
+#   launch         experiments.launch_probe: what a program's call costs before its kernels,
+#                  same input or fresh, command buffers on and off ($LAUNCH_ARGS)
 #   profile        experiments.profile: GPU time per kernel kind of a UNet step, of a step inside
 #                  the denoising scan, and of the VAE decode; the optimized HLO of each program.
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
@@ -116,7 +118,7 @@ for stage in "$@"; do
     geglu)
       g=${GEGLU_SHAPES:-sd15_64,sd15_32,sd15_16,sd15_8}
       limit python3 experiments/bench_norm.py --gn_shapes unet_64x64x320 --geglu_shapes $g \
-        --sweep_geglu $g --budget_s ${GEGLU_BUDGET:-100} 2>&1 | quiet | tail -30 || status=1
+        --sweep_geglu $g --budget_s ${GEGLU_BUDGET:-100} ${GEGLU_ARGS:-} 2>&1 | quiet | tail -30 || status=1
       ;;
     conv)
       limit python3 experiments/bench_conv.py ${CONV_SHAPES:+--shapes $CONV_SHAPES} 2>&1 | quiet | tail -14 || status=1
@@ -140,6 +142,10 @@ for stage in "$@"; do
     trace)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_enable_command_buffers_during_profiling=true" limit python3 -m experiments.trace_generate \
         --config sd15 --dtype float16 --kernels auto ${TRACE_ARGS:-} 2>&1 | quiet | tail -60 || status=1
+      ;;
+    launch)
+      limit python3 -m experiments.launch_probe --config sd15 --dtype float16 --kernels auto \
+        ${LAUNCH_ARGS:-} 2>&1 | quiet | tail -60 || status=1
       ;;
     profile)
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" limit python3 -m experiments.profile \
