@@ -79,6 +79,14 @@ class HopperConfig:
     # w tile once by TMA multicast, each issuing its share: w's reads from L2 fall by the
     # cluster size. A ring slot is free again once every program of the cluster has used it.
     cluster: int = 1
+    # Keep a reduction step's wgmmas in flight while the next step's are issued: its ring
+    # slot is freed one step later (after `wgmma_wait` leaves only the newest step pending),
+    # instead of waiting for every step's products before issuing the next (needs two
+    # stages where a tile has more than one step: the producer refills a slot only once the
+    # step after it has been issued).
+    # Measured no faster on the H100 (at most -2.5% with 4 stages, much slower with 2:
+    # `experiments/results/README.md`, eleventh session): the per-step wait is not the bound.
+    delay_release: bool = False
 
     def __post_init__(self):
         for f in ("block_n", "block_k"):
@@ -90,6 +98,8 @@ class HopperConfig:
             raise ValueError(f"programs={self.programs} must be >= 1")
         if self.cluster not in CLUSTER_SIZES:
             raise ValueError(f"cluster={self.cluster} must be one of {CLUSTER_SIZES}")
+        if self.delay_release and self.stages < 2:
+            raise ValueError("delay_release needs stages >= 2")
 
 
 def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
@@ -157,6 +167,7 @@ def _column_vector(ref, *, interpret: bool):
 def _kernel(
     x_ref, w_ref, b_ref, o_ref, x_smem, h_smem, g_smem, b_smem, o_smem, full, free, go, b_full,
     *, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, cluster, interpret,
+    delay_release=False,
 ):  # fmt: skip
     """One persistent program: tiles pid, pid + programs, ... of the output (with clusters:
     cluster tiles, of which this program takes rows 64 * (its index in the cluster)).
@@ -215,9 +226,18 @@ def _kernel(
                     xt = x_smem.at[wg, slot]
                     plgpu.wgmma(h_acc, xt, h_smem.at[wg, slot])
                     plgpu.wgmma(g_acc, xt, g_smem.at[wg, slot])
-                    plgpu.wgmma_wait(0)  # both products read the slot: done before it is freed
-                    plgpu.barrier_arrive(free.at[ring + slot])
+                    if delay_release:  # step i's two products may run on; step i - 1's are done
+                        plgpu.wgmma_wait(2)
+                        pl.when(i > 0)(
+                            lambda: plgpu.barrier_arrive(free.at[ring + slot_of(u, i - 1)])
+                        )
+                    else:  # the step's products read the slot: done before it is freed
+                        plgpu.wgmma_wait(0)
+                        plgpu.barrier_arrive(free.at[ring + slot])
 
+                if delay_release:
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(free.at[ring + slot_of(u, k_steps - 1)])
                 return h_acc[...], g_acc[...]
 
             acc = plgpu.ACC((TILE_M, block_n), jnp.float32)
@@ -366,6 +386,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         programs=programs,
         cluster=cl,
         interpret=interpret,
+        delay_release=config.delay_release,
     )
     out = plgpu.kernel(
         kernel,

@@ -64,6 +64,10 @@ _SWEEP_GEGLU_HOPPER = flags.DEFINE_list(
     "GEGLU shapes whose Hopper kernel configs (block_n, stages, cluster) are swept, by device "
     "kernel time (GPU)",
 )
+_HOPPER_GRID = flags.DEFINE_enum(
+    "geglu_hopper_grid", "tiles", ["tiles", "issue", "deep"],
+    "the Hopper GEGLU sweep's grid (`hopper_geglu_candidates`)",
+)  # fmt: skip
 _BUDGET = flags.DEFINE_float("budget_s", 1e9, "stop sweeping after this many seconds")
 _TIMING_CHECK = flags.DEFINE_bool("timing_check", False, "also time XLA with common.time_jax")
 _REPORT = flags.DEFINE_string(
@@ -472,22 +476,39 @@ def sweep_geglu(dtype, names, deadline) -> list[dict]:
     return rows
 
 
-def hopper_geglu_candidates(m: int, d: int, f: int, dtype) -> list:
-    """The Hopper GEGLU configs in scope for x [m, d] @ w [d, 2f]: tiles 64 or 128 columns
-    wide, 2-4 stages, clusters of 1, 2 and 4 programs (`geglu_hopper.HopperConfig`)."""
+GEGLU_HOPPER_GRIDS = ("tiles", "issue", "deep")
+
+
+def hopper_geglu_candidates(m: int, d: int, f: int, dtype, grid: str = "tiles") -> list:
+    """The Hopper GEGLU configs in scope for x [m, d] @ w [d, 2f] (`geglu_hopper.HopperConfig`).
+
+    grid "tiles": tiles 64 or 128 columns wide, 2-4 stages, clusters of 1, 2 and 4 programs.
+    grid "issue": tiles 64 or 128 wide, 2-4 stages, clusters of 1 and 2, each with and
+    without `delay_release` (a step's products left in flight while the next step's are
+    issued).
+    grid "deep": reduction steps of 128 (half the steps, barrier round trips and copies per
+    tile, each twice the bytes), tiles 64 or 128 wide, 2-3 stages, clusters of 1 and 2."""
     gh = importlib.import_module("custom_calls.geglu_hopper")
+    if grid not in GEGLU_HOPPER_GRIDS:
+        raise ValueError(
+            f"unknown Hopper GEGLU grid {grid!r}; choose from {', '.join(GEGLU_HOPPER_GRIDS)}"
+        )
     out = []
-    for cluster in gh.CLUSTER_SIZES:
+    wide = grid == "tiles"
+    for cluster in gh.CLUSTER_SIZES if wide else (1, 2):
         # clusters of 4 also with 128 programs: an SM group (GPC) of 18 SMs holds four of
         # them, so 132 // 4 = 33 clusters may not all be resident at once
         for programs in (None, 128) if cluster == 4 else (None,):
             for block_n in (64, 128):
-                for stages in (2, 3, 4):
-                    cfg = gh.HopperConfig(
-                        block_n=block_n, stages=stages, cluster=cluster, programs=programs
-                    )
-                    if gh.supports((m, d), (d, 2 * f), dtype, cfg) is None:
-                        out.append(cfg)
+                for stages in (2, 3) if grid == "deep" else (2, 3, 4):
+                    for delay in (False, True) if grid == "issue" else (False,):
+                        cfg = gh.HopperConfig(
+                            block_n=block_n, block_k=128 if grid == "deep" else 64,
+                            stages=stages, cluster=cluster, programs=programs,
+                            delay_release=delay,
+                        )  # fmt: skip
+                        if gh.supports((m, d), (d, 2 * f), dtype, cfg) is None:
+                            out.append(cfg)
     return out
 
 
@@ -508,7 +529,7 @@ def sweep_geglu_hopper(dtype, names, deadline) -> list[dict]:
             row["err"] = relative_error(jax.jit(fn)(x, w, b), ref)
             row["kernel_us"] = _kernel_us(fn, sets)
 
-        configs = hopper_geglu_candidates(m, d, f, x.dtype)
+        configs = hopper_geglu_candidates(m, d, f, x.dtype, _HOPPER_GRID.value)
         done, cut = _sweep_configs(name, configs, measure, deadline, "hopper sweep")
         rows += done
         if cut:

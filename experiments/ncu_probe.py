@@ -13,6 +13,9 @@ so that a profile of a wrong kernel does not pass unnoticed.
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +59,7 @@ def _group_norm(side, channels, activation):
     return make, run, check
 
 
-def _geglu(m, d, f, hopper):
+def _geglu(m, d, f, hopper, config=None):
     def make(rng):
         x = rng.standard_normal((m, d)).astype(np.float16)
         w = (0.05 * rng.standard_normal((d, 2 * f))).astype(np.float16)
@@ -64,6 +67,8 @@ def _geglu(m, d, f, hopper):
         return jnp.asarray(x), jnp.asarray(w), jnp.asarray(b)
 
     fn = custom_calls.geglu_hopper if hopper else custom_calls.geglu
+    if config is not None:
+        fn = functools.partial(fn, config=config)
     return make, fn, lambda out, x, w, b: (out, custom_calls.geglu_reference(x, w, b))
 
 
@@ -74,7 +79,11 @@ OPS = {
     "group_norm_64x320": _group_norm(64, 320, "silu"),
     "group_norm_64x640": _group_norm(64, 640, "silu"),
     "group_norm_32x1280": _group_norm(32, 1280, "silu"),
-    "geglu_64_hopper": _geglu(8192, 320, 1280, True),
+    "geglu_64_hopper": _geglu(8192, 320, 1280, True),  # the heuristic's: clusters of 2
+    # one program per tile column pair, no clusters: w's L2 reads twice the clustered ones
+    "geglu_64_hopper_c1": _geglu(8192, 320, 1280, True, importlib.import_module(
+        "custom_calls.geglu_hopper").HopperConfig(block_n=128, stages=2)),
+    "geglu_32_hopper": _geglu(2048, 640, 2560, True),
     "geglu_32": _geglu(2048, 640, 2560, False),
     "geglu_16": _geglu(512, 1280, 5120, False),
 }

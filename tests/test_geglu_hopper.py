@@ -43,13 +43,22 @@ CASES = [
     ((128, 320), 320, 192, jnp.float16, HopperConfig(block_n=64, stages=1, programs=3)),
     ((320, 64), 64, 128, jnp.bfloat16, HopperConfig(programs=2)),
     ((64, 128), 128, 64, jnp.float16, HopperConfig(block_n=64, programs=4)),
+    # each step's ring slot released one step late
+    ((256, 320), 320, 256, jnp.bfloat16, HopperConfig(delay_release=True, programs=2)),
+    ((192, 256), 256, 128, jnp.float16, HopperConfig(block_n=64, stages=3, delay_release=True,
+                                                     programs=2)),
+    # reduction steps of 128 (two swizzled column tiles of x per step)
+    ((128, 384), 384, 128, jnp.float16, HopperConfig(block_n=64, block_k=128, programs=2)),
 ]
 
 
 def _case_id(case):
     x_shape, d, f, dt, c = case
     shape = "x".join(map(str, x_shape))
-    return f"{shape}:{d}x{f}:{jnp.dtype(dt).name}:n{c.block_n}s{c.stages}p{c.programs}"
+    late = "d" if c.delay_release else ""
+    deep = f"k{c.block_k}" if c.block_k != 64 else ""
+    return (f"{shape}:{d}x{f}:{jnp.dtype(dt).name}:n{c.block_n}s{c.stages}p{c.programs}"
+            f"{late}{deep}")  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -117,7 +126,7 @@ def test_interpret_mode_runs_the_clustered_shapes_unclustered(rng):
 
 def test_rejects_bad_configs_and_inputs():
     for bad in (dict(block_n=96), dict(block_k=32), dict(stages=0), dict(programs=0),
-                dict(cluster=3), dict(cluster=8)):  # fmt: skip
+                dict(cluster=3), dict(cluster=8), dict(stages=1, delay_release=True)):  # fmt: skip
         with pytest.raises(ValueError):
             HopperConfig(**bad)
     x = jnp.zeros((128, 64), jnp.float16)
@@ -159,7 +168,9 @@ def test_gpu_sd_shapes(name, dtype, rng):
 @pytest.mark.parametrize(
     "config",
     [HopperConfig(block_n=64), HopperConfig(stages=1), HopperConfig(block_n=64, stages=3),
-     HopperConfig(programs=7)],
+     HopperConfig(programs=7), HopperConfig(delay_release=True),
+     HopperConfig(block_n=64, stages=3, delay_release=True),
+     HopperConfig(block_n=64, block_k=128, stages=2)],
 )  # fmt: skip
 def test_gpu_configs(config, rng):
     x, w, b = _inputs(rng, (2, 1024, 640), 640, 2560, jnp.float16)
@@ -177,6 +188,12 @@ CLUSTER_CASES = [
     ((2, 256, 1280), 1280, 5120, jnp.bfloat16, HopperConfig(cluster=4)),
     ((3, 256, 640), 640, 2560, jnp.float16, HopperConfig(block_n=64, stages=1, cluster=2,
                                                          programs=14)),
+    ((2, 4096, 320), 320, 1280, jnp.float16, HopperConfig(block_n=64, stages=4, cluster=2,
+                                                          delay_release=True)),
+    ((2, 256, 1280), 1280, 5120, jnp.float16, HopperConfig(stages=2, cluster=2,
+                                                           delay_release=True)),
+    ((2, 1024, 640), 640, 2560, jnp.float16, HopperConfig(block_n=64, block_k=128, stages=2,
+                                                          cluster=2)),
 ]
 
 
@@ -210,3 +227,46 @@ def test_hlo_report_looks_for_the_kernel_by_name():
     from sdjax.ops import Implementations
 
     assert expected_kernels(Implementations(geglu="pallas_hopper")) == {"sdjax_geglu_hopper"}
+
+
+def test_bench_sweep_grids():
+    """bench_norm's Hopper GEGLU grids (in a subprocess: the script defines absl flags)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json
+import jax.numpy as jnp
+from experiments import bench_norm
+out = {}
+for grid, shape in (("tiles", (8192, 320, 1280)), ("issue", (8192, 320, 1280)),
+                    ("deep", (2048, 640, 2560)), ("deep_64", (8192, 320, 1280))):
+    cfgs = bench_norm.hopper_geglu_candidates(*shape, jnp.float16, grid.split("_")[0])
+    out[grid] = [[c.cluster, c.block_n, c.stages, c.delay_release, c.block_k] for c in cfgs]
+try:
+    bench_norm.hopper_geglu_candidates(8192, 320, 1280, jnp.float16, "all")
+except ValueError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not any(delay for *_, delay, _ in out["tiles"])
+    assert {k for *_, k in out["tiles"] + out["issue"]} == {64}
+    assert {c for c, *_ in out["tiles"]} == {1, 2, 4}
+    issue = out["issue"]
+    assert {c for c, *_ in issue} == {1, 2} and {s for _, _, s, *_ in issue} == {2, 3, 4}
+    # every tile config that fits shared memory (block_n 64 at 2-4 stages, 128 at 2 here)
+    # twice, with and without delay_release
+    assert len(issue) == 2 * (3 + 1) * 2 and len({tuple(c) for c in issue}) == len(issue)
+    # steps of 128: D = 640 has five, D = 320 none (not a multiple of 128)
+    deep = out["deep"]
+    assert deep and {k for *_, k in deep} == {128} and not out["deep_64"]
+    assert {c for c, *_ in deep} == {1, 2} and {s for _, _, s, *_ in deep} <= {2, 3}
+    assert "unknown Hopper GEGLU grid" in out["error"]
