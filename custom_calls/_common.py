@@ -18,6 +18,11 @@ HOPPER_CONSUMER_REGISTERS = 232
 HOPPER_PRODUCER_REGISTERS = 40
 
 
+def num_sms() -> int:
+    """Streaming multiprocessors of the default device (132 on an H100 SXM); 2 off GPU."""
+    return getattr(jax.devices()[0], "core_count", None) or 2
+
+
 def resolve_interpret(interpret: bool | None) -> bool:
     """`None` means: interpret mode exactly when the default backend is not a GPU."""
     if interpret is None:

@@ -55,7 +55,7 @@ from custom_calls._common import HOPPER_CONSUMER_REGISTERS as CONSUMER_REGISTERS
 from custom_calls._common import HOPPER_DTYPES as SUPPORTED_DTYPES
 from custom_calls._common import HOPPER_PRODUCER_REGISTERS as PRODUCER_REGISTERS
 from custom_calls._common import HOPPER_SMEM_LIMIT_BYTES as SMEM_LIMIT_BYTES
-from custom_calls._common import mosaic_interpret_params, resolve_interpret
+from custom_calls._common import mosaic_interpret_params, num_sms, resolve_interpret
 from custom_calls.group_norm import activate
 
 TILE_M = 64  # rows of a tile: one warpgroup's wgmma
@@ -318,12 +318,6 @@ def _transforms(columns: int, dtype):
     return (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
 
 
-def _num_sms() -> int:
-    """SMs of the default device (132 on an H100 SXM); 2 off GPU (interpret mode)."""
-    device = jax.devices()[0]
-    return getattr(device, "core_count", None) or 2
-
-
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None):
     """hidden * gelu(gate), [hidden, gate] = split(x @ w + b). x [..., D], w [D, 2F], b [2F]
@@ -352,7 +346,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
     tiles_n = inner // config.block_n
     cl = config.cluster
     tiles = (m // (TILE_M * cl)) * tiles_n  # cluster tiles
-    programs = min(tiles, (config.programs or _num_sms()) // cl)  # clusters
+    programs = min(tiles, (config.programs or num_sms()) // cl)  # clusters
     cluster_kw = dict(cluster=(cl,), cluster_names=("cluster",)) if cl > 1 else {}
     slots = COMPUTE_WARPGROUPS * stages
     free = (

@@ -17,6 +17,13 @@ Two plans (`Config.mode`):
          (measured 18% slower at 2x64x64x320 on the H100: the combine becomes a serial tail).
   fused  one program per (sample, block of groups) reads its groups twice (the second read
          mostly from L2) and writes once: one launch, for the small latency-bound shapes.
+  cooperative  one launch of the split plan's programs, all resident at once (at most one
+         per SM): each writes its partial statistics, arrives on its sample's counter and
+         waits until every program of the sample has arrived (a grid barrier per sample),
+         then combines the sample's partials and normalizes the rows it read, now in L2. One
+         launch and no combine launch, where split takes two or three. GPU only: interpret
+         mode runs programs one after another, so a program would wait for ever; there it
+         runs the split plan's two kernels, the same arithmetic.
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from custom_calls._common import next_power_of_2, resolve_interpret
+from custom_calls._common import next_power_of_2, num_sms, resolve_interpret
 
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
+MODES = ("split", "fused", "cooperative")
 _ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh")
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
@@ -45,9 +53,11 @@ _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 class Config:
     """Block sizes. Row counts are spatial positions (H*W rows of C channels)."""
 
-    mode: Literal["split", "fused"] = "split"
+    mode: Literal["split", "fused", "cooperative"] = "split"
     block_rows: int = 8  # rows per tile (power of two)
-    stats_rows: int = 64  # split: rows per statistics program (a multiple of block_rows)
+    # split: rows per statistics program (a multiple of block_rows); cooperative: rows per
+    # program, whose count N * ceil(S / stats_rows) may not exceed the device's SMs
+    stats_rows: int = 64
     norm_rows: int = 64  # split: rows per normalize program (a multiple of block_rows)
     combine_in_kernel: bool = True  # split: normalize programs combine the partials themselves
     # split, combined by XLA: "chan", the two-pass form (mean, then deviations: two dependent
@@ -63,7 +73,7 @@ class Config:
     last_combine: bool = False
 
     def __post_init__(self):
-        if self.mode not in ("split", "fused"):
+        if self.mode not in MODES:
             raise ValueError(f"Config: unknown {self.mode=}")
         if self.xla_combine not in ("chan", "sums"):
             raise ValueError(f"Config: unknown {self.xla_combine=}")
@@ -71,7 +81,8 @@ class Config:
             v = getattr(self, f)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"Config: {f}={v} must be a power of two")
-        for f in ("stats_rows", "norm_rows") if self.mode == "split" else ():
+        checked = {"split": ("stats_rows", "norm_rows"), "cooperative": ("stats_rows",)}
+        for f in checked.get(self.mode, ()):
             if getattr(self, f) % self.block_rows:
                 raise ValueError(
                     f"Config: {f}={getattr(self, f)} must be a multiple of {self.block_rows=}"
@@ -364,6 +375,56 @@ def _normalize_kernel(
     jax.lax.fori_loop(0, (r_end - r_start + rows - 1) // rows, body, 0)
 
 
+def _cooperative_kernel(
+    x_ref, scale_ref, bias_ref, _count_in, o_ref, shift_ref, lo_ref, m2_ref, count_ref,
+    *, parts, part_rows, rows, groups, cpg, eps, activation,
+):  # fmt: skip
+    """One program of `Config(mode="cooperative")`: sample n's rows [p * part_rows, ...).
+
+    1. its partial statistics into shift/lo/m2 [N, parts, Gp] (atomic exchanges: written at
+       the L2, where the other programs read them), then an arrival on count_ref[n] (int32,
+       zero on entry: aliased to _count_in; acquire-release at GPU scope);
+    2. waits until count_ref[n] == parts: every program of sample n has written its partial
+       (all programs are resident at once, `group_norm` checks their count against the SMs);
+    3. combines the sample's partials (`_combine`, as the split plan's normalize kernel does)
+       and normalizes its rows, read again (from L2: the loads of step 1 keep them there).
+    """
+    n, p = pl.program_id(0) // parts, pl.program_id(0) % parts
+    s = x_ref.shape[1]
+    gp, cp = next_power_of_2(groups), next_power_of_2(cpg)
+    r_start = p * part_rows
+    r_end = jnp.minimum(r_start + part_rows, s)
+    row_mask = s % part_rows != 0 or part_rows % rows != 0
+
+    def tile(r0, eviction):
+        return _tile(x_ref, n, r0, r_end, 0, rows=rows, bg=gp, cp=cp, groups=groups, cpg=cpg,
+                     row_mask=row_mask, eviction=eviction)  # fmt: skip
+
+    partial = _chunk_stats(lambda r0: tile(r0, "evict_last"), r_start, r_end, rows=rows, cpg=cpg)
+    for ref, value in zip((shift_ref, lo_ref, m2_ref), partial, strict=True):
+        plgpu.atomic_xchg(ref, (n, p, pl.ds(0, gp)), value)
+    plgpu.debug_barrier()  # every thread's partials are out before the arrival
+    arrived = plgpu.atomic_add(count_ref, (n,), jnp.int32(1)) + 1
+    # an atomic add of 0 reads the counter at the L2 (a plain load could be served stale)
+    jax.lax.while_loop(lambda c: c < parts,
+                       lambda c: plgpu.atomic_add(count_ref, (n,), jnp.int32(0)),
+                       arrived)  # fmt: skip
+    stats = _combine(shift_ref, lo_ref, m2_ref, n, parts=parts, part_rows=part_rows, s=s, gp=gp,
+                     cpg=cpg)  # fmt: skip
+    affine = _affine(
+        scale_ref, bias_ref, 0, stats, float(s * cpg), eps, bg=gp, cp=cp, groups=groups, cpg=cpg
+    )
+
+    def body(t, carry):
+        r0 = r_start + t * rows
+        x, mask = tile(r0, "evict_first")
+        view = o_ref.at[n, pl.ds(r0, rows), pl.ds(0, gp), pl.ds(0, cp)]
+        _write(view, x, mask, affine, activation)
+        return carry
+
+    jax.lax.fori_loop(0, (r_end - r_start + rows - 1) // rows, body, 0)
+
+
 def _fused_kernel(x_ref, scale_ref, bias_ref, o_ref, *, rows, bg, groups, cpg, eps, activation):
     gb = -(-groups // bg)
     n, g0 = pl.program_id(0) // gb, (pl.program_id(0) % gb) * bg
@@ -463,6 +524,27 @@ def group_norm(
     part_rows = max(rows, min(config.stats_rows, s))
     parts = -(-s // part_rows)
     stat_shape = jax.ShapeDtypeStruct((n, parts, gp), jnp.float32)
+    if config.mode == "cooperative" and not interpret:
+        if n * parts > (sms := num_sms()):
+            raise ValueError(
+                f"group_norm: a cooperative launch of {n} x {parts} programs exceeds the "
+                f"device's {sms} SMs (they must all be resident at once); raise stats_rows"
+            )
+        kernel = functools.partial(_cooperative_kernel, parts=parts, part_rows=part_rows,
+                                   eps=eps, activation=activation, **statics)  # fmt: skip
+        out, *_ = pl.pallas_call(
+            kernel,
+            out_shape=(out_shape, *(stat_shape,) * 3, jax.ShapeDtypeStruct((n,), jnp.int32)),
+            grid=(n * parts,),
+            input_output_aliases={3: 4},
+            compiler_params=params,
+            interpret=interpret,
+            name="sdjax_group_norm_cooperative",
+        )(x4, scale2, bias2, jnp.zeros((n,), jnp.int32))
+        return out.reshape(x.shape)
+    if config.mode == "cooperative":  # interpret mode: the same arithmetic in two launches
+        config = dataclasses.replace(config, mode="split", norm_rows=part_rows,
+                                     combine_in_kernel=True, last_combine=False)  # fmt: skip
     if config.last_combine and parts > 1:
         final = jax.ShapeDtypeStruct((n, 1, gp), jnp.float32)
         *_, fshift, flo, fm2, _ = pl.pallas_call(

@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 
 from custom_calls import geglu, geglu_elementwise, geglu_hopper, geglu_reference, group_norm
-from custom_calls._common import next_power_of_2
+from custom_calls._common import next_power_of_2, num_sms
 from custom_calls.geglu import Config as GegluConfig
 from custom_calls.group_norm import TUNING_PATH as GN_TUNING_PATH
 from custom_calls.group_norm import Config as GNConfig
@@ -75,7 +75,8 @@ _REPORT = flags.DEFINE_string(
 )
 _CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program")
 _PLANS = flags.DEFINE_list(
-    "sweep_plans", ["split", "fused"], "GroupNorm plans the sweep tries (and the current)"
+    "sweep_plans", ["split", "fused"],
+    "GroupNorm plans the sweep tries (and the current): split, fused, cooperative"
 )
 _GN_TABLE = flags.DEFINE_string(
     "gn_table",
@@ -266,10 +267,32 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
     return rows
 
 
+def cooperative_candidates(shape, groups: int = 32, programs: int = 132) -> list[GNConfig]:
+    """Cooperative configs for x [N, ..., C] with at most `programs` programs (all resident):
+    the fewest rows per program that allow it, twice and four times that; tiles of the
+    split plan's rows with 4 warps, twice those with 8."""
+    n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
+    br = max(1, min(4096 // (next_power_of_2(groups) * next_power_of_2(c // groups)),
+                    next_power_of_2(s)))  # fmt: skip
+    rows = br
+    while n * -(-s // rows) > programs:
+        rows *= 2
+    out = []
+    for part in (rows, 2 * rows, 4 * rows):
+        if part > 4 * next_power_of_2(s) or (part > s and part != rows):
+            continue
+        for tile, warps in ((br, 4), (2 * br, 8)):
+            if part % tile == 0:
+                out.append(GNConfig(mode="cooperative", block_rows=tile, stats_rows=part,
+                                    num_warps=warps))  # fmt: skip
+    return out
+
+
 def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
-                          dtype=jnp.float16) -> list[GNConfig]:  # fmt: skip
+                          dtype=jnp.float16, programs: int = 132) -> list[GNConfig]:  # fmt: skip
     """Block configs worth timing at this shape: the one in force first (table or heuristic),
-    the heuristic, then those of `plans`."""
+    the heuristic, then those of `plans` (cooperative ones with at most `programs`
+    programs: the device's SMs)."""
     n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
     cp, gp = next_power_of_2(c // groups), next_power_of_2(groups)
     current = tuned_config(shape, dtype, groups=groups)
@@ -293,6 +316,7 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
         for bg in (1, 4):
             out.append(GNConfig(mode="fused", block_rows=max(1, min(4096 // cp, s)),
                                 block_groups=bg))  # fmt: skip
+    out += cooperative_candidates(shape, groups, programs)
     out = out[:2] + [cfg for cfg in out[2:] if cfg.mode in plans]
     # each XLA-combined split config also with the one-pass combine
     sums = [dataclasses.replace(cfg, xla_combine="sums") for cfg in out
@@ -341,7 +365,8 @@ def sweep_group_norm(dtype, names, deadline) -> list[dict]:
             if jax.default_backend() == "gpu":
                 row["kernel_us"] = _kernel_us(fn, sets)
 
-        configs = group_norm_candidates(s.shape, s.groups, _PLANS.value, jnp.dtype(dtype))
+        configs = group_norm_candidates(s.shape, s.groups, _PLANS.value, jnp.dtype(dtype),
+                                        programs=num_sms())  # fmt: skip
         done, cut = _sweep_configs(name, configs, measure, deadline, "sweep")
         rows += done
         if cut:

@@ -66,6 +66,8 @@ _PLANS = (
     Config(mode="split", block_rows=4, stats_rows=8, norm_rows=8, combine_in_kernel=False,
            xla_combine="sums"),  # fmt: skip
     Config(mode="split", block_rows=4, stats_rows=12, norm_rows=8, last_combine=True),
+    # interpret mode: the split plan's two kernels over the cooperative programs' rows
+    Config(mode="cooperative", block_rows=4, stats_rows=12),
 )
 _SPATIAL = ((1, 8, 8), (2, 6, 5), (3, 4, 8), (1, 5, 7))
 _CASES = [
@@ -138,6 +140,20 @@ def test_group_norm_large_offset(rng, config):
     assert relative_error(out, ref) <= 1e-5
 
 
+def test_cooperative_launch_needs_every_program_resident(rng):
+    """The grid barrier needs all N * ceil(S / stats_rows) programs resident: more than the
+    device's SMs is refused before anything is launched (off the GPU `num_sms()` is 2)."""
+    x = _normal(rng, (2, 4, 4, 64), jnp.float16)
+    scale, bias = _affine(rng, 64)
+    config = Config(mode="cooperative", block_rows=4, stats_rows=4)  # 2 x 4 programs
+    with pytest.raises(ValueError, match="exceeds the device's 2 SMs"):
+        group_norm(x, scale, bias, config=config, interpret=False)
+    with pytest.raises(ValueError, match="multiple of"):
+        Config(mode="cooperative", block_rows=8, stats_rows=12)
+    with pytest.raises(ValueError, match="unknown"):
+        Config(mode="grid")
+
+
 def test_group_norm_large_offset_half(rng):
     """float16 far from zero (mean 200, std 1): statistics stay float32 and shifted."""
     _check_group_norm(rng, (1, 8, 8, 640), jnp.float16, "silu", None, mean=200.0)
@@ -203,6 +219,41 @@ bench_norm.update_gn_table(rows, sys.argv[1], "float16")
     best = Config(**configs["2x4096x320:32:16bit"])
     assert best.mode == "split" and best.stats_rows == 64 and best.combine_in_kernel
     assert not any(k.startswith("2x64x1280") for k in configs)
+
+
+def test_cooperative_candidates_fit_the_device():
+    """bench_norm's cooperative configs (subprocess: the script defines absl flags): every
+    program resident (N * parts <= programs), tiles dividing the parts, and the plan in the
+    candidate list only when asked for."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import json, math
+from experiments import bench_norm
+out = []
+for shape in [(2, 64, 64, 320), (2, 16, 16, 2560), (1, 512, 512, 128), (3, 40, 40, 640)]:
+    for programs in (132, 16):
+        for c in bench_norm.cooperative_candidates(shape, 32, programs):
+            s = math.prod(shape[1:-1])
+            out.append([shape[0] * -(-s // c.stats_rows), programs, c.stats_rows % c.block_rows])
+plans = {p: sorted({c.mode for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, p)})
+         for p in (("split",), ("cooperative",))}
+print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items()}}))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got["rows"]) >= 12
+    for programs_used, programs, remainder in got["rows"]:
+        assert programs_used <= programs and remainder == 0
+    assert "cooperative" in got["plans"]["cooperative"]
+    assert "cooperative" not in got["plans"]["split"]
 
 
 @pytest.mark.parametrize(
@@ -443,3 +494,44 @@ def test_group_norm_last_combine_gpu(rng, name):
     for out in outs:
         assert relative_error(out, ref) <= TOL[jnp.float16]
         np.testing.assert_array_equal(out, outs[0])
+
+
+# The cooperative plan at UNet shapes the split plan takes, each with 128 programs or fewer
+# (an H100 has 132 SMs).
+_COOPERATIVE = {
+    "unet_64x64x320": Config(mode="cooperative", block_rows=16, stats_rows=64, num_warps=8),
+    "unet_64x64x960": Config(mode="cooperative", block_rows=4, stats_rows=64, num_warps=8),
+    "unet_32x32x1280": Config(mode="cooperative", block_rows=2, stats_rows=16, num_warps=4),
+    "unet_16x16x2560": Config(mode="cooperative", block_rows=2, stats_rows=4, num_warps=8),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(_COOPERATIVE))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_cooperative_gpu(rng, name, dtype):
+    """One launch with a grid barrier per sample: within tolerance, and the same inputs five
+    times give the same bits (a program reading a partial before it is written would not)."""
+    s = GROUP_NORM_SHAPES[name]
+    x = _normal(rng, s.shape, dtype, mean=0.5, std=2.0)
+    scale, bias = _affine(rng, s.shape[-1])
+    kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
+    config = _COOPERATIVE[name]
+    ref = group_norm_reference(x, scale, bias, **kw)
+    outs = [np.asarray(group_norm(x, scale, bias, config=config, **kw)) for _ in range(5)]
+    for out in outs:
+        assert relative_error(out, ref) <= TOL[dtype]
+        np.testing.assert_array_equal(out, outs[0])
+
+
+@pytest.mark.gpu
+def test_group_norm_cooperative_uneven_gpu(rng):
+    """Batch 3 (3 x 34 programs), 1600 rows in parts of 48 (the last one 16 rows), 20 channels
+    a group, also with a large offset in float32; and the kernel's name in the HLO."""
+    config = Config(mode="cooperative", block_rows=8, stats_rows=48, num_warps=4)
+    _check_group_norm(rng, (3, 40, 40, 640), jnp.float16, "silu", config)
+    _check_group_norm(rng, (3, 40, 40, 640), jnp.float32, None, config, mean=1000.0, std=0.01)
+    x = _normal(rng, (3, 40, 40, 640), jnp.float16)
+    scale, bias = _affine(rng, 640)
+    fn = jax.jit(lambda *a: group_norm(*a, activation="silu", config=config))
+    assert "sdjax_group_norm_cooperative" in fn.lower(x, scale, bias).compile().as_text()
