@@ -493,9 +493,12 @@ def group_norm(
     """GroupNorm over channels-last x [N, ..., C], then `activation`; statistics in float32.
 
     scale, bias: [C]. Returns x's shape and dtype. `config`: block sizes and plan (default:
-    `tuned_config`, the GPU-measured table, else the heuristic).
+    `tuned_config`, the GPU-measured table, else the heuristic). A cooperative config whose
+    programs outnumber the device's SMs raises ValueError when given, and runs as the split
+    plan when it comes from the table (measured on a GPU with more SMs).
     """
     _validate(x, scale, bias, groups, eps, activation)
+    explicit = config is not None
     config = config or tuned_config(x.shape, x.dtype, groups=groups)
     interpret = resolve_interpret(interpret)
     n, c = x.shape[0], x.shape[-1]
@@ -524,12 +527,15 @@ def group_norm(
     part_rows = max(rows, min(config.stats_rows, s))
     parts = -(-s // part_rows)
     stat_shape = jax.ShapeDtypeStruct((n, parts, gp), jnp.float32)
-    if config.mode == "cooperative" and not interpret:
-        if n * parts > (sms := num_sms()):
+    cooperative = config.mode == "cooperative" and not interpret
+    if cooperative and n * parts > (sms := num_sms()):
+        if explicit:
             raise ValueError(
                 f"group_norm: a cooperative launch of {n} x {parts} programs exceeds the "
                 f"device's {sms} SMs (they must all be resident at once); raise stats_rows"
             )
+        cooperative = False  # a table entry measured on a larger GPU: the split plan instead
+    if cooperative:
         kernel = functools.partial(_cooperative_kernel, parts=parts, part_rows=part_rows,
                                    eps=eps, activation=activation, **statics)  # fmt: skip
         out, *_ = pl.pallas_call(
@@ -542,7 +548,8 @@ def group_norm(
             name="sdjax_group_norm_cooperative",
         )(x4, scale2, bias2, jnp.zeros((n,), jnp.int32))
         return out.reshape(x.shape)
-    if config.mode == "cooperative":  # interpret mode: the same arithmetic in two launches
+    if config.mode == "cooperative":  # interpret mode, or too few SMs: the split plan's two
+        # kernels over the same rows, the same arithmetic
         config = dataclasses.replace(config, mode="split", norm_rows=part_rows,
                                      combine_in_kernel=True, last_combine=False)  # fmt: skip
     if config.last_combine and parts > 1:

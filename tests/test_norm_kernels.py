@@ -535,3 +535,32 @@ def test_group_norm_cooperative_uneven_gpu(rng):
     scale, bias = _affine(rng, 640)
     fn = jax.jit(lambda *a: group_norm(*a, activation="silu", config=config))
     assert "sdjax_group_norm_cooperative" in fn.lower(x, scale, bias).compile().as_text()
+
+
+@pytest.mark.gpu
+def test_group_norm_cooperative_table_entry_on_fewer_sms(rng, tmp_path, monkeypatch):
+    """A cooperative table entry whose programs outnumber the SMs (a smaller GPU than the one
+    that measured it) runs as the split plan, correctly, instead of waiting for ever."""
+    import importlib
+    import json
+
+    gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
+    shape = (2, 24, 24, 640)  # a shape no other test compiles: the trace below is fresh
+    entry = dict(mode="cooperative", block_rows=8, stats_rows=16, num_warps=8)  # 2 x 36 programs
+    table = tmp_path / "group_norm.json"
+    table.write_text(json.dumps({"configs": {gn.shape_key(shape, jnp.float16, 32): entry}}))
+    monkeypatch.setattr(gn, "TUNING_PATH", table)
+    monkeypatch.setattr(gn, "num_sms", lambda: 16)
+    gn.tuned_table.cache_clear()
+    try:
+        x = _normal(rng, shape, jnp.float16)
+        scale, bias = _affine(rng, 640)
+        fn = jax.jit(lambda *a: group_norm(*a, activation="silu"))
+        hlo = fn.lower(x, scale, bias).compile().as_text()
+        assert "sdjax_group_norm_cooperative" not in hlo and "sdjax_group_norm_stats" in hlo
+        ref = group_norm_reference(x, scale, bias, activation="silu")
+        assert relative_error(fn(x, scale, bias), ref) <= TOL[jnp.float16]
+        with pytest.raises(ValueError, match="exceeds the device's 16 SMs"):
+            group_norm(x, scale, bias, config=Config(**entry))
+    finally:
+        gn.tuned_table.cache_clear()
