@@ -116,6 +116,15 @@ def split_config(shape, *, groups: int = 32) -> Config:
                   combine_in_kernel=-(-s // rows) <= 32)  # fmt: skip
 
 
+def split_equivalent(config: Config) -> Config:
+    """A cooperative config as the split plan: the same programs' rows and the same arithmetic
+    in two launches (statistics, then normalize with the partials combined in-kernel)."""
+    if config.mode != "cooperative":
+        return config
+    return dataclasses.replace(config, mode="split", norm_rows=config.stats_rows,
+                               combine_in_kernel=True, last_combine=False)  # fmt: skip
+
+
 # Per-shape configs measured on the GPU (`experiments/bench_norm.py --sweep`, device kernel
 # time), keyed by `shape_key`. Shapes not in it get `heuristic_config`.
 TUNING_PATH = pathlib.Path(__file__).parent / "tuning" / "group_norm.json"
@@ -548,10 +557,8 @@ def group_norm(
             name="sdjax_group_norm_cooperative",
         )(x4, scale2, bias2, jnp.zeros((n,), jnp.int32))
         return out.reshape(x.shape)
-    if config.mode == "cooperative":  # interpret mode, or too few SMs: the split plan's two
-        # kernels over the same rows, the same arithmetic
-        config = dataclasses.replace(config, mode="split", norm_rows=part_rows,
-                                     combine_in_kernel=True, last_combine=False)  # fmt: skip
+    if config.mode == "cooperative":  # interpret mode, or too few SMs
+        config = split_equivalent(config)
     if config.last_combine and parts > 1:
         final = jax.ShapeDtypeStruct((n, 1, gp), jnp.float32)
         *_, fshift, flo, fm2, _ = pl.pallas_call(

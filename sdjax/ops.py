@@ -25,6 +25,8 @@ Implementation names:
                  sums in one column reduction, merged into groups, then one element-wise
                  normalize (`group_norm_columns`: `group_norm_concat`'s XLA form, one part).
   pallas         (group_norm, layer_norm, geglu) our Pallas kernels (Triton).
+  pallas_split   (group_norm) our Pallas kernels, the tuning table's cooperative entries (one
+                 launch with a grid barrier) run as the split plan over the same rows.
   pallas_stats   (group_norm) our Pallas statistics kernel (`custom_calls.group_statistics`),
                  then XLA's element-wise normalize (`group_norm_concat`'s Pallas form, one part).
   pallas_hopper  (geglu) our Pallas Mosaic GPU GEGLU for Hopper: fp16/bf16, shapes in whole
@@ -66,7 +68,9 @@ logger = logging.getLogger(__name__)
 AttentionImpl = Literal[
     "reference", "xla", "cudnn", "flash", "flash_hopper", "fused_softmax", "auto"
 ]
-GroupNormImpl = Literal["reference", "xla", "columns", "pallas", "pallas_stats", "auto"]
+GroupNormImpl = Literal[
+    "reference", "xla", "columns", "pallas", "pallas_split", "pallas_stats", "auto"
+]
 GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 UpsampleConvImpl = Literal["reference", "subpixel", "auto"]
@@ -516,6 +520,14 @@ def _group_norm_pallas(x, scale, bias, *, groups, eps, activation):
     return custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation)
 
 
+def _group_norm_pallas_split(x, scale, bias, *, groups, eps, activation):
+    from custom_calls.group_norm import split_equivalent, tuned_config
+
+    config = split_equivalent(tuned_config(x.shape, x.dtype, groups=groups))
+    return custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation,
+                                   config=config)  # fmt: skip
+
+
 def _recorded(op: str, shape_a, shape_b, dtype) -> str:
     """`auto` for the norms and GEGLU: the recorded choice on GPU (else XLA); XLA on CPU, where
     the kernels would run in interpret mode."""
@@ -535,6 +547,7 @@ _GROUP_NORM: dict[str, Callable] = {
     "xla": _group_norm_xla,
     "columns": group_norm_columns,
     "pallas": _group_norm_pallas,
+    "pallas_split": _group_norm_pallas_split,
     "pallas_stats": group_norm_pallas_stats,
 }
 

@@ -564,3 +564,35 @@ def test_group_norm_cooperative_table_entry_on_fewer_sms(rng, tmp_path, monkeypa
             group_norm(x, scale, bias, config=Config(**entry))
     finally:
         gn.tuned_table.cache_clear()
+
+
+def test_split_equivalent_keeps_the_rows():
+    from custom_calls.group_norm import split_equivalent
+
+    coop = Config(mode="cooperative", block_rows=8, stats_rows=16, num_warps=8)
+    split = split_equivalent(coop)
+    assert split.mode == "split" and split.stats_rows == split.norm_rows == 16
+    assert split.combine_in_kernel and not split.last_combine
+    assert (split.block_rows, split.num_warps) == (8, 8)
+    other = Config(mode="split", block_rows=4, stats_rows=8, norm_rows=16)
+    assert split_equivalent(other) is other
+
+
+@pytest.mark.gpu
+def test_ops_pallas_split_runs_cooperative_entries_split(rng):
+    """`ops.group_norm` at a shape whose table entry is cooperative (2x32x32x1280 since the
+    eleventh session): "pallas" launches the cooperative kernel, "pallas_split" the split
+    plan's two, with the same result within tolerance (the ablation's `auto_split_gn` row)."""
+    from custom_calls.group_norm import tuned_config
+    from sdjax import ops
+
+    x = _normal(rng, (2, 32, 32, 1280), jnp.float16)
+    scale, bias = _affine(rng, 1280)
+    assert tuned_config(x.shape, x.dtype).mode == "cooperative"
+    ref = group_norm_reference(x, scale, bias, activation="silu")
+    for impl, kernel in (("pallas", "sdjax_group_norm_cooperative"),
+                         ("pallas_split", "sdjax_group_norm_stats")):  # fmt: skip
+        fn = jax.jit(lambda *a, impl=impl: ops.group_norm(*a, activation="silu",
+                                                          implementation=impl))  # fmt: skip
+        assert kernel in fn.lower(x, scale, bias).compile().as_text()
+        assert relative_error(fn(x, scale, bias), ref) <= TOL[jnp.float16]

@@ -105,7 +105,7 @@ def test_attention_implementations_agree(impl, dtype, rng):
     assert rel(out, ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("impl", ["xla", "columns", "pallas", "pallas_stats"])
+@pytest.mark.parametrize("impl", ["xla", "columns", "pallas", "pallas_split", "pallas_stats"])
 @pytest.mark.parametrize("activation", [None, "silu"])
 def test_group_norm_implementations_agree(impl, activation, rng):
     x = jnp.asarray(rng.standard_normal((3, 6, 5, 40)) + 3.0, jnp.float32)
