@@ -72,7 +72,7 @@ class HopperConfig:
 
     block_n: int = 128  # output columns of a tile (and as many gate columns), a multiple of 64
     block_k: int = 64  # reduction step: 64 fp16 = 128 bytes, the widest TMA/wgmma swizzle
-    stages: int = 2  # reduction steps in flight per consumer (its shared-memory ring)
+    stages: int = 2  # reduction steps in flight per consumer (its ring; see shared_ring)
     programs: int | None = None  # persistent programs; None: one per SM of the device
     # Programs per cluster (1, 2 or 4; GPU only): the cluster's programs take vertically
     # adjacent tiles (rows 64 * c of a [64 * cluster, block_n] cluster tile) and receive each
@@ -87,6 +87,12 @@ class HopperConfig:
     # Measured no faster on the H100 (at most -2.5% with 4 stages, much slower with 2:
     # `experiments/results/README.md`, eleventh session): the per-step wait is not the bound.
     delay_release: bool = False
+    # One ring of `stages` slots for both consumers, filled in the program's step order,
+    # instead of one ring of `stages` slots each: the same shared memory holds twice as many
+    # steps of the one ring, so the next tile's data is fetched further ahead. Each slot has
+    # a `full` barrier per consumer (a consumer waits only on its own steps' phases: Pallas
+    # tracks a barrier's phase per thread) and one `free` barrier.
+    shared_ring: bool = False
 
     def __post_init__(self):
         for f in ("block_n", "block_k"):
@@ -105,11 +111,20 @@ class HopperConfig:
 def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
     """Shared memory of the two rings (x, hidden and gate tiles) and the two output tiles,
     for a reduction over d (a ring holds at most d / block_k steps)."""
-    stages = min(config.stages, max(1, d // config.block_k))
+    rings, stages = _rings(config, d // config.block_k)
     step = TILE_M * config.block_k + 2 * config.block_k * config.block_n
     out = TILE_M * config.block_n
     bias = 2 * 2 * config.block_n  # two tile parities of hidden and gate slices
-    return jnp.dtype(dtype).itemsize * COMPUTE_WARPGROUPS * (stages * step + out + bias)
+    itemsize = jnp.dtype(dtype).itemsize
+    return itemsize * (rings * stages * step + COMPUTE_WARPGROUPS * (out + bias))
+
+
+def _rings(config: HopperConfig, k_steps: int) -> tuple[int, int]:
+    """(rings, slots per ring): one per consumer, each of at most a tile's steps; or one
+    shared ring of `stages` slots."""
+    if config.shared_ring:
+        return 1, config.stages
+    return COMPUTE_WARPGROUPS, min(config.stages, max(1, k_steps))
 
 
 # (D, F) of SD's GEGLUs where clusters of 2 measured fastest (H100, device kernel time,
@@ -167,16 +182,17 @@ def _column_vector(ref, *, interpret: bool):
 def _kernel(
     x_ref, w_ref, b_ref, o_ref, x_smem, h_smem, g_smem, b_smem, o_smem, full, free, go, b_full,
     *, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, cluster, interpret,
-    delay_release=False,
+    delay_release=False, shared_ring=False,
 ):  # fmt: skip
     """One persistent program: tiles pid, pid + programs, ... of the output (with clusters:
     cluster tiles, of which this program takes rows 64 * (its index in the cluster)).
 
     x_ref [M, D]; w_ref [D, 2F] (hidden columns first); b_ref [2F]; o_ref [M, F].
-    x_smem [2, stages, 64, block_k]; h_smem, g_smem [2, stages, block_k, block_n] (one ring
-    per consumer); b_smem [2, 2, 2, block_n] (consumer, tile parity, hidden/gate);
-    o_smem [2, 64, block_n]. full, free: [2 * stages] barriers, consumer c's slot s at
-    c * stages + s (with clusters, `free` is a cluster barrier: every program's consumer
+    x_smem [R, stages, 64, block_k]; h_smem, g_smem [R, stages, block_k, block_n]: R = 2
+    rings, one per consumer, or with shared_ring R = 1 for both; b_smem [2, 2, 2, block_n]
+    (consumer, tile parity, hidden/gate); o_smem [2, 64, block_n]. full: [2 * stages]
+    barriers, consumer c's arrivals in slot s at c * stages + s; free: [R * stages], ring r's
+    slot s at r * stages + s (with clusters, a cluster barrier: every program's consumer
     arrives on it in all the cluster's programs). go: [2], go[c] lets consumer c start its
     next tile's wgmmas. b_full: [2 * 2], consumer c's biases of a tile of parity q at 2 * c + q.
     `programs` and `tiles` count clusters and cluster tiles where cluster > 1.
@@ -193,26 +209,31 @@ def _kernel(
         t = pid + j * programs
         return (t // tiles_n) * TILE_M * cluster + rank * TILE_M, (t % tiles_n) * block_n
 
-    def slot_of(u, i):
-        """Ring slot of reduction step i of a consumer's u-th tile."""
-        return lax.rem(u * k_steps + i, stages)
+    def position(c, u, i):
+        """(ring, slot, the step's place along its ring) of step i of consumer c's u-th
+        tile: consumer c's own ring, or the shared one in the program's step order."""
+        g = ((2 * u + c) if shared_ring else u) * k_steps + i
+        return (0 if shared_ring else c), lax.rem(g, stages), g
+
+    def release(c, u, i):
+        r, slot, _ = position(c, u, i)
+        plgpu.barrier_arrive(free.at[r * stages + slot])
 
     @pl.when(wg < COMPUTE_WARPGROUPS)
     def _consumer():
         plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
-        ring = wg * stages
 
         def products(u):
             """hidden, gate [64, block_n] float32 of this consumer's u-th tile."""
             if interpret:  # plain float32 dots of the same tiles (see the module doc)
 
                 def step(i, acc):
-                    slot = slot_of(u, i)
-                    plgpu.barrier_wait(full.at[ring + slot])
-                    xt = x_smem.at[wg, slot][...].astype(jnp.float32)
-                    hidden = acc[0] + jnp.dot(xt, h_smem.at[wg, slot][...].astype(jnp.float32))
-                    gate = acc[1] + jnp.dot(xt, g_smem.at[wg, slot][...].astype(jnp.float32))
-                    plgpu.barrier_arrive(free.at[ring + slot])
+                    r, slot, _ = position(wg, u, i)
+                    plgpu.barrier_wait(full.at[wg * stages + slot])
+                    xt = x_smem.at[r, slot][...].astype(jnp.float32)
+                    hidden = acc[0] + jnp.dot(xt, h_smem.at[r, slot][...].astype(jnp.float32))
+                    gate = acc[1] + jnp.dot(xt, g_smem.at[r, slot][...].astype(jnp.float32))
+                    release(wg, u, i)
                     return hidden, gate
 
                 zeros = jnp.zeros((TILE_M, block_n), jnp.float32)
@@ -221,23 +242,21 @@ def _kernel(
             def accumulate(h_acc, g_acc):
                 @pl.loop(0, k_steps, unroll=k_unroll)
                 def _step(i):
-                    slot = slot_of(u, i)
-                    plgpu.barrier_wait(full.at[ring + slot])
-                    xt = x_smem.at[wg, slot]
-                    plgpu.wgmma(h_acc, xt, h_smem.at[wg, slot])
-                    plgpu.wgmma(g_acc, xt, g_smem.at[wg, slot])
+                    r, slot, _ = position(wg, u, i)
+                    plgpu.barrier_wait(full.at[wg * stages + slot])
+                    xt = x_smem.at[r, slot]
+                    plgpu.wgmma(h_acc, xt, h_smem.at[r, slot])
+                    plgpu.wgmma(g_acc, xt, g_smem.at[r, slot])
                     if delay_release:  # step i's two products may run on; step i - 1's are done
                         plgpu.wgmma_wait(2)
-                        pl.when(i > 0)(
-                            lambda: plgpu.barrier_arrive(free.at[ring + slot_of(u, i - 1)])
-                        )
+                        pl.when(i > 0)(lambda: release(wg, u, i - 1))
                     else:  # the step's products read the slot: done before it is freed
                         plgpu.wgmma_wait(0)
-                        plgpu.barrier_arrive(free.at[ring + slot])
+                        release(wg, u, i)
 
                 if delay_release:
                     plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(free.at[ring + slot_of(u, k_steps - 1)])
+                    release(wg, u, k_steps - 1)
                 return h_acc[...], g_acc[...]
 
             acc = plgpu.ACC((TILE_M, block_n), jnp.float32)
@@ -284,29 +303,31 @@ def _kernel(
 
             @pl.loop(0, k_steps, unroll=k_unroll)
             def _step(i):
-                slot = slot_of(u, i)
-                barrier = c * stages + slot
+                r, slot, g = position(c, u, i)
+                barrier = full.at[c * stages + slot]
                 # the slot's previous step must be consumed (none before the ring's first lap)
-                pl.when(u * k_steps + i >= stages)(lambda: plgpu.barrier_wait(free.at[barrier]))
+                pl.when(g >= stages)(lambda: plgpu.barrier_wait(free.at[r * stages + slot]))
                 ks = pl.ds(i * block_k, block_k)
-                plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(m0, TILE_M), ks], x_smem.at[c, slot],
-                                        full.at[barrier])  # fmt: skip
+                plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(m0, TILE_M), ks], x_smem.at[r, slot],
+                                        barrier)  # fmt: skip
                 # the same w tiles in every program of a cluster: one multicast copy
-                plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(n0, block_n)], h_smem.at[c, slot],
-                                        full.at[barrier], **multicast)  # fmt: skip
+                plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(n0, block_n)], h_smem.at[r, slot],
+                                        barrier, **multicast)  # fmt: skip
                 plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(inner + n0, block_n)],
-                                        g_smem.at[c, slot], full.at[barrier], **multicast)  # fmt: skip
+                                        g_smem.at[r, slot], barrier, **multicast)  # fmt: skip
 
             return carry
 
         lax.fori_loop(0, n_local, tile, 0)
         # drain: the last `stages` steps of each ring are waited for once, as every phase is
-        for c in range(COMPUTE_WARPGROUPS):
-            steps = (n_local - c + 1) // 2 * k_steps  # filled into ring c
-            for r in range(stages):
-                s = steps - stages + r
-                pl.when(s >= 0)(
-                    lambda s=s, c=c: plgpu.barrier_wait(free.at[c * stages + lax.rem(s, stages)])
+        rings = [(0, n_local * k_steps)] if shared_ring else [
+            (c, (n_local - c + 1) // 2 * k_steps) for c in range(COMPUTE_WARPGROUPS)
+        ]  # (ring, steps filled into it)
+        for r, steps in rings:
+            for q in range(stages):
+                g = steps - stages + q
+                pl.when(g >= 0)(
+                    lambda g=g, r=r: plgpu.barrier_wait(free.at[r * stages + lax.rem(g, stages)])
                 )
 
 
@@ -342,13 +363,13 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
     if config.cluster > 1 and interpret:
         raise ValueError("geglu_hopper: clusters (cluster > 1) need the GPU, not interpret mode")
     k_steps = d // config.block_k
-    stages = min(config.stages, k_steps)
+    rings, stages = _rings(config, k_steps)
     tiles_n = inner // config.block_n
     cl = config.cluster
     tiles = (m // (TILE_M * cl)) * tiles_n  # cluster tiles
     programs = min(tiles, (config.programs or num_sms()) // cl)  # clusters
     cluster_kw = dict(cluster=(cl,), cluster_names=("cluster",)) if cl > 1 else {}
-    slots = COMPUTE_WARPGROUPS * stages
+    slots = rings * stages
     free = (
         plgpu.ClusterBarrier(collective_axes=("cluster",), num_barriers=slots)
         if cl > 1
@@ -358,9 +379,9 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
     in_t, out_t = _transforms(config.block_k, dtype), _transforms(config.block_n, dtype)
     cw, bk, bn = COMPUTE_WARPGROUPS, config.block_k, config.block_n
     scratch = [
-        plgpu.SMEM((cw, stages, TILE_M, bk), dtype, transforms=in_t),  # x
-        plgpu.SMEM((cw, stages, bk, bn), dtype, transforms=out_t),  # hidden columns of w
-        plgpu.SMEM((cw, stages, bk, bn), dtype, transforms=out_t),  # gate columns of w
+        plgpu.SMEM((rings, stages, TILE_M, bk), dtype, transforms=in_t),  # x
+        plgpu.SMEM((rings, stages, bk, bn), dtype, transforms=out_t),  # hidden columns of w
+        plgpu.SMEM((rings, stages, bk, bn), dtype, transforms=out_t),  # gate columns of w
         plgpu.SMEM((cw, 2, 2, bn), dtype),  # biases: consumer, tile parity, hidden/gate
         plgpu.SMEM((cw, TILE_M, bn), dtype, transforms=out_t),  # output tiles
         plgpu.Barrier(num_arrivals=3, num_barriers=cw * stages),  # full: x, hidden and gate
@@ -381,6 +402,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         cluster=cl,
         interpret=interpret,
         delay_release=config.delay_release,
+        shared_ring=config.shared_ring,
     )
     out = plgpu.kernel(
         kernel,

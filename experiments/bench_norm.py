@@ -64,8 +64,10 @@ _SWEEP_GEGLU_HOPPER = flags.DEFINE_list(
     "GEGLU shapes whose Hopper kernel configs (block_n, stages, cluster) are swept, by device "
     "kernel time (GPU)",
 )
+# The Hopper GEGLU sweep's grids (`hopper_geglu_candidates`).
+GEGLU_HOPPER_GRIDS = ("tiles", "issue", "deep", "ring")
 _HOPPER_GRID = flags.DEFINE_enum(
-    "geglu_hopper_grid", "tiles", ["tiles", "issue", "deep"],
+    "geglu_hopper_grid", "tiles", list(GEGLU_HOPPER_GRIDS),
     "the Hopper GEGLU sweep's grid (`hopper_geglu_candidates`)",
 )  # fmt: skip
 _BUDGET = flags.DEFINE_float("budget_s", 1e9, "stop sweeping after this many seconds")
@@ -501,9 +503,6 @@ def sweep_geglu(dtype, names, deadline) -> list[dict]:
     return rows
 
 
-GEGLU_HOPPER_GRIDS = ("tiles", "issue", "deep")
-
-
 def hopper_geglu_candidates(m: int, d: int, f: int, dtype, grid: str = "tiles") -> list:
     """The Hopper GEGLU configs in scope for x [m, d] @ w [d, 2f] (`geglu_hopper.HopperConfig`).
 
@@ -512,12 +511,25 @@ def hopper_geglu_candidates(m: int, d: int, f: int, dtype, grid: str = "tiles") 
     without `delay_release` (a step's products left in flight while the next step's are
     issued).
     grid "deep": reduction steps of 128 (half the steps, barrier round trips and copies per
-    tile, each twice the bytes), tiles 64 or 128 wide, 2-3 stages, clusters of 1 and 2."""
+    tile, each twice the bytes), tiles 64 or 128 wide, 2-3 stages, clusters of 1 and 2.
+    grid "ring": one ring shared by both consumers (`shared_ring`) of 4-8 slots (64-wide
+    tiles) or 3-5 (128-wide), clusters of 1 and 2; after the heuristic's config, for
+    comparison in the same process."""
     gh = importlib.import_module("custom_calls.geglu_hopper")
     if grid not in GEGLU_HOPPER_GRIDS:
         raise ValueError(
             f"unknown Hopper GEGLU grid {grid!r}; choose from {', '.join(GEGLU_HOPPER_GRIDS)}"
         )
+    if grid == "ring":
+        out = [gh.heuristic_config(m, d, f)]
+        for cluster in (1, 2):
+            for block_n, slots in ((64, (4, 6, 8)), (128, (3, 4, 5))):
+                for stages in slots:
+                    cfg = gh.HopperConfig(block_n=block_n, stages=stages, cluster=cluster,
+                                          shared_ring=True)  # fmt: skip
+                    if gh.supports((m, d), (d, 2 * f), dtype, cfg) is None:
+                        out.append(cfg)
+        return out
     out = []
     wide = grid == "tiles"
     for cluster in gh.CLUSTER_SIZES if wide else (1, 2):

@@ -49,6 +49,14 @@ CASES = [
                                                      programs=2)),
     # reduction steps of 128 (two swizzled column tiles of x per step)
     ((128, 384), 384, 128, jnp.float16, HopperConfig(block_n=64, block_k=128, programs=2)),
+    # one ring for both consumers: fewer slots than a tile's steps; more slots than a tile's
+    # steps (the ring spans tiles) with an odd tile count per program; steps released late
+    ((256, 320), 320, 256, jnp.float16, HopperConfig(block_n=64, stages=3, shared_ring=True,
+                                                     programs=2)),
+    ((3, 128, 192), 192, 128, jnp.bfloat16, HopperConfig(block_n=64, stages=8,
+                                                         shared_ring=True, programs=5)),
+    ((256, 256), 256, 128, jnp.float16, HopperConfig(block_n=64, stages=5, shared_ring=True,
+                                                     delay_release=True, programs=3)),
 ]
 
 
@@ -57,8 +65,9 @@ def _case_id(case):
     shape = "x".join(map(str, x_shape))
     late = "d" if c.delay_release else ""
     deep = f"k{c.block_k}" if c.block_k != 64 else ""
+    shared = "r" if c.shared_ring else ""
     return (f"{shape}:{d}x{f}:{jnp.dtype(dt).name}:n{c.block_n}s{c.stages}p{c.programs}"
-            f"{late}{deep}")  # fmt: skip
+            f"{late}{deep}{shared}")  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -170,7 +179,9 @@ def test_gpu_sd_shapes(name, dtype, rng):
     [HopperConfig(block_n=64), HopperConfig(stages=1), HopperConfig(block_n=64, stages=3),
      HopperConfig(programs=7), HopperConfig(delay_release=True),
      HopperConfig(block_n=64, stages=3, delay_release=True),
-     HopperConfig(block_n=64, block_k=128, stages=2)],
+     HopperConfig(block_n=64, block_k=128, stages=2),
+     HopperConfig(block_n=64, stages=8, shared_ring=True),
+     HopperConfig(stages=5, shared_ring=True, delay_release=True)],
 )  # fmt: skip
 def test_gpu_configs(config, rng):
     x, w, b = _inputs(rng, (2, 1024, 640), 640, 2560, jnp.float16)
@@ -194,6 +205,10 @@ CLUSTER_CASES = [
                                                            delay_release=True)),
     ((2, 1024, 640), 640, 2560, jnp.float16, HopperConfig(block_n=64, block_k=128, stages=2,
                                                           cluster=2)),
+    ((2, 4096, 320), 320, 1280, jnp.float16, HopperConfig(block_n=64, stages=8, cluster=2,
+                                                          shared_ring=True)),
+    ((3, 256, 640), 640, 2560, jnp.bfloat16, HopperConfig(stages=4, cluster=2, programs=14,
+                                                          shared_ring=True)),
 ]
 
 
@@ -242,9 +257,12 @@ import jax.numpy as jnp
 from experiments import bench_norm
 out = {}
 for grid, shape in (("tiles", (8192, 320, 1280)), ("issue", (8192, 320, 1280)),
-                    ("deep", (2048, 640, 2560)), ("deep_64", (8192, 320, 1280))):
+                    ("deep", (2048, 640, 2560)), ("deep_64", (8192, 320, 1280)),
+                    ("ring", (8192, 320, 1280))):
     cfgs = bench_norm.hopper_geglu_candidates(*shape, jnp.float16, grid.split("_")[0])
     out[grid] = [[c.cluster, c.block_n, c.stages, c.delay_release, c.block_k] for c in cfgs]
+    if grid == "ring":
+        out["ring_shared"] = [c.shared_ring for c in cfgs]
 try:
     bench_norm.hopper_geglu_candidates(8192, 320, 1280, jnp.float16, "all")
 except ValueError as e:
@@ -270,3 +288,6 @@ print(json.dumps(out))
     assert deep and {k for *_, k in deep} == {128} and not out["deep_64"]
     assert {c for c, *_ in deep} == {1, 2} and {s for _, _, s, *_ in deep} <= {2, 3}
     assert "unknown Hopper GEGLU grid" in out["error"]
+    # the heuristic's config first, then shared rings only, every one fitting shared memory
+    assert out["ring_shared"][0] is False and all(out["ring_shared"][1:])
+    assert len(out["ring"]) >= 9 and {c for c, *_ in out["ring"][1:]} == {1, 2}
