@@ -17,21 +17,24 @@ half the time. Through Pallas, Triton has no warp specialization to overlap them
   operands in shared memory) occupy the tensor cores (CUTLASS's "ping-pong" schedule);
 - one *producer* warpgroup streams each tile's x [64, block_k] and hidden and gate tiles of
   w ([block_k, block_n] each, columns n0 and F + n0) with TMA, into one ring of `stages`
-  buffers per consumer (a consumer tracks the phases of its own barriers only);
+  buffers per consumer (a consumer tracks the phases of its own barriers only), or with
+  `shared_ring` into one ring for both, in the program's step order;
 - the epilogue adds the two bias slices (copied in with TMA as the tile starts), writes
   hidden * gelu(gate) to shared memory and copies the tile out with TMA: the 2F-wide
   projection never reaches memory.
 
-Where it stands (H100, device kernel time): 40.1 us at 8192 x 320 x 2560 (Triton 48.4) and
-81.2 us at 18432 x 320 x 2560 (Triton 104.2); behind Triton at K = 640 and 1280. It re-reads
-w for every 64-row tile, 256 MB of L2 reads at the first shape, at about 6.4 TB/s: L2-bound.
-Two designs that read less (a 128-row tile shared by both consumers; w resident per program)
-measured slower (`experiments/results/README.md`, "GEGLU on Hopper"). A third does better:
-*clusters* (`HopperConfig.cluster`) of 2 programs take vertically adjacent tiles and receive
-each w tile once, by TMA multicast, each program issuing half of it; a ring slot is free
-again when the consumers of both programs have arrived on its cluster barrier. At SD1.5's
-64x64 and 32x32 levels: 42.8 -> 39.2 and 41.5 -> 33.1 us, the latter ahead of Triton's 35.5
-(`CLUSTERED`). Clusters of 4 were 1.7-1.8x slower. Interpret mode has no clusters.
+Where it stands (H100, device kernel time; `experiments/results/README.md`): two designs that
+read w less often (a 128-row tile shared by both consumers; w resident per program) measured
+slower ("GEGLU on Hopper"). *Clusters* (`HopperConfig.cluster`) of 2 programs take vertically
+adjacent tiles and receive each w tile once, by TMA multicast, each program issuing half of
+it; a ring slot is free again when the consumers of both programs have arrived on its cluster
+barrier (SD1.5's 64x64 and 32x32 levels: 42.8 -> 39.2 and 41.5 -> 33.1 us). Nsight Compute
+then showed the kernel neither L2- nor tensor-bound (L2 49%, tensor pipe 35%, eleventh
+session): the consumers wait for data. *One ring shared by both consumers*
+(`HopperConfig.shared_ring`) fetches further ahead in the same shared memory: 37.5, 30.5 and
+32.5 us at SD1.5's 64x64, 32x32 and 16x16 levels (`MEASURED`; Triton 48.5, 36.0, 35.2; cuBLAS's
+bare products 24.1, 21.4, 23.1). Clusters of 4 were 1.7-1.8x slower. Interpret mode has no
+clusters.
 
 Scope (`supports`): fp16/bf16; x's rows (M) a multiple of 64; D a multiple of block_k; F a
 multiple of block_n. Other shapes take the Triton kernel (`sdjax.ops`). Off GPU the kernel
@@ -127,20 +130,26 @@ def _rings(config: HopperConfig, k_steps: int) -> tuple[int, int]:
     return COMPUTE_WARPGROUPS, min(config.stages, max(1, k_steps))
 
 
-# (D, F) of SD's GEGLUs where clusters of 2 measured fastest (H100, device kernel time,
-# `bench_norm --sweep_geglu_hopper`, `experiments/results/README.md`, call 4 of the ninth
-# session): 64-column tiles, 4 stages. SD1.5's 64x64 level (8192 x 320 x 1280): 42.8 -> 39.2
-# us; 32x32 (2048 x 640 x 2560): 41.5 -> 33.1 us (Triton: 35.5). Clusters of 4 were 1.7-1.8x
-# slower at both.
-CLUSTERED = {(320, 1280), (640, 2560)}
+# The config per (D, F) of SD1.5's GEGLUs that measured fastest (H100, device kernel time,
+# `bench_norm --sweep_geglu_hopper --geglu_hopper_grid ring`, `experiments/results/README.md`,
+# call 8 of the eleventh session), all with one ring shared by both consumers: 64x64 level
+# (8192 x 320 x 1280) 39.1 -> 37.5 us; 32x32 (2048 x 640 x 2560) 33.3 -> 30.5 us; 16x16
+# (512 x 1280 x 5120) 32.5 us (Triton: 35.2). Before: clusters of 2 with a ring per consumer
+# (the ninth session); clusters of 4 were 1.7-1.8x slower.
+MEASURED = {
+    (320, 1280): HopperConfig(block_n=128, stages=4, shared_ring=True),
+    (640, 2560): HopperConfig(block_n=128, stages=4, cluster=2, shared_ring=True),
+    (1280, 5120): HopperConfig(block_n=64, stages=6, cluster=2, shared_ring=True),
+}
 
 
 def heuristic_config(m: int, d: int, f: int) -> HopperConfig:
-    """Clusters of 2 where they measured fastest (`CLUSTERED`, rows in whole cluster tiles);
-    else tiles 128 columns wide, 64 where that leaves fewer tiles than four per SM (SD1.5's
-    8x8 level: 128 x 5120 makes 80 tiles of 128 columns)."""
-    if (d, f) in CLUSTERED and m % (2 * TILE_M) == 0:
-        return HopperConfig(block_n=64, stages=4, cluster=2)
+    """The measured config for SD1.5's (D, F) (`MEASURED`, where x's rows make whole cluster
+    tiles); else tiles 128 columns wide, 64 where that leaves fewer tiles than four per SM
+    (SD1.5's 8x8 level: 128 x 5120 makes 80 tiles of 128 columns)."""
+    measured = MEASURED.get((d, f))
+    if measured is not None and m % (measured.cluster * TILE_M) == 0:
+        return measured
     block_n = 128 if (m // TILE_M) * (f // 128) >= 4 * 132 else 64
     return HopperConfig(block_n=block_n)
 
