@@ -249,19 +249,28 @@ def _write(view, x, mask, affine, activation):
     plgpu.store(view, y.astype(view.dtype), mask=mask, eviction_policy="evict_first")
 
 
-def _program_partial(x_ref, *, parts, part_rows, rows, groups, cpg):
-    """This statistics program's (sample n, part p, its partial (shift, lo, M2) [Gp])."""
+def _program_part(x_ref, *, parts, part_rows, rows, groups, cpg):
+    """(n, p, r_start, r_end, tile) of the program for part p of sample n: its rows
+    [r_start, r_end) and tile(r0, eviction=None), the masked load of rows r0 .. r0 + rows."""
     n, p = pl.program_id(0) // parts, pl.program_id(0) % parts
     s = x_ref.shape[1]
     gp, cp = next_power_of_2(groups), next_power_of_2(cpg)
     r_start = p * part_rows
     r_end = jnp.minimum(r_start + part_rows, s)
     row_mask = s % part_rows != 0 or part_rows % rows != 0
-    tile = functools.partial(
-        _tile, x_ref, n, rows=rows, bg=gp, cp=cp, groups=groups, cpg=cpg, row_mask=row_mask
-    )
-    stats = _chunk_stats(lambda r0: tile(r0, r_end, 0), r_start, r_end, rows=rows, cpg=cpg)
-    return n, p, stats
+
+    def tile(r0, eviction=None):
+        return _tile(x_ref, n, r0, r_end, 0, rows=rows, bg=gp, cp=cp, groups=groups, cpg=cpg,
+                     row_mask=row_mask, eviction=eviction)  # fmt: skip
+
+    return n, p, r_start, r_end, tile
+
+
+def _program_partial(x_ref, *, parts, part_rows, rows, groups, cpg):
+    """This statistics program's (sample n, part p, its partial (shift, lo, M2) [Gp])."""
+    n, p, r_start, r_end, tile = _program_part(x_ref, parts=parts, part_rows=part_rows,
+                                               rows=rows, groups=groups, cpg=cpg)  # fmt: skip
+    return n, p, _chunk_stats(tile, r_start, r_end, rows=rows, cpg=cpg)
 
 
 def _stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, groups, cpg):
@@ -398,17 +407,10 @@ def _cooperative_kernel(
     3. combines the sample's partials (`_combine`, as the split plan's normalize kernel does)
        and normalizes its rows, read again (from L2: the loads of step 1 keep them there).
     """
-    n, p = pl.program_id(0) // parts, pl.program_id(0) % parts
+    n, p, r_start, r_end, tile = _program_part(x_ref, parts=parts, part_rows=part_rows,
+                                               rows=rows, groups=groups, cpg=cpg)  # fmt: skip
     s = x_ref.shape[1]
     gp, cp = next_power_of_2(groups), next_power_of_2(cpg)
-    r_start = p * part_rows
-    r_end = jnp.minimum(r_start + part_rows, s)
-    row_mask = s % part_rows != 0 or part_rows % rows != 0
-
-    def tile(r0, eviction):
-        return _tile(x_ref, n, r0, r_end, 0, rows=rows, bg=gp, cp=cp, groups=groups, cpg=cpg,
-                     row_mask=row_mask, eviction=eviction)  # fmt: skip
-
     partial = _chunk_stats(lambda r0: tile(r0, "evict_last"), r_start, r_end, rows=rows, cpg=cpg)
     for ref, value in zip((shift_ref, lo_ref, m2_ref), partial, strict=True):
         plgpu.atomic_xchg(ref, (n, p, pl.ds(0, gp)), value)

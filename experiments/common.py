@@ -226,6 +226,15 @@ def _json_default(obj):
     return str(obj)
 
 
+def write_record(stem: str, record: dict, markdown: str) -> pathlib.Path:
+    """Writes <stem>.json and <stem>.md to `results_dir()` and prints the markdown."""
+    out = results_dir()
+    write_json(out / f"{stem}.json", record)
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+    return out
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A GitHub-style table of the given columns; floats to 4 significant digits."""
 

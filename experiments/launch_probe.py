@@ -218,12 +218,8 @@ def main(argv):
                    steps=FLAGS.steps, resolution=FLAGS.resolution,
                    arg_counts=tuple(int(n) for n in FLAGS.arg_counts), calls=FLAGS.calls,
                    no_command_buffers_too=FLAGS.no_command_buffers_too)  # fmt: skip
-    out = common.results_dir()
     stem = f"launch_probe_{record['config']}_{record['dtype']}{FLAGS.tag}"
-    common.write_json(out / f"{stem}.json", record)
-    md = markdown(record)
-    (out / f"{stem}.md").write_text(md)
-    print(md)
+    common.write_record(stem, record, markdown(record))
 
 
 if __name__ == "__main__":

@@ -207,12 +207,8 @@ def main(argv):
     record = trace_generate(FLAGS.config, FLAGS.dtype, FLAGS.kernels, steps=FLAGS.steps,
                             resolution=FLAGS.resolution, modes=tuple(FLAGS.modes),
                             top_gaps=FLAGS.top_gaps)  # fmt: skip
-    out = common.results_dir()
     stem = f"trace_generate_{record['config']}_{record['dtype']}{FLAGS.tag}"
-    common.write_json(out / f"{stem}.json", record)
-    md = markdown(record)
-    (out / f"{stem}.md").write_text(md)
-    print(md)
+    common.write_record(stem, record, markdown(record))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,22 @@ def _check_group_norm(rng, shape, dtype, activation, config, *, groups=32, mean=
     assert err <= TOL[dtype], f"{shape=} {dtype=} {activation=} {config=}: {err=:.3g}"
 
 
+def _patched_table(tmp_path, monkeypatch, entries: dict):
+    """custom_calls.group_norm (the module) reading a GroupNorm table of `entries`
+    ({shape: Config fields}, float16 keys, 32 groups) from tmp_path; callers clear the
+    table's cache when done (`tuned_table.cache_clear()`)."""
+    import importlib
+    import json
+
+    gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
+    configs = {gn.shape_key(shape, jnp.float16, 32): e for shape, e in entries.items()}
+    table = tmp_path / "group_norm.json"
+    table.write_text(json.dumps({"configs": configs}))
+    monkeypatch.setattr(gn, "TUNING_PATH", table)
+    gn.tuned_table.cache_clear()
+    return gn
+
+
 # Every channel count of the SD1.5 UNet and VAE decoder (cpg 4, 8, 10, 16, 20, 30, 40, 60, 80),
 # each with one plan: split (in-kernel or XLA combine) or fused, and odd spatial sizes.
 _CHANNELS = sorted({s.shape[-1] for s in GROUP_NORM_SHAPES.values()})
@@ -154,6 +170,23 @@ def test_cooperative_launch_needs_every_program_resident(rng):
         Config(mode="grid")
 
 
+def test_cooperative_kernel_traces_off_the_gpu(monkeypatch):
+    """Interpret mode never runs the cooperative kernel (its programs would wait on each
+    other): trace its body for the GPU instead, so that a Python error in it shows here."""
+    import importlib
+
+    gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
+    monkeypatch.setattr(gn, "num_sms", lambda: 132)
+    x = jnp.ones((2, 8, 8, 64), jnp.float16)
+    config = Config(mode="cooperative", block_rows=4, stats_rows=8)
+
+    def fn(x, scale, bias):
+        return gn.group_norm(x, scale, bias, config=config, interpret=False, activation="silu")
+
+    jaxpr = str(jax.jit(fn).trace(x, jnp.ones((64,)), jnp.zeros((64,))).jaxpr)
+    assert "sdjax_group_norm_cooperative" in jaxpr and "atomic" in jaxpr and "while" in jaxpr
+
+
 def test_group_norm_large_offset_half(rng):
     """float16 far from zero (mean 200, std 1): statistics stay float32 and shifted."""
     _check_group_norm(rng, (1, 8, 8, 640), jnp.float16, "silu", None, mean=200.0)
@@ -161,18 +194,10 @@ def test_group_norm_large_offset_half(rng):
 
 def test_tuned_config_reads_the_table(tmp_path, monkeypatch):
     """group_norm's default config: the table's entry for the shape, else the heuristic."""
-    import importlib
-    import json
-
-    gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
-
     shape = (2, 8, 8, 320)
     entry = dict(mode="split", block_rows=4, stats_rows=16, norm_rows=32, num_warps=8,
                  combine_in_kernel=False)  # fmt: skip
-    table = tmp_path / "group_norm.json"
-    table.write_text(json.dumps({"configs": {gn.shape_key(shape, jnp.float16, 32): entry}}))
-    monkeypatch.setattr(gn, "TUNING_PATH", table)
-    gn.tuned_table.cache_clear()
+    gn = _patched_table(tmp_path, monkeypatch, {shape: entry})
     try:
         assert gn.shape_key(shape, jnp.bfloat16, 32) == "2x64x320:32:16bit"
         assert gn.tuned_config(shape, jnp.bfloat16) == Config(**entry)
@@ -541,17 +566,10 @@ def test_group_norm_cooperative_uneven_gpu(rng):
 def test_group_norm_cooperative_table_entry_on_fewer_sms(rng, tmp_path, monkeypatch):
     """A cooperative table entry whose programs outnumber the SMs (a smaller GPU than the one
     that measured it) runs as the split plan, correctly, instead of waiting for ever."""
-    import importlib
-    import json
-
-    gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
     shape = (2, 24, 24, 640)  # a shape no other test compiles: the trace below is fresh
     entry = dict(mode="cooperative", block_rows=8, stats_rows=16, num_warps=8)  # 2 x 36 programs
-    table = tmp_path / "group_norm.json"
-    table.write_text(json.dumps({"configs": {gn.shape_key(shape, jnp.float16, 32): entry}}))
-    monkeypatch.setattr(gn, "TUNING_PATH", table)
+    gn = _patched_table(tmp_path, monkeypatch, {shape: entry})
     monkeypatch.setattr(gn, "num_sms", lambda: 16)
-    gn.tuned_table.cache_clear()
     try:
         x = _normal(rng, shape, jnp.float16)
         scale, bias = _affine(rng, 640)
@@ -583,18 +601,11 @@ def test_ops_pallas_split_runs_cooperative_entries_split(rng, tmp_path, monkeypa
     """`ops.group_norm` at a shape whose table entry is cooperative: "pallas" launches the
     cooperative kernel, "pallas_split" the split plan's two, with the same result within
     tolerance (the ablation's `auto_split_gn` row)."""
-    import importlib
-    import json
-
     from sdjax import ops
 
-    gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
     shape = (2, 20, 20, 1280)  # a shape no other test compiles: the traces below are fresh
     entry = dict(mode="cooperative", block_rows=4, stats_rows=8, num_warps=8)  # 2 x 50 programs
-    table = tmp_path / "group_norm.json"
-    table.write_text(json.dumps({"configs": {gn.shape_key(shape, jnp.float16, 32): entry}}))
-    monkeypatch.setattr(gn, "TUNING_PATH", table)
-    gn.tuned_table.cache_clear()
+    gn = _patched_table(tmp_path, monkeypatch, {shape: entry})
     try:
         x = _normal(rng, shape, jnp.float16)
         scale, bias = _affine(rng, 1280)
