@@ -112,8 +112,9 @@ class HopperConfig:
 
 
 def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
-    """Shared memory of the two rings (x, hidden and gate tiles) and the two output tiles,
-    for a reduction over d (a ring holds at most d / block_k steps)."""
+    """Shared memory of the rings (x, hidden and gate tiles: one per consumer, each of at
+    most d / block_k steps, or one shared ring) and the two output tiles, for a reduction
+    over d."""
     rings, stages = _rings(config, d // config.block_k)
     step = TILE_M * config.block_k + 2 * config.block_k * config.block_n
     out = TILE_M * config.block_n

@@ -5,7 +5,7 @@ cpg = C / G channels). A tile is [block_rows, groups, cpg_pad] with cpg_pad the 
 two, so the UNet's 10, 20, 30, 40, 60 and 80 channels per group become masked blocks of 16,
 32, 32, 64, 64 and 128 lanes.
 
-Two plans (`Config.mode`):
+Three plans (`Config.mode`):
   split  1. statistics: programs over spatial chunks, each reading its rows once and writing a
             partial (mean, M2) per group: float32, shifted by the chunk's first tile's mean.
          2. normalize: programs over spatial chunks, in reverse order so that the tail that the
