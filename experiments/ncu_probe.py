@@ -79,8 +79,8 @@ OPS = {
     "group_norm_64x320": _group_norm(64, 320, "silu"),
     "group_norm_64x640": _group_norm(64, 640, "silu"),
     "group_norm_32x1280": _group_norm(32, 1280, "silu"),
-    "geglu_64_hopper": _geglu(8192, 320, 1280, True),  # the heuristic's: clusters of 2
-    # one program per tile column pair, no clusters: w's L2 reads twice the clustered ones
+    "geglu_64_hopper": _geglu(8192, 320, 1280, True),  # the heuristic's config
+    # a ring per consumer, 128-wide tiles, no clusters (the eleventh session's comparison)
     "geglu_64_hopper_c1": _geglu(8192, 320, 1280, True, importlib.import_module(
         "custom_calls.geglu_hopper").HopperConfig(block_n=128, stages=2)),
     "geglu_32_hopper": _geglu(2048, 640, 2560, True),
