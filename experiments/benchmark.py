@@ -148,7 +148,6 @@ def plot(rows: list[dict], path) -> bool:
 
 
 def run() -> dict:
-    import jax
 
     from experiments import common
     from sdjax import config as sd_config
@@ -160,7 +159,7 @@ def run() -> dict:
     dist = distributed.initialize_from_env()
     if FLAGS.compilation_cache:
         common.enable_compilation_cache()
-    dtype = FLAGS.dtype or ("float16" if jax.default_backend() == "gpu" else "float32")
+    dtype = common.default_dtype(FLAGS.dtype)
     t0 = time.perf_counter()
     if FLAGS.checkpoint:
         base = StableDiffusion.from_checkpoint(FLAGS.checkpoint, dtype=dtype, variant=FLAGS.variant)

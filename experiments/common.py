@@ -22,6 +22,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def default_dtype(dtype: str | None) -> str:
+    """`dtype`, or the experiments' default compute dtype: float16 on GPU, float32 elsewhere."""
+    return dtype or ("float16" if jax.default_backend() == "gpu" else "float32")
+
+
+def define_pipeline_flags() -> None:
+    """--config, --dtype, --kernels, --resolution: the command line of the experiments that
+    build a random-weights pipeline. Call it from a script's own flag definitions (tests
+    import those modules for their functions; absl refuses a flag defined twice)."""
+    from absl import flags
+
+    flags.DEFINE_string("config", "sd15", "architecture preset (random weights)")
+    flags.DEFINE_enum("dtype", None, ["float16", "bfloat16", "float32"],
+                      "compute dtype (default: float16 on GPU, float32 on CPU)")  # fmt: skip
+    flags.DEFINE_string("kernels", "auto", "op implementation preset (sdjax.ops.PRESETS)")
+    flags.DEFINE_integer("resolution", None, "pixels per side; default: the model's")
+
+
 def device_info() -> dict:
     """What ran the experiment: device kind, backend, jax/jaxlib versions, host."""
     dev = jax.devices()[0]

@@ -149,7 +149,6 @@ def check_flags() -> None:
 
 
 def run() -> dict:
-    import jax
     import numpy as np
     from PIL import Image
 
@@ -167,7 +166,7 @@ def run() -> dict:
     if FLAGS.compilation_cache:
         common.enable_compilation_cache()
     kernels = kernels_from_flags()
-    dtype = FLAGS.dtype or ("float16" if jax.default_backend() == "gpu" else "float32")
+    dtype = common.default_dtype(FLAGS.dtype)
     t0 = time.perf_counter()
     if FLAGS.checkpoint:
         pipe = StableDiffusion.from_checkpoint(

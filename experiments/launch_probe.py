@@ -40,12 +40,10 @@ NO_COMMAND_BUFFERS = {"xla_gpu_enable_command_buffer": ""}
 
 def define_flags() -> None:
     """Registered only when run as a script (tests import the module for its functions)."""
-    flags.DEFINE_string("config", "sd15", "architecture preset (random weights)")
-    flags.DEFINE_enum("dtype", None, ["float16", "bfloat16", "float32"],
-                      "compute dtype (default: float16 on GPU, float32 on CPU)")  # fmt: skip
-    flags.DEFINE_string("kernels", "auto", "op implementation preset (sdjax.ops.PRESETS)")
+    from experiments import common
+
+    common.define_pipeline_flags()
     flags.DEFINE_integer("steps", 20, "DDIM steps of the denoising program")
-    flags.DEFINE_integer("resolution", None, "pixels per side; default: the model's")
     flags.DEFINE_list("components", list(COMPONENTS), f"of {', '.join(COMPONENTS)}")
     flags.DEFINE_list("arg_counts", ["1", "100", "1000"], "argument counts of the tiny program")
     flags.DEFINE_integer("calls", 10, "timed calls per case")
@@ -156,7 +154,6 @@ def tiny_program(n: int, options: dict):
 def probe(config_name: str, dtype: str | None, kernels: str, *, components=COMPONENTS,
           steps: int = 20, resolution: int | None = None, arg_counts=(1, 100, 1000),
           calls: int = 10, no_command_buffers_too: bool = True) -> dict:  # fmt: skip
-    import jax
 
     from experiments import common
     from sdjax import config as sd_config
@@ -167,8 +164,7 @@ def probe(config_name: str, dtype: str | None, kernels: str, *, components=COMPO
         raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
     if calls < 1:
         raise ValueError(f"calls must be >= 1; got {calls}")
-    backend = jax.default_backend()
-    dtype = dtype or ("float16" if backend == "gpu" else "float32")
+    dtype = common.default_dtype(dtype)
     config = sd_config.preset(config_name)
     res = resolution or config.default_resolution
     record = {"device": common.device_info(), "config": config_name, "dtype": dtype,

@@ -60,15 +60,12 @@ def define_flags() -> None:
     """The command line. Registered only when run as a script: tests import this module for
     its functions, and `--config`/`--dtype` are also registered by experiments.convert (absl
     refuses a flag defined by two modules)."""
-    flags.DEFINE_string("config", "sd15", "architecture preset (random weights)")
-    flags.DEFINE_enum(
-        "dtype", None, ["float16", "bfloat16", "float32"], "compute dtype (default: float16 on GPU)"
-    )
-    flags.DEFINE_string("kernels", "auto", "op implementation preset (sdjax.ops.PRESETS)")
+    from experiments import common
+
+    common.define_pipeline_flags()
     flags.DEFINE_multi_string(
         "impl", [], "OP=NAME: override one op of the preset, repeatable (e.g. upsample_conv=subpixel)"
     )
-    flags.DEFINE_integer("resolution", None, "pixels per side; default: the model's")
     flags.DEFINE_integer("calls", 5, "traced calls of each program")
     flags.DEFINE_integer("wall_calls", 20, "back-to-back calls of the untraced timing")
     flags.DEFINE_integer("matmul_size", 8192, "n of the n^3 matmul that measures the matmul rate")
@@ -959,7 +956,7 @@ def profile(
         raise ValueError(f"loop_steps={loop_steps} must be >= 1")
 
     backend = jax.default_backend()
-    dtype = dtype or ("float16" if backend == "gpu" else "float32")
+    dtype = common.default_dtype(dtype)
     jdtype = jnp.dtype(dtype)
     config = sd_config.preset(config_name)
     impls = kernels if isinstance(kernels, ops.Implementations) else ops.Implementations.preset(kernels)

@@ -48,12 +48,10 @@ COMPONENTS = (
 
 def define_flags() -> None:
     """Registered only when run as a script (tests import the module for its functions)."""
-    flags.DEFINE_string("config", "sd15", "architecture preset (random weights)")
-    flags.DEFINE_enum("dtype", None, ["float16", "bfloat16", "float32"],
-                      "compute dtype (default: float16 on GPU, float32 on CPU)")  # fmt: skip
-    flags.DEFINE_string("kernels", "auto", "op implementation preset (sdjax.ops.PRESETS)")
+    from experiments import common
+
+    common.define_pipeline_flags()
     flags.DEFINE_integer("steps", 20, "DDIM steps")
-    flags.DEFINE_integer("resolution", None, "pixels per side; default: the model's")
     flags.DEFINE_list("modes", list(MODES), f"of {', '.join(MODES)}")
     flags.DEFINE_integer("top_gaps", 15, "longest idle gaps listed per mode")
     flags.DEFINE_string("tag", "", "suffix of the output file names")
@@ -148,7 +146,7 @@ def trace_generate(config_name: str, dtype: str | None, kernels: str, *, steps: 
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     backend = jax.default_backend()
-    dtype = dtype or ("float16" if backend == "gpu" else "float32")
+    dtype = common.default_dtype(dtype)
     config = sd_config.preset(config_name)
     res = resolution or config.default_resolution
     pipe = StableDiffusion.from_random(config, dtype=dtype, kernels=kernels)

@@ -7,8 +7,9 @@ Three jitted programs, each compiled once per shape and reused:
   decode        latents [N, h, w, 4]          -> images uint8 [N, H, W, 3]
 
 or, with `generate(one_program=True)`, the three as one program ("image": one launch, no
-host work between them). `denoise_loop` is importable on its own for research code. The implementations of the hot
-ops (`sdjax.ops`) are a static argument of each program, entered inside the trace.
+host work between them). `denoise_loop` is importable on its own for research code. The
+implementations of the hot ops (`sdjax.ops`) are a static argument of each program, entered
+inside the trace.
 
 Parameter layouts: each program is compiled with its parameters' memory layouts left to XLA
 (`jax.experimental.layout`, `Layout.AUTO`), and the parameters are moved into the layouts

@@ -15,6 +15,7 @@ import pytest
 from custom_calls.geglu import geglu_reference
 from custom_calls.geglu_hopper import HopperConfig, geglu_hopper, heuristic_config, supports
 from sdjax.shapes import GEGLU_SHAPES
+from tests._subprocess import last_json_line, run_python
 
 TOLERANCE = {jnp.bfloat16: 1e-2, jnp.float16: 5e-3}
 
@@ -249,10 +250,6 @@ def test_hlo_report_looks_for_the_kernel_by_name():
 
 def test_bench_sweep_grids():
     """bench_norm's Hopper GEGLU grids (in a subprocess: the script defines absl flags)."""
-    import json
-    import os
-    import subprocess
-    import sys
 
     code = """
 import json
@@ -272,12 +269,7 @@ except ValueError as e:
     out["error"] = str(e)
 print(json.dumps(out))
 """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = last_json_line(run_python(code))
     assert not any(delay for *_, delay, _ in out["tiles"])
     assert {k for *_, k in out["tiles"] + out["issue"]} == {64}
     assert {c for c, *_ in out["tiles"]} == {1, 2, 4}

@@ -30,6 +30,7 @@ from custom_calls.group_norm import Config
 from custom_calls.layer_norm import Config as LayerNormConfig
 from experiments.common import relative_error
 from sdjax.shapes import GEGLU_SHAPES, GROUP_NORM_SHAPES, LAYER_NORM_SHAPES
+from tests._subprocess import last_json_line, run_python
 
 # Relative-norm tolerances. Both sides round to the output dtype, so this is about one ulp of it.
 TOL = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}
@@ -212,9 +213,6 @@ def test_tuned_config_reads_the_table(tmp_path, monkeypatch):
 def test_sweep_writes_the_fastest_accurate_config(tmp_path):
     """bench_norm's table update (in a subprocess: the script defines absl flags on import)."""
     import json
-    import os
-    import subprocess
-    import sys
 
     code = """
 import json, sys
@@ -233,11 +231,7 @@ bench_norm.update_gn_table(rows, sys.argv[1], "float16")
 """
     path = tmp_path / "gn.json"
     path.write_text(json.dumps({"configs": {"1x1x32:32:16bit": {"mode": "fused"}}}))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_python(code, str(path))
     configs = json.loads(path.read_text())["configs"]
     assert configs["1x1x32:32:16bit"] == {"mode": "fused"}  # other entries kept
     # the 8 us row is the fastest but inaccurate: the 9 us one wins; the failed shape is absent
@@ -250,10 +244,6 @@ def test_cooperative_candidates_fit_the_device():
     """bench_norm's cooperative configs (subprocess: the script defines absl flags): every
     program resident (N * parts <= programs), tiles dividing the parts, and the plan in the
     candidate list only when asked for."""
-    import json
-    import os
-    import subprocess
-    import sys
 
     code = """
 import json, math
@@ -268,12 +258,7 @@ plans = {p: sorted({c.mode for c in bench_norm.group_norm_candidates((2, 64, 64,
          for p in (("split",), ("cooperative",))}
 print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items()}}))
 """
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = last_json_line(run_python(code))
     assert len(got["rows"]) >= 12
     for programs_used, programs, remainder in got["rows"]:
         assert programs_used <= programs and remainder == 0
