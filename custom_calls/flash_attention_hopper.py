@@ -109,6 +109,12 @@ class HopperConfig:
     # overlap). Two score tiles are live at once: registers limit it to block_q * block_kv
     # <= 8192 per warpgroup. Without the ping-pong.
     overlap_qk: bool = False
+    # Pin the softmax's results (rescaled O, row sums, P in fp16) before the consumer tells
+    # the other that it is done with the softmax (`lax.optimization_barrier`), so that the
+    # compiler cannot sink any of their arithmetic past that barrier, into the turn that
+    # should be the tensor cores' (jax's own Hopper attention example does the same, and
+    # notes that the order there moves its timing).
+    pin_softmax: bool = False
 
     def __post_init__(self):
         if self.block_q % WGMMA_M:
@@ -279,7 +285,7 @@ def _kernel(
     q_ref, k_ref, v_ref, *refs,
     d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
     head_offsets=(0, 0, 0), half_exp=False, half_sum=False, tree=False, mma_sum=False,
-    overlap=False,
+    overlap=False, pin=False,
 ):  # fmt: skip
     """One program: 2 * block_q query rows of one (batch, head); three warpgroups.
 
@@ -361,6 +367,8 @@ def _kernel(
                 l_i = l_i * alpha + row_sum
             if "rescale" not in ablate:
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            if pin:  # all of the softmax before the barriers below
+                acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
             if pingpong:
                 plgpu.barrier_arrive(turn)  # softmax done: the other may use the tensor cores
             plgpu.barrier_wait(v_full.at[slot])
@@ -537,6 +545,7 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         tree=config.tree_reduce,
         mma_sum=config.mma_row_sum,
         overlap=config.overlap_qk and kv_steps > 1,
+        pin=config.pin_softmax,
     )
     return plgpu.kernel(
         kernel,

@@ -52,6 +52,9 @@ VARIANTS = {
                               "half_exp": True}, ()),  # fmt: skip
     "overlap_q64+fp32_exp": ({"block_q": 64, "pingpong": False, "overlap_qk": True,
                               "half_exp": False}, ()),  # fmt: skip
+    "pin_softmax": ({"pin_softmax": True}, ()),
+    "pin_softmax+half_exp": ({"pin_softmax": True, "half_exp": True}, ()),
+    "full_again": ({}, ()),  # the same kernel, timed again: the run's spread
     "no_max": ({}, ("max",)),
     "no_exp": ({}, ("exp",)),
     "no_sum": ({}, ("sum",)),

@@ -29,6 +29,9 @@
 #   ncu            Nsight Compute on experiments/ncu_probe.py ($NCU_OPS, default all): per kernel
 #                  speed of light, pipe utilization, warp stall reasons, memory and occupancy, as
 #                  text (ncu_report.txt; $NCU_ARGS adds options, e.g. --section SourceCounters)
+#   ptxas          ptxas's verbose output and the SASS of experiments/ncu_probe.py's ops ($PTXAS_OPS,
+#                  default the Hopper attention and GEGLU at 64x64), one process per op with
+#                  Mosaic GPU's dump switches on, then experiments/ptxas_report.py over the dumps
 #   ablate_attention  experiments/ablate_attention.py: the Hopper attention kernel with stages
 #                  left out, and its correct alternatives, by device kernel time ($ABLATE_ARGS)
 #   trace          experiments.trace_generate: one traced `generate` per mode, with command
@@ -135,6 +138,16 @@ for stage in "$@"; do
         --section InstructionStats ${NCU_ARGS:-} \
         python3 experiments/ncu_probe.py ${NCU_OPS:+--ops $NCU_OPS} > "$OUT/ncu_report.txt" 2>&1 || status=1
       grep -E "relative error|==PROF==|==ERROR==|==WARNING==" "$OUT/ncu_report.txt" | head -20
+      ;;
+    ptxas)
+      dirs=""
+      for op in $(echo "${PTXAS_OPS:-attention_64,geglu_64_hopper}" | tr , ' '); do
+        d="$OUT/mosaic_dump/$op"; mkdir -p "$d"; dirs="$dirs${dirs:+,}$d"
+        MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$d" \
+          limit python3 experiments/ncu_probe.py --ops "$op" > "$d/stdout.txt" 2>&1 || status=1
+        grep -E "relative error" "$d/stdout.txt"
+      done
+      limit python3 experiments/ptxas_report.py --dump_dirs "$dirs" 2>&1 | quiet | tail -30 || status=1
       ;;
     ablate_attention)
       limit python3 experiments/ablate_attention.py ${ABLATE_ARGS:-} 2>&1 | quiet | tail -30 || status=1

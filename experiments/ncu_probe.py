@@ -13,6 +13,7 @@ so that a profile of a wrong kernel does not pass unnoticed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 
@@ -25,8 +26,9 @@ import custom_calls
 from experiments import common
 
 
-def _attention(length, heads, head_dim, padded):
-    """The UNet's packed self-attention: qkv [2, L, 3, H, padded] (zero-padded heads)."""
+def _attention(length, heads, head_dim, padded, **changes):
+    """The UNet's packed self-attention: qkv [2, L, 3, H, padded] (zero-padded heads), with
+    the tuned config, or that config with `changes`."""
 
     def make(rng):
         qkv = rng.standard_normal((2, length, 3, heads, head_dim)).astype(np.float16)
@@ -34,7 +36,12 @@ def _attention(length, heads, head_dim, padded):
         return (jnp.asarray(qkv),)
 
     def run(qkv):  # the UNet passes the unpadded head's scale, as here
-        return custom_calls.flash_attention_hopper_qkv(qkv, scale=head_dim**-0.5)
+        config = None
+        if changes:
+            fah = importlib.import_module("custom_calls.flash_attention_hopper")
+            shape = (2, length, heads, padded)
+            config = dataclasses.replace(fah.tuned_config(shape, shape, qkv.dtype), **changes)
+        return custom_calls.flash_attention_hopper_qkv(qkv, scale=head_dim**-0.5, config=config)
 
     def reference(qkv):
         q, k, v = (qkv[:, :, i, :, :head_dim] for i in range(3))
@@ -75,6 +82,11 @@ def _geglu(m, d, f, hopper, config=None):
 # name: (make inputs, run, (out, *inputs) -> (out, reference)); SD1.5 512x512, batch 2.
 OPS = {
     "attention_64": _attention(4096, 8, 40, 48),
+    "attention_64_pin": _attention(4096, 8, 40, 48, pin_softmax=True),
+    "attention_64_half_exp": _attention(4096, 8, 40, 48, half_exp=True),
+    # FlashAttention-3's intra-warpgroup overlap, 1.4-1.6x slower (item 61: serialized wgmmas?)
+    "attention_64_overlap": _attention(4096, 8, 40, 48, block_q=64, pingpong=False,
+                                       overlap_qk=True),  # fmt: skip
     "attention_32": _attention(1024, 8, 80, 80),
     "group_norm_64x320": _group_norm(64, 320, "silu"),
     "group_norm_64x640": _group_norm(64, 640, "silu"),
@@ -86,6 +98,7 @@ OPS = {
     "geglu_32_hopper": _geglu(2048, 640, 2560, True),
     "geglu_32": _geglu(2048, 640, 2560, False),
     "geglu_16": _geglu(512, 1280, 5120, False),
+    "geglu_16_hopper": _geglu(512, 1280, 5120, True),
 }
 
 _OPS = flags.DEFINE_list("ops", list(OPS), f"ops to run, of {sorted(OPS)}")

@@ -63,13 +63,19 @@ CASES = [
      HopperConfig(block_kv=64, pingpong=False, overlap_qk=True, mma_row_sum=True)),
     (1, 128, 2, 40, 256, jnp.float16,
      HopperConfig(block_kv=128, pingpong=False, overlap_qk=True, half_exp=True)),
+    # the softmax pinned before the consumers' barriers (with the ping-pong, fp16
+    # exponentials and the tensor-core row sums)
+    (3, 128, 2, 40, 192, jnp.float16, HopperConfig(block_kv=64, head_align=16, pin_softmax=True)),
+    (1, 256, 1, 80, 128, jnp.bfloat16, HopperConfig(block_q=128, pin_softmax=True)),
+    (1, 128, 2, 40, 128, jnp.float16,
+     HopperConfig(block_kv=64, half_exp=True, mma_row_sum=True, pin_softmax=True)),
 ]
 
 
 def _case_id(case):
     b, lq, h, d, lk, dt, c = case
     half = ":half_exp" * c.half_exp + ":half_sum" * c.half_sum + ":tree" * c.tree_reduce
-    half += ":mma_sum" * c.mma_row_sum + ":overlap" * c.overlap_qk
+    half += ":mma_sum" * c.mma_row_sum + ":overlap" * c.overlap_qk + ":pin" * c.pin_softmax
     return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}{half}"
 
 
@@ -220,7 +226,11 @@ def test_gpu_sd_shapes(name, dtype, rng):
                                     HopperConfig(head_align=16, pingpong=False, block_q=64,
                                                  overlap_qk=True),
                                     HopperConfig(head_align=16, pingpong=False, block_q=128,
-                                                 block_kv=64, overlap_qk=True)])  # fmt: skip
+                                                 block_kv=64, overlap_qk=True),
+                                    HopperConfig(head_align=16, block_q=128, stages=3,
+                                                 pin_softmax=True),
+                                    HopperConfig(head_align=16, half_exp=True,
+                                                 pin_softmax=True)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:
