@@ -32,6 +32,9 @@
 #   ptxas          ptxas's verbose output and the SASS of experiments/ncu_probe.py's ops ($PTXAS_OPS,
 #                  default the Hopper attention and GEGLU at 64x64), one process per op with
 #                  Mosaic GPU's dump switches on, then experiments/ptxas_report.py over the dumps
+#   ncu_source     Nsight Compute's per-instruction warp stall samples (SourceCounters) of one
+#                  launch of each of $NCU_SOURCE_OPS (default the Hopper attention and GEGLU at
+#                  64x64), as SASS with samples (CSV), summarized by experiments/ncu_source_report.py
 #   ablate_attention  experiments/ablate_attention.py: the Hopper attention kernel with stages
 #                  left out, and its correct alternatives, by device kernel time ($ABLATE_ARGS)
 #   trace          experiments.trace_generate: one traced `generate` per mode, with command
@@ -109,7 +112,7 @@ for stage in "$@"; do
       latest_norm=$(ls -t "$OUT"/bench_norm_*.json 2>/dev/null | head -1)
       python3 -m experiments.make_autotune \
         --attention $r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runa.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_runb.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s3.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_2026-11-25_fp16_s4.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5.json,$r/bench_attention_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s6.json${latest:+,$latest} \
-        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s4_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5b_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s5c_geglu.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s6_vae_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s9e_geglu.json${latest_norm:+,$latest_norm} 2>&1 | tail -3 || status=1
+        --norm $r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s4_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-25_s5b_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s5c_geglu.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s6_vae_gn.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s9e_geglu.json,$r/bench_norm_NVIDIA_H100_80GB_HBM3_float16_2026-11-26_s12a_geglu16.json${latest_norm:+,$latest_norm} 2>&1 | tail -3 || status=1
       cp sdjax/assets/autotune.json "$OUT/autotune.json"
       ;;
     gn)
@@ -146,8 +149,29 @@ for stage in "$@"; do
         MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_SASS=1 MOSAIC_GPU_DUMP_TO="$d" \
           limit python3 experiments/ncu_probe.py --ops "$op" > "$d/stdout.txt" 2>&1 || status=1
         grep -E "relative error" "$d/stdout.txt"
+        rm -f "$d"/*.mlir-passes.log  # tens of MB each
+        # Mosaic GPU finds no nvdisasm here: the SASS from Triton's bundled ptxas and cuobjdump
+        tb=$(python3 -c "import os, triton; print(os.path.dirname(triton.__file__) + '/backends/nvidia/bin')")
+        for ptx in "$d"/*.ptx; do
+          "$tb/ptxas" -arch=sm_90a -O3 -v "$ptx" -o /tmp/kernel.cubin > "${ptx%.ptx}.triton_ptxas.txt" 2>&1 &&
+            "$tb/cuobjdump" -sass /tmp/kernel.cubin > "${ptx%.ptx}.sass" || echo "no SASS for $ptx"
+        done
       done
       limit python3 experiments/ptxas_report.py --dump_dirs "$dirs" 2>&1 | quiet | tail -30 || status=1
+      ;;
+    ncu_source)
+      ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      for op in $(echo "${NCU_SOURCE_OPS:-attention_64,geglu_64_hopper}" | tr , ' '); do
+        XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_PREALLOCATE=false \
+          limit "$ncu_bin" --clock-control none --kernel-name regex:sdjax_ --launch-count 1 \
+          --section SourceCounters --section WarpStateStats -f -o "/tmp/ncu_src_$op" \
+          python3 experiments/ncu_probe.py --ops "$op" > "$OUT/ncu_source_$op.log" 2>&1 || status=1
+        "$ncu_bin" -i "/tmp/ncu_src_$op.ncu-rep" --page source --csv --print-source sass \
+          > "$OUT/ncu_source_$op.csv" 2>&1 || status=1
+        "$ncu_bin" -i "/tmp/ncu_src_$op.ncu-rep" --page details \
+          > "$OUT/ncu_source_${op}_details.txt" 2>&1 || status=1
+        limit python3 experiments/ncu_source_report.py --csv "$OUT/ncu_source_$op.csv" 2>&1 | tail -45 || status=1
+      done
       ;;
     ablate_attention)
       limit python3 experiments/ablate_attention.py ${ABLATE_ARGS:-} 2>&1 | quiet | tail -30 || status=1
