@@ -35,6 +35,8 @@
 #   ncu_source     Nsight Compute's per-instruction warp stall samples (SourceCounters) of one
 #                  launch of each of $NCU_SOURCE_OPS (default the Hopper attention and GEGLU at
 #                  64x64), as SASS with samples (CSV), summarized by experiments/ncu_source_report.py
+#   ablate_gelu    experiments/ablate_gelu.py: the GEGLU kernels with each erf GELU form, side by
+#                  side by device kernel time ($ABLATE_GELU_ARGS)
 #   ablate_attention  experiments/ablate_attention.py: the Hopper attention kernel with stages
 #                  left out, and its correct alternatives, by device kernel time ($ABLATE_ARGS)
 #   trace          experiments.trace_generate: one traced `generate` per mode, with command
@@ -172,6 +174,9 @@ for stage in "$@"; do
           > "$OUT/ncu_source_${op}_details.txt" 2>&1 || status=1
         limit python3 experiments/ncu_source_report.py --csv "$OUT/ncu_source_$op.csv" 2>&1 | tail -45 || status=1
       done
+      ;;
+    ablate_gelu)
+      limit python3 experiments/ablate_gelu.py ${ABLATE_GELU_ARGS:-} 2>&1 | quiet | tail -30 || status=1
       ;;
     ablate_attention)
       limit python3 experiments/ablate_attention.py ${ABLATE_ARGS:-} 2>&1 | quiet | tail -30 || status=1

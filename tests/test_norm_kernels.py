@@ -603,3 +603,19 @@ def test_ops_pallas_split_runs_cooperative_entries_split(rng, tmp_path, monkeypa
             assert relative_error(fn(x, scale, bias), ref) <= TOL[jnp.float16]
     finally:
         gn.tuned_table.cache_clear()
+
+
+def test_gelu_erf_matches_float64_erf():
+    """The kernels' erf GELU (A&S 7.1.26 without a sign select, rsqrt for the reciprocal)
+    against float64 math.erf, over the fp16 range: |error| < 1e-6 * (1 + |y|), finite."""
+    import math
+
+    from custom_calls.group_norm import activate
+
+    y = np.concatenate([np.linspace(-12, 12, 200_001), [0.0, -0.0, 1e-30, -1e-30, 65504.0,
+                                                         -65504.0]]).astype(np.float32)  # fmt: skip
+    got = np.asarray(jax.jit(lambda v: activate(v, "gelu"))(jnp.asarray(y)), np.float64)
+    y64 = y.astype(np.float64)
+    want = 0.5 * y64 * (1.0 + np.vectorize(math.erf)(y64 / math.sqrt(2.0)))
+    assert np.isfinite(got).all()
+    assert np.max(np.abs(got - want) / (1.0 + np.abs(y64))) < 1e-6
