@@ -164,9 +164,9 @@ _SQRT_HALF = 0.7071067811865476
 _LOG2_E = 1.4426950408889634
 
 
-def _gelu_erf_select(y):
+def _gelu_erf_division(y):
     """The same A&S GELU as first written: erf with a division and a sign select, then
-    0.5 y (1 + erf). Kept for `experiments/ablate_gelu.py` (`GELU_FORM = "select"`)."""
+    0.5 y (1 + erf). Kept for the ablation (`ACTIVATION_FORM = "division"`)."""
     a = jnp.abs(y * _SQRT_HALF)
     t = 1.0 / (1.0 + _ERF_P * a)
     c = _ERF_A
@@ -175,9 +175,18 @@ def _gelu_erf_select(y):
     return 0.5 * y * (1.0 + jnp.where(y < 0, -erf, erf))
 
 
-# Which form `activate(y, "gelu")` traces: "rsqrt" (`_gelu_erf`) or "select"
-# (`_gelu_erf_select`). Read at trace time; only the ablation changes it.
-GELU_FORM = "rsqrt"
+# Which forms `activate` traces for silu and gelu: "rsqrt" (`_silu`, `_gelu_erf`: the
+# reciprocals as rsqrt(.)^2, one special-function instruction each) or "division" (the forms
+# as first written, whose divisions compile to a reciprocal and its refinement). Read at trace
+# time; only `experiments/ablate_activation.py` changes it.
+ACTIVATION_FORM = "rsqrt"
+
+
+def _silu(y):
+    """y * sigmoid(y), the sigmoid's reciprocal as rsqrt(1 + exp(-y))^2 (finite for finite y:
+    exp(-y) overflows to inf below y = -88, and y * 0 = 0)."""
+    r = lax.rsqrt(1.0 + jnp.exp(-y))
+    return y * (r * r)
 
 
 def _gelu_erf(y):
@@ -203,10 +212,11 @@ def activate(y, activation: Activation):
     """The activation in float32, with the same code in and out of kernels."""
     if activation is None:
         return y
+    division = ACTIVATION_FORM == "division"
     if activation == "silu":
-        return y / (1.0 + jnp.exp(-y))
+        return y / (1.0 + jnp.exp(-y)) if division else _silu(y)
     if activation == "gelu":
-        return _gelu_erf_select(y) if GELU_FORM == "select" else _gelu_erf(y)
+        return _gelu_erf_division(y) if division else _gelu_erf(y)
     if activation == "gelu_tanh":
         return 0.5 * y * (1.0 + jnp.tanh(0.7978845608028654 * (y + 0.044715 * y * y * y)))
     raise ValueError(f"unknown activation {activation!r}; choose from {_ACTIVATIONS}")

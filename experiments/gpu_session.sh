@@ -32,11 +32,14 @@
 #   ptxas          ptxas's verbose output and the SASS of experiments/ncu_probe.py's ops ($PTXAS_OPS,
 #                  default the Hopper attention and GEGLU at 64x64), one process per op with
 #                  Mosaic GPU's dump switches on, then experiments/ptxas_report.py over the dumps
+#                  (no SASS: the machine has no nvdisasm; `ncu_source` shows the SASS)
 #   ncu_source     Nsight Compute's per-instruction warp stall samples (SourceCounters) of one
 #                  launch of each of $NCU_SOURCE_OPS (default the Hopper attention and GEGLU at
-#                  64x64), as SASS with samples (CSV), summarized by experiments/ncu_source_report.py
-#   ablate_gelu    experiments/ablate_gelu.py: the GEGLU kernels with each erf GELU form, side by
-#                  side by device kernel time ($ABLATE_GELU_ARGS)
+#                  64x64; $NCU_SOURCE_LAUNCHES launches of our kernels per op, default 1), as SASS
+#                  with samples (CSV), summarized by experiments/ncu_source_report.py
+#   ablate_activation  experiments/ablate_activation.py: the GEGLU and GroupNorm kernels with
+#                  each form of their activations, side by side by device kernel time
+#                  ($ABLATE_ACTIVATION_ARGS)
 #   ablate_attention  experiments/ablate_attention.py: the Hopper attention kernel with stages
 #                  left out, and its correct alternatives, by device kernel time ($ABLATE_ARGS)
 #   trace          experiments.trace_generate: one traced `generate` per mode, with command
@@ -152,12 +155,6 @@ for stage in "$@"; do
           limit python3 experiments/ncu_probe.py --ops "$op" > "$d/stdout.txt" 2>&1 || status=1
         grep -E "relative error" "$d/stdout.txt"
         rm -f "$d"/*.mlir-passes.log  # tens of MB each
-        # Mosaic GPU finds no nvdisasm here: the SASS from Triton's bundled ptxas and cuobjdump
-        tb=$(python3 -c "import os, triton; print(os.path.dirname(triton.__file__) + '/backends/nvidia/bin')")
-        for ptx in "$d"/*.ptx; do
-          "$tb/ptxas" -arch=sm_90a -O3 -v "$ptx" -o /tmp/kernel.cubin > "${ptx%.ptx}.triton_ptxas.txt" 2>&1 &&
-            "$tb/cuobjdump" -sass /tmp/kernel.cubin > "${ptx%.ptx}.sass" || echo "no SASS for $ptx"
-        done
       done
       limit python3 experiments/ptxas_report.py --dump_dirs "$dirs" 2>&1 | quiet | tail -30 || status=1
       ;;
@@ -165,7 +162,7 @@ for stage in "$@"; do
       ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
       for op in $(echo "${NCU_SOURCE_OPS:-attention_64,geglu_64_hopper}" | tr , ' '); do
         XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" XLA_PYTHON_CLIENT_PREALLOCATE=false \
-          limit "$ncu_bin" --clock-control none --kernel-name regex:sdjax_ --launch-count 1 \
+          limit "$ncu_bin" --clock-control none --kernel-name regex:sdjax_ --launch-count ${NCU_SOURCE_LAUNCHES:-1} \
           --section SourceCounters --section WarpStateStats -f -o "/tmp/ncu_src_$op" \
           python3 experiments/ncu_probe.py --ops "$op" > "$OUT/ncu_source_$op.log" 2>&1 || status=1
         "$ncu_bin" -i "/tmp/ncu_src_$op.ncu-rep" --page source --csv --print-source sass \
@@ -175,8 +172,8 @@ for stage in "$@"; do
         limit python3 experiments/ncu_source_report.py --csv "$OUT/ncu_source_$op.csv" 2>&1 | tail -45 || status=1
       done
       ;;
-    ablate_gelu)
-      limit python3 experiments/ablate_gelu.py ${ABLATE_GELU_ARGS:-} 2>&1 | quiet | tail -30 || status=1
+    ablate_activation)
+      limit python3 experiments/ablate_activation.py ${ABLATE_ACTIVATION_ARGS:-} 2>&1 | quiet | tail -45 || status=1
       ;;
     ablate_attention)
       limit python3 experiments/ablate_attention.py ${ABLATE_ARGS:-} 2>&1 | quiet | tail -30 || status=1

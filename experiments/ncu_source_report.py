@@ -14,7 +14,9 @@ Why: Nsight Compute's summary puts the Hopper attention and GEGLU at 35-40% of t
 and issue throughput, with the L1TEX scoreboard (barrier polls, shared-memory loads) as the top
 stall (`experiments/results/README.md`, s8 and s11), which does not say which wait it is.
 
-Writes ncu_source_<name>.json and .md (name: the CSV's, less its suffix) to results_dir().
+Writes ncu_source_<name>.json and .md (name: the CSV's, less its suffix; with _<i> per launch
+where the CSV holds several, e.g. a GroupNorm's statistics and normalize kernels) to
+results_dir().
 """
 
 from __future__ import annotations
@@ -105,12 +107,30 @@ def _markdown(name: str, s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernel_blocks(text: str) -> list[tuple[str, str]]:
+    """[(kernel name, its part of the CSV)]: ncu writes one table per profiled launch, each
+    after a `"Kernel Name","..."` line (text without such lines is one unnamed block)."""
+    blocks: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith('"Kernel Name"'):
+            name = next(csv.reader([line]))[1]
+            blocks.append((name, []))
+        elif blocks:
+            blocks[-1][1].append(line)
+    if not blocks:
+        return [("", text)]
+    return [(name, "\n".join(lines)) for name, lines in blocks]
+
+
 def main(argv):
     del argv
     path = pathlib.Path(_CSV.value)
-    header, rows = read_source_csv(path.read_text(errors="replace"))
-    summary = summarize(header, rows, _TOP.value)
-    common.write_record(path.stem, summary, _markdown(path.stem, summary))
+    blocks = kernel_blocks(path.read_text(errors="replace"))
+    for i, (kernel, text) in enumerate(blocks):
+        stem = path.stem if len(blocks) == 1 else f"{path.stem}_{i}"
+        header, rows = read_source_csv(text)
+        summary = {"kernel": kernel, **summarize(header, rows, _TOP.value)}
+        common.write_record(stem, summary, _markdown(f"{stem} ({kernel})", summary))
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ def _markdown(rows: dict) -> str:
             warnings = "; ".join(info["warnings"]) or "none"
             lines.append(f"| {op} | {entry[:40]} | {info.get('registers', '?')} | {spills} | "
                          f"{warnings} |")  # fmt: skip
+    if not any(row["sass_opcodes"] for row in rows.values()):
+        lines += ["", "No SASS in the dumps (Mosaic GPU writes it only where it finds nvdisasm)."]
+        return "\n".join(lines) + "\n"
     lines += ["", "Static SASS instruction counts (the whole kernel, loops counted once):", ""]
     lines += ["| op | " + " | ".join(KEY_OPS) + " | all |", "|---" * (len(KEY_OPS) + 2) + "|"]
     for op, row in rows.items():

@@ -8,7 +8,7 @@ import json
 from tests._subprocess import run_python
 
 CSV = """\
-==PROF== Connected to process 1
+"Kernel Name","sdjax_flash_hopper_mosaic_gpu_kernel",
 "Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)","Instructions Executed"
 "0x7f00","HGMMA.64x128x16.F32 R24, gdesc[UR4], RZ, !UPT ;","1,200","1,000","4096"
 "0x7f10","@!P0 SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR8], R3 ;","3,000","2,900","8192"
@@ -40,3 +40,27 @@ except SystemExit as e:
     assert {o["opcode"]: o["samples"] for o in s["by_opcode"]} == {"SYNCS": 3000, "HGMMA": 1200,
                                                                    "MUFU": 800}  # fmt: skip
     assert "SYNCS" in (out / "ncu_source_attention_64.md").read_text()
+
+
+def test_one_table_per_kernel(tmp_path):
+    two = CSV + CSV.replace("sdjax_flash_hopper_mosaic_gpu_kernel", "sdjax_group_norm_stats")
+    path = tmp_path / "ncu_source_gn.csv"
+    path.write_text(two)
+    out = tmp_path / "out"
+    code = f"""
+import os, sys
+os.environ["OUT"] = {str(out)!r}
+sys.argv = ["ncu_source_report", "--csv={path}"]
+from absl import app
+from experiments import ncu_source_report
+try:
+    app.run(ncu_source_report.main)
+except SystemExit as e:
+    assert not e.code, e.code
+"""
+    run_python(code)
+    first = json.loads((out / "ncu_source_gn_0.json").read_text())
+    second = json.loads((out / "ncu_source_gn_1.json").read_text())
+    assert first["kernel"] == "sdjax_flash_hopper_mosaic_gpu_kernel"
+    assert second["kernel"] == "sdjax_group_norm_stats"
+    assert first["samples_total"] == second["samples_total"] == 5000
