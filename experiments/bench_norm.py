@@ -65,7 +65,7 @@ _SWEEP_GEGLU_HOPPER = flags.DEFINE_list(
     "kernel time (GPU)",
 )
 # The Hopper GEGLU sweep's grids (`hopper_geglu_candidates`).
-GEGLU_HOPPER_GRIDS = ("tiles", "issue", "deep", "ring")
+GEGLU_HOPPER_GRIDS = ("tiles", "issue", "deep", "ring", "ring_issue")
 _HOPPER_GRID = flags.DEFINE_enum(
     "geglu_hopper_grid", "tiles", list(GEGLU_HOPPER_GRIDS),
     "the Hopper GEGLU sweep's grid (`hopper_geglu_candidates`)",
@@ -514,21 +514,23 @@ def hopper_geglu_candidates(m: int, d: int, f: int, dtype, grid: str = "tiles") 
     tile, each twice the bytes), tiles 64 or 128 wide, 2-3 stages, clusters of 1 and 2.
     grid "ring": one ring shared by both consumers (`shared_ring`) of 4-8 slots (64-wide
     tiles) or 3-5 (128-wide), clusters of 1 and 2; after the heuristic's config, for
-    comparison in the same process."""
+    comparison in the same process.
+    grid "ring_issue": the "ring" grid, each config also with `delay_release`."""
     gh = importlib.import_module("custom_calls.geglu_hopper")
     if grid not in GEGLU_HOPPER_GRIDS:
         raise ValueError(
             f"unknown Hopper GEGLU grid {grid!r}; choose from {', '.join(GEGLU_HOPPER_GRIDS)}"
         )
-    if grid == "ring":
+    if grid in ("ring", "ring_issue"):
         out = [gh.heuristic_config(m, d, f)]
         for cluster in (1, 2):
             for block_n, slots in ((64, (4, 6, 8)), (128, (3, 4, 5))):
                 for stages in slots:
-                    cfg = gh.HopperConfig(block_n=block_n, stages=stages, cluster=cluster,
-                                          shared_ring=True)  # fmt: skip
-                    if gh.supports((m, d), (d, 2 * f), dtype, cfg) is None:
-                        out.append(cfg)
+                    for delay in (False, True) if grid == "ring_issue" else (False,):
+                        cfg = gh.HopperConfig(block_n=block_n, stages=stages, cluster=cluster,
+                                              shared_ring=True, delay_release=delay)  # fmt: skip
+                        if gh.supports((m, d), (d, 2 * f), dtype, cfg) is None:
+                            out.append(cfg)
         return out
     out = []
     wide = grid == "tiles"

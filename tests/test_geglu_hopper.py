@@ -256,13 +256,16 @@ import json
 import jax.numpy as jnp
 from experiments import bench_norm
 out = {}
-for grid, shape in (("tiles", (8192, 320, 1280)), ("issue", (8192, 320, 1280)),
-                    ("deep", (2048, 640, 2560)), ("deep_64", (8192, 320, 1280)),
-                    ("ring", (8192, 320, 1280))):
-    cfgs = bench_norm.hopper_geglu_candidates(*shape, jnp.float16, grid.split("_")[0])
-    out[grid] = [[c.cluster, c.block_n, c.stages, c.delay_release, c.block_k] for c in cfgs]
-    if grid == "ring":
-        out["ring_shared"] = [c.shared_ring for c in cfgs]
+for label, grid, shape in (("tiles", "tiles", (8192, 320, 1280)),
+                           ("issue", "issue", (8192, 320, 1280)),
+                           ("deep", "deep", (2048, 640, 2560)),
+                           ("deep_64", "deep", (8192, 320, 1280)),
+                           ("ring", "ring", (8192, 320, 1280)),
+                           ("ring_issue", "ring_issue", (8192, 320, 1280))):
+    cfgs = bench_norm.hopper_geglu_candidates(*shape, jnp.float16, grid)
+    out[label] = [[c.cluster, c.block_n, c.stages, c.delay_release, c.block_k] for c in cfgs]
+    if grid.startswith("ring"):
+        out[label + "_shared"] = [c.shared_ring for c in cfgs]
 try:
     bench_norm.hopper_geglu_candidates(8192, 320, 1280, jnp.float16, "all")
 except ValueError as e:
@@ -287,3 +290,9 @@ print(json.dumps(out))
     # then shared rings only, every one fitting shared memory
     assert all(out["ring_shared"])
     assert len(out["ring"]) >= 9 and {c for c, *_ in out["ring"][1:]} == {1, 2}
+    # ring_issue: the ring grid's configs, each with and without delay_release
+    assert all(out["ring_issue_shared"]) and out["ring_issue"][0] == out["ring"][0]
+    swept = out["ring_issue"][1:]
+    assert len(swept) == 2 * (len(out["ring"]) - 1)
+    assert sorted(c for c in swept if not c[3]) == sorted(out["ring"][1:])
+    assert sorted(c[:3] + c[4:] for c in swept if c[3]) == sorted(c[:3] + c[4:] for c in out["ring"][1:])
