@@ -121,8 +121,8 @@ def test_supported_sd_shapes():
 def test_heuristic_keeps_the_sms_busy():
     assert heuristic_config(4096, 1280, 2560).block_n == 128  # 64 x 20 tiles
     assert heuristic_config(128, 1280, 2560).block_n == 64  # 2 x 40 tiles rather than 2 x 20
-    # SD1.5's three levels: the measured configs (shared rings; clusters of 2 at two of them)
-    assert heuristic_config(8192, 320, 1280) == HopperConfig(block_n=128, stages=4,
+    # SD1.5's three levels: the measured configs (shared rings, clusters of 2)
+    assert heuristic_config(8192, 320, 1280) == HopperConfig(block_n=128, stages=4, cluster=2,
                                                              shared_ring=True)  # fmt: skip
     assert heuristic_config(2048, 640, 2560).cluster == 2
     assert heuristic_config(512, 1280, 5120).shared_ring
