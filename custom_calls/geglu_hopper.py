@@ -34,7 +34,10 @@ session): the consumers wait for data. *One ring shared by both consumers*
 (`HopperConfig.shared_ring`) fetches further ahead in the same shared memory: 37.5, 30.5 and
 32.5 us at SD1.5's 64x64, 32x32 and 16x16 levels (`MEASURED`; Triton 48.5, 36.0, 35.2; cuBLAS's
 bare products 24.1, 21.4, 23.1). Clusters of 4 were 1.7-1.8x slower. Interpret mode has no
-clusters.
+clusters. Nsight Compute's per-instruction samples then put half of the consumers' time in
+the epilogue: the GELU's cheaper form (`group_norm._gelu_erf`: no division, no select) took
+the 64x64 and 32x32 levels to 33.9 and 29.6 us (twelfth session), and clusters of 2 the
+64x64 level to 31.2 us.
 
 Scope (`supports`): fp16/bf16; x's rows (M) a multiple of 64; D a multiple of block_k; F a
 multiple of block_n. Other shapes take the Triton kernel (`sdjax.ops`). Off GPU the kernel
@@ -293,8 +296,9 @@ def _kernel(
             bias_g = _column_vector(biases.at[1], interpret=interpret)
             hidden = hidden + lax.broadcast_in_dim(bias_h, shape, [1])
             gate = gate + lax.broadcast_in_dim(bias_g, shape, [1])
-            # exact GELU through group_norm's written-out erf (A&S 7.1.26, |error| < 1.5e-7):
-            # Mosaic GPU has no layout rule for math.erf, as Pallas' Triton has no lowering
+            # exact GELU through group_norm's written-out erf (A&S 7.1.26; Mosaic GPU has no
+            # layout rule for math.erf): relu(g) - 0.5 |g| q, no division or select, ~17
+            # instructions an output (the epilogue held half the consumers' time before)
             out = (hidden * activate(gate, "gelu")).astype(o_ref.dtype)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's copy has read it
             o_smem.at[wg][...] = out
