@@ -24,3 +24,19 @@ def run_python(code: str, *args: str, timeout: int = 120) -> str:
 def last_json_line(stdout: str):
     """The JSON value printed on the last line of `stdout`."""
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_script(module: str, *argv: str, out_dir) -> str:
+    """Runs `experiments.<module>`'s absl main with flags `argv` in a fresh CPU process whose
+    $OUT (the scripts' `results_dir()`) is `out_dir`; asserts it exits 0, returns its stdout."""
+    code = f"""
+import importlib, os, sys
+os.environ["OUT"] = {str(out_dir)!r}
+sys.argv = [{module!r}, *{list(argv)!r}]
+from absl import app
+try:
+    app.run(importlib.import_module("experiments." + {module!r}).main)
+except SystemExit as e:
+    assert not e.code, e.code
+"""
+    return run_python(code)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests._subprocess import run_python
+from tests._subprocess import run_script
 
 CSV = """\
 "Kernel Name","sdjax_flash_hopper_mosaic_gpu_kernel",
@@ -21,18 +21,7 @@ def test_summarize_ranks_instructions_and_opcodes(tmp_path):
     path = tmp_path / "ncu_source_attention_64.csv"
     path.write_text(CSV)
     out = tmp_path / "out"
-    code = f"""
-import os, sys
-os.environ["OUT"] = {str(out)!r}
-sys.argv = ["ncu_source_report", "--csv={path}", "--top=3"]
-from absl import app
-from experiments import ncu_source_report
-try:
-    app.run(ncu_source_report.main)
-except SystemExit as e:
-    assert not e.code, e.code
-"""
-    run_python(code)
+    run_script("ncu_source_report", f"--csv={path}", "--top=3", out_dir=out)
     s = json.loads((out / "ncu_source_attention_64.json").read_text())
     assert s["samples_total"] == 5000 and s["instructions_total"] == 4
     assert [i["opcode"] for i in s["top"]] == ["SYNCS", "HGMMA", "MUFU"]
@@ -47,18 +36,7 @@ def test_one_table_per_kernel(tmp_path):
     path = tmp_path / "ncu_source_gn.csv"
     path.write_text(two)
     out = tmp_path / "out"
-    code = f"""
-import os, sys
-os.environ["OUT"] = {str(out)!r}
-sys.argv = ["ncu_source_report", "--csv={path}"]
-from absl import app
-from experiments import ncu_source_report
-try:
-    app.run(ncu_source_report.main)
-except SystemExit as e:
-    assert not e.code, e.code
-"""
-    run_python(code)
+    run_script("ncu_source_report", f"--csv={path}", out_dir=out)
     first = json.loads((out / "ncu_source_gn_0.json").read_text())
     second = json.loads((out / "ncu_source_gn_1.json").read_text())
     assert first["kernel"] == "sdjax_flash_hopper_mosaic_gpu_kernel"

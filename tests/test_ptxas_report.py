@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from tests._subprocess import last_json_line, run_python
+from tests._subprocess import last_json_line, run_python, run_script
 
 PTXAS_LOG = """\
 ptxas info    : 0 bytes gmem
@@ -56,18 +56,7 @@ def test_script_writes_a_report(tmp_path):
     (dump / "stdout.txt").write_text(PTXAS_LOG)
     (dump / "sdjax_flash_hopper.sass").write_text(SASS)
     out = tmp_path / "out"
-    code = f"""
-import os, sys
-os.environ["OUT"] = {str(out)!r}
-sys.argv = ["ptxas_report", "--dump_dirs={dump}", "--out_name=t"]
-from absl import app
-from experiments import ptxas_report
-try:
-    app.run(ptxas_report.main)
-except SystemExit as e:
-    assert not e.code, e.code
-"""
-    run_python(code)
+    run_script("ptxas_report", f"--dump_dirs={dump}", "--out_name=t", out_dir=out)
     (report,) = out.glob("ptxas_report_*_t.json")
     row = json.loads(report.read_text())["ops"]["attention_64"]
     assert row["ptxas"]["sdjax_flash_hopper_kernel"]["registers"] == 168
