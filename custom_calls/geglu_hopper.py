@@ -99,6 +99,11 @@ class HopperConfig:
     # a `full` barrier per consumer (a consumer waits only on its own steps' phases: Pallas
     # tracks a barrier's phase per thread) and one `free` barrier.
     shared_ring: bool = False
+    # Start the hidden and gate accumulators at their bias slices instead of at zero, so that
+    # the epilogue has no bias adds (two of its ~17 instructions an output). The tile's bias
+    # copy, issued as the tile starts, is then awaited before its first products rather than
+    # after its last (the wait for the tensor cores' turn usually covers it).
+    bias_in_acc: bool = False
 
     def __post_init__(self):
         for f in ("block_n", "block_k"):
@@ -197,7 +202,7 @@ def _column_vector(ref, *, interpret: bool):
 def _kernel(
     x_ref, w_ref, b_ref, o_ref, x_smem, h_smem, g_smem, b_smem, o_smem, full, free, go, b_full,
     *, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, cluster, interpret,
-    delay_release=False, shared_ring=False,
+    delay_release=False, shared_ring=False, bias_in_acc=False,
 ):  # fmt: skip
     """One persistent program: tiles pid, pid + programs, ... of the output (with clusters:
     cluster tiles, of which this program takes rows 64 * (its index in the cluster)).
@@ -238,8 +243,9 @@ def _kernel(
     def _consumer():
         plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
 
-        def products(u):
-            """hidden, gate [64, block_n] float32 of this consumer's u-th tile."""
+        def products(u, init=None):
+            """hidden, gate [64, block_n] float32 of this consumer's u-th tile, accumulated
+            onto `init` (hidden, gate: the bias slices broadcast over the rows) or zeros."""
             if interpret:  # plain float32 dots of the same tiles (see the module doc)
 
                 def step(i, acc):
@@ -251,8 +257,9 @@ def _kernel(
                     release(wg, u, i)
                     return hidden, gate
 
-                zeros = jnp.zeros((TILE_M, block_n), jnp.float32)
-                return lax.fori_loop(0, k_steps, step, (zeros, zeros))
+                if init is None:
+                    init = (jnp.zeros((TILE_M, block_n), jnp.float32),) * 2
+                return lax.fori_loop(0, k_steps, step, init)
 
             def accumulate(h_acc, g_acc):
                 @pl.loop(0, k_steps, unroll=k_unroll)
@@ -272,10 +279,14 @@ def _kernel(
                 if delay_release:
                     plgpu.wgmma_wait(0)
                     release(wg, u, k_steps - 1)
-                return h_acc[...], g_acc[...]
+                if init is None:
+                    return h_acc[...], g_acc[...]
+                return None  # run_state reads the accumulators out
 
-            acc = plgpu.ACC((TILE_M, block_n), jnp.float32)
-            return pl.run_scoped(accumulate, acc, acc)
+            if init is None:  # zero accumulators: the first products overwrite them
+                acc = plgpu.ACC((TILE_M, block_n), jnp.float32)
+                return pl.run_scoped(accumulate, acc, acc)
+            return pl.run_state(lambda refs: accumulate(*refs))(tuple(map(plgpu.ACC.init, init)))
 
         def tile(u, carry):
             j = 2 * u + wg  # this consumer's u-th tile is the program's j-th
@@ -287,15 +298,19 @@ def _kernel(
             plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(n0, block_n)], biases.at[0], b_done)
             plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(inner + n0, block_n)], biases.at[1], b_done)
             pl.when(j > 0)(lambda: plgpu.barrier_wait(go.at[wg]))  # the tensor cores' turn
-            hidden, gate = products(u)
+            shape = (TILE_M, block_n)
+
+            def bias_rows():  # the tile's bias slices broadcast over its rows, float32
+                plgpu.barrier_wait(b_done)
+                return tuple(lax.broadcast_in_dim(_column_vector(biases.at[i], interpret=interpret),
+                                                  shape, [1]) for i in (0, 1))  # fmt: skip
+
+            hidden, gate = products(u, bias_rows() if bias_in_acc else None)
             # hand the tensor cores over (where the other consumer has a tile left)
             pl.when(j + 1 < n_local)(lambda: plgpu.barrier_arrive(go.at[1 - wg]))
-            shape = (TILE_M, block_n)
-            plgpu.barrier_wait(b_done)
-            bias_h = _column_vector(biases.at[0], interpret=interpret)
-            bias_g = _column_vector(biases.at[1], interpret=interpret)
-            hidden = hidden + lax.broadcast_in_dim(bias_h, shape, [1])
-            gate = gate + lax.broadcast_in_dim(bias_g, shape, [1])
+            if not bias_in_acc:
+                bias_h, bias_g = bias_rows()
+                hidden, gate = hidden + bias_h, gate + bias_g
             # exact GELU through group_norm's written-out erf (A&S 7.1.26; Mosaic GPU has no
             # layout rule for math.erf): relu(g) - 0.5 |g| q, no division or select, ~17
             # instructions an output (the epilogue held half the consumers' time before)
@@ -419,6 +434,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         interpret=interpret,
         delay_release=config.delay_release,
         shared_ring=config.shared_ring,
+        bias_in_acc=config.bias_in_acc,
     )
     out = plgpu.kernel(
         kernel,

@@ -65,7 +65,7 @@ _SWEEP_GEGLU_HOPPER = flags.DEFINE_list(
     "kernel time (GPU)",
 )
 # The Hopper GEGLU sweep's grids (`hopper_geglu_candidates`).
-GEGLU_HOPPER_GRIDS = ("tiles", "issue", "deep", "ring", "ring_issue")
+GEGLU_HOPPER_GRIDS = ("tiles", "issue", "deep", "ring", "ring_issue", "bias")
 _HOPPER_GRID = flags.DEFINE_enum(
     "geglu_hopper_grid", "tiles", list(GEGLU_HOPPER_GRIDS),
     "the Hopper GEGLU sweep's grid (`hopper_geglu_candidates`)",
@@ -515,12 +515,17 @@ def hopper_geglu_candidates(m: int, d: int, f: int, dtype, grid: str = "tiles") 
     grid "ring": one ring shared by both consumers (`shared_ring`) of 4-8 slots (64-wide
     tiles) or 3-5 (128-wide), clusters of 1 and 2; after the heuristic's config, for
     comparison in the same process.
-    grid "ring_issue": the "ring" grid, each config also with `delay_release`."""
+    grid "ring_issue": the "ring" grid, each config also with `delay_release`.
+    grid "bias": the heuristic's config without and with `bias_in_acc`, twice, alternating
+    (the second pair gives the run's spread)."""
     gh = importlib.import_module("custom_calls.geglu_hopper")
     if grid not in GEGLU_HOPPER_GRIDS:
         raise ValueError(
             f"unknown Hopper GEGLU grid {grid!r}; choose from {', '.join(GEGLU_HOPPER_GRIDS)}"
         )
+    if grid == "bias":
+        h = gh.heuristic_config(m, d, f)
+        return [h, dataclasses.replace(h, bias_in_acc=True)] * 2
     if grid in ("ring", "ring_issue"):
         out = [gh.heuristic_config(m, d, f)]
         for cluster in (1, 2):

@@ -58,6 +58,9 @@ CASES = [
                                                          shared_ring=True, programs=5)),
     ((256, 256), 256, 128, jnp.float16, HopperConfig(block_n=64, stages=5, shared_ring=True,
                                                      delay_release=True, programs=3)),
+    # the accumulators start at the biases (an odd tile count: both bias buffers in use)
+    ((192, 256), 256, 128, jnp.bfloat16, HopperConfig(block_n=64, stages=3, shared_ring=True,
+                                                      bias_in_acc=True, programs=2)),
 ]
 
 
@@ -67,8 +70,9 @@ def _case_id(case):
     late = "d" if c.delay_release else ""
     deep = f"k{c.block_k}" if c.block_k != 64 else ""
     shared = "r" if c.shared_ring else ""
+    bias = "b" if c.bias_in_acc else ""
     return (f"{shape}:{d}x{f}:{jnp.dtype(dt).name}:n{c.block_n}s{c.stages}p{c.programs}"
-            f"{late}{deep}{shared}")  # fmt: skip
+            f"{late}{deep}{shared}{bias}")  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -185,7 +189,8 @@ def test_gpu_sd_shapes(name, dtype, rng):
      HopperConfig(block_n=64, stages=3, delay_release=True),
      HopperConfig(block_n=64, block_k=128, stages=2),
      HopperConfig(block_n=64, stages=8, shared_ring=True),
-     HopperConfig(stages=4, shared_ring=True, delay_release=True)],
+     HopperConfig(stages=4, shared_ring=True, delay_release=True),
+     HopperConfig(block_n=64, stages=8, shared_ring=True, bias_in_acc=True)],
 )  # fmt: skip
 def test_gpu_configs(config, rng):
     x, w, b = _inputs(rng, (2, 1024, 640), 640, 2560, jnp.float16)
@@ -213,6 +218,8 @@ CLUSTER_CASES = [
                                                           shared_ring=True)),
     ((3, 256, 640), 640, 2560, jnp.bfloat16, HopperConfig(stages=4, cluster=2, programs=14,
                                                           shared_ring=True)),
+    ((2, 4096, 320), 320, 1280, jnp.float16, HopperConfig(stages=4, cluster=2, shared_ring=True,
+                                                          bias_in_acc=True)),
 ]
 
 
@@ -261,11 +268,15 @@ for label, grid, shape in (("tiles", "tiles", (8192, 320, 1280)),
                            ("deep", "deep", (2048, 640, 2560)),
                            ("deep_64", "deep", (8192, 320, 1280)),
                            ("ring", "ring", (8192, 320, 1280)),
-                           ("ring_issue", "ring_issue", (8192, 320, 1280))):
+                           ("ring_issue", "ring_issue", (8192, 320, 1280)),
+                           ("bias", "bias", (8192, 320, 1280))):
     cfgs = bench_norm.hopper_geglu_candidates(*shape, jnp.float16, grid)
     out[label] = [[c.cluster, c.block_n, c.stages, c.delay_release, c.block_k] for c in cfgs]
     if grid.startswith("ring"):
         out[label + "_shared"] = [c.shared_ring for c in cfgs]
+    if grid == "bias":
+        out["bias_flags"] = [c.bias_in_acc for c in cfgs]
+        out["bias_same"] = all(c == cfgs[0] for c in cfgs[::2])
 try:
     bench_norm.hopper_geglu_candidates(8192, 320, 1280, jnp.float16, "all")
 except ValueError as e:
@@ -290,6 +301,9 @@ print(json.dumps(out))
     # then shared rings only, every one fitting shared memory
     assert all(out["ring_shared"])
     assert len(out["ring"]) >= 9 and {c for c, *_ in out["ring"][1:]} == {1, 2}
+    # bias: the heuristic's config without and with bias_in_acc, twice
+    assert out["bias_flags"] == [False, True, False, True] and out["bias_same"]
+    assert out["bias"][0] == out["ring"][0]
     # ring_issue: the ring grid's configs, each with and without delay_release
     assert all(out["ring_issue_shared"]) and out["ring_issue"][0] == out["ring"][0]
     swept = out["ring_issue"][1:]
