@@ -102,7 +102,8 @@ class HopperConfig:
     # Start the hidden and gate accumulators at their bias slices instead of at zero, so that
     # the epilogue has no bias adds (two of its ~17 instructions an output). The tile's bias
     # copy, issued as the tile starts, is then awaited before its first products rather than
-    # after its last (the wait for the tensor cores' turn usually covers it).
+    # after its last. Measured slower on the H100 (+13% at SD1.5's 64x64 level, +18% at
+    # 32x32, +2% at 16x16: `experiments/results/README.md`, twelfth session): off.
     bias_in_acc: bool = False
 
     def __post_init__(self):
