@@ -179,6 +179,7 @@ def _gelu_erf_division(y):
 # reciprocals as rsqrt(.)^2, one special-function instruction each) or "division" (the forms
 # as first written, whose divisions compile to a reciprocal and its refinement). Read at trace
 # time; only `experiments/ablate_activation.py` changes it.
+ACTIVATION_FORMS = ("division", "rsqrt")
 ACTIVATION_FORM = "rsqrt"
 
 
@@ -750,8 +751,13 @@ def group_norm_reference(
     var = jnp.mean(jnp.square(d), axis=(1, 3), keepdims=True)
     y = (d * jax.lax.rsqrt(var + eps)).reshape(x.shape)
     y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    if activation == "gelu":
-        y = jax.nn.gelu(y, approximate=False)
-    elif activation is not None:
-        y = activate(y, activation)
-    return y.astype(x.dtype)
+    # jax.nn's activations, not `activate`: the reference shares no code with the kernels
+    reference_activations = {
+        None: lambda v: v,
+        "silu": jax.nn.silu,
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    }
+    if activation not in reference_activations:
+        raise ValueError(f"unknown activation {activation!r}; choose from {_ACTIVATIONS}")
+    return reference_activations[activation](y).astype(x.dtype)

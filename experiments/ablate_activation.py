@@ -35,7 +35,7 @@ gn = importlib.import_module("custom_calls.group_norm")
 gh = importlib.import_module("custom_calls.geglu_hopper")
 gt = importlib.import_module("custom_calls.geglu")
 
-FORMS = ("division", "rsqrt")
+FORMS = gn.ACTIVATION_FORMS
 TOLERANCE = 5e-3  # fp16 output against the float32 reference (relative L2)
 
 _SHAPES = flags.DEFINE_list("shapes", ["sd15_64", "sd15_32", "sd15_16"], "GEGLU shape names")
