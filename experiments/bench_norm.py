@@ -269,13 +269,20 @@ def benchmark_group_norm(dtype: str = "float16", names=None, *, copy_gbs=None) -
     return rows
 
 
+def _sweep_tile_rows(shape, groups: int) -> int:
+    """Rows of the sweeps' GroupNorm tile for x [N, ..., C]: ~4096 padded elements, at most
+    the (power-of-two) spatial size."""
+    s, c = math.prod(shape[1:-1]), shape[-1]
+    return max(1, min(4096 // (next_power_of_2(groups) * next_power_of_2(c // groups)),
+                      next_power_of_2(s)))  # fmt: skip
+
+
 def cooperative_candidates(shape, groups: int = 32, programs: int = 132) -> list[GNConfig]:
     """Cooperative configs for x [N, ..., C] with at most `programs` programs (all resident):
     the fewest rows per program that allow it, twice and four times that; tiles of the
     split plan's rows with 4 warps, twice those with 8."""
-    n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
-    br = max(1, min(4096 // (next_power_of_2(groups) * next_power_of_2(c // groups)),
-                    next_power_of_2(s)))  # fmt: skip
+    n, s = shape[0], math.prod(shape[1:-1])
+    br = _sweep_tile_rows(shape, groups)
     rows = br
     while n * -(-s // rows) > programs:
         rows *= 2
@@ -296,10 +303,10 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
     the heuristic, then those of `plans` (cooperative ones with at most `programs`
     programs: the device's SMs)."""
     n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
-    cp, gp = next_power_of_2(c // groups), next_power_of_2(groups)
+    cp = next_power_of_2(c // groups)
     current = tuned_config(shape, dtype, groups=groups)
     out = [current, heuristic_config(shape, None, groups=groups)]
-    br = max(1, min(4096 // (gp * cp), next_power_of_2(s)))
+    br = _sweep_tile_rows(shape, groups)
     split = functools.partial(GNConfig, mode="split", block_rows=br)
     for rows in (32, 64, 128, 512, 2048):
         if br <= rows <= s:
