@@ -16,6 +16,8 @@ HOPPER_SMEM_LIMIT_BYTES = 227 * 1024 - 1024
 # (64K 32-bit registers per SM across 3 warpgroups of 128 threads: 2 * 232 + 40 <= 512).
 HOPPER_CONSUMER_REGISTERS = 232
 HOPPER_PRODUCER_REGISTERS = 40
+HOPPER_REGISTER_FILE = 65536  # 32-bit registers per SM (and per block at most)
+HOPPER_MIN_REGISTERS = 24  # the least `setmaxnreg` allows a thread
 
 
 def num_sms() -> int:

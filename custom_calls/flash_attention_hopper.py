@@ -43,7 +43,9 @@ inference refuses the dynamic offset); and the tensor cores' 128-byte swizzle wa
 columns. Zero columns add nothing to Q K^T and give zero output columns. The copies are
 part of every timing we quote.
 
-Scope: fp16 and bf16; Lq a multiple of 2 * block_q and Lk a multiple of block_kv; D <= 256.
+Scope: fp16 and bf16; Lq a multiple of block_q and Lk a multiple of block_kv; D <= 256. Where
+Lq is not a multiple of a program's consumers * block_q rows (three consumers at Lq = 4096),
+the last program's surplus consumers repeat the last query tile and write nothing.
 `supports()` says why a shape is out of scope; `sdjax.ops` then uses the Triton kernel.
 Off GPU the kernel runs in Mosaic GPU's interpret mode (tests; very slow, small shapes).
 """
@@ -63,7 +65,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from custom_calls._common import HOPPER_COMPUTE_WARPGROUPS as COMPUTE_WARPGROUPS
 from custom_calls._common import HOPPER_CONSUMER_REGISTERS as CONSUMER_REGISTERS
 from custom_calls._common import HOPPER_DTYPES as SUPPORTED_DTYPES
+from custom_calls._common import HOPPER_MIN_REGISTERS as MIN_REGISTERS
 from custom_calls._common import HOPPER_PRODUCER_REGISTERS as PRODUCER_REGISTERS
+from custom_calls._common import HOPPER_REGISTER_FILE as REGISTER_FILE
 from custom_calls._common import HOPPER_SMEM_LIMIT_BYTES as SMEM_LIMIT_BYTES
 from custom_calls._common import mosaic_interpret_params, resolve_interpret
 from custom_calls.flash_attention import MAX_HEAD_DIM, shape_key, tuned_table, validate
@@ -76,11 +80,17 @@ ONES_COLS = 16  # columns of the ones tile (mma_row_sum): the narrowest swizzled
 # overlap_qk: two fp32 score tiles of block_q * block_kv per warpgroup (128 threads) must fit
 # the consumer's registers beside O and P: 8192 elements is 64 registers a tile.
 OVERLAP_MAX_TILE = 8192
+CONSUMER_COUNTS = (2, 3, 4)  # consumer warpgroups per block (`HopperConfig.consumers`)
+# With more than two consumers each gets fewer registers (`registers`: 160 for three, 112 for
+# four), so its fp32 score tile must be smaller: at most 64 registers a thread for three
+# (64 x 128), 32 for four (64 x 64), beside O, P and the row statistics.
+CONSUMER_MAX_TILE = {2: None, 3: 8192, 4: 4096}
+THREADS_PER_WARPGROUP = 128
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class HopperConfig:
-    """Block sizes of one launch. A program handles 2 * block_q query rows of one head."""
+    """Block sizes of one launch. A program handles consumers * block_q query rows of one head."""
 
     block_q: int = 64  # query rows per consumer warpgroup, a multiple of 64
     block_kv: int = 128  # K/V rows per step, a multiple of 64
@@ -115,6 +125,13 @@ class HopperConfig:
     # should be the tensor cores' (jax's own Hopper attention example does the same, and
     # notes that the order there moves its timing).
     pin_softmax: bool = False
+    # Consumer warpgroups per block, each with its own block_q query rows, all reading the
+    # same K/V ring. Two is FlashAttention-3's ping-pong pair. Three or four let the softmaxes
+    # of two or three consumers share each scheduler (one warp's max -> exp -> sum chain
+    # leaves issue slots and the exponential unit idle that another warp's softmax can take)
+    # while a remaining consumer's products run; they take smaller score tiles (registers:
+    # `CONSUMER_MAX_TILE`) and no ping-pong (its barrier pairs two consumers).
+    consumers: int = 2
 
     def __post_init__(self):
         if self.block_q % WGMMA_M:
@@ -129,6 +146,16 @@ class HopperConfig:
             raise ValueError("half_sum needs half_exp")
         if self.half_sum and self.mma_row_sum:
             raise ValueError("half_sum and mma_row_sum both set how P's row sums are taken")
+        if self.consumers not in CONSUMER_COUNTS:
+            raise ValueError(f"consumers={self.consumers} must be one of {CONSUMER_COUNTS}")
+        if self.pingpong and self.consumers != 2:
+            raise ValueError("the ping-pong pairs two consumers: set pingpong=False")
+        max_tile = CONSUMER_MAX_TILE[self.consumers]
+        if max_tile and self.block_q * self.block_kv * (2 if self.overlap_qk else 1) > max_tile:
+            raise ValueError(
+                f"{self.consumers} consumers have registers for a score tile of {max_tile} "
+                f"elements: block_q * block_kv{' * 2 (overlap_qk)' * self.overlap_qk} is more"
+            )
         if self.overlap_qk and self.pingpong:
             raise ValueError("overlap_qk replaces the ping-pong: set pingpong=False")
         if self.overlap_qk and self.block_q * self.block_kv > OVERLAP_MAX_TILE:
@@ -149,10 +176,27 @@ def padded_head_dim(head_dim: int, align: int = D_ALIGN) -> int:
     return -(-head_dim // align) * align
 
 
+def registers(consumers: int) -> tuple[int, int]:
+    """(consumer, producer) registers per thread after `set_max_registers`: 232 and 40 for two
+    consumers (the kernels' shared budget), 160 and 24 for three, 112 and 24 for four.
+
+    `setmaxnreg` only moves registers between the block's warpgroups: a consumer's increase
+    waits until the producer's decrease has freed enough of what the block was launched with,
+    so the split must fit the launch allocation, threads * (the register file / threads,
+    rounded down to a multiple of 8), not the whole file: with four consumers (640 threads,
+    96 each at launch) 120 a consumer would wait for ever. Multiples of 8, as `setmaxnreg`
+    wants; the producer only issues copies."""
+    threads = (consumers + 1) * THREADS_PER_WARPGROUP
+    budget = REGISTER_FILE // threads // 8 * 8 * threads
+    producer = PRODUCER_REGISTERS if consumers == COMPUTE_WARPGROUPS else MIN_REGISTERS
+    consumer = (budget - producer * THREADS_PER_WARPGROUP) // (consumers * THREADS_PER_WARPGROUP)
+    return consumer // 8 * 8, producer
+
+
 def smem_bytes(config: HopperConfig, head_dim: int, dtype) -> int:
     """Shared memory of the Q tiles, the K/V ring and (mma_row_sum) the ones tiles."""
-    rows = COMPUTE_WARPGROUPS * config.block_q + 2 * config.stages * config.block_kv
-    ones = COMPUTE_WARPGROUPS * config.block_kv * ONES_COLS if config.mma_row_sum else 0
+    rows = config.consumers * config.block_q + 2 * config.stages * config.block_kv
+    ones = config.consumers * config.block_kv * ONES_COLS if config.mma_row_sum else 0
     return (rows * padded_head_dim(head_dim, config.head_align) + ones) * jnp.dtype(dtype).itemsize
 
 
@@ -166,8 +210,8 @@ def supports(q_shape, kv_shape, dtype, config: HopperConfig | None = None) -> st
         return f"dtype {jnp.dtype(dtype).name} (fp16/bf16 only)"
     if head_dim > MAX_HEAD_DIM:
         return f"head_dim {head_dim} > {MAX_HEAD_DIM}"
-    if q_len % (COMPUTE_WARPGROUPS * config.block_q):
-        return f"Lq={q_len} is not a multiple of {COMPUTE_WARPGROUPS * config.block_q}"
+    if q_len % config.block_q:
+        return f"Lq={q_len} is not a multiple of block_q={config.block_q}"
     if kv_len % config.block_kv:
         return f"Lk={kv_len} is not a multiple of block_kv={config.block_kv}"
     if (smem := smem_bytes(config, head_dim, dtype)) > SMEM_LIMIT_BYTES:
@@ -285,11 +329,13 @@ def _kernel(
     q_ref, k_ref, v_ref, *refs,
     d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
     head_offsets=(0, 0, 0), half_exp=False, half_sum=False, tree=False, mma_sum=False,
-    overlap=False, pin=False,
+    overlap=False, pin=False, consumers=COMPUTE_WARPGROUPS,
 ):  # fmt: skip
-    """One program: 2 * block_q query rows of one (batch, head); three warpgroups.
+    """One program: consumers * block_q query rows of one (batch, head); consumers + 1
+    warpgroups (the last one the producer).
 
-    q_ref, o_ref: [B, Lq, H, d_pad]; k_ref, v_ref: [B, Lk, H, d_pad]. q_smem [2, block_q, d_pad];
+    q_ref, o_ref: [B, Lq, H, d_pad]; k_ref, v_ref: [B, Lk, H, d_pad]. q_smem [consumers,
+    block_q, d_pad];
     k_smem, v_smem [stages, block_kv, d_pad]; the barriers as named in the module doc. `refs`:
     (o_ref, the scratch) or, with mma_sum, (ones_ref [block_kv, 16], o_ref, the scratch with
     ones_smem [2, block_kv, 16] after v_smem and its barrier ones_full last).
@@ -317,11 +363,17 @@ def _kernel(
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
-    @pl.when(wg < COMPUTE_WARPGROUPS)
+    consumer_registers, producer_registers = registers(consumers)
+    q_len = o_ref.shape[1]
+
+    @pl.when(wg < consumers)
     def _consumer():
-        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        plgpu.set_max_registers(consumer_registers, action="increase")
         q_tile = q_smem.at[wg]
-        q_start = (lax.axis_index("q_tiles") * COMPUTE_WARPGROUPS + wg) * block_q
+        q_tile_start = (lax.axis_index("q_tiles") * consumers + wg) * block_q
+        # Past the end (Lq not a multiple of the program's rows): repeat the last tile, so
+        # that this consumer still takes part in every K/V slot's barriers; write nothing.
+        q_start = jnp.minimum(q_tile_start, q_len - block_q)
         plgpu.copy_gmem_to_smem(rows(q_ref, q_start, block_q, q_off), q_tile, q_full.at[wg])
         if mma_sum:
             plgpu.copy_gmem_to_smem(ones_ref, ones_smem.at[wg], ones_full.at[wg])
@@ -420,12 +472,15 @@ def _kernel(
         out = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
         q_tile[...] = out.astype(o_ref.dtype)  # the query tile's buffer is free: reuse it
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_tile, rows(o_ref, q_start, block_q))
-        plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == COMPUTE_WARPGROUPS)
+        @pl.when(q_tile_start < q_len)
+        def _write():
+            plgpu.copy_smem_to_gmem(q_tile, rows(o_ref, q_start, block_q))
+            plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == consumers)
     def _producer():
-        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        plgpu.set_max_registers(producer_registers, action="decrease")
 
         def fetch(i, slot):
             plgpu.copy_gmem_to_smem(rows(k_ref, i * block_kv, block_kv, k_off),
@@ -503,31 +558,30 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
     scale = head_dim**-0.5 if scale is None else float(scale)
     kv_steps = kv_len // config.block_kv
     stages = min(config.stages, kv_steps)
+    consumers = config.consumers
     interpret = resolve_interpret(interpret)
     tile_transforms = (
         plgpu.TilingTransform((8, config.head_align)),
         plgpu.SwizzleTransform(config.head_align * jnp.dtype(q.dtype).itemsize),
     )
     scratch = [
-        plgpu.SMEM(
-            (COMPUTE_WARPGROUPS, config.block_q, d_pad), q.dtype, transforms=tile_transforms
-        ),
+        plgpu.SMEM((consumers, config.block_q, d_pad), q.dtype, transforms=tile_transforms),
         plgpu.SMEM((stages, config.block_kv, d_pad), q.dtype, transforms=tile_transforms),
         plgpu.SMEM((stages, config.block_kv, d_pad), q.dtype, transforms=tile_transforms),
-        plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS),  # q_full
+        plgpu.Barrier(num_barriers=consumers),  # q_full
         plgpu.Barrier(num_barriers=stages),  # k_full
         plgpu.Barrier(num_barriers=stages),  # v_full
-        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),  # k_free
-        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),  # v_free
-        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS),  # turn (ping-pong)
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),  # k_free
+        plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),  # v_free
+        plgpu.Barrier(num_arrivals=consumers),  # turn (ping-pong)
     ]
     inputs = (q, k, v)
     if config.mma_row_sum:  # the ones tile: from a constant, by TMA, one per consumer
         ones_transforms = (plgpu.TilingTransform((8, ONES_COLS)),
                            plgpu.SwizzleTransform(ONES_COLS * jnp.dtype(q.dtype).itemsize))  # fmt: skip
-        scratch.insert(3, plgpu.SMEM((COMPUTE_WARPGROUPS, config.block_kv, ONES_COLS), q.dtype,
+        scratch.insert(3, plgpu.SMEM((consumers, config.block_kv, ONES_COLS), q.dtype,
                                      transforms=ones_transforms))  # fmt: skip
-        scratch.append(plgpu.Barrier(num_barriers=COMPUTE_WARPGROUPS))  # ones_full
+        scratch.append(plgpu.Barrier(num_barriers=consumers))  # ones_full
         inputs += (jnp.ones((config.block_kv, ONES_COLS), q.dtype),)
     kernel = functools.partial(
         _kernel,
@@ -546,14 +600,15 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         mma_sum=config.mma_row_sum,
         overlap=config.overlap_qk and kv_steps > 1,
         pin=config.pin_softmax,
+        consumers=consumers,
     )
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((batch, q_len, heads, d_pad), q.dtype),
         scratch_types=scratch,
-        grid=(q_len // (COMPUTE_WARPGROUPS * config.block_q), heads, batch),
+        grid=(-(-q_len // (consumers * config.block_q)), heads, batch),
         grid_names=("q_tiles", "heads", "batch"),
-        num_threads=COMPUTE_WARPGROUPS + 1,
+        num_threads=consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=mosaic_interpret_params(interpret),

@@ -46,6 +46,9 @@ from custom_calls._common import next_power_of_2, num_sms, resolve_interpret
 
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 MODES = ("split", "fused", "cooperative")
+# Config.prefetch: the most tiles a program loads at once (~4K fp32 elements a tile, 16-32
+# registers a thread each at 8 warps, 32-64 at 4).
+PREFETCH_MAX_TILES = 4
 _ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh")
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 
@@ -72,6 +75,12 @@ class Config:
     # instead of combining them all again (combine_in_kernel) or XLA combining them in
     # extra launches. No program waits for another: the combine runs in whichever is last.
     last_combine: bool = False
+    # split: each statistics and normalize program loads all of its tiles before it uses any
+    # (the loop unrolled; at most PREFETCH_MAX_TILES tiles a program), the normalize program
+    # before it combines the partials, so that their memory latencies overlap instead of
+    # adding up: a program is only 2-4 tiles, and the few resident programs per SM (one to
+    # four of 4-8 warps) hide little of a tile's latency by themselves.
+    prefetch: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -88,6 +97,15 @@ class Config:
                 raise ValueError(
                     f"Config: {f}={getattr(self, f)} must be a multiple of {self.block_rows=}"
                 )
+        if self.prefetch:
+            if self.mode != "split":
+                raise ValueError("Config: prefetch is a split-plan option")
+            for f in ("stats_rows", "norm_rows"):
+                if getattr(self, f) // self.block_rows > PREFETCH_MAX_TILES:
+                    raise ValueError(
+                        f"Config: prefetch holds every tile of a program in registers: "
+                        f"{f} // block_rows must be <= {PREFETCH_MAX_TILES}"
+                    )
 
 
 def heuristic_config(shape, dtype, *, groups: int = 32) -> Config:
@@ -247,14 +265,17 @@ def _tile(ref, n, r0, row_end, g0, *, rows, bg, cp, groups, cpg, row_mask, evict
     return x.astype(jnp.float32), mask
 
 
-def _chunk_stats(load, r_start, r_end, *, rows, cpg):
+def _chunk_stats(load, r_start, r_end, *, rows, cpg, tiles=None):
     """Shifted single-pass sums over tiles of rows [r_start, r_end) of each group.
 
     Returns (shift, lo, M2), float32 [groups]: the mean is shift + lo, with shift the first
     tile's mean. x - shift is exact for data near its mean, so a mean of 1000 with a std of
     0.01 keeps its variance, and the normalized value (x - shift) - lo keeps its digits.
+    tiles: a static tile count covering [r_start, r_end) (rows past r_end masked by `load`):
+    every tile is loaded before any is used (Config.prefetch), else a loop loads one at a time.
     """
-    x0, mask0 = load(r_start)
+    loaded = [load(r_start + t * rows) for t in range(tiles)] if tiles else None
+    x0, mask0 = loaded[0] if tiles else load(r_start)
     valid0 = jnp.minimum(r_end - r_start, rows).astype(jnp.float32) * cpg
     shift = jnp.sum(x0, axis=(0, 2)) / valid0
 
@@ -267,8 +288,14 @@ def _chunk_stats(load, r_start, r_end, *, rows, cpg):
         return acc[0] + d, acc[1] + d * d
 
     d0 = centered(x0, mask0)
-    num_tiles = (r_end - r_start + rows - 1) // rows
-    s1, s2 = jax.lax.fori_loop(1, num_tiles, body, (d0, d0 * d0))
+    if tiles:
+        s1, s2 = d0, d0 * d0
+        for x, mask in loaded[1:]:
+            d = centered(x, mask)
+            s1, s2 = s1 + d, s2 + d * d
+    else:
+        num_tiles = (r_end - r_start + rows - 1) // rows
+        s1, s2 = jax.lax.fori_loop(1, num_tiles, body, (d0, d0 * d0))
     s1, s2 = jnp.sum(s1, axis=(0, 2)), jnp.sum(s2, axis=(0, 2))
     count = (r_end - r_start).astype(jnp.float32) * cpg
     return shift, s1 / count, jnp.maximum(s2 - s1 * s1 / count, 0.0)
@@ -310,16 +337,18 @@ def _program_part(x_ref, *, parts, part_rows, rows, groups, cpg):
     return n, p, r_start, r_end, tile
 
 
-def _program_partial(x_ref, *, parts, part_rows, rows, groups, cpg):
+def _program_partial(x_ref, *, parts, part_rows, rows, groups, cpg, prefetch=False):
     """This statistics program's (sample n, part p, its partial (shift, lo, M2) [Gp])."""
     n, p, r_start, r_end, tile = _program_part(x_ref, parts=parts, part_rows=part_rows,
                                                rows=rows, groups=groups, cpg=cpg)  # fmt: skip
-    return n, p, _chunk_stats(tile, r_start, r_end, rows=rows, cpg=cpg)
+    tiles = -(-part_rows // rows) if prefetch else None
+    return n, p, _chunk_stats(tile, r_start, r_end, rows=rows, cpg=cpg, tiles=tiles)
 
 
-def _stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, groups, cpg):
+def _stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, groups, cpg,
+                  prefetch=False):  # fmt: skip
     n, p, stats = _program_partial(x_ref, parts=parts, part_rows=part_rows, rows=rows,
-                                   groups=groups, cpg=cpg)  # fmt: skip
+                                   groups=groups, cpg=cpg, prefetch=prefetch)  # fmt: skip
     for ref, value in zip((shift_ref, lo_ref, m2_ref), stats, strict=True):
         ref[n, p, :] = value
 
@@ -397,11 +426,24 @@ def _normalize_kernel(
     eps,
     activation,
     sums=False,
+    prefetch=False,
 ):
     pid = pl.num_programs(0) - 1 - pl.program_id(0)  # reverse: L2 still holds the tail
     n, q = pid // blocks, pid % blocks
     s = x_ref.shape[1]
     gp, cp = next_power_of_2(groups), next_power_of_2(cpg)
+    r_start = q * block_rows_prog
+    r_end = jnp.minimum(r_start + block_rows_prog, s)
+    row_mask = s % block_rows_prog != 0 or block_rows_prog % rows != 0
+
+    def tile(t):
+        r0 = r_start + t * rows
+        x, mask = _tile(x_ref, n, r0, r_end, 0, rows=rows, bg=gp, cp=cp, groups=groups, cpg=cpg,
+                        row_mask=row_mask, eviction="evict_first")  # fmt: skip
+        return r0, x, mask
+
+    # prefetch: every tile of the program in flight before the partials are combined
+    loaded = [tile(t) for t in range(-(-block_rows_prog // rows))] if prefetch else None
     stats = _combine(
         shift_ref, lo_ref, m2_ref, n, parts=parts, part_rows=part_rows, s=s, gp=gp, cpg=cpg,
         sums=sums,
@@ -409,29 +451,18 @@ def _normalize_kernel(
     affine = _affine(
         scale_ref, bias_ref, 0, stats, float(s * cpg), eps, bg=gp, cp=cp, groups=groups, cpg=cpg
     )
-    r_start = q * block_rows_prog
-    r_end = jnp.minimum(r_start + block_rows_prog, s)
-    row_mask = s % block_rows_prog != 0 or block_rows_prog % rows != 0
+
+    def write(r0, x, mask):
+        view = o_ref.at[n, pl.ds(r0, rows), pl.ds(0, gp), pl.ds(0, cp)]
+        _write(view, x, mask, affine, activation)
+
+    if prefetch:
+        for r0, x, mask in loaded:
+            write(r0, x, mask)
+        return
 
     def body(t, carry):
-        r0 = r_start + t * rows
-        x, mask = _tile(
-            x_ref,
-            n,
-            r0,
-            r_end,
-            0,
-            rows=rows,
-            bg=gp,
-            cp=cp,
-            groups=groups,
-            cpg=cpg,
-            row_mask=row_mask,
-            eviction="evict_first",
-        )
-        _write(
-            o_ref.at[n, pl.ds(r0, rows), pl.ds(0, gp), pl.ds(0, cp)], x, mask, affine, activation
-        )
+        write(*tile(t))
         return carry
 
     jax.lax.fori_loop(0, (r_end - r_start + rows - 1) // rows, body, 0)
@@ -620,7 +651,8 @@ def group_norm(
         stats, parts, part_rows = (fshift, flo, fm2), 1, s
     else:
         stats = pl.pallas_call(
-            functools.partial(_stats_kernel, parts=parts, part_rows=part_rows, **statics),
+            functools.partial(_stats_kernel, parts=parts, part_rows=part_rows,
+                              prefetch=config.prefetch, **statics),  # fmt: skip
             out_shape=(stat_shape,) * 3,
             grid=(n * parts,),
             compiler_params=params,
@@ -644,6 +676,7 @@ def group_norm(
         eps=eps,
         activation=activation,
         sums=sums,
+        prefetch=config.prefetch,
         **statics,
     )
     out = pl.pallas_call(

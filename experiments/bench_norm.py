@@ -78,7 +78,9 @@ _REPORT = flags.DEFINE_string(
 _CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program")
 _PLANS = flags.DEFINE_list(
     "sweep_plans", ["split", "fused"],
-    "GroupNorm plans the sweep tries (and the current): split, fused, cooperative"
+    "GroupNorm plans the sweep tries (and the current): split, fused, cooperative; or "
+    "'prefetch' alone: the config in force against itself with Config.prefetch, twice, "
+    "alternating",
 )
 _GN_TABLE = flags.DEFINE_string(
     "gn_table",
@@ -305,6 +307,12 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
     n, s, c = shape[0], math.prod(shape[1:-1]), shape[-1]
     cp = next_power_of_2(c // groups)
     current = tuned_config(shape, dtype, groups=groups)
+    if tuple(plans) == ("prefetch",):  # an A/B of the config in force, twice, alternating
+        try:
+            twin = dataclasses.replace(current, prefetch=True)
+        except ValueError:  # not a split config, or too many tiles a program
+            return [current]
+        return [current, twin, current, twin]
     out = [current, heuristic_config(shape, None, groups=groups)]
     br = _sweep_tile_rows(shape, groups)
     split = functools.partial(GNConfig, mode="split", block_rows=br)

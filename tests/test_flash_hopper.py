@@ -69,6 +69,17 @@ CASES = [
     (1, 256, 1, 80, 128, jnp.bfloat16, HopperConfig(block_q=128, pin_softmax=True)),
     (1, 128, 2, 40, 128, jnp.float16,
      HopperConfig(block_kv=64, half_exp=True, mma_row_sum=True, pin_softmax=True)),
+    # three and four consumers; Lq not a multiple of a program's rows (the last program's
+    # surplus consumers repeat the last tile: 192 rows of 2 x 64, 128 and 256 of 3 x 64)
+    (1, 192, 2, 40, 128, jnp.float16, HopperConfig(block_kv=64, head_align=16)),
+    (3, 128, 2, 40, 256, jnp.float16,
+     HopperConfig(block_kv=64, head_align=16, pingpong=False, consumers=3)),
+    (1, 256, 2, 80, 128, jnp.bfloat16, HopperConfig(pingpong=False, consumers=3, stages=3, head_align=16)),
+    (2, 192, 1, 160, 192, jnp.float16, HopperConfig(block_kv=64, pingpong=False, consumers=3)),
+    (1, 256, 2, 40, 192, jnp.float16,
+     HopperConfig(block_kv=64, head_align=16, pingpong=False, consumers=4)),
+    (1, 320, 1, 64, 128, jnp.bfloat16,
+     HopperConfig(block_kv=64, pingpong=False, consumers=4, half_exp=True, mma_row_sum=True)),
 ]
 
 
@@ -76,6 +87,7 @@ def _case_id(case):
     b, lq, h, d, lk, dt, c = case
     half = ":half_exp" * c.half_exp + ":half_sum" * c.half_sum + ":tree" * c.tree_reduce
     half += ":mma_sum" * c.mma_row_sum + ":overlap" * c.overlap_qk + ":pin" * c.pin_softmax
+    half += f":c{c.consumers}" * (c.consumers != 2)
     return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}{half}"
 
 
@@ -154,7 +166,7 @@ def test_padded_head_dim():
     "q_shape, kv_len, dtype, config, why",
     [
         ((1, 128, 1, 64), 128, jnp.float32, None, "fp16/bf16 only"),
-        ((1, 100, 1, 64), 128, jnp.float16, None, "Lq=100 is not a multiple of 128"),
+        ((1, 100, 1, 64), 128, jnp.float16, None, "Lq=100 is not a multiple of block_q=64"),
         ((1, 128, 1, 64), 77, jnp.float16, None, "Lk=77 is not a multiple of block_kv=128"),
         ((1, 128, 1, 320), 128, jnp.float16, None, "head_dim 320 > 256"),
         ((1, 128, 1, 64), 192, jnp.float16, HopperConfig(block_kv=128), "Lk=192"),
@@ -179,11 +191,32 @@ def test_supported_sd_shapes():
     assert supports(s.q_shape, s.kv_shape, jnp.float16, HopperConfig(block_kv=64)) is None
 
 
+def test_register_split_fits_the_launch_allocation():
+    """The consumers' and producer's registers after `set_max_registers` fit what the block is
+    launched with (threads * the file / threads, a multiple of 8 each): otherwise a consumer's
+    increase waits for ever on the GPU (four consumers at 120 registers hung there)."""
+    from custom_calls._common import HOPPER_CONSUMER_REGISTERS, HOPPER_PRODUCER_REGISTERS
+    from custom_calls.flash_attention_hopper import CONSUMER_COUNTS, registers
+
+    assert registers(2) == (HOPPER_CONSUMER_REGISTERS, HOPPER_PRODUCER_REGISTERS)
+    assert registers(3) == (160, 24) and registers(4) == (112, 24)
+    for consumers in CONSUMER_COUNTS:
+        consumer, producer = registers(consumers)
+        threads = 128 * (consumers + 1)
+        launch = 65536 // threads // 8 * 8
+        assert consumer % 8 == 0 and producer % 8 == 0 and producer >= 24
+        assert 128 * (consumers * consumer + producer) <= launch * threads
+
+
 def test_rejects_bad_configs():
     for bad in (dict(block_q=32), dict(block_kv=96), dict(stages=1), dict(head_align=8),
                 dict(half_sum=True), dict(overlap_qk=True),  # overlap_qk needs no ping-pong
                 dict(half_exp=True, half_sum=True, mma_row_sum=True),
-                dict(overlap_qk=True, pingpong=False, block_q=128, block_kv=128)):  # fmt: skip
+                dict(overlap_qk=True, pingpong=False, block_q=128, block_kv=128),
+                dict(consumers=5, pingpong=False), dict(consumers=3),  # the ping-pong pairs two
+                dict(consumers=3, pingpong=False, block_q=128),  # registers: tiles <= 8192
+                dict(consumers=4, pingpong=False, block_kv=128),  # ... <= 4096
+                dict(consumers=3, pingpong=False, block_kv=128, overlap_qk=True)):  # fmt: skip
         with pytest.raises(ValueError):
             HopperConfig(**bad)
 
@@ -230,7 +263,13 @@ def test_gpu_sd_shapes(name, dtype, rng):
                                     HopperConfig(head_align=16, block_q=128, stages=3,
                                                  pin_softmax=True),
                                     HopperConfig(head_align=16, half_exp=True,
-                                                 pin_softmax=True)])  # fmt: skip
+                                                 pin_softmax=True),
+                                    # Lq = 1024: 5 1/3 programs of three consumers' rows
+                                    HopperConfig(head_align=16, pingpong=False, consumers=3),
+                                    HopperConfig(head_align=16, pingpong=False, consumers=3,
+                                                 block_kv=64, stages=3, mma_row_sum=True),
+                                    HopperConfig(head_align=16, pingpong=False, consumers=4,
+                                                 block_kv=64, half_exp=True)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:

@@ -85,6 +85,11 @@ _PLANS = (
     Config(mode="split", block_rows=4, stats_rows=12, norm_rows=8, last_combine=True),
     # interpret mode: the split plan's two kernels over the cooperative programs' rows
     Config(mode="cooperative", block_rows=4, stats_rows=12),
+    # every tile of a program loaded first (the last program's tiles partly or wholly past
+    # the end at odd sizes), combined in the kernel and by XLA
+    Config(mode="split", block_rows=4, stats_rows=12, norm_rows=8, prefetch=True),
+    Config(mode="split", block_rows=2, stats_rows=8, norm_rows=4, combine_in_kernel=False,
+           xla_combine="sums", prefetch=True),  # fmt: skip
 )
 _SPATIAL = ((1, 8, 8), (2, 6, 5), (3, 4, 8), (1, 5, 7))
 _CASES = [
@@ -108,6 +113,8 @@ def _case_id(case):
     plan = "heuristic" if config is None else config.mode
     if config is not None and config.mode == "split" and not config.combine_in_kernel:
         plan += f"-xla_combine_{config.xla_combine}"
+    if config is not None and config.prefetch:
+        plan += "-prefetch"
     return f"{'x'.join(map(str, shape))}-{jnp.dtype(dtype).name}-{activation}-{plan}"
 
 
@@ -256,7 +263,8 @@ for shape in [(2, 64, 64, 320), (2, 16, 16, 2560), (1, 512, 512, 128), (3, 40, 4
             out.append([shape[0] * -(-s // c.stats_rows), programs, c.stats_rows % c.block_rows])
 plans = {p: sorted({c.mode for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, p)})
          for p in (("split",), ("cooperative",))}
-print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items()}}))
+ab = [c.prefetch for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, ("prefetch",))]
+print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items()}, "ab": ab}))
 """
     got = last_json_line(run_python(code))
     assert len(got["rows"]) >= 12
@@ -264,6 +272,8 @@ print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items(
         assert programs_used <= programs and remainder == 0
     assert "cooperative" in got["plans"]["cooperative"]
     assert "cooperative" not in got["plans"]["split"]
+    # the prefetch plan: the config in force (split there) against its prefetch twin, twice
+    assert got["ab"] == [False, True, False, True]
 
 
 @pytest.mark.parametrize(
@@ -301,6 +311,10 @@ def test_group_norm_errors(rng):
         Config(block_rows=6)
     with pytest.raises(ValueError, match="xla_combine"):
         Config(combine_in_kernel=False, xla_combine="welford")
+    with pytest.raises(ValueError, match="split-plan option"):
+        Config(mode="fused", prefetch=True)
+    with pytest.raises(ValueError, match="norm_rows // block_rows must be <= 4"):
+        Config(block_rows=4, stats_rows=16, norm_rows=32, prefetch=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -437,6 +451,26 @@ def test_group_norm_xla_sums_gpu(rng, name):
     kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
     config = Config(mode="split", block_rows=4, stats_rows=16, norm_rows=16,
                     combine_in_kernel=False, xla_combine="sums")  # fmt: skip
+    out = group_norm(x, scale, bias, config=config, **kw)
+    assert relative_error(out, group_norm_reference(x, scale, bias, **kw)) <= TOL[jnp.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ("unet_64x64x320", "unet_64x64x960", "unet_32x32x1280",
+                                  "unet_16x16x2560"))  # fmt: skip
+def test_group_norm_prefetch_gpu(rng, name):
+    """The table's split config with every tile loaded first (Config.prefetch), on the GPU."""
+    import dataclasses
+    import importlib
+
+    gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
+    s = GROUP_NORM_SHAPES[name]
+    config = gn.tuned_config(s.shape, jnp.float16, groups=s.groups)
+    assert config.mode == "split", config
+    config = dataclasses.replace(config, prefetch=True)
+    x = _normal(rng, s.shape, jnp.float16)
+    scale, bias = _affine(rng, s.shape[-1])
+    kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
     out = group_norm(x, scale, bias, config=config, **kw)
     assert relative_error(out, group_norm_reference(x, scale, bias, **kw)) <= TOL[jnp.float16]
 
