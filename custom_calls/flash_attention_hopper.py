@@ -63,7 +63,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from custom_calls._common import HOPPER_COMPUTE_WARPGROUPS as COMPUTE_WARPGROUPS
-from custom_calls._common import HOPPER_CONSUMER_REGISTERS as CONSUMER_REGISTERS
 from custom_calls._common import HOPPER_DTYPES as SUPPORTED_DTYPES
 from custom_calls._common import HOPPER_MIN_REGISTERS as MIN_REGISTERS
 from custom_calls._common import HOPPER_PRODUCER_REGISTERS as PRODUCER_REGISTERS
@@ -80,11 +79,13 @@ ONES_COLS = 16  # columns of the ones tile (mma_row_sum): the narrowest swizzled
 # overlap_qk: two fp32 score tiles of block_q * block_kv per warpgroup (128 threads) must fit
 # the consumer's registers beside O and P: 8192 elements is 64 registers a tile.
 OVERLAP_MAX_TILE = 8192
-CONSUMER_COUNTS = (2, 3, 4)  # consumer warpgroups per block (`HopperConfig.consumers`)
-# With more than two consumers each gets fewer registers (`registers`: 160 for three, 112 for
-# four), so its fp32 score tile must be smaller: at most 64 registers a thread for three
-# (64 x 128), 32 for four (64 x 64), beside O, P and the row statistics.
-CONSUMER_MAX_TILE = {2: None, 3: 8192, 4: 4096}
+# Consumer warpgroups per block (`HopperConfig.consumers`). Four were tried and dropped: 112
+# registers a consumer (what a 640-thread block can split) failed to run at head dim 160, and
+# three, with more registers, already measured slower than two (results README, item 127).
+CONSUMER_COUNTS = (2, 3)
+# With three consumers each gets fewer registers (`registers`: 160), so its fp32 score tile
+# must be smaller: at most 64 registers a thread (64 x 128), beside O, P and the row statistics.
+CONSUMER_MAX_TILE = {2: None, 3: 8192}
 THREADS_PER_WARPGROUP = 128
 
 
@@ -126,11 +127,12 @@ class HopperConfig:
     # notes that the order there moves its timing).
     pin_softmax: bool = False
     # Consumer warpgroups per block, each with its own block_q query rows, all reading the
-    # same K/V ring. Two is FlashAttention-3's ping-pong pair. Three or four let the softmaxes
-    # of two or three consumers share each scheduler (one warp's max -> exp -> sum chain
-    # leaves issue slots and the exponential unit idle that another warp's softmax can take)
-    # while a remaining consumer's products run; they take smaller score tiles (registers:
-    # `CONSUMER_MAX_TILE`) and no ping-pong (its barrier pairs two consumers).
+    # same K/V ring. Two is FlashAttention-3's ping-pong pair. Three let two consumers'
+    # softmaxes share each scheduler (one warp's max -> exp -> sum chain leaves issue slots
+    # and the exponential unit idle that another warp's softmax can take) while the third's
+    # products run; they take smaller score tiles (registers: `CONSUMER_MAX_TILE`) and no
+    # ping-pong (its barrier pairs two consumers). Measured 13-20% slower than the tuned pair
+    # at SD1.5's 64x64 self-attention (results README, item 127): an option, off.
     consumers: int = 2
 
     def __post_init__(self):
@@ -178,7 +180,7 @@ def padded_head_dim(head_dim: int, align: int = D_ALIGN) -> int:
 
 def registers(consumers: int) -> tuple[int, int]:
     """(consumer, producer) registers per thread after `set_max_registers`: 232 and 40 for two
-    consumers (the kernels' shared budget), 160 and 24 for three, 112 and 24 for four.
+    consumers (the kernels' shared budget), 160 and 24 for three.
 
     `setmaxnreg` only moves registers between the block's warpgroups: a consumer's increase
     waits until the producer's decrease has freed enough of what the block was launched with,

@@ -7,7 +7,7 @@ Nsight Compute found the kernel at SD1.5's 64x64 self-attention latency-bound (t
 session) without saying which stage waits. Here each variant is the kernel with stages left out
 (`flash_attention_hopper._ABLATE`: max, exp, sum, rescale, pv, pingpong; wrong results,
 timing only) or with a correct alternative (`tree_reduce`, `half_exp`, `mma_row_sum`, `overlap_qk`,
-three or four `consumers`), timed by device kernel
+three `consumers`), timed by device kernel
 time (`experiments.common.kernel_us`: distinct inputs, none served from L2). The difference to
 the full kernel is what a stage costs on the critical path. Correct variants are checked
 against the float32 reference.
@@ -55,7 +55,7 @@ VARIANTS = {
                               "half_exp": False}, ()),  # fmt: skip
     "pin_softmax": ({"pin_softmax": True}, ()),
     "pin_softmax+half_exp": ({"pin_softmax": True, "half_exp": True}, ()),
-    # three or four consumers (block_q 64 each, no ping-pong): softmaxes sharing a scheduler
+    # three consumers (block_q 64 each, no ping-pong): softmaxes sharing a scheduler
     "c3_kv128": ({"consumers": 3, "block_q": 64, "block_kv": 128, "pingpong": False}, ()),
     "c3_kv128_s2": ({"consumers": 3, "block_q": 64, "block_kv": 128, "stages": 2,
                      "pingpong": False}, ()),  # fmt: skip
@@ -64,9 +64,6 @@ VARIANTS = {
                               "pingpong": False, "mma_row_sum": True}, ()),  # fmt: skip
     "c3_kv128+half_exp": ({"consumers": 3, "block_q": 64, "block_kv": 128, "pingpong": False,
                            "half_exp": True}, ()),  # fmt: skip
-    "c4_kv64": ({"consumers": 4, "block_q": 64, "block_kv": 64, "pingpong": False}, ()),
-    "c4_kv64_s4": ({"consumers": 4, "block_q": 64, "block_kv": 64, "stages": 4,
-                    "pingpong": False}, ()),  # fmt: skip
     "c3_kv128_no_exp": ({"consumers": 3, "block_q": 64, "block_kv": 128, "pingpong": False},
                         ("exp",)),  # fmt: skip
     "full_again": ({}, ()),  # the same kernel, timed again: the run's spread

@@ -69,17 +69,15 @@ CASES = [
     (1, 256, 1, 80, 128, jnp.bfloat16, HopperConfig(block_q=128, pin_softmax=True)),
     (1, 128, 2, 40, 128, jnp.float16,
      HopperConfig(block_kv=64, half_exp=True, mma_row_sum=True, pin_softmax=True)),
-    # three and four consumers; Lq not a multiple of a program's rows (the last program's
-    # surplus consumers repeat the last tile: 192 rows of 2 x 64, 128 and 256 of 3 x 64)
+    # three consumers; Lq not a multiple of a program's rows (the last program's surplus
+    # consumers repeat the last tile: 192 rows of 2 x 64, 128 and 256 of 3 x 64)
     (1, 192, 2, 40, 128, jnp.float16, HopperConfig(block_kv=64, head_align=16)),
     (3, 128, 2, 40, 256, jnp.float16,
      HopperConfig(block_kv=64, head_align=16, pingpong=False, consumers=3)),
     (1, 256, 2, 80, 128, jnp.bfloat16, HopperConfig(pingpong=False, consumers=3, stages=3, head_align=16)),
     (2, 192, 1, 160, 192, jnp.float16, HopperConfig(block_kv=64, pingpong=False, consumers=3)),
-    (1, 256, 2, 40, 192, jnp.float16,
-     HopperConfig(block_kv=64, head_align=16, pingpong=False, consumers=4)),
     (1, 320, 1, 64, 128, jnp.bfloat16,
-     HopperConfig(block_kv=64, pingpong=False, consumers=4, half_exp=True, mma_row_sum=True)),
+     HopperConfig(block_kv=64, pingpong=False, consumers=3, half_exp=True, mma_row_sum=True)),
 ]
 
 
@@ -194,12 +192,14 @@ def test_supported_sd_shapes():
 def test_register_split_fits_the_launch_allocation():
     """The consumers' and producer's registers after `set_max_registers` fit what the block is
     launched with (threads * the file / threads, a multiple of 8 each): otherwise a consumer's
-    increase waits for ever on the GPU (four consumers at 120 registers hung there)."""
+    increase waits for ever on the GPU (four consumers at 120 registers, tried once, hung
+    there: a 640-thread block launches with 96 a thread)."""
     from custom_calls._common import HOPPER_CONSUMER_REGISTERS, HOPPER_PRODUCER_REGISTERS
     from custom_calls.flash_attention_hopper import CONSUMER_COUNTS, registers
 
     assert registers(2) == (HOPPER_CONSUMER_REGISTERS, HOPPER_PRODUCER_REGISTERS)
-    assert registers(3) == (160, 24) and registers(4) == (112, 24)
+    assert registers(3) == (160, 24)
+    assert registers(4) == (112, 24)  # not 120: the rule that the hang taught
     for consumers in CONSUMER_COUNTS:
         consumer, producer = registers(consumers)
         threads = 128 * (consumers + 1)
@@ -215,7 +215,7 @@ def test_rejects_bad_configs():
                 dict(overlap_qk=True, pingpong=False, block_q=128, block_kv=128),
                 dict(consumers=5, pingpong=False), dict(consumers=3),  # the ping-pong pairs two
                 dict(consumers=3, pingpong=False, block_q=128),  # registers: tiles <= 8192
-                dict(consumers=4, pingpong=False, block_kv=128),  # ... <= 4096
+                dict(consumers=4, pingpong=False, block_kv=64),  # dropped (item 127)
                 dict(consumers=3, pingpong=False, block_kv=128, overlap_qk=True)):  # fmt: skip
         with pytest.raises(ValueError):
             HopperConfig(**bad)
@@ -267,9 +267,8 @@ def test_gpu_sd_shapes(name, dtype, rng):
                                     # Lq = 1024: 5 1/3 programs of three consumers' rows
                                     HopperConfig(head_align=16, pingpong=False, consumers=3),
                                     HopperConfig(head_align=16, pingpong=False, consumers=3,
-                                                 block_kv=64, stages=3, mma_row_sum=True),
-                                    HopperConfig(head_align=16, pingpong=False, consumers=4,
-                                                 block_kv=64, half_exp=True)])  # fmt: skip
+                                                 block_kv=64, stages=3, mma_row_sum=True,
+                                                 half_exp=True)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:
