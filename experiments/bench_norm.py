@@ -79,8 +79,8 @@ _CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program
 _PLANS = flags.DEFINE_list(
     "sweep_plans", ["split", "fused"],
     "GroupNorm plans the sweep tries (and the current): split, fused, cooperative; or "
-    "'prefetch' alone: the config in force against itself with Config.prefetch, twice, "
-    "alternating",
+    "'prefetch' alone: the config in force against itself with Config.prefetch (fused ones "
+    "also with twice the warps), twice, alternating",
 )
 _GN_TABLE = flags.DEFINE_string(
     "gn_table",
@@ -308,11 +308,14 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
     cp = next_power_of_2(c // groups)
     current = tuned_config(shape, dtype, groups=groups)
     if tuple(plans) == ("prefetch",):  # an A/B of the config in force, twice, alternating
-        try:
-            twin = dataclasses.replace(current, prefetch=True)
-        except ValueError:  # not a split config, or too many tiles a program
+        try:  # without and with prefetch, whichever the table holds
+            off, on = (dataclasses.replace(current, prefetch=p) for p in (False, True))
+        except ValueError:  # not a split or fused config, or too many tiles a program
             return [current]
-        return [current, twin, current, twin]
+        if current.mode == "fused":  # its tiles held in registers: also with twice the warps
+            wide = dataclasses.replace(on, num_warps=2 * off.num_warps)
+            return [off, on, wide, off, on, wide]
+        return [off, on, off, on]
     out = [current, heuristic_config(shape, None, groups=groups)]
     br = _sweep_tile_rows(shape, groups)
     split = functools.partial(GNConfig, mode="split", block_rows=br)

@@ -124,6 +124,24 @@ def test_group_norm_channels(rng, shape, dtype, activation, config):
 
 
 @pytest.mark.parametrize(
+    "shape,dtype,activation,config",
+    [
+        # the groups' tiles read once and held (4 tiles; 3 with the last one masked)
+        ((1, 8, 8, 320), jnp.float16, "silu", Config(mode="fused", block_rows=16, block_groups=1,
+                                                     prefetch=True)),  # fmt: skip
+        ((3, 5, 7, 640), jnp.float32, None, Config(mode="fused", block_rows=16, block_groups=4,
+                                                   prefetch=True)),  # fmt: skip
+        # 32 tiles: more than PREFETCH_MAX_TILES, so read twice as without prefetch
+        ((2, 16, 16, 128), jnp.bfloat16, "gelu", Config(mode="fused", block_rows=8,
+                                                        block_groups=8, prefetch=True)),  # fmt: skip
+    ],
+    ids=["held_4_tiles", "held_masked", "too_many_tiles"],
+)
+def test_group_norm_fused_prefetch(rng, shape, dtype, activation, config):
+    _check_group_norm(rng, shape, dtype, activation, config)
+
+
+@pytest.mark.parametrize(
     "config",
     [
         Config(mode="split", block_rows=4, stats_rows=4, norm_rows=8),
@@ -264,7 +282,10 @@ for shape in [(2, 64, 64, 320), (2, 16, 16, 2560), (1, 512, 512, 128), (3, 40, 4
 plans = {p: sorted({c.mode for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, p)})
          for p in (("split",), ("cooperative",))}
 ab = [c.prefetch for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, ("prefetch",))]
-print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items()}, "ab": ab}))
+fused = [(c.mode, c.prefetch, c.num_warps)
+         for c in bench_norm.group_norm_candidates((2, 16, 16, 1280), 32, ("prefetch",))]
+print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items()}, "ab": ab,
+                  "fused": fused}))
 """
     got = last_json_line(run_python(code))
     assert len(got["rows"]) >= 12
@@ -274,6 +295,11 @@ print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items(
     assert "cooperative" not in got["plans"]["split"]
     # the prefetch plan: the config in force (split there) against its prefetch twin, twice
     assert got["ab"] == [False, True, False, True]
+    # a fused config in force: also its prefetch twin with twice the warps
+    (mode, _, warps), *_ = got["fused"]
+    assert mode == "fused"
+    assert got["fused"] == 2 * [["fused", False, warps], ["fused", True, warps],
+                                ["fused", True, 2 * warps]]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -311,8 +337,8 @@ def test_group_norm_errors(rng):
         Config(block_rows=6)
     with pytest.raises(ValueError, match="xla_combine"):
         Config(combine_in_kernel=False, xla_combine="welford")
-    with pytest.raises(ValueError, match="split-plan option"):
-        Config(mode="fused", prefetch=True)
+    with pytest.raises(ValueError, match="split- or fused-plan option"):
+        Config(mode="cooperative", prefetch=True)
     with pytest.raises(ValueError, match="norm_rows // block_rows must be <= 4"):
         Config(block_rows=4, stats_rows=16, norm_rows=32, prefetch=True)
 
@@ -457,17 +483,19 @@ def test_group_norm_xla_sums_gpu(rng, name):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ("unet_64x64x320", "unet_64x64x960", "unet_32x32x1280",
-                                  "unet_16x16x2560"))  # fmt: skip
-def test_group_norm_prefetch_gpu(rng, name):
-    """The table's split config with every tile loaded first (Config.prefetch), on the GPU."""
+                                  "unet_16x16x2560", "unet_16x16x1280", "unet_8x8x2560"))  # fmt: skip
+@pytest.mark.parametrize("warps", (1, 2), ids=("warps", "twice_the_warps"))
+def test_group_norm_prefetch_gpu(rng, name, warps):
+    """The config in force with every tile loaded first (Config.prefetch), on the GPU: split
+    ones, and fused ones that hold their tiles (with the warps of the config and twice)."""
     import dataclasses
     import importlib
 
     gn = importlib.import_module("custom_calls.group_norm")  # the module, not the function
     s = GROUP_NORM_SHAPES[name]
     config = gn.tuned_config(s.shape, jnp.float16, groups=s.groups)
-    assert config.mode == "split", config
-    config = dataclasses.replace(config, prefetch=True)
+    assert config.mode in ("split", "fused"), config
+    config = dataclasses.replace(config, prefetch=True, num_warps=warps * config.num_warps)
     x = _normal(rng, s.shape, jnp.float16)
     scale, bias = _affine(rng, s.shape[-1])
     kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
