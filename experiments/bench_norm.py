@@ -78,9 +78,10 @@ _REPORT = flags.DEFINE_string(
 _CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program")
 _PLANS = flags.DEFINE_list(
     "sweep_plans", ["split", "fused"],
-    "GroupNorm plans the sweep tries (and the current): split, fused, cooperative; or "
-    "'prefetch' alone: the config in force against itself with Config.prefetch (fused ones "
-    "also with twice the warps), twice, alternating",
+    "GroupNorm plans the sweep tries (and the current): split, fused, cooperative; or an "
+    "A/B of the config in force, twice, alternating: 'prefetch' alone (without and with "
+    "Config.prefetch; fused ones also with twice the warps) or 'combine' alone (split: the "
+    "partials combined by XLA and in the normalize kernel)",
 )
 _GN_TABLE = flags.DEFINE_string(
     "gn_table",
@@ -316,6 +317,11 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
             wide = dataclasses.replace(on, num_warps=2 * off.num_warps)
             return [off, on, wide, off, on, wide]
         return [off, on, off, on]
+    if tuple(plans) == ("combine",):  # the partials combined by XLA or in the kernel, A/B
+        if current.mode != "split" or -(-s // min(current.stats_rows, s)) < 2:
+            return [current]
+        xla, kernel = (dataclasses.replace(current, combine_in_kernel=k) for k in (False, True))
+        return [xla, kernel, xla, kernel]
     out = [current, heuristic_config(shape, None, groups=groups)]
     br = _sweep_tile_rows(shape, groups)
     split = functools.partial(GNConfig, mode="split", block_rows=br)

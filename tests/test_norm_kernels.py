@@ -284,8 +284,10 @@ plans = {p: sorted({c.mode for c in bench_norm.group_norm_candidates((2, 64, 64,
 ab = [c.prefetch for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, ("prefetch",))]
 fused = [(c.mode, c.prefetch, c.num_warps)
          for c in bench_norm.group_norm_candidates((2, 16, 16, 1280), 32, ("prefetch",))]
+combine = [c.combine_in_kernel
+           for c in bench_norm.group_norm_candidates((2, 32, 32, 640), 32, ("combine",))]
 print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items()}, "ab": ab,
-                  "fused": fused}))
+                  "fused": fused, "combine": combine}))
 """
     got = last_json_line(run_python(code))
     assert len(got["rows"]) >= 12
@@ -295,6 +297,7 @@ print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items(
     assert "cooperative" not in got["plans"]["split"]
     # the prefetch plan: the config in force (split there) against its prefetch twin, twice
     assert got["ab"] == [False, True, False, True]
+    assert got["combine"] == [False, True, False, True]  # XLA's combine, then the kernel's
     # a fused config in force: also its prefetch twin with twice the warps
     (mode, _, warps), *_ = got["fused"]
     assert mode == "fused"
