@@ -80,7 +80,7 @@ _PLANS = flags.DEFINE_list(
     "sweep_plans", ["split", "fused"],
     "GroupNorm plans the sweep tries (and the current): split, fused, cooperative; or an "
     "A/B of the config in force, twice, alternating: 'prefetch' alone (without and with "
-    "Config.prefetch; fused ones also with twice the warps) or 'combine' alone (split: the "
+    "Config.prefetch, and with it at twice the warps) or 'combine' alone (split: the "
     "partials combined by XLA and in the normalize kernel)",
 )
 _GN_TABLE = flags.DEFINE_string(
@@ -313,10 +313,9 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
             off, on = (dataclasses.replace(current, prefetch=p) for p in (False, True))
         except ValueError:  # not a split or fused config, or too many tiles a program
             return [current]
-        if current.mode == "fused":  # its tiles held in registers: also with twice the warps
-            wide = dataclasses.replace(on, num_warps=2 * off.num_warps)
-            return [off, on, wide, off, on, wide]
-        return [off, on, off, on]
+        # the tiles in flight (or held) take registers: also with twice the warps
+        wide = dataclasses.replace(on, num_warps=min(2 * off.num_warps, 16))
+        return list(dict.fromkeys([off, on, wide])) * 2
     if tuple(plans) == ("combine",):  # the partials combined by XLA or in the kernel, A/B
         if current.mode != "split" or -(-s // min(current.stats_rows, s)) < 2:
             return [current]
@@ -350,7 +349,14 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
     # each split config with several partials also with the last program combining them
     last = [dataclasses.replace(cfg, last_combine=True, combine_in_kernel=True) for cfg in out
             if cfg.mode == "split" and -(-s // min(cfg.stats_rows, s)) > 1]  # fmt: skip
-    return list(dict.fromkeys(out + sums + last))
+    # each split or fused config also with its tiles loaded first, where that is allowed
+    prefetch = []
+    for cfg in out + sums:
+        try:
+            prefetch.append(dataclasses.replace(cfg, prefetch=True))
+        except ValueError:  # too many tiles a program
+            pass
+    return list(dict.fromkeys(out + sums + last + prefetch))
 
 
 def _sweep_configs(name, configs, measure, deadline, label) -> tuple[list[dict], bool]:

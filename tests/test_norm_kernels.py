@@ -281,7 +281,10 @@ for shape in [(2, 64, 64, 320), (2, 16, 16, 2560), (1, 512, 512, 128), (3, 40, 4
             out.append([shape[0] * -(-s // c.stats_rows), programs, c.stats_rows % c.block_rows])
 plans = {p: sorted({c.mode for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, p)})
          for p in (("split",), ("cooperative",))}
-ab = [c.prefetch for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, ("prefetch",))]
+ab = [(c.prefetch, c.num_warps)
+      for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, ("prefetch",))]
+split = bench_norm.group_norm_candidates((2, 64, 64, 320), 32, ("split",))
+ab.append(sum(c.prefetch for c in split) > 0 and len(split) == len(set(split)))
 fused = [(c.mode, c.prefetch, c.num_warps)
          for c in bench_norm.group_norm_candidates((2, 16, 16, 1280), 32, ("prefetch",))]
 combine = [c.combine_in_kernel
@@ -296,7 +299,10 @@ print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items(
     assert "cooperative" in got["plans"]["cooperative"]
     assert "cooperative" not in got["plans"]["split"]
     # the prefetch plan: the config in force (split there) against its prefetch twin, twice
-    assert got["ab"] == [False, True, False, True]
+    *ab, split_has_prefetch = got["ab"]
+    (_, warps), *_ = ab  # the table's config without prefetch, with it, with it at 2x warps
+    assert ab == 2 * [[False, warps], [True, warps], [True, min(2 * warps, 16)]]
+    assert split_has_prefetch  # the full sweep also tries prefetch twins (no duplicates)
     assert got["combine"] == [False, True, False, True]  # XLA's combine, then the kernel's
     # a fused config in force: also its prefetch twin with twice the warps
     (mode, _, warps), *_ = got["fused"]
