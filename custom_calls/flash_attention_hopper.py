@@ -340,7 +340,7 @@ def _kernel(
     block_q, d_pad];
     k_smem, v_smem [stages, block_kv, d_pad]; the barriers as named in the module doc. `refs`:
     (o_ref, the scratch) or, with mma_sum, (ones_ref [block_kv, 16], o_ref, the scratch with
-    ones_smem [2, block_kv, 16] after v_smem and its barrier ones_full last).
+    ones_smem [consumers, block_kv, 16] after v_smem and its barrier ones_full last).
     head_offsets: where head h of q, k and v sits in its ref (packed qkv [B, L, 3H, d_pad]:
     (0, H, 2H), the same buffer passed three times).
     """

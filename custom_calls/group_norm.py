@@ -24,6 +24,11 @@ Three plans (`Config.mode`):
          launch and no combine launch, where split takes two or three. GPU only: interpret
          mode runs programs one after another, so a program would wait for ever; there it
          runs the split plan's two kernels, the same arithmetic.
+
+`Config.prefetch` (split and fused): a program issues all of its tile loads before it uses
+any (split: the normalize program before it combines the partials; fused: it reads its groups
+once and normalizes them from registers), so that their latencies overlap. The table takes it
+per shape where it measured faster (`experiments/bench_norm.py --sweep_plans prefetch`).
 """
 
 from __future__ import annotations

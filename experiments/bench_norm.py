@@ -29,7 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from custom_calls import geglu, geglu_elementwise, geglu_hopper, geglu_reference, group_norm
+from custom_calls import (
+    geglu,
+    geglu_elementwise,
+    geglu_hopper,
+    geglu_reference,
+    group_norm,
+    layer_norm,
+    layer_norm_reference,
+)
 from custom_calls._common import next_power_of_2, num_sms
 from custom_calls.geglu import Config as GegluConfig
 from custom_calls.group_norm import TUNING_PATH as GN_TUNING_PATH
@@ -40,6 +48,8 @@ from custom_calls.group_norm import (
     shape_key,
     tuned_config,
 )
+from custom_calls.layer_norm import Config as LNConfig
+from custom_calls.layer_norm import heuristic_config as ln_heuristic_config
 from experiments.common import (
     device_info,
     kernel_us_of_sets,
@@ -51,11 +61,16 @@ from experiments.common import (
     write_json,
 )
 from sdjax import ops
-from sdjax.shapes import GEGLU_SHAPES, GROUP_NORM_SHAPES
+from sdjax.shapes import GEGLU_SHAPES, GROUP_NORM_SHAPES, LAYER_NORM_SHAPES
 
 _DTYPE = flags.DEFINE_string("dtype", "float16", "input dtype")
 _GN = flags.DEFINE_list("gn_shapes", [], "GroupNorm shape names (default: all)")
 _GEGLU = flags.DEFINE_list("geglu_shapes", [], "GEGLU shape names (default: all)")
+_LN = flags.DEFINE_list(
+    "ln_shapes", [],
+    "LayerNorm shape names: XLA's LayerNorm against our kernel over a small block grid (default: "
+    "none)",
+)  # fmt: skip
 _SWEEP = flags.DEFINE_list("sweep", [], "GroupNorm shapes whose block configs are swept")
 _SWEEP_GEGLU = flags.DEFINE_list("sweep_geglu", [], "GEGLU shapes whose tiles are swept")
 _SWEEP_GEGLU_HOPPER = flags.DEFINE_list(
@@ -434,6 +449,66 @@ def update_gn_table(sweep_rows, path, dtype) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
+# LayerNorm
+# ------------------------------------------------------------------------------------------
+
+# Our LayerNorm kernel's grid for the A/B: rows per program and warps.
+LN_GRID = tuple(itertools.product((1, 2, 4, 8, 16, 32), (4, 8)))
+
+
+def layer_norm_candidates(shape) -> list[LNConfig]:
+    """The heuristic first, then `LN_GRID` where a program holds at most 32K padded elements."""
+    c_pad = next_power_of_2(shape[-1])
+    grid = [LNConfig(block_rows=r, num_warps=w) for r, w in LN_GRID if r * c_pad <= 1 << 15]
+    return list(dict.fromkeys([ln_heuristic_config(shape, None), *grid]))
+
+
+def _measure_layer_norm(fn, x, sc, b, ref, sets) -> dict:
+    """{err, ms, kernel_us (GPU only)} of fn(x, sc, b) against the float32 reference."""
+    out = {"err": relative_error(jax.jit(fn)(x, sc, b), ref), "ms": _time(fn, sets)}
+    if jax.default_backend() == "gpu":
+        out["kernel_us"] = _kernel_us(fn, sets)
+    return out
+
+
+def benchmark_layer_norm(dtype, names, deadline) -> list[dict]:
+    """One row per shape: XLA's LayerNorm (`sdjax.ops`'s "xla" form, what `auto` runs) and our
+    kernel's fastest config by device kernel time (wall ms off GPU), with their errors against
+    the float32 reference."""
+    rows, rng = [], np.random.default_rng(3)
+    key = "kernel_us" if jax.default_backend() == "gpu" else "ms"
+    for name in names:
+        if time.perf_counter() > deadline:
+            break
+        shape = LAYER_NORM_SHAPES[name]
+        c = shape[-1]
+        x = _normal(rng, shape, dtype)
+        sc, b = 1.0 + _normal(rng, (c,), jnp.float32, 0.5), _normal(rng, (c,), jnp.float32)
+        ref = layer_norm_reference(x.astype(jnp.float32), sc, b)
+        args = (x, sc, b, ref, [(v, sc, b) for v in _variants(x, _CALLS.value)])
+        xla = _measure_layer_norm(functools.partial(ops._layer_norm_xla, eps=1e-5), *args)
+        row = {"shape": name, "dims": "x".join(map(str, shape)),
+               **{f"xla_{k}": v for k, v in xla.items()}}  # fmt: skip
+        best = None
+        for cfg in layer_norm_candidates(shape):
+            try:
+                trial = _measure_layer_norm(functools.partial(layer_norm, config=cfg), *args)
+            except Exception as e:
+                print(f"ln {name} {cfg}: {_error_text(e)}", flush=True)
+                continue
+            if best is None or trial[key] < best[1][key]:
+                best = (cfg, trial)
+        if best:
+            row.update({f"ours_{k}": v for k, v in best[1].items()})
+            row["ours_config"] = dataclasses.asdict(best[0])
+            row["xla/ours"] = xla[key] / best[1][key]
+        rows.append(row)
+        print(f"ln {name:10s} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                          if isinstance(v, float)), flush=True)  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
 # GEGLU
 # ------------------------------------------------------------------------------------------
 
@@ -648,6 +723,8 @@ GN_COLUMNS = ["shape", "dims", "act", "ours_ms", "best_swept_ms", "xla_ms", "col
               "xla_kernel_us", "xla/ours",
               "torch/ours", "ours_gbs", "ours/copy", "ours_err", "columns_err", "pallas_stats_err", "xla_err",
               "torch_err"]  # fmt: skip
+LN_COLUMNS = ["shape", "dims", "xla_kernel_us", "ours_kernel_us", "xla/ours", "ours_config",
+              "xla_ms", "ours_ms", "xla_err", "ours_err"]  # fmt: skip
 GEGLU_COLUMNS = ["shape", "m", "d", "f", "fused_ms", "hopper_ms", "best_swept_ms", "xla_mm+ours_ms", "xla_ms",
                  "xla_lowp_ms", "matmul_only_ms", "fused_kernel_us", "hopper_kernel_us",
                  "xla_kernel_us", "matmul_only_kernel_us", "xla_mm+ours_kernel_us",
@@ -676,6 +753,9 @@ def write_reports(record: dict, stem) -> str:
         f"\n\n## GroupNorm\n\n{markdown_table(record['group_norm'], GN_COLUMNS)}"
         f"\n## GEGLU\n\n{markdown_table(record['geglu'], GEGLU_COLUMNS)}"
     )
+    if record.get("layer_norm"):
+        md += (f"\n## LayerNorm (XLA's against our kernel's fastest config; xla/ours by kernel "
+               f"time on GPU)\n\n{markdown_table(record['layer_norm'], LN_COLUMNS)}")  # fmt: skip
     stem.with_suffix(".md").write_text(md)
     _chart(record["group_norm"], record["geglu"], stem.with_suffix(".png"), title)
     return md
@@ -705,6 +785,8 @@ def main(argv):
     for name in _GEGLU.value or list(GEGLU_SHAPES):
         record["geglu"] += benchmark_geglu(_DTYPE.value, [name])
         save()
+    record["layer_norm"] = benchmark_layer_norm(_DTYPE.value, _LN.value, deadline)
+    save()
     if _TIMING_CHECK.value:
         record["timing_check"] = timing_check()
         print("timing check", record["timing_check"], flush=True)

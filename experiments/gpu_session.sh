@@ -20,6 +20,8 @@
 #                  against XLA, and the block/plan sweep ($GN_PLANS, default split,fused) by device
 #                  kernel time within $GN_BUDGET s; updates custom_calls/tuning/group_norm.json
 #                  (copied to results), which later stages of the call then use
+#   ln             experiments.bench_norm: XLA's LayerNorm against our kernel's fastest config
+#                  (a small block grid) by device kernel time on $LN_SHAPES (default: SD1.5's four)
 #   geglu          experiments.bench_norm: the GEGLU kernels (Triton, Hopper) against XLA, by
 #                  device kernel time, and the Triton block sweep on $GEGLU_SHAPES (default:
 #                  SD1.5's four), within $GEGLU_BUDGET seconds; extra flags $GEGLU_ARGS
@@ -125,6 +127,11 @@ for stage in "$@"; do
       limit python3 experiments/bench_norm.py --gn_shapes $g --geglu_shapes sd15_8 --sweep $g \
         --sweep_plans ${GN_PLANS:-split,fused} --calls ${GN_CALLS:-8} --repeats 5 --budget_s ${GN_BUDGET:-150} 2>&1 | quiet | tail -40 || status=1
       cp custom_calls/tuning/group_norm.json "$OUT/group_norm_tuning.json" 2>/dev/null
+      ;;
+    ln)
+      limit python3 experiments/bench_norm.py --gn_shapes unet_8x8x1280 --geglu_shapes sd15_8 \
+        --ln_shapes ${LN_SHAPES:-sd15_64,sd15_32,sd15_16,sd15_8} --calls 8 --repeats 5 \
+        --budget_s ${LN_BUDGET:-150} 2>&1 | quiet | tail -20 || status=1
       ;;
     geglu)
       g=${GEGLU_SHAPES:-sd15_64,sd15_32,sd15_16,sd15_8}

@@ -311,6 +311,32 @@ print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items(
                                 ["fused", True, 2 * warps]]  # fmt: skip
 
 
+def test_layer_norm_candidates():
+    """bench_norm's LayerNorm grid (subprocess: the script defines absl flags): the heuristic
+    first, no duplicates, every program at most 32K padded elements, both warp counts."""
+    code = """
+import json
+from experiments import bench_norm
+from custom_calls.layer_norm import heuristic_config
+out = {}
+for shape in [(2, 4096, 320), (2, 64, 1280), (1, 7, 96)]:
+    cands = bench_norm.layer_norm_candidates(shape)
+    out["x".join(map(str, shape))] = {
+        "first_is_heuristic": cands[0] == heuristic_config(shape, None),
+        "unique": len(cands) == len(set(cands)),
+        "rows_x_cpad": [c.block_rows * (1 << (shape[-1] - 1).bit_length()) for c in cands[1:]],
+        "warps": sorted({c.num_warps for c in cands[1:]}),
+    }
+print(json.dumps(out))
+"""
+    got = last_json_line(run_python(code))
+    assert set(got) == {"2x4096x320", "2x64x1280", "1x7x96"}
+    for shape, c in got.items():
+        assert c["first_is_heuristic"] and c["unique"], shape
+        assert c["rows_x_cpad"] and max(c["rows_x_cpad"]) <= 1 << 15, shape
+        assert c["warps"] == [4, 8], shape
+
+
 @pytest.mark.parametrize(
     "shape, groups, config",
     [
