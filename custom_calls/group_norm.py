@@ -25,6 +25,12 @@ Three plans (`Config.mode`):
          mode runs programs one after another, so a program would wait for ever; there it
          runs the split plan's two kernels, the same arithmetic.
 
+  columns  the split plan over contiguous [rows, C padded] tiles instead of [rows, groups,
+         channels padded]: per-channel partial sums, merged into groups by XLA, then per-
+         channel a, b. A group's channels are a run of cpg * 2 bytes (20 at 320 channels),
+         which bounds the split plan's loads to 2-4 halves; here every load can be 16 bytes.
+         Not yet measured on the GPU (results README, item 134).
+
 `Config.prefetch` (split and fused): a program issues all of its tile loads before it uses
 any (split: the normalize program before it combines the partials; fused: it reads its groups
 once and normalizes them from registers), so that their latencies overlap. The table takes it
@@ -50,7 +56,7 @@ from jax.experimental.pallas import triton as plgpu
 from custom_calls._common import next_power_of_2, num_sms, resolve_interpret
 
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
-MODES = ("split", "fused", "cooperative")
+MODES = ("split", "fused", "cooperative", "columns")
 # Config.prefetch: the most tiles a program loads at once (~4K fp32 elements a tile, 16-32
 # registers a thread each at 8 warps, 32-64 at 4).
 PREFETCH_MAX_TILES = 4
@@ -98,7 +104,8 @@ class Config:
             v = getattr(self, f)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"Config: {f}={v} must be a power of two")
-        checked = {"split": ("stats_rows", "norm_rows"), "cooperative": ("stats_rows",)}
+        checked = {"split": ("stats_rows", "norm_rows"), "columns": ("stats_rows", "norm_rows"),
+                   "cooperative": ("stats_rows",)}  # fmt: skip
         for f in checked.get(self.mode, ()):
             if getattr(self, f) % self.block_rows:
                 raise ValueError(
@@ -562,6 +569,140 @@ def _fused_kernel(x_ref, scale_ref, bias_ref, o_ref, *, rows, bg, groups, cpg, e
     jax.lax.fori_loop(0, -(-s // rows), body, 0)
 
 
+def _column_tile(ref, n, r0, row_end, *, rows, cp, c, row_mask, eviction=None):
+    """x[n, r0:r0+rows, :cp] of x [N, S, C] as float32, and the mask of real elements (None
+    where all are): the columns plan's contiguous tile."""
+    masks = []
+    if row_mask:
+        masks.append((r0 + jnp.arange(rows) < row_end)[:, None])
+    if cp != c:
+        masks.append((jnp.arange(cp) < c)[None, :])
+    mask = None
+    for m in masks:
+        m = jnp.broadcast_to(m, (rows, cp))
+        mask = m if mask is None else mask & m
+    view = ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)]
+    x = plgpu.load(view, mask=mask, other=None if mask is None else 0.0, eviction_policy=eviction)
+    return x.astype(jnp.float32), mask
+
+
+def _column_stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, c):
+    """Per-channel (shift, lo, M2) [Cp] of one chunk of rows: `_chunk_stats` with the channel
+    as the group (shift: the first tile's column means)."""
+    n, p = pl.program_id(0) // parts, pl.program_id(0) % parts
+    s, cp = x_ref.shape[1], next_power_of_2(c)
+    r_start = p * part_rows
+    r_end = jnp.minimum(r_start + part_rows, s)
+    row_mask = s % part_rows != 0 or part_rows % rows != 0
+    x0, mask0 = _column_tile(x_ref, n, r_start, r_end, rows=rows, cp=cp, c=c, row_mask=row_mask)
+    shift = jnp.sum(x0, axis=0) / jnp.minimum(r_end - r_start, rows).astype(jnp.float32)
+
+    def centered(x, mask):
+        d = x - shift[None, :]
+        return d if mask is None else jnp.where(mask, d, 0.0)
+
+    def body(t, acc):
+        d = centered(*_column_tile(x_ref, n, r_start + t * rows, r_end, rows=rows, cp=cp, c=c,
+                                   row_mask=row_mask))  # fmt: skip
+        return acc[0] + d, acc[1] + d * d
+
+    d0 = centered(x0, mask0)
+    s1, s2 = jax.lax.fori_loop(1, (r_end - r_start + rows - 1) // rows, body, (d0, d0 * d0))
+    s1, s2 = jnp.sum(s1, axis=0), jnp.sum(s2, axis=0)
+    count = (r_end - r_start).astype(jnp.float32)
+    shift_ref[n, p, :] = shift
+    lo_ref[n, p, :] = s1 / count
+    m2_ref[n, p, :] = jnp.maximum(s2 - s1 * s1 / count, 0.0)
+
+
+def _column_affine(shift, lo, m2, scale, bias, *, part_rows, s, groups, eps):
+    """XLA, once: the per-channel partials [N, P, Cp] -> per-channel (shift, a, b) [N, Cp] with
+    out = (x - shift) * a + b. Chan's combine over the chunks per channel, then over each
+    group's channels (equal counts), all relative to reference values near the data, so that
+    a large mean keeps a small variance's digits."""
+    c = scale.shape[0]
+    n, parts, cp = shift.shape
+    cpg = c // groups
+    counts = jnp.asarray(_part_counts(parts, part_rows, s, 1))[None, :, None]
+    base = shift[:, 0, :c]  # [N, C]: each channel's reference
+    rel = (shift[..., :c] - base[:, None]) + lo[..., :c]  # chunk means less the reference
+    mean_rel = jnp.sum(counts * rel, axis=1) / float(s)  # [N, C]
+    m2_c = jnp.sum(m2[..., :c], axis=1) + jnp.sum(counts * (rel - mean_rel[:, None]) ** 2, axis=1)
+    base_g = base.reshape(n, groups, cpg)
+    ref_g = base_g[..., :1]  # the group's reference: its first channel's
+    rel_c = (base_g - ref_g) + mean_rel.reshape(n, groups, cpg)  # channel means less ref_g
+    mean_g = jnp.mean(rel_c, axis=-1, keepdims=True)
+    m2_g = jnp.sum(m2_c.reshape(n, groups, cpg), axis=-1, keepdims=True) + float(s) * jnp.sum(
+        (rel_c - mean_g) ** 2, axis=-1, keepdims=True
+    )
+    rstd = jax.lax.rsqrt(m2_g / float(s * cpg) + eps)  # [N, G, 1]
+    a = scale.astype(jnp.float32).reshape(groups, cpg) * rstd  # [N, G, cpg]
+    # (x - mean) * a + bias = (x - base_c) * a + bias + (base_c - mean) * a
+    b = bias.astype(jnp.float32).reshape(groups, cpg) + ((base_g - ref_g) - mean_g) * a
+    pad = ((0, 0), (0, cp - c))
+    return base, *(jnp.pad(t.reshape(n, c), pad) for t in (a, b))
+
+
+def _column_normalize_kernel(x_ref, shift_ref, a_ref, b_ref, o_ref, *, blocks, block_rows_prog,
+                             rows, c, activation):  # fmt: skip
+    pid = pl.num_programs(0) - 1 - pl.program_id(0)  # reverse: L2 still holds the tail
+    n, q = pid // blocks, pid % blocks
+    s, cp = x_ref.shape[1], next_power_of_2(c)
+    r_start = q * block_rows_prog
+    r_end = jnp.minimum(r_start + block_rows_prog, s)
+    row_mask = s % block_rows_prog != 0 or block_rows_prog % rows != 0
+    col = jnp.arange(cp) < c if cp != c else None
+    shift, a, b = (plgpu.load(r.at[n, pl.ds(0, cp)], mask=col, other=None if col is None else 0.0)
+                   for r in (shift_ref, a_ref, b_ref))  # fmt: skip
+
+    def body(t, carry):
+        r0 = r_start + t * rows
+        x, mask = _column_tile(x_ref, n, r0, r_end, rows=rows, cp=cp, c=c, row_mask=row_mask,
+                               eviction="evict_first")  # fmt: skip
+        y = activate((x - shift[None, :]) * a[None, :] + b[None, :], activation)
+        view = o_ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)]
+        plgpu.store(view, y.astype(view.dtype), mask=mask, eviction_policy="evict_first")
+        return carry
+
+    jax.lax.fori_loop(0, (r_end - r_start + rows - 1) // rows, body, 0)
+
+
+def _group_norm_columns(x, scale, bias, config, *, groups, eps, activation, interpret):
+    """The columns plan: statistics kernel, XLA's combine into per-channel a and b, normalize."""
+    n, c = x.shape[0], x.shape[-1]
+    s = math.prod(x.shape[1:-1])
+    x3 = x.reshape(n, s, c)
+    rows = min(config.block_rows, next_power_of_2(s))
+    part_rows = max(rows, min(config.stats_rows, s))
+    parts = -(-s // part_rows)
+    params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
+    stat_shape = jax.ShapeDtypeStruct((n, parts, next_power_of_2(c)), jnp.float32)
+    stats = pl.pallas_call(
+        functools.partial(_column_stats_kernel, parts=parts, part_rows=part_rows, rows=rows, c=c),
+        out_shape=(stat_shape,) * 3,
+        grid=(n * parts,),
+        compiler_params=params,
+        interpret=interpret,
+        name="sdjax_group_norm_column_stats",
+    )(x3)
+    shift, a, b = _column_affine(*stats, scale, bias, part_rows=part_rows, s=s, groups=groups,
+                                 eps=eps)  # fmt: skip
+    cp = next_power_of_2(c)
+    shift = jnp.pad(shift, ((0, 0), (0, cp - c)))
+    norm_rows = max(rows, min(config.norm_rows, s))
+    blocks = -(-s // norm_rows)
+    out = pl.pallas_call(
+        functools.partial(_column_normalize_kernel, blocks=blocks, block_rows_prog=norm_rows,
+                          rows=rows, c=c, activation=activation),  # fmt: skip
+        out_shape=jax.ShapeDtypeStruct(x3.shape, x.dtype),
+        grid=(n * blocks,),
+        compiler_params=params,
+        interpret=interpret,
+        name="sdjax_group_norm_columns",
+    )(x3, shift, a, b)
+    return out.reshape(x.shape)
+
+
 # ------------------------------------------------------------------------------------------
 # Public entry point
 # ------------------------------------------------------------------------------------------
@@ -618,6 +759,9 @@ def group_norm(
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
     statics = dict(rows=rows, groups=groups, cpg=cpg)
 
+    if config.mode == "columns":
+        return _group_norm_columns(x, scale, bias, config, groups=groups, eps=eps,
+                                   activation=activation, interpret=interpret)  # fmt: skip
     if config.mode == "fused":
         bg = min(config.block_groups, gp)
         kernel = functools.partial(_fused_kernel, bg=bg, eps=eps, activation=activation,

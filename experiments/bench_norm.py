@@ -96,7 +96,8 @@ _PLANS = flags.DEFINE_list(
     "GroupNorm plans the sweep tries (and the current): split, fused, cooperative; or an "
     "A/B of the config in force, twice, alternating: 'prefetch' alone (without and with "
     "Config.prefetch, and with it at twice the warps) or 'combine' alone (split: the "
-    "partials combined by XLA and in the normalize kernel)",
+    "partials combined by XLA and in the normalize kernel); or 'columns' alone: the config in "
+    "force, the columns plan's grid, the config in force again",
 )
 _GN_TABLE = flags.DEFINE_string(
     "gn_table",
@@ -315,6 +316,21 @@ def cooperative_candidates(shape, groups: int = 32, programs: int = 132) -> list
     return out
 
 
+def column_candidates(shape) -> list[GNConfig]:
+    """The columns plan's grid for x [N, ..., C]: tiles of ~4K and ~8K padded elements (whole
+    rows of C padded), chunks of 1, 2 and 4 tiles (at most the spatial size), 4 and 8 warps."""
+    s, cp = math.prod(shape[1:-1]), next_power_of_2(shape[-1])
+    out = []
+    for elements, warps in itertools.product((4096, 8192), (4, 8)):
+        br = max(1, min(elements // cp, next_power_of_2(s)))
+        for tiles in (1, 2, 4):
+            rows = br * tiles
+            if rows <= max(br, s):
+                out.append(GNConfig(mode="columns", block_rows=br, stats_rows=rows,
+                                    norm_rows=rows, num_warps=warps))  # fmt: skip
+    return list(dict.fromkeys(out))
+
+
 def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
                           dtype=jnp.float16, programs: int = 132) -> list[GNConfig]:  # fmt: skip
     """Block configs worth timing at this shape: the one in force first (table or heuristic),
@@ -331,6 +347,8 @@ def group_norm_candidates(shape, groups: int = 32, plans=("split", "fused"),
         # the tiles in flight (or held) take registers: also with twice the warps
         wide = dataclasses.replace(on, num_warps=min(2 * off.num_warps, 16))
         return list(dict.fromkeys([off, on, wide])) * 2
+    if tuple(plans) == ("columns",):  # the config in force against the columns plan's grid
+        return [current, *column_candidates(shape), current]
     if tuple(plans) == ("combine",):  # the partials combined by XLA or in the kernel, A/B
         if current.mode != "split" or -(-s // min(current.stats_rows, s)) < 2:
             return [current]

@@ -123,6 +123,37 @@ def test_group_norm_channels(rng, shape, dtype, activation, config):
     _check_group_norm(rng, shape, dtype, activation, config)
 
 
+# The columns plan at every SD channel count (odd sizes: masked rows and chunks; C padded to a
+# power of two: masked columns), one dtype and activation each.
+_COLUMN_PLANS = (
+    Config(mode="columns", block_rows=4, stats_rows=12, norm_rows=8),  # 3+ partials, masked
+    Config(mode="columns", block_rows=2, stats_rows=64, norm_rows=4, num_warps=8),  # one
+)
+_COLUMN_CASES = [
+    ((n, h, w, c), dtype, act, plan)
+    for c, (n, h, w), dtype, act, plan in zip(
+        _CHANNELS,
+        itertools.cycle(_SPATIAL),
+        itertools.cycle(DTYPES),
+        itertools.cycle(ACTIVATIONS),
+        itertools.cycle(_COLUMN_PLANS),
+    )
+]
+
+
+@pytest.mark.parametrize("shape,dtype,activation,config", _COLUMN_CASES,
+                         ids=map(_case_id, _COLUMN_CASES))  # fmt: skip
+def test_group_norm_columns_plan(rng, shape, dtype, activation, config):
+    _check_group_norm(rng, shape, dtype, activation, config)
+
+
+def test_group_norm_columns_plan_large_offset(rng):
+    """A mean of 1000 with a spread of 0.01 (float32): the per-channel references keep the
+    variance's digits through both combines and the normalize."""
+    config = Config(mode="columns", block_rows=4, stats_rows=8, norm_rows=8)
+    _check_group_norm(rng, (2, 6, 5, 320), jnp.float32, "silu", config, mean=1000.0, std=0.01)
+
+
 @pytest.mark.parametrize(
     "shape,dtype,activation,config",
     [
@@ -289,8 +320,10 @@ fused = [(c.mode, c.prefetch, c.num_warps)
          for c in bench_norm.group_norm_candidates((2, 16, 16, 1280), 32, ("prefetch",))]
 combine = [c.combine_in_kernel
            for c in bench_norm.group_norm_candidates((2, 32, 32, 640), 32, ("combine",))]
+columns = [(c.mode, c.block_rows, c.stats_rows, c.num_warps)
+           for c in bench_norm.group_norm_candidates((2, 64, 64, 320), 32, ("columns",))]
 print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items()}, "ab": ab,
-                  "fused": fused, "combine": combine}))
+                  "fused": fused, "combine": combine, "columns": columns}))
 """
     got = last_json_line(run_python(code))
     assert len(got["rows"]) >= 12
@@ -304,6 +337,12 @@ print(json.dumps({"rows": out, "plans": {",".join(k): v for k, v in plans.items(
     assert ab == 2 * [[False, warps], [True, warps], [True, min(2 * warps, 16)]]
     assert split_has_prefetch  # the full sweep also tries prefetch twins (no duplicates)
     assert got["combine"] == [False, True, False, True]  # XLA's combine, then the kernel's
+    # the columns grid between two runs of the config in force: whole rows of 512 padded
+    # channels, 8 or 16 a tile, chunks of 1-4 tiles, both warp counts
+    first, *grid, last = got["columns"]
+    assert first == last and first[0] == "split"
+    assert {g[0] for g in grid} == {"columns"} and {g[1] for g in grid} == {8, 16}
+    assert {g[3] for g in grid} == {4, 8} and all(g[2] % g[1] == 0 for g in grid)
     # a fused config in force: also its prefetch twin with twice the warps
     (mode, _, warps), *_ = got["fused"]
     assert mode == "fused"
@@ -539,12 +578,29 @@ def test_group_norm_prefetch_gpu(rng, name, warps):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("name", ("unet_64x64x320", "unet_attn_64x64x320", "unet_64x64x960",
+                                  "unet_32x32x1280", "unet_8x8x2560"))  # fmt: skip
+def test_group_norm_columns_gpu(rng, name):
+    """The columns plan at UNet shapes on the GPU (its tiles: whole rows, ~4K elements)."""
+    s = GROUP_NORM_SHAPES[name]
+    rows = max(1, 4096 // (1 << (s.shape[-1] - 1).bit_length()))
+    config = Config(mode="columns", block_rows=rows, stats_rows=4 * rows, norm_rows=4 * rows,
+                    num_warps=8)  # fmt: skip
+    x = _normal(rng, s.shape, jnp.float16)
+    scale, bias = _affine(rng, s.shape[-1])
+    kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
+    out = group_norm(x, scale, bias, config=config, **kw)
+    assert relative_error(out, group_norm_reference(x, scale, bias, **kw)) <= TOL[jnp.float16]
+
+
+@pytest.mark.gpu
 def test_group_norm_large_offset_gpu(rng):
     for config in (
         None,
         Config(mode="fused", block_rows=64, block_groups=1),
         Config(mode="split", block_rows=4, stats_rows=16, norm_rows=16, combine_in_kernel=False,
                xla_combine="sums"),
+        Config(mode="columns", block_rows=4, stats_rows=16, norm_rows=16),
     ):  # fmt: skip
         _check_group_norm(rng, (2, 32, 32, 640), jnp.float32, "silu", config, mean=1000.0, std=0.01)
 
