@@ -260,9 +260,19 @@ def activate(y, activation: Activation):
 # ------------------------------------------------------------------------------------------
 
 
+def _masked_load(view, masks, eviction=None):
+    """view as float32, and the mask of real elements: the conjunction of `masks` broadcast to
+    the view's shape (None where there are none, so that unmasked shapes pay for no mask)."""
+    mask = None
+    for m in masks:
+        m = jnp.broadcast_to(m, view.shape)
+        mask = m if mask is None else mask & m
+    x = plgpu.load(view, mask=mask, other=None if mask is None else 0.0, eviction_policy=eviction)
+    return x.astype(jnp.float32), mask
+
+
 def _tile(ref, n, r0, row_end, g0, *, rows, bg, cp, groups, cpg, row_mask, eviction=None):
-    """Loads x[n, r0:r0+rows, g0:g0+bg, :cp] as float32, and the mask of real elements
-    (None where every element is real, so that unmasked shapes pay for no mask)."""
+    """Loads x[n, r0:r0+rows, g0:g0+bg, :cp] as float32, and the mask of real elements."""
     masks = []
     if row_mask:
         masks.append((r0 + jnp.arange(rows) < row_end)[:, None, None])
@@ -270,17 +280,13 @@ def _tile(ref, n, r0, row_end, g0, *, rows, bg, cp, groups, cpg, row_mask, evict
         masks.append((g0 + jnp.arange(bg) < groups)[None, :, None])
     if cp != cpg:
         masks.append((jnp.arange(cp) < cpg)[None, None, :])
-    mask = None
-    for m in masks:
-        m = jnp.broadcast_to(m, (rows, bg, cp))
-        mask = m if mask is None else mask & m
     view = ref.at[n, pl.ds(r0, rows), pl.ds(g0, bg), pl.ds(0, cp)]
-    x = plgpu.load(view, mask=mask, other=None if mask is None else 0.0, eviction_policy=eviction)
-    return x.astype(jnp.float32), mask
+    return _masked_load(view, masks, eviction)
 
 
-def _chunk_stats(load, r_start, r_end, *, rows, cpg, tiles=None, loaded=None):
-    """Shifted single-pass sums over tiles of rows [r_start, r_end) of each group.
+def _chunk_stats(load, r_start, r_end, *, rows, cpg, tiles=None, loaded=None, axes=(0, 2)):
+    """Shifted single-pass sums over tiles of rows [r_start, r_end) of each group: the tiles'
+    `axes` are reduced (rows and a group's cpg channels; the columns plan: rows, cpg 1).
 
     Returns (shift, lo, M2), float32 [groups]: the mean is shift + lo, with shift the first
     tile's mean. x - shift is exact for data near its mean, so a mean of 1000 with a std of
@@ -293,10 +299,10 @@ def _chunk_stats(load, r_start, r_end, *, rows, cpg, tiles=None, loaded=None):
         loaded = [load(r_start + t * rows) for t in range(tiles)]
     x0, mask0 = loaded[0] if loaded else load(r_start)
     valid0 = jnp.minimum(r_end - r_start, rows).astype(jnp.float32) * cpg
-    shift = jnp.sum(x0, axis=(0, 2)) / valid0
+    shift = jnp.sum(x0, axis=axes) / valid0
 
     def centered(x, mask):
-        d = x - shift[None, :, None]
+        d = x - jnp.expand_dims(shift, axes)
         return d if mask is None else jnp.where(mask, d, 0.0)
 
     def body(t, acc):
@@ -312,7 +318,7 @@ def _chunk_stats(load, r_start, r_end, *, rows, cpg, tiles=None, loaded=None):
     else:
         num_tiles = (r_end - r_start + rows - 1) // rows
         s1, s2 = jax.lax.fori_loop(1, num_tiles, body, (d0, d0 * d0))
-    s1, s2 = jnp.sum(s1, axis=(0, 2)), jnp.sum(s2, axis=(0, 2))
+    s1, s2 = jnp.sum(s1, axis=axes), jnp.sum(s2, axis=axes)
     count = (r_end - r_start).astype(jnp.float32) * cpg
     return shift, s1 / count, jnp.maximum(s2 - s1 * s1 / count, 0.0)
 
@@ -577,13 +583,7 @@ def _column_tile(ref, n, r0, row_end, *, rows, cp, c, row_mask, eviction=None):
         masks.append((r0 + jnp.arange(rows) < row_end)[:, None])
     if cp != c:
         masks.append((jnp.arange(cp) < c)[None, :])
-    mask = None
-    for m in masks:
-        m = jnp.broadcast_to(m, (rows, cp))
-        mask = m if mask is None else mask & m
-    view = ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)]
-    x = plgpu.load(view, mask=mask, other=None if mask is None else 0.0, eviction_policy=eviction)
-    return x.astype(jnp.float32), mask
+    return _masked_load(ref.at[n, pl.ds(r0, rows), pl.ds(0, cp)], masks, eviction)
 
 
 def _column_stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, rows, c):
@@ -594,25 +594,13 @@ def _column_stats_kernel(x_ref, shift_ref, lo_ref, m2_ref, *, parts, part_rows, 
     r_start = p * part_rows
     r_end = jnp.minimum(r_start + part_rows, s)
     row_mask = s % part_rows != 0 or part_rows % rows != 0
-    x0, mask0 = _column_tile(x_ref, n, r_start, r_end, rows=rows, cp=cp, c=c, row_mask=row_mask)
-    shift = jnp.sum(x0, axis=0) / jnp.minimum(r_end - r_start, rows).astype(jnp.float32)
 
-    def centered(x, mask):
-        d = x - shift[None, :]
-        return d if mask is None else jnp.where(mask, d, 0.0)
+    def load(r0):
+        return _column_tile(x_ref, n, r0, r_end, rows=rows, cp=cp, c=c, row_mask=row_mask)
 
-    def body(t, acc):
-        d = centered(*_column_tile(x_ref, n, r_start + t * rows, r_end, rows=rows, cp=cp, c=c,
-                                   row_mask=row_mask))  # fmt: skip
-        return acc[0] + d, acc[1] + d * d
-
-    d0 = centered(x0, mask0)
-    s1, s2 = jax.lax.fori_loop(1, (r_end - r_start + rows - 1) // rows, body, (d0, d0 * d0))
-    s1, s2 = jnp.sum(s1, axis=0), jnp.sum(s2, axis=0)
-    count = (r_end - r_start).astype(jnp.float32)
-    shift_ref[n, p, :] = shift
-    lo_ref[n, p, :] = s1 / count
-    m2_ref[n, p, :] = jnp.maximum(s2 - s1 * s1 / count, 0.0)
+    stats = _chunk_stats(load, r_start, r_end, rows=rows, cpg=1, axes=(0,))
+    for ref, value in zip((shift_ref, lo_ref, m2_ref), stats, strict=True):
+        ref[n, p, :] = value
 
 
 def _column_affine(shift, lo, m2, scale, bias, *, part_rows, s, groups, eps):
@@ -623,11 +611,10 @@ def _column_affine(shift, lo, m2, scale, bias, *, part_rows, s, groups, eps):
     c = scale.shape[0]
     n, parts, cp = shift.shape
     cpg = c // groups
-    counts = jnp.asarray(_part_counts(parts, part_rows, s, 1))[None, :, None]
-    base = shift[:, 0, :c]  # [N, C]: each channel's reference
-    rel = (shift[..., :c] - base[:, None]) + lo[..., :c]  # chunk means less the reference
-    mean_rel = jnp.sum(counts * rel, axis=1) / float(s)  # [N, C]
-    m2_c = jnp.sum(m2[..., :c], axis=1) + jnp.sum(counts * (rel - mean_rel[:, None]) ** 2, axis=1)
+    # per channel (a group of one): each channel's reference (its first chunk's shift), its
+    # mean less that, its M2; [N, C] each
+    base, mean_rel, m2_c = (t[:, 0, :c] for t in _combine_partials(
+        shift, lo, m2, parts=parts, part_rows=part_rows, s=s, cpg=1))  # fmt: skip
     base_g = base.reshape(n, groups, cpg)
     ref_g = base_g[..., :1]  # the group's reference: its first channel's
     rel_c = (base_g - ref_g) + mean_rel.reshape(n, groups, cpg)  # channel means less ref_g

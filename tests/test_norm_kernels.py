@@ -46,11 +46,13 @@ def _affine(rng, c):
     return _normal(rng, (c,), jnp.float32, mean=1.0, std=0.5), _normal(rng, (c,), jnp.float32)
 
 
-def _check_group_norm(rng, shape, dtype, activation, config, *, groups=32, mean=0.0, std=1.0):
+def _check_group_norm(rng, shape, dtype, activation, config, *, groups=32, eps=1e-5, mean=0.0,
+                      std=1.0):  # fmt: skip
     x = _normal(rng, shape, dtype, mean=mean, std=std)
     scale, bias = _affine(rng, shape[-1])
-    out = group_norm(x, scale, bias, groups=groups, activation=activation, config=config)
-    ref = group_norm_reference(x, scale, bias, groups=groups, activation=activation)
+    kw = dict(groups=groups, eps=eps, activation=activation)
+    out = group_norm(x, scale, bias, config=config, **kw)
+    ref = group_norm_reference(x, scale, bias, **kw)
     assert out.shape == x.shape and out.dtype == x.dtype
     err = relative_error(out, ref)
     assert err <= TOL[dtype], f"{shape=} {dtype=} {activation=} {config=}: {err=:.3g}"
@@ -92,16 +94,23 @@ _PLANS = (
            xla_combine="sums", prefetch=True),  # fmt: skip
 )
 _SPATIAL = ((1, 8, 8), (2, 6, 5), (3, 4, 8), (1, 5, 7))
-_CASES = [
-    ((n, h, w, c), dtype, act, plan)
-    for c, (n, h, w), dtype, act, plan in zip(
-        _CHANNELS,
-        itertools.cycle(_SPATIAL),
-        itertools.cycle(DTYPES),
-        itertools.cycle(ACTIVATIONS),
-        itertools.cycle(_PLANS),
-    )
-]
+
+
+def _channel_cases(plans) -> list:
+    """Every SD channel count, each with the next spatial size, dtype, activation and plan."""
+    return [
+        ((n, h, w, c), dtype, act, plan)
+        for c, (n, h, w), dtype, act, plan in zip(
+            _CHANNELS,
+            itertools.cycle(_SPATIAL),
+            itertools.cycle(DTYPES),
+            itertools.cycle(ACTIVATIONS),
+            itertools.cycle(plans),
+        )
+    ]
+
+
+_CASES = _channel_cases(_PLANS)
 
 
 def test_channel_set_is_sd():
@@ -129,16 +138,7 @@ _COLUMN_PLANS = (
     Config(mode="columns", block_rows=4, stats_rows=12, norm_rows=8),  # 3+ partials, masked
     Config(mode="columns", block_rows=2, stats_rows=64, norm_rows=4, num_warps=8),  # one
 )
-_COLUMN_CASES = [
-    ((n, h, w, c), dtype, act, plan)
-    for c, (n, h, w), dtype, act, plan in zip(
-        _CHANNELS,
-        itertools.cycle(_SPATIAL),
-        itertools.cycle(DTYPES),
-        itertools.cycle(ACTIVATIONS),
-        itertools.cycle(_COLUMN_PLANS),
-    )
-]
+_COLUMN_CASES = _channel_cases(_COLUMN_PLANS)
 
 
 @pytest.mark.parametrize("shape,dtype,activation,config", _COLUMN_CASES,
@@ -570,11 +570,7 @@ def test_group_norm_prefetch_gpu(rng, name, warps):
     config = gn.tuned_config(s.shape, jnp.float16, groups=s.groups)
     assert config.mode in ("split", "fused"), config
     config = dataclasses.replace(config, prefetch=True, num_warps=warps * config.num_warps)
-    x = _normal(rng, s.shape, jnp.float16)
-    scale, bias = _affine(rng, s.shape[-1])
-    kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
-    out = group_norm(x, scale, bias, config=config, **kw)
-    assert relative_error(out, group_norm_reference(x, scale, bias, **kw)) <= TOL[jnp.float16]
+    _check_group_norm(rng, s.shape, jnp.float16, s.activation, config, groups=s.groups, eps=s.eps)
 
 
 @pytest.mark.gpu
@@ -586,11 +582,7 @@ def test_group_norm_columns_gpu(rng, name):
     rows = max(1, 4096 // (1 << (s.shape[-1] - 1).bit_length()))
     config = Config(mode="columns", block_rows=rows, stats_rows=4 * rows, norm_rows=4 * rows,
                     num_warps=8)  # fmt: skip
-    x = _normal(rng, s.shape, jnp.float16)
-    scale, bias = _affine(rng, s.shape[-1])
-    kw = dict(groups=s.groups, eps=s.eps, activation=s.activation)
-    out = group_norm(x, scale, bias, config=config, **kw)
-    assert relative_error(out, group_norm_reference(x, scale, bias, **kw)) <= TOL[jnp.float16]
+    _check_group_norm(rng, s.shape, jnp.float16, s.activation, config, groups=s.groups, eps=s.eps)
 
 
 @pytest.mark.gpu
