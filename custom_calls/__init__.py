@@ -5,6 +5,7 @@ Each kernel module holds one public function (the attention modules also their p
 for the Hopper variants, its Triton sibling's), and a frozen config of block sizes. Off GPU the kernels run through Pallas interpret mode (for tests, not speed).
 """
 
+from custom_calls.cross_attention import cross_attention
 from custom_calls.flash_attention import (
     flash_attention,
     flash_attention_qkv,
@@ -23,6 +24,7 @@ from custom_calls.group_norm import (
 from custom_calls.layer_norm import layer_norm, layer_norm_reference
 
 __all__ = [
+    "cross_attention",
     "flash_attention",
     "flash_attention_hopper",
     "flash_attention_hopper_qkv",

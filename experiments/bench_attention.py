@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from custom_calls.cross_attention import cross_attention
+from custom_calls.cross_attention import supports as cross_supports
 from custom_calls.flash_attention import flash_attention, flash_attention_reference
 from custom_calls.flash_attention_hopper import flash_attention_hopper, padded_head_dim
 from custom_calls.flash_attention_hopper import supports as hopper_supports
@@ -38,8 +40,13 @@ from experiments.common import (
 )
 from sdjax.shapes import ATTENTION_SHAPES
 
-IMPLS = ("flash", "flash_hopper", "flash_hopper_padded", "fused_softmax", "cudnn", "torch", "xla")
-OURS = ("flash", "flash_hopper", "fused_softmax")  # callable on any [B, L, H, D] input
+IMPLS = (
+    "flash", "flash_hopper", "flash_hopper_padded", "fused_softmax", "cross", "cudnn", "torch",
+    "xla",
+)  # fmt: skip
+# Our kernels. cross (`custom_calls.cross_attention`, every head of a block of query rows in one
+# program) runs only key sets up to its MAX_KEYS; the others take any [B, L, H, D] input.
+OURS = ("flash", "flash_hopper", "fused_softmax", "cross")
 # flash_hopper_padded: the Hopper kernel on inputs whose heads are already padded to its
 # config's head_align (zero columns), as the UNet produces them (`ops.self_attention_packed`):
 # the kernel without the copies that flash_hopper makes itself. Only at head dims that need
@@ -75,6 +82,7 @@ _JAX_IMPLS = {
     "flash": lambda q, k, v: flash_attention(q, k, v),
     "flash_hopper": lambda q, k, v: flash_attention_hopper(q, k, v),
     "fused_softmax": lambda q, k, v: fused_softmax_attention(q, k, v),
+    "cross": lambda q, k, v: cross_attention(q, k, v),
     "cudnn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"),
     "xla": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"),
     "jax_mosaic_fa3": _jax_mosaic_fa3,  # not in IMPLS: ask for it with --impls
@@ -196,6 +204,8 @@ def benchmark(
                    "kv_len": shape.kv_len}  # fmt: skip
             try:
                 if impl == "flash_hopper" and (why := hopper_supports(q.shape, k.shape, dtype)):
+                    raise ValueError(why)
+                if impl == "cross" and (why := cross_supports(q.shape, k.shape)):
                     raise ValueError(why)
                 if impl == "flash_hopper_padded":
                     config = hopper_tuned_config(q.shape, k.shape, dtype)

@@ -53,7 +53,8 @@
 #                  Command buffers off, so that every kernel is attributed to its HLO instruction.
 # A stage runs under `timeout` of $TIMEOUT_<stage> or else $STAGE_TIMEOUT seconds, when set (a
 # call's limit is hard). pytest reads extra options from $PYTEST_ADDOPTS (e.g. -k to select).
-# Results: the scripts write to /tmp/res; after every stage, $OUT/results.tgz is rebuilt from it
+# Results: the scripts write to /tmp/res (bench_norm's files get the stage's name); after every
+# stage, $OUT/results.tgz is rebuilt from it
 # (the device tool brings back few files, and a call cut at its limit keeps the stages done).
 set -u -o pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SDJAX_CACHE_DIR=/tmp/sdjax_cache
@@ -199,6 +200,11 @@ for stage in "$@"; do
       ;;
     *) echo "unknown stage $stage"; status=1 ;;
   esac
+  # bench_norm names its files by date only: the gn, ln and geglu stages of one call would
+  # overwrite each other's, so each stage's new files take the stage's name.
+  for f in "$OUT"/bench_norm_*_????-??-??.*; do
+    [ -e "$f" ] && mv "$f" "${f%.*}_$stage.${f##*.}"
+  done
   tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . 2>/dev/null
 done
 echo "=== done $(date +%T) status $status"

@@ -29,6 +29,7 @@ ATTENTION_IMPLS = {
     "flash_hopper": "flash_hopper",
     "flash_hopper_padded": "flash_hopper",  # in the UNet, heads come padded (no copies)
     "fused_softmax": "fused_softmax",
+    "cross": "cross",
     "cudnn": "cudnn",
     "xla": "xla",
 }

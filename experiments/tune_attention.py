@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from custom_calls.cross_attention import MAX_KEYS, cross_attention
+from custom_calls.cross_attention import Config as CrossConfig
 from custom_calls.flash_attention import (
     MAX_HEAD_DIM,
     TUNING_PATH,
@@ -76,6 +78,7 @@ KERNELS = {
     "flash": (flash_attention, FlashConfig),
     "fused_softmax": (fused_softmax_attention, FusedConfig),
     "flash_hopper": (flash_attention_hopper, HopperConfig),
+    "cross": (cross_attention, CrossConfig),
 }
 TOLERANCE = {"float16": 5e-3, "bfloat16": 1e-2, "float32": 1e-5}
 
@@ -106,8 +109,25 @@ def hopper_candidates(shape, half_exp: bool = False, mma_sum: bool = False,
     return [c for c in configs if supports(shape.q_shape, shape.kv_shape, jnp.float16, c) is None]
 
 
+def cross_candidates(shape) -> list[CrossConfig]:
+    """The all-heads kernel's grid (none past its MAX_KEYS): query rows per program, warps,
+    the heads loop's pipeline depth, and the head split where it differs."""
+    if shape.kv_len > MAX_KEYS:
+        return []
+    differ = head_chunks(shape.head_dim, True) != head_chunks(shape.head_dim, False)
+    grid = itertools.product(
+        (16, 32, 64, 128), (4, 8), (1, 2, 3), (True, False) if differ else (True,)
+    )
+    configs = [CrossConfig(block_q=clamp_block(bq, shape.q_len), num_warps=w, num_stages=st,
+                           head_split=sp)
+               for bq, w, st, sp in grid if not (w == 8 and bq < 64)]  # fmt: skip
+    return list(dict.fromkeys(configs))
+
+
 def candidates(kernel: str, shape, full: bool, fast_exp: bool = False) -> list:
     """Configs to try, deduplicated after clamping blocks to the sequence lengths."""
+    if kernel == "cross":
+        return cross_candidates(shape)
     if kernel == "flash_hopper":
         return hopper_candidates(shape, _HALF.value and _DTYPE.value == "float16", _MMA_SUM.value,
                                  _OVERLAP.value)  # fmt: skip

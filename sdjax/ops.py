@@ -21,6 +21,9 @@ Implementation names:
   flash_hopper   (attention) our Pallas Mosaic GPU FlashAttention for Hopper (H100/H200):
                  fp16/bf16, lengths in whole blocks (`flash_attention_hopper.supports`).
   fused_softmax  (attention) our Pallas partially fused softmax (the paper's variant).
+  cross          (attention) our Pallas kernel for short key sets (the prompt's 77 tokens): one
+                 program per block of query rows for every head (`custom_calls.cross_attention`);
+                 flash past its MAX_KEYS, logged.
   columns        (group_norm) plain XLA in the shapes XLA reduces well: per-channel shifted
                  sums in one column reduction, merged into groups, then one element-wise
                  normalize (`group_norm_columns`: `group_norm_concat`'s XLA form, one part).
@@ -58,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 import custom_calls
+from custom_calls.cross_attention import supports as _cross_supports
 from custom_calls.flash_attention import MAX_HEAD_DIM
 from custom_calls.flash_attention_hopper import padded_head_dim as _hopper_padded_head_dim
 from custom_calls.flash_attention_hopper import supports as _hopper_supports_shapes
@@ -66,7 +70,7 @@ from custom_calls.flash_attention_hopper import tuned_config as _hopper_tuned_co
 logger = logging.getLogger(__name__)
 
 AttentionImpl = Literal[
-    "reference", "xla", "cudnn", "flash", "flash_hopper", "fused_softmax", "auto"
+    "reference", "xla", "cudnn", "flash", "flash_hopper", "fused_softmax", "cross", "auto"
 ]
 GroupNormImpl = Literal[
     "reference", "xla", "columns", "pallas", "pallas_split", "pallas_stats", "auto"
@@ -254,6 +258,14 @@ def _attention_fused_softmax(q, k, v, *, scale):
     return custom_calls.fused_softmax_attention(q, k, v, scale=scale)
 
 
+def _attention_cross(q, k, v, *, scale):
+    """Our all-heads kernel for short key sets; flash_attention past its MAX_KEYS (logged)."""
+    if why := _cross_supports(q.shape, k.shape):
+        _fallback(f"attention cross->flash at Lk {k.shape[1]}", why)
+        return custom_calls.flash_attention(q, k, v, scale=scale)
+    return custom_calls.cross_attention(q, k, v, scale=scale)
+
+
 def _auto_attention(q, k, v) -> str:
     """Per-shape choice. On CPU the Pallas kernels would run in interpret mode: never pick them."""
     if not on_gpu():
@@ -350,6 +362,7 @@ _ATTENTION: dict[str, Callable] = {
     "flash": _attention_flash,
     "flash_hopper": _attention_flash_hopper,
     "fused_softmax": _attention_fused_softmax,
+    "cross": _attention_cross,
 }
 
 
@@ -395,7 +408,7 @@ def attention(q, k, v, *, scale: float | None = None, implementation: AttentionI
     impl = _resolve(
         "attention", implementation, _ATTENTION, AttentionImpl, lambda: _auto_attention(q, k, v)
     )
-    if impl in ("flash", "flash_hopper", "fused_softmax", "cudnn") and (
+    if impl in ("flash", "flash_hopper", "fused_softmax", "cross", "cudnn") and (
         q.shape[-1] > MAX_KERNEL_HEAD_DIM
     ):
         _fallback(
@@ -434,7 +447,7 @@ _CAUSAL: dict[str, Callable] = {
     "reference": causal_attention_reference,
     "xla": functools.partial(_attention_xla, is_causal=True),
     "cudnn": functools.partial(_attention_cudnn, is_causal=True),
-    **{k: _causal_without_kernel(k) for k in ("flash", "flash_hopper", "fused_softmax")},
+    **{k: _causal_without_kernel(k) for k in ("flash", "flash_hopper", "fused_softmax", "cross")},
 }
 
 

@@ -58,7 +58,8 @@ def test_auto_on_cpu_never_runs_interpret_mode_kernels(monkeypatch, rng):
     def forbidden(*args, **kwargs):
         raise AssertionError("auto picked a Pallas kernel on CPU (interpret mode)")
 
-    for name in ("flash_attention", "fused_softmax_attention", "group_norm", "geglu", "layer_norm"):
+    for name in ("flash_attention", "fused_softmax_attention", "cross_attention", "group_norm",
+                 "geglu", "layer_norm"):  # fmt: skip
         monkeypatch.setattr(custom_calls, name, forbidden)
     cfg = sd_config.preset("tiny").unet
     params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(0)))()
@@ -93,7 +94,7 @@ def test_autotune_table_keys_match_the_model_shapes():
     assert key in table["attention"]
 
 
-@pytest.mark.parametrize("impl", ["xla", "flash", "fused_softmax"])
+@pytest.mark.parametrize("impl", ["xla", "flash", "fused_softmax", "cross"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_attention_implementations_agree(impl, dtype, rng):
     q = jnp.asarray(rng.standard_normal((3, 40, 2, 40)), dtype)
@@ -630,10 +631,18 @@ def test_causal_attention_xla_agrees(dtype, head_dim, rng):
     assert rel(out, ref) <= {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 2e-2}[dtype]
 
 
+def test_attention_cross_past_its_keys_runs_flash_and_says_so(rng):
+    q = jnp.asarray(rng.standard_normal((1, 20, 2, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 300, 2, 16)), jnp.float32)
+    ref = ops.attention(q, k, k, implementation="reference")
+    assert rel(ops.attention(q, k, k, implementation="cross"), ref) <= 1e-5
+    assert "attention cross->flash at Lk 300" in ops.fallbacks()
+
+
 def test_causal_attention_kernels_without_a_mask_run_xla_and_say_so(rng):
     q, k, v = _causal_inputs(rng, (2, 77, 2, 64), jnp.float32)
     ref = ops.causal_attention(q, k, v, implementation="reference")
-    for impl in ("flash", "fused_softmax"):
+    for impl in ("flash", "fused_softmax", "cross"):
         assert rel(ops.causal_attention(q, k, v, implementation=impl), ref) <= 1e-5
         assert f"causal attention {impl}->xla" in ops.fallbacks()
 
