@@ -32,6 +32,7 @@ from custom_calls.flash_attention_hopper import tuned_config as hopper_tuned_con
 from custom_calls.fused_softmax import fused_softmax_attention
 from experiments.common import (
     device_info,
+    kernel_us,
     markdown_table,
     relative_error,
     results_dir,
@@ -63,6 +64,11 @@ def define_flags():
     flags.DEFINE_list("impls", list(IMPLS), "implementations to run")
     flags.DEFINE_integer("calls", 30, "chained calls per timed program")
     flags.DEFINE_integer("repeats", 7, "timed repeats (median)")
+    flags.DEFINE_bool(
+        "kernel_us", False,
+        "also each jax implementation's device kernel time per call (experiments.common."
+        "kernel_us: distinct inputs, launch gaps left out, as inside the UNet's command buffer)",
+    )  # fmt: skip
 
 
 def _jax_mosaic_fa3(q, k, v):
@@ -176,6 +182,7 @@ def benchmark(
     calls: int = 20,
     repeats: int = 7,
     on_shape=None,
+    kernel_time: bool = False,
 ) -> list[dict]:
     """One row per (shape, implementation): ms, TFLOP/s, relative error, or the error raised.
 
@@ -185,7 +192,8 @@ def benchmark(
     alike. ms is the median over the repeats.
 
     names: shape names of `sdjax.shapes.ATTENTION_SHAPES` (None: all). on_shape(rows) is
-    called after each shape with the rows so far (for incremental saving).
+    called after each shape with the rows so far (for incremental saving). kernel_time: each
+    jax implementation's device kernel time too (`kernel_us`, microseconds per call).
     """
     dtype = jnp.dtype(dtype)
     rows = []
@@ -244,6 +252,8 @@ def benchmark(
                 row["ms"] = statistics.median(times[impl])
                 row["all_ms"] = times[impl]
                 row["tflops"] = shape.flops / (row["ms"] * 1e-3) / 1e12 if row["ms"] > 0 else None
+                if kernel_time and impl in _JAX_IMPLS:
+                    row["kernel_us"] = kernel_us(_JAX_IMPLS[impl], q, k, v)["us"]
             rows.append(row)
             print(
                 f"{name:16s} {impl:14s} "
@@ -265,6 +275,8 @@ def summary(rows: list[dict]) -> list[dict]:
     for r in rows:
         s = table.setdefault(r["shape"], {"shape": r["shape"]})
         s[r["impl"]] = r.get("ms") if "ms" in r and r["ms"] > 0 else "n/a"
+        if "kernel_us" in r:
+            s[f"{r['impl']}_us"] = r["kernel_us"]
         if r["impl"] in (*OURS, "flash_hopper_padded"):
             s[f"{r['impl']}_err"] = r.get("rel_err")
         if r["impl"] in OURS:
@@ -317,14 +329,18 @@ def main(argv):
 
     rows = benchmark(
         FLAGS.dtype, FLAGS.shapes or None, impls,
-        calls=FLAGS.calls, repeats=FLAGS.repeats, on_shape=save,
+        calls=FLAGS.calls, repeats=FLAGS.repeats, on_shape=save, kernel_time=FLAGS.kernel_us,
     )  # fmt: skip
     save(rows)
     columns = ["shape", *impls, "ours_impl", "cudnn/ours", "torch/ours", "xla/ours"]
     columns += [f"{i}_err" for i in OURS if i in impls]
+    if FLAGS.kernel_us:
+        columns += [f"{i}_us" for i in impls if i in _JAX_IMPLS]
     md = markdown_table(record["summary"], columns)
     title = f"attention, {FLAGS.dtype}, {info['device_kind']}, jax {info['jax']}"
-    stem.with_suffix(".md").write_text(f"# {title}\n\nms per call (median)\n\n{md}")
+    unit = "ms per call (median); *_us: device kernel time per call" if FLAGS.kernel_us else (
+        "ms per call (median)")  # fmt: skip
+    stem.with_suffix(".md").write_text(f"# {title}\n\n{unit}\n\n{md}")
     _chart(record["summary"], impls, stem.with_suffix(".png"), title)
     print(md)
 

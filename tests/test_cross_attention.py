@@ -8,6 +8,7 @@ multiples of the head's columns) and the three dtypes.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -123,7 +124,11 @@ def test_gpu_sd_shapes(shape, rng):
 )
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 def test_gpu_configs(config, dtype, rng):
-    """Configs of the tuning grid at SD1.5's 64x64 cross shape (Lq 4096, 8 heads of 40)."""
+    """Configs of the tuning grid at SD1.5's 64x64 cross shape (Lq 4096, 8 heads of 40). In
+    float32 a stage of q, k and v tiles is twice the bytes: at most two stages fit in shared
+    memory at 128 query rows."""
+    if dtype == jnp.float32:
+        config = dataclasses.replace(config, num_stages=min(config.num_stages, 2))
     _check(*_inputs(rng, 2, 4096, 8, 40, 77, dtype), config=config)
 
 
@@ -139,3 +144,55 @@ def test_gpu_hlo_has_kernel():
     k = jnp.zeros((2, 77, 8, 160), jnp.float16)
     hlo = jax.jit(ca.cross_attention).lower(q, k, k).compile().as_text()
     assert "sdjax_cross_attention" in hlo
+
+
+# --------------------------------------------------------------------------------------------
+# The experiments' side: the tuning grid, the bench's summary, the autotune choice
+# --------------------------------------------------------------------------------------------
+
+
+def test_tune_grid():
+    """`tune_attention.py --kernels cross`: no configs past MAX_KEYS; 8 warps only with 64+
+    query rows; the head split only where it changes the chunks; blocks clamped and unique."""
+    from tests._subprocess import last_json_line, run_python
+
+    got = last_json_line(
+        run_python(
+            "import json, dataclasses\n"
+            "from experiments import tune_attention as t\n"
+            "from sdjax.shapes import ATTENTION_SHAPES as S\n"
+            "out = {n: [dataclasses.astuple(c) for c in t.cross_candidates(S[n])]\n"
+            "       for n in ('sd15_cross_64', 'sd15_cross_8', 'sd21_cross_48', 'sd15_self_64')}\n"
+            "print(json.dumps(out))"
+        )
+    )
+    assert got["sd15_self_64"] == []  # 4096 keys
+    grid64 = got["sd15_cross_64"]
+    assert len(grid64) == len(set(map(tuple, grid64))) == 4 * 3 * 2 + 2 * 3 * 2  # bq x st x split
+    assert all(w == 4 or bq >= 64 for bq, w, _, _ in grid64)
+    assert {sp for *_, sp in got["sd21_cross_48"]} == {True}  # head dim 64: one chunk either way
+    assert max(bq for bq, *_ in got["sd15_cross_8"]) == 64  # clamped to 64 query rows
+
+
+def test_bench_summary_and_autotune_choice():
+    """bench_attention's summary counts `cross` among ours (with its kernel time where
+    measured), and make_autotune records it where it is the fastest correct one."""
+    from experiments import bench_attention, make_autotune
+    from sdjax import autotune
+
+    rows = [
+        dict(shape="sd15_cross_64", impl="flash", ms=0.016, ok=True, rel_err=3e-4),
+        dict(shape="sd15_cross_64", impl="cross", ms=0.012, ok=True, rel_err=3e-4, kernel_us=9.0),
+        dict(shape="sd15_cross_64", impl="cudnn", ms=0.020, ok=True, rel_err=3e-4),
+        dict(shape="sd15_cross_8", impl="flash", ms=0.007, ok=True, rel_err=3e-4),
+        dict(shape="sd15_cross_8", impl="cross", ms=0.005, ok=False, rel_err=0.5),
+    ]
+    summary = {s["shape"]: s for s in bench_attention.summary(rows)}
+    assert summary["sd15_cross_64"]["ours_impl"] == "cross"
+    assert summary["sd15_cross_64"]["cross_us"] == 9.0
+    assert summary["sd15_cross_64"]["cudnn/ours"] == pytest.approx(0.020 / 0.012)
+    assert summary["sd15_cross_8"]["ours_impl"] == "flash"  # the faster one is wrong
+    choices = make_autotune.attention_choices({"dtype": "float16", "rows": rows})
+    s64, s8 = ATTENTION_SHAPES["sd15_cross_64"], ATTENTION_SHAPES["sd15_cross_8"]
+    key = lambda s: autotune.shape_key("attention", s.q_shape, s.kv_shape, "float16")  # noqa: E731
+    assert choices == {key(s64): "cross", key(s8): "flash"}
