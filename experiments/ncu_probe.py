@@ -50,6 +50,21 @@ def _attention(length, heads, head_dim, padded, **changes):
     return make, run, lambda out, qkv: (out[..., :head_dim], reference(qkv))
 
 
+def _cross(length, heads, head_dim, kernel):
+    """A cross-attention to the prompt's 77 keys: q [2, L, H, D], k = v [2, 77, H, D], by
+    `custom_calls.<kernel>` with its config in force (the table's)."""
+
+    def make(rng):
+        q = rng.standard_normal((2, length, heads, head_dim)).astype(np.float16)
+        k, v = (rng.standard_normal((2, 77, heads, head_dim)).astype(np.float16) for _ in "kv")
+        return jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
+
+    def check(out, q, k, v):
+        return out, custom_calls.flash_attention_reference(q, k, v)
+
+    return make, getattr(custom_calls, kernel), check
+
+
 def _group_norm(side, channels, activation):
     def make(rng):
         x = rng.standard_normal((2, side, side, channels)).astype(np.float16)
@@ -88,6 +103,9 @@ OPS = {
     "attention_64_overlap": _attention(4096, 8, 40, 48, block_q=64, pingpong=False,
                                        overlap_qk=True),  # fmt: skip
     "attention_32": _attention(1024, 8, 80, 80),
+    # SD1.5's 64x64 cross-attention: the Triton flash kernel in force, and the all-heads one
+    "cross_64": _cross(4096, 8, 40, "flash_attention"),
+    "cross_64_all_heads": _cross(4096, 8, 40, "cross_attention"),
     "group_norm_64x320": _group_norm(64, 320, "silu"),
     "group_norm_64x640": _group_norm(64, 640, "silu"),
     "group_norm_32x1280": _group_norm(32, 1280, "silu"),

@@ -18,10 +18,11 @@ def _probe(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_probe_runs_and_checks_each_op():
-    done = _probe("--ops=group_norm_64x320,geglu_16")
+    done = _probe("--ops=group_norm_64x320,geglu_16,cross_64_all_heads")
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if "relative error" in line]
-    assert [line.split(":")[0] for line in lines] == ["group_norm_64x320", "geglu_16"]
+    ops = [line.split(":")[0] for line in lines]
+    assert ops == ["group_norm_64x320", "geglu_16", "cross_64_all_heads"]
     assert all(line.endswith(" ok") for line in lines), lines
 
 
