@@ -153,7 +153,8 @@ def test_gpu_hlo_has_kernel():
 
 def test_tune_grid():
     """`tune_attention.py --kernels cross`: no configs past MAX_KEYS; 8 warps only with 64+
-    query rows; the head split only where it changes the chunks; blocks clamped and unique."""
+    query rows; the head split only where it changes the chunks; blocks clamped and unique.
+    And flash's grid at short key sets."""
     from tests._subprocess import last_json_line, run_python
 
     got = last_json_line(
@@ -163,6 +164,8 @@ def test_tune_grid():
             "from sdjax.shapes import ATTENTION_SHAPES as S\n"
             "out = {n: [dataclasses.astuple(c) for c in t.cross_candidates(S[n])]\n"
             "       for n in ('sd15_cross_64', 'sd15_cross_8', 'sd21_cross_48', 'sd15_self_64')}\n"
+            "out['flash'] = {n: sorted({c.block_q for c in t.candidates('flash', S[n], False)})\n"
+            "                for n in ('sd15_cross_64', 'sd15_self_32')}\n"
             "print(json.dumps(out))"
         )
     )
@@ -172,6 +175,8 @@ def test_tune_grid():
     assert all(w == 4 or bq >= 64 for bq, w, _, _ in grid64)
     assert {sp for *_, sp in got["sd21_cross_48"]} == {True}  # head dim 64: one chunk either way
     assert max(bq for bq, *_ in got["sd15_cross_8"]) == 64  # clamped to 64 query rows
+    # flash's grid gets programs of 16 and 32 query rows at short key sets only
+    assert got["flash"] == {"sd15_cross_64": [16, 32, 64, 128], "sd15_self_32": [64, 128]}
 
 
 def test_bench_summary_and_autotune_choice():
