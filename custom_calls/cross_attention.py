@@ -19,6 +19,13 @@ launches, 0.116 ms a step against ~0.03 ms of bytes, `experiments/results/README
 
 The head dimension is covered by power-of-two column chunks, as in `flash_attention`
 (`head_chunks`: 40 -> 32 + 16, 80 -> 64 + 16, 160 -> 128 + 32), each masked past D.
+
+Where it stands (H100, device kernel time, fourteenth session in
+`experiments/results/README.md`): at 2x4096x8x40 it ties flash and cuDNN (13.7-13.9 us, all
+three waiting on global-load latency per Nsight Compute); with 256 or fewer query rows it has
+too few programs (32-128 on 132 SMs, each walking its heads in turn) and is 1.6-3.4x slower.
+Flash with the whole key set in one block (its tuned configs since) is faster at every SD
+shape, so `auto` does not pick this kernel; it stays an implementation (`cross`) to build on.
 """
 
 from __future__ import annotations
