@@ -36,13 +36,18 @@ ATTENTION_IMPLS = {
 
 
 def attention_choices(record: dict) -> dict:
+    """The fastest correct implementation per shape: by device kernel time where the bench
+    measured it (`bench_attention.py --kernel_us`: what the denoising loop's command buffer
+    sees, without launch gaps), else by the chained-call time."""
+    timed = {r["shape"] for r in record["rows"] if r.get("kernel_us")}
     best: dict[str, tuple[float, str]] = {}
     for r in record["rows"]:
         impl = ATTENTION_IMPLS.get(r["impl"])
-        if impl is None or not r.get("ok") or not r.get("ms"):
+        time = r.get("kernel_us") if r["shape"] in timed else r.get("ms")
+        if impl is None or not r.get("ok") or not time:
             continue
-        if r["shape"] not in best or r["ms"] < best[r["shape"]][0]:
-            best[r["shape"]] = (r["ms"], impl)
+        if r["shape"] not in best or time < best[r["shape"]][0]:
+            best[r["shape"]] = (time, impl)
     out = {}
     for name, (_, impl) in best.items():
         s = ATTENTION_SHAPES[name]

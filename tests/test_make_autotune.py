@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from experiments import make_autotune
 from sdjax import autotune
-from sdjax.shapes import GEGLU_SHAPES, GROUP_NORM_SHAPES
+from sdjax.shapes import ATTENTION_SHAPES, GEGLU_SHAPES, GROUP_NORM_SHAPES
 
 
 def _geglu_key(name):
@@ -42,3 +42,19 @@ def test_group_norm_by_kernel_time():
                  xla_kernel_us=45.0)]  # fmt: skip
     gn, _ = make_autotune.norm_choices({"dtype": "float16", "group_norm": rows})
     assert gn == {autotune.shape_key("group_norm", s.shape, None, "float16"): "pallas"}
+
+
+def test_attention_by_kernel_time_where_measured():
+    """Rows with device kernel time decide by it at their shape (rows without it there, such as
+    torch's, drop out); a shape without any is decided by the chained-call time."""
+    rows = [
+        dict(shape="sd15_cross_8", impl="flash", ms=0.0075, kernel_us=3.6, ok=True),
+        dict(shape="sd15_cross_8", impl="cudnn", ms=0.0070, kernel_us=7.5, ok=True),
+        dict(shape="sd15_cross_8", impl="torch", ms=0.0010, ok=True),
+        dict(shape="sd15_cross_16", impl="flash", ms=0.008, ok=True),
+        dict(shape="sd15_cross_16", impl="cudnn", ms=0.007, ok=True),
+    ]
+    choices = make_autotune.attention_choices({"dtype": "float16", "rows": rows})
+    key = lambda n: autotune.shape_key(  # noqa: E731
+        "attention", ATTENTION_SHAPES[n].q_shape, ATTENTION_SHAPES[n].kv_shape, "float16")
+    assert choices == {key("sd15_cross_8"): "flash", key("sd15_cross_16"): "cudnn"}
