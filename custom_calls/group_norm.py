@@ -654,14 +654,22 @@ def _column_normalize_kernel(x_ref, shift_ref, a_ref, b_ref, o_ref, *, blocks, b
     jax.lax.fori_loop(0, (r_end - r_start + rows - 1) // rows, body, 0)
 
 
+def _row_plan(config: Config, s: int) -> tuple[int, int, int, int, int]:
+    """How the split and column plans cut a sample's s rows, the config's sizes clamped to a
+    short sample: (rows per tile, rows per statistics program, statistics programs, rows per
+    normalize program, normalize programs), per sample."""
+    rows = min(config.block_rows, next_power_of_2(s))
+    part_rows = max(rows, min(config.stats_rows, s))
+    norm_rows = max(rows, min(config.norm_rows, s))
+    return rows, part_rows, -(-s // part_rows), norm_rows, -(-s // norm_rows)
+
+
 def _group_norm_columns(x, scale, bias, config, *, groups, eps, activation, interpret):
     """The columns plan: statistics kernel, XLA's combine into per-channel a and b, normalize."""
     n, c = x.shape[0], x.shape[-1]
     s = math.prod(x.shape[1:-1])
     x3 = x.reshape(n, s, c)
-    rows = min(config.block_rows, next_power_of_2(s))
-    part_rows = max(rows, min(config.stats_rows, s))
-    parts = -(-s // part_rows)
+    rows, part_rows, parts, norm_rows, blocks = _row_plan(config, s)
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
     stat_shape = jax.ShapeDtypeStruct((n, parts, next_power_of_2(c)), jnp.float32)
     stats = pl.pallas_call(
@@ -676,8 +684,6 @@ def _group_norm_columns(x, scale, bias, config, *, groups, eps, activation, inte
                                  eps=eps)  # fmt: skip
     cp = next_power_of_2(c)
     shift = jnp.pad(shift, ((0, 0), (0, cp - c)))
-    norm_rows = max(rows, min(config.norm_rows, s))
-    blocks = -(-s // norm_rows)
     out = pl.pallas_call(
         functools.partial(_column_normalize_kernel, blocks=blocks, block_rows_prog=norm_rows,
                           rows=rows, c=c, activation=activation),  # fmt: skip
@@ -741,7 +747,7 @@ def group_norm(
     gp = next_power_of_2(groups)
     x4 = x.reshape(n, s, groups, cpg)
     scale2, bias2 = scale.reshape(groups, cpg), bias.reshape(groups, cpg)
-    rows = min(config.block_rows, next_power_of_2(s))
+    rows, part_rows, parts, norm_rows, blocks = _row_plan(config, s)
     out_shape = jax.ShapeDtypeStruct(x4.shape, x.dtype)
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
     statics = dict(rows=rows, groups=groups, cpg=cpg)
@@ -763,8 +769,6 @@ def group_norm(
         )(x4, scale2, bias2)
         return out.reshape(x.shape)
 
-    part_rows = max(rows, min(config.stats_rows, s))
-    parts = -(-s // part_rows)
     stat_shape = jax.ShapeDtypeStruct((n, parts, gp), jnp.float32)
     cooperative = config.mode == "cooperative" and not interpret
     if cooperative and n * parts > (sms := num_sms()):
@@ -818,8 +822,6 @@ def group_norm(
         combine = _sum_partials if sums else _combine_partials
         stats = combine(*stats, parts=parts, part_rows=part_rows, s=s, cpg=cpg)
         parts, part_rows = 1, s
-    norm_rows = max(rows, min(config.norm_rows, s))
-    blocks = -(-s // norm_rows)
     kernel = functools.partial(
         _normalize_kernel,
         parts=parts,
@@ -863,9 +865,7 @@ def group_statistics(x, *, groups: int = 32, config: Config | None = None,
     interpret = resolve_interpret(interpret)
     n, c = x.shape[0], x.shape[-1]
     s, cpg = math.prod(x.shape[1:-1]), c // groups
-    rows = min(config.block_rows, next_power_of_2(s))
-    part_rows = max(rows, min(config.stats_rows, s))
-    parts = -(-s // part_rows)
+    rows, part_rows, parts, _, _ = _row_plan(config, s)
     stat_shape = jax.ShapeDtypeStruct((n, parts, next_power_of_2(groups)), jnp.float32)
     stats = pl.pallas_call(
         functools.partial(_stats_kernel, parts=parts, part_rows=part_rows, rows=rows,

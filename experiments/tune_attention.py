@@ -154,8 +154,9 @@ def candidates(kernel: str, shape, full: bool, fast_exp: bool = False) -> list:
     elif kernel == "flash":
         base = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3),
                 (128, 128, 8, 2), (64, 128, 4, 2)]  # fmt: skip
-        if shape.kv_len <= 256:
-            # short key sets (cross-attention): smaller programs, more of them resident at once
+        if shape.kv_len <= MAX_KEYS:
+            # short key sets (the cross kernel's, the prompt's): smaller programs, more of them
+            # resident at once
             # (ncu at 64x64: 84 registers a thread, 1.55 waves of 1024 programs, warps stalled
             # on global loads)
             base += [(32, 32, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2), (16, 32, 4, 2),
