@@ -34,6 +34,17 @@ showed the two consumers' alternating softmaxes, mostly the exponentials, to be 
 - `overlap_qk`: step i + 1's Q K^T issued before step i's softmax (FlashAttention-3's
   intra-warpgroup overlap; 1.4-1.6x slower, most likely serialized wgmmas).
 
+Two options against the softmax's own cost (fifteenth session; `experiments/results/README.md`):
+- `poly_exp`: one register pair in `poly_exp` of each score tile exponentiated on the FMA
+  pipe by a polynomial (`exp2_poly`: 2**round(x) into the exponent bits, 2**frac by a degree-3
+  polynomial) instead of the special-function unit, whose 16 results per clock per SM bound
+  the exponentials while one warp per scheduler runs a softmax (FlashAttention-4's remedy for
+  the same bound; the fp16 pairs of `half_exp` measured slower, so that unit has no packed
+  fast path to lean on);
+- `lazy_sum`: P's row sums kept as per-thread partial sums over 8 columns (halving the tile's
+  columns), rescaled each step like O; the lanes' shuffles that finish a row sum run once, at
+  the end, instead of every step.
+
 Head dims that are not a multiple of `head_align` (64 by default; SD's 40, 80, 160) are
 zero-padded to `d_pad` (the next multiple) *in memory*, and the output is sliced back: extra copies of q, k, v and
 the output that the Triton kernel avoids with masks. The reason: Mosaic GPU places a TMA
@@ -54,10 +65,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -87,6 +100,18 @@ CONSUMER_COUNTS = (2, 3)
 # must be smaller: at most 64 registers a thread (64 x 128), beside O, P and the row statistics.
 CONSUMER_MAX_TILE = {2: None, 3: 8192}
 THREADS_PER_WARPGROUP = 128
+# lazy_sum: columns of the per-thread partial row sums, one wgmma layout tile (a thread holds
+# two of a row's eight; the four lanes of a row finish the sum at the end).
+LAZY_SUM_COLS = 8
+# exp2_poly: 2**x = 2**j * 2**f, j = round(x), f = x - j in [-0.5, 0.5]. 2**f by the degree-3
+# polynomial below (a relative minimax fit on [-0.5, 0.5], fitted by iteratively reweighted
+# least squares; max relative error 7.5e-5, under the fp16 rounding of P, 4.9e-4); j comes from
+# rounding with a magic number (x + 1.5 * 2**23 holds round(x) in its low mantissa bits) and
+# is added into the exponent bits. x is clamped at -125 so that 2**j * p stays a normal float.
+EXP2_POLY = (0.9999281, 0.69326097, 0.24261054, 0.05517132)  # c0 + c1 f + c2 f^2 + c3 f^3
+ROUND_MAGIC = 12582912.0  # 1.5 * 2**23
+EXP2_POLY_MIN = -125.0
+MANTISSA_BITS = 23
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -134,6 +159,15 @@ class HopperConfig:
     # ping-pong (its barrier pairs two consumers). Measured 13-20% slower than the tuned pair
     # at SD1.5's 64x64 self-attention (results README, item 127): an option, off.
     consumers: int = 2
+    # One register pair in `poly_exp` of each fp32 score tile exponentiated by `exp2_poly` on
+    # the FMA pipe instead of the special-function unit (0: none). 4 moves a quarter of the
+    # exponentials, where counting puts the balance between the two units' issue costs (the
+    # polynomial takes ~9 issue slots a value; the unit 1 slot and 8 clocks a warp). Not with
+    # half_exp (its exponentials are fp16 pairs).
+    poly_exp: int = 0
+    # P's row sums as per-thread partials over LAZY_SUM_COLS columns, rescaled each step, the
+    # lanes' shuffles once at the end (fp32 exponentials; not with mma_row_sum or half_exp).
+    lazy_sum: bool = False
 
     def __post_init__(self):
         if self.block_q % WGMMA_M:
@@ -148,6 +182,13 @@ class HopperConfig:
             raise ValueError("half_sum needs half_exp")
         if self.half_sum and self.mma_row_sum:
             raise ValueError("half_sum and mma_row_sum both set how P's row sums are taken")
+        if self.poly_exp < 0 or self.poly_exp == 1:
+            raise ValueError(f"poly_exp={self.poly_exp}: 0 (off) or one register in N >= 2")
+        if self.poly_exp and self.half_exp:
+            raise ValueError("poly_exp replaces fp32 exponentials: not with half_exp")
+        if self.lazy_sum and (self.half_exp or self.mma_row_sum):
+            raise ValueError("lazy_sum keeps fp32 row sums in registers: not with half_exp or "
+                             "mma_row_sum")
         if self.consumers not in CONSUMER_COUNTS:
             raise ValueError(f"consumers={self.consumers} must be one of {CONSUMER_COUNTS}")
         if self.pingpong and self.consumers != 2:
@@ -279,15 +320,95 @@ _ABLATE: frozenset[str] = frozenset()
 ABLATABLE = ("max", "exp", "sum", "rescale", "pv", "pingpong")
 
 
+def _halve_columns(x, op: str, width: int):
+    """x [rows, cols] (wgmma layout) reduced by max or sum to [rows, width]: the columns halved
+    with element-wise ops (at multiples of 8: whole layout tiles), no lane shuffles."""
+    while x.shape[1] > width:
+        half = x.shape[1] // 2
+        a, b = x[:, :half], x[:, half:]
+        x = jnp.maximum(a, b) if op == "max" else a + b
+    return x
+
+
 def _row_reduce(x, op: str, *, tree: bool):
     """max or sum over axis 1 of x [rows, cols] (fp32, wgmma layout) -> [rows]. With `tree`,
     halve the columns with element-wise ops first (at multiples of 8: whole layout tiles)."""
     if tree:
-        while x.shape[1] > 8:
-            half = x.shape[1] // 2
-            a, b = x[:, :half], x[:, half:]
-            x = jnp.maximum(a, b) if op == "max" else a + b
+        x = _halve_columns(x, op, LAZY_SUM_COLS)
     return x.max(axis=1) if op == "max" else x.sum(axis=1)
+
+
+def exp2_poly(x):
+    """2**x of float32 x by the FMA pipe's kind of operations (adds, multiply-adds, an integer
+    shift and add): the polynomial of `EXP2_POLY`, relative error <= 7.5e-5 for x in
+    [-125, 126); x below -125 gives 2**-125. The kernel's `poly_exp` runs the same sequence as
+    PTX (`_EXP2_POLY_PTX`), rounding with the magic number, which XLA would fold away here
+    ((x + c) - c -> x): jnp.round rounds the same way (to nearest, ties to even)."""
+    x = jnp.maximum(x.astype(jnp.float32), EXP2_POLY_MIN)
+    j = jnp.round(x)
+    f = x - j  # in [-0.5, 0.5]
+    c0, c1, c2, c3 = (jnp.float32(c) for c in EXP2_POLY)
+    p = ((c3 * f + c2) * f + c1) * f + c0
+    two_j = lax.shift_left(j.astype(jnp.int32), jnp.int32(MANTISSA_BITS))
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(p, jnp.int32) + two_j, jnp.float32)
+
+
+def _f32_hex(value: float) -> str:
+    """A PTX float32 literal (0fXXXXXXXX) of value."""
+    return "0f" + np.float32(value).view(np.uint32).item().to_bytes(4, "big").hex().upper()
+
+
+# exp2_poly as one PTX block for one float32 ($1 -> $0). The movs between .f32 and .b32
+# registers are free (ptxas renames them).
+_EXP2_POLY_PTX = f"""{{
+.reg .f32 xc, t, j, f, p;
+.reg .b32 tb, pb;
+max.f32 xc, $1, {_f32_hex(EXP2_POLY_MIN)};
+add.rn.f32 t, xc, {_f32_hex(ROUND_MAGIC)};
+sub.rn.f32 j, t, {_f32_hex(ROUND_MAGIC)};
+sub.rn.f32 f, xc, j;
+fma.rn.f32 p, f, {_f32_hex(EXP2_POLY[3])}, {_f32_hex(EXP2_POLY[2])};
+fma.rn.f32 p, p, f, {_f32_hex(EXP2_POLY[1])};
+fma.rn.f32 p, p, f, {_f32_hex(EXP2_POLY[0])};
+mov.b32 tb, t;
+shl.b32 tb, tb, {MANTISSA_BITS};
+mov.b32 pb, p;
+add.s32 pb, pb, tb;
+mov.b32 $0, pb;
+}}"""
+
+
+def _exp2_mixed(x, every: int, *, interpret: bool):
+    """2**x of fp32 x [block_q, block_kv] (wgmma layout): one register pair in `every` by
+    `exp2_poly` on the FMA pipe, the others by the special-function unit (ex2.approx).
+
+    Interpret mode: the same split by columns (pairs of columns, as a register holds them).
+    """
+    if interpret:
+        pair = lax.broadcasted_iota(jnp.int32, x.shape, 1) // 2
+        return jnp.where(pair % every == every - 1, exp2_poly(x), jnp.exp2(x))
+    from jax.experimental.mosaic import gpu as mgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import llvm
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA,),
+        return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=plgpu.Layout.WGMMA),
+    )
+    def mixed(ctx, a):
+        del ctx
+        unit = mgpu.FragmentedArray._lift_fast_instr("ex2.approx.ftz.f32")
+        poly = mgpu.FragmentedArray._lift_fast_instr(
+            lambda v: llvm.inline_asm(ir.F32Type.get(), [v], _EXP2_POLY_PTX, "=f,f")
+        )
+        count = itertools.count()  # _pointwise visits the registers once each, in order
+
+        def one(register):
+            return poly(register) if next(count) % every == every - 1 else unit(register)
+
+        return a._pointwise(one)
+
+    return mixed(x)
 
 
 def _exp2_f16(x, *, interpret: bool):
@@ -331,7 +452,7 @@ def _kernel(
     q_ref, k_ref, v_ref, *refs,
     d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
     head_offsets=(0, 0, 0), half_exp=False, half_sum=False, tree=False, mma_sum=False,
-    overlap=False, pin=False, consumers=COMPUTE_WARPGROUPS,
+    overlap=False, pin=False, consumers=COMPUTE_WARPGROUPS, poly=0, lazy=False,
 ):  # fmt: skip
     """One program: consumers * block_q query rows of one (batch, head); consumers + 1
     warpgroups (the last one the producer).
@@ -392,6 +513,13 @@ def _kernel(
         acc = in_layout(jnp.zeros((block_q, d_pad), jnp.float32), plgpu.Layout.WGMMA)
         if mma_sum:  # every column of it is the row sum: it stands in for l_i
             l_i = in_layout(jnp.zeros((block_q, ONES_COLS), jnp.float32), plgpu.Layout.WGMMA)
+        if lazy:  # per-thread partial row sums: summed across their columns at the end
+            l_i = in_layout(jnp.zeros((block_q, LAZY_SUM_COLS), jnp.float32),
+                            plgpu.Layout.WGMMA)  # fmt: skip
+        if poly:
+            exp2 = functools.partial(_exp2_mixed, every=poly, interpret=interpret)
+        else:
+            exp2 = jnp.exp2
         if pingpong:
             pl.when(wg == 1)(stagger)  # consumer 1 starts half a step behind consumer 0
 
@@ -410,13 +538,18 @@ def _kernel(
                     row_sum = p.sum(axis=1).astype(jnp.float32) if half_sum else (
                         _row_reduce(p.astype(jnp.float32), "sum", tree=tree))  # fmt: skip
             elif mma_sum:  # (the row sums come with P V)
-                p = (logits if "exp" in ablate else jnp.exp2(logits)).astype(q_ref.dtype)
+                p = (logits if "exp" in ablate else exp2(logits)).astype(q_ref.dtype)
             else:
-                p = logits if "exp" in ablate else jnp.exp2(logits)
-                row_sum = l_i if "sum" in ablate else _row_reduce(p, "sum", tree=tree)
+                p = logits if "exp" in ablate else exp2(logits)
+                if lazy:
+                    row_sum = _halve_columns(p, "sum", LAZY_SUM_COLS)
+                else:
+                    row_sum = l_i if "sum" in ablate else _row_reduce(p, "sum", tree=tree)
                 p = p.astype(q_ref.dtype)
             if mma_sum:
                 l_i = l_i * lax.broadcast_in_dim(alpha, l_i.shape, [0])
+            elif lazy:
+                l_i = l_i * lax.broadcast_in_dim(alpha, l_i.shape, [0]) + row_sum
             else:
                 l_i = l_i * alpha + row_sum
             if "rescale" not in ablate:
@@ -471,6 +604,8 @@ def _kernel(
             pl.when(wg == 0)(stagger)  # balance consumer 1's extra meeting at the start
         if mma_sum:  # the columns are equal: their max is the row sum, exactly
             l_i = l_i.max(axis=1)
+        if lazy:
+            l_i = l_i.sum(axis=1)
         out = acc * lax.broadcast_in_dim(1.0 / l_i, acc.shape, [0])
         q_tile[...] = out.astype(o_ref.dtype)  # the query tile's buffer is free: reuse it
         plgpu.commit_smem()
@@ -603,6 +738,8 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         overlap=config.overlap_qk and kv_steps > 1,
         pin=config.pin_softmax,
         consumers=consumers,
+        poly=config.poly_exp,
+        lazy=config.lazy_sum,
     )
     return plgpu.kernel(
         kernel,

@@ -7,7 +7,7 @@ Nsight Compute found the kernel at SD1.5's 64x64 self-attention latency-bound (t
 session) without saying which stage waits. Here each variant is the kernel with stages left out
 (`flash_attention_hopper._ABLATE`: max, exp, sum, rescale, pv, pingpong; wrong results,
 timing only) or with a correct alternative (`tree_reduce`, `half_exp`, `mma_row_sum`, `overlap_qk`,
-three `consumers`), timed by device kernel
+three `consumers`, `poly_exp`, `lazy_sum`), timed by device kernel
 time (`experiments.common.kernel_us`: distinct inputs, none served from L2). The difference to
 the full kernel is what a stage costs on the critical path. Correct variants are checked
 against the float32 reference.
@@ -31,7 +31,11 @@ from experiments import common
 fah = importlib.import_module("custom_calls.flash_attention_hopper")
 
 # name: (batch, length, heads, head_dim): SD1.5's packed self-attentions at 512x512.
-SHAPES = {"sd15_self_64": (2, 4096, 8, 40), "sd15_self_32": (2, 1024, 8, 80)}
+SHAPES = {"sd15_self_64": (2, 4096, 8, 40), "sd15_self_32": (2, 1024, 8, 80),
+          # SD2.1's at 768x768 (heads of 64: no padding)
+          "sd21_self_96": (2, 9216, 5, 64), "sd21_self_48": (2, 2304, 10, 64)}
+DEFAULT_SHAPES = ("sd15_self_64", "sd15_self_32")
+FP32_EXP = {"half_exp": False, "half_sum": False}
 # name: (config changes, stages left out)
 VARIANTS = {
     "full": ({}, ()),
@@ -66,6 +70,20 @@ VARIANTS = {
                            "half_exp": True}, ()),  # fmt: skip
     "c3_kv128_no_exp": ({"consumers": 3, "block_q": 64, "block_kv": 128, "pingpong": False},
                         ("exp",)),  # fmt: skip
+    # a share of the exponentials on the FMA pipe (one register pair in N); lazy row sums.
+    # Both take fp32 exponentials: `fp32_exp` is their baseline where the tuned config has
+    # fp16 ones.
+    "fp32_exp": ({**FP32_EXP}, ()),
+    "poly8": ({**FP32_EXP, "poly_exp": 8}, ()),
+    "poly4": ({**FP32_EXP, "poly_exp": 4}, ()),
+    "poly3": ({**FP32_EXP, "poly_exp": 3}, ()),
+    "poly2": ({**FP32_EXP, "poly_exp": 2}, ()),
+    "lazy_sum": ({**FP32_EXP, "lazy_sum": True}, ()),
+    "poly4+lazy_sum": ({**FP32_EXP, "poly_exp": 4, "lazy_sum": True}, ()),
+    "poly3+lazy_sum": ({**FP32_EXP, "poly_exp": 3, "lazy_sum": True}, ()),
+    "lazy_sum+tree_reduce": ({**FP32_EXP, "lazy_sum": True, "tree_reduce": True}, ()),
+    "lazy_sum+pin_softmax": ({**FP32_EXP, "lazy_sum": True, "pin_softmax": True}, ()),
+    "lazy_sum+stages2": ({**FP32_EXP, "lazy_sum": True, "stages": 2}, ()),
     "full_again": ({}, ()),  # the same kernel, timed again: the run's spread
     "no_max": ({}, ("max",)),
     "no_exp": ({}, ("exp",)),
@@ -78,7 +96,7 @@ VARIANTS = {
 }
 TOLERANCE = 2e-3  # fp16 attention against its fp32 reference (relative L2)
 
-_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), "shape names")
+_SHAPES = flags.DEFINE_list("shapes", list(DEFAULT_SHAPES), f"shape names, of {list(SHAPES)}")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "variant names")
 
 

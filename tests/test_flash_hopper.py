@@ -69,6 +69,13 @@ CASES = [
     (1, 256, 1, 80, 128, jnp.bfloat16, HopperConfig(block_q=128, pin_softmax=True)),
     (1, 128, 2, 40, 128, jnp.float16,
      HopperConfig(block_kv=64, half_exp=True, mma_row_sum=True, pin_softmax=True)),
+    # a quarter of the exponentials by the FMA pipe's polynomial; partial row sums summed at
+    # the end (with the ping-pong, without it, three consumers)
+    (3, 128, 2, 40, 192, jnp.float16, HopperConfig(block_kv=64, head_align=16, poly_exp=4)),
+    (1, 256, 1, 80, 256, jnp.bfloat16, HopperConfig(block_q=128, poly_exp=2, lazy_sum=True)),
+    (2, 128, 1, 160, 192, jnp.float16, HopperConfig(block_kv=64, stages=3, lazy_sum=True)),
+    (1, 192, 2, 40, 128, jnp.float16,
+     HopperConfig(block_kv=64, pingpong=False, consumers=3, poly_exp=4, lazy_sum=True)),
     # three consumers; Lq not a multiple of a program's rows (the last program's surplus
     # consumers repeat the last tile: 192 rows of 2 x 64, 128 and 256 of 3 x 64)
     (1, 192, 2, 40, 128, jnp.float16, HopperConfig(block_kv=64, head_align=16)),
@@ -85,7 +92,8 @@ def _case_id(case):
     b, lq, h, d, lk, dt, c = case
     half = ":half_exp" * c.half_exp + ":half_sum" * c.half_sum + ":tree" * c.tree_reduce
     half += ":mma_sum" * c.mma_row_sum + ":overlap" * c.overlap_qk + ":pin" * c.pin_softmax
-    half += f":c{c.consumers}" * (c.consumers != 2)
+    half += f":c{c.consumers}" * (c.consumers != 2) + f":poly{c.poly_exp}" * bool(c.poly_exp)
+    half += ":lazy_sum" * c.lazy_sum
     return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}{half}"
 
 
@@ -121,6 +129,37 @@ def test_heads_do_not_leak_into_each_other(rng):
     after = np.asarray(flash_attention_hopper(q + bump, k + bump, v + bump, config=config))
     np.testing.assert_array_equal(after[:, :, 0], before[:, :, 0])
     assert not np.allclose(after[:, :, 1], before[:, :, 1])
+
+
+def test_exp2_poly_accuracy():
+    """The FMA pipe's exp2 (`poly_exp`) within its stated 7.5e-5 of exp2 over the softmax's
+    range (logits less their maximum: <= 0), and 2**-125 below -125, with no NaN."""
+    from custom_calls.flash_attention_hopper import exp2_poly
+
+    x = np.concatenate([np.linspace(-125.0, 0.0, 200_001, dtype=np.float32),
+                        np.float32([-0.5, 0.5, -1e-7, 3.0, 20.0])])  # fmt: skip
+    got = np.asarray(exp2_poly(jnp.asarray(x)), np.float64)
+    want = np.exp2(x.astype(np.float64))
+    assert np.isfinite(got).all()
+    assert np.max(np.abs(got / want - 1.0)) <= 7.6e-5
+    low = np.asarray(exp2_poly(jnp.float32([-126.0, -300.0, -np.inf])))
+    np.testing.assert_allclose(low, 2.0**-125, rtol=1e-4)
+
+
+def test_poly_exp_ptx_matches_the_jnp_form():
+    """The PTX the GPU runs spells the same constants as `exp2_poly` (run on the device by
+    the `gpu` tests; here its literals are read back)."""
+    import importlib
+    import re
+    import struct
+
+    fah = importlib.import_module("custom_calls.flash_attention_hopper")  # the module, not
+    # the function of the same name that `custom_calls` exports
+    hexes = re.findall(r"0f([0-9A-F]{8})", fah._EXP2_POLY_PTX)
+    literals = [struct.unpack(">f", bytes.fromhex(h))[0] for h in hexes]
+    want = [fah.EXP2_POLY_MIN, fah.ROUND_MAGIC, fah.ROUND_MAGIC, *fah.EXP2_POLY[::-1][:2],
+            fah.EXP2_POLY[1], fah.EXP2_POLY[0]]  # fmt: skip
+    np.testing.assert_array_equal(np.float32(literals), np.float32(want))
 
 
 def test_large_logits_are_stable(rng):
@@ -216,7 +255,9 @@ def test_rejects_bad_configs():
                 dict(consumers=5, pingpong=False), dict(consumers=3),  # the ping-pong pairs two
                 dict(consumers=3, pingpong=False, block_q=128),  # registers: tiles <= 8192
                 dict(consumers=4, pingpong=False, block_kv=64),  # dropped (item 127)
-                dict(consumers=3, pingpong=False, block_kv=128, overlap_qk=True)):  # fmt: skip
+                dict(consumers=3, pingpong=False, block_kv=128, overlap_qk=True),
+                dict(poly_exp=1), dict(poly_exp=-2), dict(poly_exp=4, half_exp=True),
+                dict(lazy_sum=True, mma_row_sum=True), dict(lazy_sum=True, half_exp=True)):  # fmt: skip
         with pytest.raises(ValueError):
             HopperConfig(**bad)
 
@@ -268,7 +309,16 @@ def test_gpu_sd_shapes(name, dtype, rng):
                                     HopperConfig(head_align=16, pingpong=False, consumers=3),
                                     HopperConfig(head_align=16, pingpong=False, consumers=3,
                                                  block_kv=64, stages=3, mma_row_sum=True,
-                                                 half_exp=True)])  # fmt: skip
+                                                 half_exp=True),
+                                    # the FMA pipe's exponentials, the lazy row sums
+                                    HopperConfig(head_align=16, block_q=128, stages=3,
+                                                 poly_exp=4),
+                                    HopperConfig(head_align=16, block_q=128, stages=3,
+                                                 lazy_sum=True),
+                                    HopperConfig(head_align=16, block_q=128, stages=3,
+                                                 poly_exp=3, lazy_sum=True),
+                                    HopperConfig(head_align=16, poly_exp=2, lazy_sum=True,
+                                                 pingpong=False)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:
