@@ -68,6 +68,11 @@ _OVERLAP = flags.DEFINE_bool(
     "flash_hopper: also try each config without the ping-pong with step i + 1's scores under "
     "step i's softmax (HopperConfig.overlap_qk), where its two score tiles fit",
 )  # fmt: skip
+_LAZY = flags.DEFINE_bool(
+    "hopper_lazy_sum", False,
+    "flash_hopper: also try each config with fp32 exponentials and row sums in registers "
+    "with the row sums kept per thread until the end (HopperConfig.lazy_sum)",
+)  # fmt: skip
 _KERNEL_US = flags.DEFINE_integer(
     "kernel_us_top", 0,
     "re-time this many of each shape's fastest configs (by the chained-call time) by device "
@@ -95,11 +100,12 @@ FAST_EXP_BASE = [(128, 64, 8, 4), (128, 64, 8, 3), (256, 64, 8, 3), (256, 64, 8,
 
 
 def hopper_candidates(shape, half_exp: bool = False, mma_sum: bool = False,
-                      overlap: bool = False) -> list[HopperConfig]:  # fmt: skip
+                      overlap: bool = False, lazy: bool = False) -> list[HopperConfig]:  # fmt: skip
     """The Hopper kernel's grid, less the configs that cannot run the shape. `half_exp`: each
     config also with fp16 exponentials, with fp32 and with fp16 row sums per tile. `mma_sum`:
     each config also with the row sums on the tensor cores. `overlap`: each config without
-    the ping-pong also with `overlap_qk`, where its tiles allow it."""
+    the ping-pong also with `overlap_qk`, where its tiles allow it. `lazy`: each config with
+    fp32 exponentials and row sums in registers also with `lazy_sum`."""
     # A narrower swizzle only where it pads less (SD's head dims 40, 80, 160).
     aligns = (64, 16) if shape.head_dim % 64 else (64,)
     halves = ((False, False), (True, False), (True, True)) if half_exp else ((False, False),)
@@ -113,6 +119,9 @@ def hopper_candidates(shape, half_exp: bool = False, mma_sum: bool = False,
     if overlap:
         configs += [dataclasses.replace(c, overlap_qk=True) for c in configs
                     if not c.pingpong and c.block_q * c.block_kv <= OVERLAP_MAX_TILE]  # fmt: skip
+    if lazy:
+        configs += [dataclasses.replace(c, lazy_sum=True) for c in configs
+                    if not (c.half_exp or c.mma_row_sum)]  # fmt: skip
     return [c for c in configs if supports(shape.q_shape, shape.kv_shape, jnp.float16, c) is None]
 
 
@@ -137,7 +146,7 @@ def candidates(kernel: str, shape, full: bool, fast_exp: bool = False) -> list:
         return cross_candidates(shape)
     if kernel == "flash_hopper":
         return hopper_candidates(shape, _HALF.value and _DTYPE.value == "float16", _MMA_SUM.value,
-                                 _OVERLAP.value)  # fmt: skip
+                                 _OVERLAP.value, _LAZY.value)  # fmt: skip
     cls = KERNELS[kernel][1]
     differ = head_chunks(shape.head_dim, True) != head_chunks(shape.head_dim, False)
     splits = [True, False] if differ else [True]

@@ -392,3 +392,27 @@ def test_no_stage_is_left_out_outside_the_ablation_experiment():
     module = importlib.import_module("custom_calls.flash_attention_hopper")
     assert module._ABLATE == frozenset()
     assert set(module.ABLATABLE) == {"max", "exp", "sum", "rescale", "pv", "pingpong"}
+
+
+def test_tune_grid_adds_lazy_sum():
+    """`tune_attention.py --hopper_lazy_sum`: every config with fp32 exponentials and row sums
+    in registers also with lazy_sum, and none with fp16 exponentials or tensor-core sums."""
+    from tests._subprocess import last_json_line, run_python
+
+    got = last_json_line(
+        run_python(
+            "import json\n"
+            "from experiments import tune_attention as t\n"
+            "from sdjax.shapes import ATTENTION_SHAPES as S\n"
+            "s = S['sd15_self_64']\n"
+            "base = t.hopper_candidates(s, half_exp=True, mma_sum=True)\n"
+            "lazy = t.hopper_candidates(s, half_exp=True, mma_sum=True, lazy=True)\n"
+            "eligible = [c for c in base if not (c.half_exp or c.mma_row_sum)]\n"
+            "print(json.dumps({'base': len(base), 'lazy': len(lazy), 'eligible': len(eligible),\n"
+            "                  'bad': sum(c.lazy_sum and (c.half_exp or c.mma_row_sum)\n"
+            "                             for c in lazy),\n"
+            "                  'base_lazy': sum(c.lazy_sum for c in base)}))"
+        )
+    )
+    assert got["eligible"] > 0 and got["base_lazy"] == 0 and got["bad"] == 0
+    assert got["lazy"] == got["base"] + got["eligible"]
