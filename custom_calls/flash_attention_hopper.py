@@ -63,6 +63,7 @@ Off GPU the kernel runs in Mosaic GPU's interpret mode (tests; very slow, small 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -208,11 +209,37 @@ class HopperConfig:
             )
 
 
+# Fields that `config_overrides` replaces in every config `tuned_config` returns.
+_OVERRIDES: dict = {}
+
+
+@contextlib.contextmanager
+def config_overrides(**changes):
+    """Within the block, `tuned_config` returns every shape's config with these fields
+    replaced (e.g. `lazy_sum=False`): one knob changed at every shape, for a same-process A/B
+    of a whole model (`experiments/ablation.py --hopper_row`). Programs traced inside the block
+    keep the configs they were traced with (`sdjax.ops` passes the config to the jitted
+    kernel, so a retrace sees the change). Raises ValueError for an unknown field, and
+    `tuned_config` raises it for a shape whose config the change makes invalid."""
+    fields = {f.name for f in dataclasses.fields(HopperConfig)}
+    if unknown := sorted(set(changes) - fields):
+        raise ValueError(f"config_overrides: unknown HopperConfig fields {unknown}")
+    before = dict(_OVERRIDES)
+    _OVERRIDES.update(changes)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(before)
+
+
 def tuned_config(q_shape, kv_shape, dtype) -> HopperConfig:
     """The config `experiments/tune_attention.py --kernels=flash_hopper` recorded for this
-    shape (same keys as the Triton kernel's table), else the defaults."""
+    shape (same keys as the Triton kernel's table), else the defaults; with the fields of any
+    `config_overrides` in force replaced."""
     entry = tuned_table("flash_hopper").get(shape_key(q_shape, kv_shape[1], dtype))
-    return HopperConfig(**entry) if entry else HopperConfig()
+    config = HopperConfig(**entry) if entry else HopperConfig()
+    return dataclasses.replace(config, **_OVERRIDES) if _OVERRIDES else config
 
 
 def padded_head_dim(head_dim: int, align: int = D_ALIGN) -> int:

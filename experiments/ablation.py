@@ -62,6 +62,15 @@ flags.DEFINE_multi_string(
 )
 
 
+flags.DEFINE_multi_string(
+    "hopper_row",
+    [],
+    "NAME:FIELD=VALUE[,FIELD=VALUE...]: one more row, `auto` with these fields replaced in "
+    "every Hopper attention config (custom_calls.flash_attention_hopper.config_overrides), "
+    "named auto+NAME (repeatable; e.g. eager_sum:lazy_sum=false): a knob's A/B in one process",
+)
+
+
 def rows() -> dict:
     """{row: (Implementations, StableDiffusion keyword arguments)}. The paper's rows add one
     kernel at a time; `auto` is the product's choice; the last rows take one change away from
@@ -128,6 +137,30 @@ def xla_rows(specs) -> dict:
     return out
 
 
+def hopper_rows(specs) -> dict:
+    """{auto+NAME: (auto, {"hopper_overrides": fields})} from --hopper_row specs; the fields
+    are checked against HopperConfig here, before any work."""
+    import importlib
+
+    from experiments import common
+    from sdjax.ops import Implementations as I
+
+    fah = importlib.import_module("custom_calls.flash_attention_hopper")
+    out = {}
+    for spec in specs:
+        name, sep, items = spec.partition(":")
+        try:
+            if not sep or not name.strip() or not items.strip():
+                raise ValueError("want NAME:FIELD=VALUE[,FIELD=VALUE...]")
+            fields = common.parse_xla_options(items.split(","))
+            with fah.config_overrides(**fields):
+                pass
+        except ValueError as e:
+            raise app.UsageError(f"--hopper_row {spec!r}: {e}") from None
+        out[f"auto+{name.strip()}"] = (I.preset("auto"), {"hopper_overrides": fields})
+    return out
+
+
 def _memory(pipe) -> dict:
     """Parameter bytes, and the largest program's temp+output bytes (XLA's memory analysis)."""
     import jax
@@ -149,6 +182,22 @@ def _memory(pipe) -> dict:
 
 
 def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, options=None):
+    """One row; `options` are StableDiffusion's keyword arguments, less "hopper_overrides"
+    (fields replaced in every Hopper attention config while the row compiles and runs)."""
+    import importlib
+
+    fah = importlib.import_module("custom_calls.flash_attention_hopper")
+    options = dict(options or {})
+    overrides = options.pop("hopper_overrides", {})
+    with fah.config_overrides(**overrides):
+        row, result = _run_row(name, kernels, config, params, tokenizer, dtype, res,
+                               ref_latents, options)  # fmt: skip
+    if overrides:
+        row["hopper_overrides"] = overrides
+    return row, result
+
+
+def _run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, options):
     import numpy as np
 
     from experiments import common
@@ -315,7 +364,8 @@ def main(argv):
     from sdjax.pipeline import StableDiffusion
     from sdjax.tokenizer import Tokenizer
 
-    selected = {**rows(), **xla_rows(FLAGS.xla_row)}  # bad flags fail before any work
+    # bad flags fail before any work
+    selected = {**rows(), **xla_rows(FLAGS.xla_row), **hopper_rows(FLAGS.hopper_row)}
     if FLAGS.rows:
         unknown = sorted(set(FLAGS.rows) - set(selected))
         if unknown:

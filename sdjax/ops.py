@@ -251,7 +251,10 @@ def _require_hopper(q, k) -> None:
 
 def _attention_flash_hopper(q, k, v, *, scale):
     _require_hopper(q, k)
-    return custom_calls.flash_attention_hopper(q, k, v, scale=scale)
+    # the config passed in (not looked up inside the kernel's jit), so that a retrace under
+    # `flash_attention_hopper.config_overrides` is not served from the jit's cache
+    config = _hopper_tuned_config(q.shape, k.shape, q.dtype)
+    return custom_calls.flash_attention_hopper(q, k, v, scale=scale, config=config)
 
 
 def _attention_fused_softmax(q, k, v, *, scale):
@@ -339,7 +342,8 @@ def self_attention_packed(qkv, *, scale: float | None = None, implementation=Non
 def _attention_flash_hopper_packed(qkv, *, scale):
     q = jax.ShapeDtypeStruct(qkv.shape[:2] + qkv.shape[3:], qkv.dtype)
     _require_hopper(q, q)
-    return custom_calls.flash_attention_hopper_qkv(qkv, scale=scale)
+    config = _hopper_tuned_config(q.shape, q.shape, q.dtype)  # (see _attention_flash_hopper)
+    return custom_calls.flash_attention_hopper_qkv(qkv, scale=scale, config=config)
 
 
 def attention_head_padding(q_shape, kv_shape, dtype) -> int | None:

@@ -103,3 +103,31 @@ def test_malformed_xla_row_is_refused_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "--xla_row wants NAME:OPTION=VALUE" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_hopper_row_runs_with_the_overrides_recorded(tmp_path):
+    """--hopper_row NAME:FIELD=VALUE adds `auto` run under the Hopper attention's
+    config_overrides (on the CPU no Hopper kernel runs: the row runs as `auto` does) and
+    records the fields; the row's StableDiffusion options stay the pipeline's."""
+    proc = run_ablation(
+        tmp_path, "--rows=auto+eager_sum", "--hopper_row=eager_sum:lazy_sum=false,stages=2",
+        "--tag=_h", "--noreference", "--end_to_end_repeats=0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "ablation_tiny_float32_h.json").read_text())
+    [row] = record["rows"]
+    assert row["row"] == "auto+eager_sum" and "error" not in row and row["finite"]
+    assert row["hopper_overrides"] == {"lazy_sum": False, "stages": 2}
+    assert row["options"] == {"compiler_options": {}}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("x:no_such_field=1", "unknown HopperConfig fields ['no_such_field']"),
+     ("nofields", "want NAME:FIELD=VALUE")],
+)  # fmt: skip
+def test_malformed_hopper_row_is_refused_before_any_work(tmp_path, spec, message):
+    proc = run_ablation(tmp_path, f"--hopper_row={spec}")
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -416,3 +416,56 @@ def test_tune_grid_adds_lazy_sum():
     )
     assert got["eligible"] > 0 and got["base_lazy"] == 0 and got["bad"] == 0
     assert got["lazy"] == got["base"] + got["eligible"]
+
+
+def test_config_overrides_replace_fields_at_every_shape_and_restore():
+    import importlib
+
+    fah = importlib.import_module("custom_calls.flash_attention_hopper")
+    shapes = [((2, 4096, 8, 48), (2, 4096, 8, 48)), ((2, 1024, 8, 80), (2, 1024, 8, 80)),
+              ((1, 128, 2, 40), (1, 256, 2, 40))]  # tuned, tuned, untuned (defaults)  # fmt: skip
+    before = [fah.tuned_config(q, k, jnp.float16) for q, k in shapes]
+    with fah.config_overrides(stages=2, pingpong=False):
+        inside = [fah.tuned_config(q, k, jnp.float16) for q, k in shapes]
+        with fah.config_overrides(stages=3):  # nested: the inner value wins, then comes back
+            assert all(c.stages == 3 and not c.pingpong
+                       for c in (fah.tuned_config(q, k, jnp.float16) for q, k in shapes))  # fmt: skip
+        assert [fah.tuned_config(q, k, jnp.float16) for q, k in shapes] == inside
+    assert inside == [dataclasses.replace(c, stages=2, pingpong=False) for c in before]
+    assert [fah.tuned_config(q, k, jnp.float16) for q, k in shapes] == before
+    with pytest.raises(ValueError, match="unknown HopperConfig fields"):
+        with fah.config_overrides(lazy=True):
+            pass
+    with fah.config_overrides(half_sum=True):  # invalid with the fp32 exponentials
+        with pytest.raises(ValueError, match="half_sum needs half_exp"):
+            fah.tuned_config(*shapes[0], jnp.float16)
+
+
+def test_ops_pass_the_config_in_force_to_the_kernel(monkeypatch):
+    """sdjax.ops hands the kernel its config (so that the kernel's jit caches by it): under
+    config_overrides a retrace gets the replaced config, not a cached trace of the old one."""
+    import importlib
+
+    import custom_calls
+    from sdjax import ops
+
+    fah = importlib.import_module("custom_calls.flash_attention_hopper")
+    seen = []
+
+    def record(*args, config=None, **kwargs):
+        seen.append(config)
+        return args[0][:, :, 0]
+
+    monkeypatch.setattr(ops, "_require_hopper", lambda q, k: None)
+    monkeypatch.setattr(custom_calls, "flash_attention_hopper_qkv", record)
+    monkeypatch.setattr(custom_calls, "flash_attention_hopper", record)
+    qkv = jnp.zeros((2, 4096, 3, 8, 48), jnp.float16)
+    q = qkv[:, :, 0]
+    ops._attention_flash_hopper_packed(qkv, scale=0.1)
+    ops._attention_flash_hopper(q, q, q, scale=0.1)
+    with fah.config_overrides(lazy_sum=False):
+        ops._attention_flash_hopper_packed(qkv, scale=0.1)
+        ops._attention_flash_hopper(q, q, q, scale=0.1)
+    tuned = fah.tuned_config(q.shape, q.shape, jnp.float16)
+    assert tuned.lazy_sum  # the table's entry at SD1.5's 64x64 self-attention
+    assert seen == [tuned, tuned, *[dataclasses.replace(tuned, lazy_sum=False)] * 2]
