@@ -34,16 +34,18 @@ showed the two consumers' alternating softmaxes, mostly the exponentials, to be 
 - `overlap_qk`: step i + 1's Q K^T issued before step i's softmax (FlashAttention-3's
   intra-warpgroup overlap; 1.4-1.6x slower, most likely serialized wgmmas).
 
-Two options against the softmax's own cost (fifteenth session; `experiments/results/README.md`):
-- `poly_exp`: one register pair in `poly_exp` of each score tile exponentiated on the FMA
-  pipe by a polynomial (`exp2_poly`: 2**round(x) into the exponent bits, 2**frac by a degree-3
-  polynomial) instead of the special-function unit, whose 16 results per clock per SM bound
-  the exponentials while one warp per scheduler runs a softmax (FlashAttention-4's remedy for
-  the same bound; the fp16 pairs of `half_exp` measured slower, so that unit has no packed
-  fast path to lean on);
+Two options against the softmax's own cost (fifteenth session; `experiments/results/README.md`,
+items 148-156):
 - `lazy_sum`: P's row sums kept as per-thread partial sums over 8 columns (halving the tile's
   columns), rescaled each step like O; the lanes' shuffles that finish a row sum run once, at
-  the end, instead of every step.
+  the end, instead of every step. -3.4% at SD1.5's 64x64 self-attention (138.2 -> 133.5 us on
+  the H100), -3.7 to -4.1% at SD2.1's 96x96: in the tuning table there.
+- `poly_exp`: one register pair in `poly_exp` of each score tile exponentiated on the FMA
+  pipe by a polynomial (`exp2_poly`: 2**round(x) into the exponent bits, 2**frac by a degree-3
+  polynomial) instead of the special-function unit (FlashAttention-4's remedy where that
+  unit's 16 results per clock per SM bound the exponentials). Measured slower at every share
+  on the H100 (+3.6 us at a third, +73 at a half): here the unit's throughput is not the
+  bound. An option, off.
 
 Head dims that are not a multiple of `head_align` (64 by default; SD's 40, 80, 160) are
 zero-padded to `d_pad` (the next multiple) *in memory*, and the output is sliced back: extra copies of q, k, v and
@@ -162,9 +164,9 @@ class HopperConfig:
     consumers: int = 2
     # One register pair in `poly_exp` of each fp32 score tile exponentiated by `exp2_poly` on
     # the FMA pipe instead of the special-function unit (0: none). 4 moves a quarter of the
-    # exponentials, where counting puts the balance between the two units' issue costs (the
-    # polynomial takes ~9 issue slots a value; the unit 1 slot and 8 clocks a warp). Not with
-    # half_exp (its exponentials are fp16 pairs).
+    # exponentials, where counting put the balance between the two units' costs (the
+    # polynomial ~9 issue slots a value; the unit 1 slot and 8 clocks a warp); measured slower
+    # at every share (module doc). Not with half_exp (its exponentials are fp16 pairs).
     poly_exp: int = 0
     # P's row sums as per-thread partials over LAZY_SUM_COLS columns, rescaled each step, the
     # lanes' shuffles once at the end (fp32 exponentials; not with mma_row_sum or half_exp).
