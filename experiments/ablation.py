@@ -150,10 +150,11 @@ def hopper_rows(specs) -> dict:
     for spec in specs:
         name, sep, items = spec.partition(":")
         try:
-            if not sep or not name.strip() or not items.strip():
+            pairs = items.split(",")
+            if not sep or not name.strip() or not all("=" in p for p in pairs):
                 raise ValueError("want NAME:FIELD=VALUE[,FIELD=VALUE...]")
-            fields = common.parse_xla_options(items.split(","))
-            with fah.config_overrides(**fields):
+            fields = common.parse_xla_options(pairs)  # typed values: bools, ints, floats
+            with fah.config_overrides(**fields):  # unknown fields raise here
                 pass
         except ValueError as e:
             raise app.UsageError(f"--hopper_row {spec!r}: {e}") from None
@@ -204,7 +205,6 @@ def _run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, 
     from sdjax.hlo import count_hlo
     from sdjax.pipeline import StableDiffusion, component_timings
 
-    options = options or {}
     pipe = StableDiffusion(config, params, tokenizer, dtype=dtype, kernels=kernels, **options)
     kw = dict(
         steps=FLAGS.steps, guidance=FLAGS.guidance, scheduler="ddim", seed=0, height=res, width=res

@@ -124,7 +124,7 @@ def test_hopper_row_runs_with_the_overrides_recorded(tmp_path):
 @pytest.mark.parametrize(
     "spec, message",
     [("x:no_such_field=1", "unknown HopperConfig fields ['no_such_field']"),
-     ("nofields", "want NAME:FIELD=VALUE")],
+     ("nofields", "want NAME:FIELD=VALUE"), ("x:lazy_sum", "want NAME:FIELD=VALUE")],
 )  # fmt: skip
 def test_malformed_hopper_row_is_refused_before_any_work(tmp_path, spec, message):
     proc = run_ablation(tmp_path, f"--hopper_row={spec}")
