@@ -22,6 +22,7 @@ from custom_calls.group_norm import (
     group_statistics_reference,
 )
 from custom_calls.layer_norm import layer_norm, layer_norm_reference
+from custom_calls.subpixel import subpixel_interleave, subpixel_interleave_reference
 
 __all__ = [
     "cross_attention",
@@ -42,4 +43,6 @@ __all__ = [
     "group_statistics_reference",
     "layer_norm",
     "layer_norm_reference",
+    "subpixel_interleave",
+    "subpixel_interleave_reference",
 ]

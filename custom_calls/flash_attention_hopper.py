@@ -34,12 +34,14 @@ showed the two consumers' alternating softmaxes, mostly the exponentials, to be 
 - `overlap_qk`: step i + 1's Q K^T issued before step i's softmax (FlashAttention-3's
   intra-warpgroup overlap; 1.4-1.6x slower, most likely serialized wgmmas).
 
-Two options against the softmax's own cost (fifteenth session; `experiments/results/README.md`,
-items 148-156):
+Options against the softmax's own cost (fifteenth and sixteenth sessions;
+`experiments/results/README.md`, items 148-156 and 161):
 - `lazy_sum`: P's row sums kept as per-thread partial sums over 8 columns (halving the tile's
   columns), rescaled each step like O; the lanes' shuffles that finish a row sum run once, at
   the end, instead of every step. -3.4% at SD1.5's 64x64 self-attention (138.2 -> 133.5 us on
   the H100), -3.7 to -4.1% at SD2.1's 96x96: in the tuning table there.
+- `split_exp`: the tile's logits pinned (an optimization barrier) before its exponentials,
+  for ptxas to find each exponential's input ready (results README, item 161).
 - `poly_exp`: one register pair in `poly_exp` of each score tile exponentiated on the FMA
   pipe by a polynomial (`exp2_poly`: 2**round(x) into the exponent bits, 2**frac by a degree-3
   polynomial) instead of the special-function unit (FlashAttention-4's remedy where that
@@ -171,6 +173,12 @@ class HopperConfig:
     # P's row sums as per-thread partials over LAZY_SUM_COLS columns, rescaled each step, the
     # lanes' shuffles once at the end (fp32 exponentials; not with mma_row_sum or half_exp).
     lazy_sum: bool = False
+    # All of a score tile's logits (the scale-and-subtract multiply-adds) pinned by
+    # `lax.optimization_barrier` before its exponentials, so that the code ptxas schedules
+    # has every exponential's input ready, rather than each exponential right behind the
+    # multiply-add it waits on (Nsight Compute, s15g: `wait` in 59% of the exponentials'
+    # stall samples). Costs registers: the tile's logits all live at once.
+    split_exp: bool = False
 
     def __post_init__(self):
         if self.block_q % WGMMA_M:
@@ -481,7 +489,7 @@ def _kernel(
     q_ref, k_ref, v_ref, *refs,
     d_pad, scale_log2, block_q, block_kv, stages, kv_steps, pingpong, interpret,
     head_offsets=(0, 0, 0), half_exp=False, half_sum=False, tree=False, mma_sum=False,
-    overlap=False, pin=False, consumers=COMPUTE_WARPGROUPS, poly=0, lazy=False,
+    overlap=False, pin=False, consumers=COMPUTE_WARPGROUPS, poly=0, lazy=False, split=False,
 ):  # fmt: skip
     """One program: consumers * block_q query rows of one (batch, head); consumers + 1
     warpgroups (the last one the producer).
@@ -561,6 +569,8 @@ def _kernel(
                 m_new = jnp.maximum(m_i, _row_reduce(s, "max", tree=tree) * scale_log2)
             alpha = jnp.exp2(m_i - m_new)
             logits = s * scale_log2 - lax.broadcast_in_dim(m_new, s.shape, [0])  # <= 0
+            if split:  # every multiply-add before the first exponential (config doc)
+                logits = lax.optimization_barrier(logits)
             if half_exp:  # P in fp16 straight from the exponential
                 p = _exp2_f16(logits.astype(jnp.float16), interpret=interpret)
                 if not mma_sum:
@@ -769,6 +779,7 @@ def _launch(q, k, v, heads, head_dim, head_offsets, scale, config, interpret):
         consumers=consumers,
         poly=config.poly_exp,
         lazy=config.lazy_sum,
+        split=config.split_exp,
     )
     return plgpu.kernel(
         kernel,

@@ -7,7 +7,7 @@ Nsight Compute found the kernel at SD1.5's 64x64 self-attention latency-bound (t
 session) without saying which stage waits. Here each variant is the kernel with stages left out
 (`flash_attention_hopper._ABLATE`: max, exp, sum, rescale, pv, pingpong; wrong results,
 timing only) or with a correct alternative (`tree_reduce`, `half_exp`, `mma_row_sum`, `overlap_qk`,
-three `consumers`, `poly_exp`, `lazy_sum`), timed by device kernel
+three `consumers`, `poly_exp`, `lazy_sum`, `split_exp`), timed by device kernel
 time (`experiments.common.kernel_us`: distinct inputs, none served from L2). The difference to
 the full kernel is what a stage costs on the critical path. Correct variants are checked
 against the float32 reference.
@@ -84,6 +84,10 @@ VARIANTS = {
     "lazy_sum+tree_reduce": ({**FP32_EXP, "lazy_sum": True, "tree_reduce": True}, ()),
     "lazy_sum+pin_softmax": ({**FP32_EXP, "lazy_sum": True, "pin_softmax": True}, ()),
     "lazy_sum+stages2": ({**FP32_EXP, "lazy_sum": True, "stages": 2}, ()),
+    # the logits pinned before the exponentials (item 161); on top of the tuned config
+    "split_exp": ({"split_exp": True}, ()),
+    "split_exp+pin_softmax": ({"split_exp": True, "pin_softmax": True}, ()),
+    "lazy_sum+split_exp": ({**FP32_EXP, "lazy_sum": True, "split_exp": True}, ()),
     "full_again": ({}, ()),  # the same kernel, timed again: the run's spread
     "no_max": ({}, ("max",)),
     "no_exp": ({}, ("exp",)),

@@ -104,6 +104,9 @@ def rows() -> dict:
         # auto with every upsampler in the subpixel form (sdjax.ops.upsample_conv_subpixel),
         # where `auto` keeps the textbook order at 8x8 inputs (sdjax.ops.subpixel_pays)
         "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),
+        # auto with the subpixel form's interleave (and the next skip's concatenate) by XLA,
+        # where `auto` runs our kernel (custom_calls.subpixel)
+        "auto_xla_interleave": (dataclasses.replace(auto, interleave="xla"), {}),
         # auto with every upsampler in the textbook order (the `auto` of sessions 1-6)
         "auto_textbook_upsample": (dataclasses.replace(auto, upsample_conv="reference"), {}),
         # auto with the Triton GEGLU everywhere (where `auto` records the Hopper one)

@@ -7,7 +7,12 @@ For the upsamplers of SD1.5's UNet (batch 2) and VAE decoder (batch 1) at 512x51
 once per generation in the UNet's conditioning), each in one jitted program of back-to-back calls
 (`experiments.common.time_jax`, median), with the error of each against float32.
 
-    PYTHONPATH=. python experiments/bench_upsample.py
+Then the subpixel form's last step alone, the phases interleaved with the bias (and, in the
+UNet, the next skip concatenated): XLA's fusion of `custom_calls.subpixel_interleave_reference`
+against our kernel `custom_calls.subpixel_interleave`, by device kernel time (a jax.profiler
+trace, `experiments.common.kernel_us`), each output checked to be the reference's exactly.
+
+    PYTHONPATH=. python experiments/bench_upsample.py [--interleave_only]
 
 Writes bench_upsample_<device>_<dtype>_<date>.json and .md to results_dir().
 """
@@ -25,6 +30,8 @@ from sdjax import ops
 _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "dtype")
 _CALLS = flags.DEFINE_integer("calls", 20, "back-to-back calls per timed program")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "timed repeats (median)")
+_INTERLEAVE_ONLY = flags.DEFINE_bool("interleave_only", False,
+                                     "only the interleave table (no conv forms)")  # fmt: skip
 
 # name: (batch, side, channels in = out) of each upsampler's input at 512x512.
 SHAPES = {
@@ -61,13 +68,52 @@ def bench(name: str, dtype) -> dict:
     return row
 
 
+# The interleave's operands per upsampler: (batch, input side, O, S: the next skip's channels,
+# which the UNet concatenates after the upsampled map; 0 in the VAE).
+INTERLEAVE_SHAPES = {
+    "unet_16to32x1280+640": (2, 16, 1280, 640),
+    "unet_32to64x640+320": (2, 32, 640, 320),
+    "vae_64to128x512": (1, 64, 512, 0),
+    "vae_128to256x512": (1, 128, 512, 0),
+    "vae_256to512x256": (1, 256, 256, 0),
+}
+
+
+def bench_interleave(name: str, dtype) -> dict:
+    from custom_calls.subpixel import subpixel_interleave, subpixel_interleave_reference
+
+    n, side, o, s = INTERLEAVE_SHAPES[name]
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.standard_normal((n, side + 1, side + 1, 4 * o)), dtype)
+    bias = jnp.asarray(rng.standard_normal(o), dtype)
+    skip = jnp.asarray(rng.standard_normal((n, 2 * side, 2 * side, s)), dtype) if s else None
+    args = (y, bias) if skip is None else (y, bias, skip)
+    itemsize = jnp.dtype(dtype).itemsize
+    moved = (y.size + 2 * n * (2 * side) ** 2 * (o + s) + (skip.size if s else 0)) * itemsize
+    row = {"shape": name, "mbytes": moved / 1e6}
+    want = jax.jit(subpixel_interleave_reference)(*args)
+    for form, fn in (("xla", subpixel_interleave_reference), ("pallas", subpixel_interleave)):
+        row[f"{form}_kernel_us"] = common.kernel_us(fn, *args)["us"]
+        row[f"{form}_exact"] = bool(np.array_equal(np.asarray(jax.jit(fn)(*args)),
+                                                   np.asarray(want)))  # fmt: skip
+        row[f"{form}_tbps"] = moved / row[f"{form}_kernel_us"] / 1e6
+    row["xla/pallas"] = row["xla_kernel_us"] / row["pallas_kernel_us"]
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return row
+
+
 def main(argv):
     del argv
     dtype = jnp.dtype(_DTYPE.value)
-    rows = [bench(name, dtype) for name in SHAPES]
+    rows = [] if _INTERLEAVE_ONLY.value else [bench(name, dtype) for name in SHAPES]
+    inter = [bench_interleave(name, dtype) for name in INTERLEAVE_SHAPES]
+    record = {"rows": rows, "interleave": inter}
     columns = ["shape", "gflop_reference", "reference_ms", "subpixel_ms", "phases_ms",
                "reference/phases", "reference_err", "phases_err"]  # fmt: skip
-    table = common.write_bench("bench_upsample", dtype, {"rows": rows}, rows, columns,
+    if not rows:  # the interleave table is the one to write out
+        rows, columns = inter, ["shape", "mbytes", "xla_kernel_us", "pallas_kernel_us",
+                                "xla/pallas", "xla_tbps", "pallas_tbps", "pallas_exact"]  # fmt: skip
+    table = common.write_bench("bench_upsample", dtype, record, rows, columns,
                                "Upsample + conv")  # fmt: skip
     print(table)
 

@@ -28,10 +28,13 @@ flags.DEFINE_string("group_norm", None, "override the group norm implementation"
 flags.DEFINE_string("geglu", None, "override the GEGLU implementation")
 flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
 flags.DEFINE_string(
-    "upsample_conv", None, "override the upsample+conv implementation (reference, subpixel)"
+    "upsample_conv", None, "override the upsample+conv implementation (reference, subpixel, auto)"
 )
 flags.DEFINE_string(
     "conv3x3", None, "override the 3x3 stride-1 conv implementation (reference, taps, auto)"
+)
+flags.DEFINE_string(
+    "interleave", None, "override the subpixel upsampler's interleave (xla, pallas, auto)"
 )
 flags.DEFINE_enum("dtype", "float32", ["float16", "bfloat16", "float32"], "the fast path's dtype")
 flags.DEFINE_integer(

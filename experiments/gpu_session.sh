@@ -28,6 +28,8 @@
 #   conv           experiments/bench_conv.py: the UNet's 3x3 convs as cuDNN, taps and im2col
 #                  ($CONV_SHAPES, default all)
 #   concat         experiments/bench_concat.py: the skip concatenates written or not
+#   upsample       experiments/bench_upsample.py: the subpixel interleave, XLA's fusion against our
+#                  kernel, by device kernel time ($UPSAMPLE_ARGS, default --interleave_only)
 #   ncu            Nsight Compute on experiments/ncu_probe.py ($NCU_OPS, default all): per kernel
 #                  speed of light, pipe utilization, warp stall reasons, memory and occupancy, as
 #                  text (ncu_report.txt; $NCU_ARGS adds options, e.g. --section SourceCounters)
@@ -84,7 +86,7 @@ for stage in "$@"; do
       python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
       ;;
     tests)
-      limit python3 -m pytest -q -m gpu ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_geglu_hopper.py tests/test_norm_kernels.py tests/test_ops.py} \
+      limit python3 -m pytest -q -m gpu ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_geglu_hopper.py tests/test_norm_kernels.py tests/test_ops.py tests/test_subpixel.py} \
         ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -15 || status=1
       ;;
     hopper)
@@ -144,6 +146,9 @@ for stage in "$@"; do
       ;;
     concat)
       limit python3 experiments/bench_concat.py 2>&1 | quiet | tail -14 || status=1
+      ;;
+    upsample)
+      limit python3 experiments/bench_upsample.py ${UPSAMPLE_ARGS:---interleave_only} 2>&1 | quiet | tail -14 || status=1
       ;;
     ncu)
       ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

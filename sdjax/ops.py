@@ -38,6 +38,8 @@ Implementation names:
                  (plain XLA; for weight-bound convs: `conv3x3_taps`).
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
                  four phase kernels (plain XLA; exact; `auto` takes it from 16x16 inputs up).
+  pallas         (interleave) the subpixel form's phases interleaved, with the bias and the
+                 UNet's next skip concatenated, by our Pallas kernel (`custom_calls.subpixel`).
   auto           the fastest recorded choice for the shape and backend (see `_auto_*`); a
                  recorded Hopper kernel on a GPU or shape it cannot run gives its Triton
                  sibling.
@@ -78,6 +80,7 @@ GroupNormImpl = Literal[
 GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 UpsampleConvImpl = Literal["reference", "subpixel", "auto"]
+InterleaveImpl = Literal["xla", "pallas", "auto"]
 Conv3x3Impl = Literal["reference", "taps", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
@@ -95,6 +98,11 @@ class Implementations:
     # `upsample_conv_subpixel`); "auto" the subpixel form where it measured faster on GPU
     # (`subpixel_pays`). Plain XLA either way: no Pallas kernel.
     upsample_conv: UpsampleConvImpl = "reference"
+    # The subpixel form's interleave of its four output phases, with the bias and (in the
+    # UNet) the next skip's concatenate: "xla" is plain jnp (one XLA fusion); "pallas" our
+    # kernel (`custom_calls.subpixel`: one read and one write per byte); "auto" the kernel on
+    # GPU. Only where the subpixel form runs.
+    interleave: InterleaveImpl = "xla"
     # 3x3 stride-1 convolutions: "reference" is XLA's convolution (cuDNN on GPU); "taps" one
     # matrix product against all nine taps and a shifted sum (`conv3x3_taps`); "auto" the
     # taps form where it measured faster on GPU (`taps_pays`), else the reference.
@@ -107,6 +115,7 @@ class Implementations:
             ("geglu", GegluImpl),
             ("layer_norm", LayerNormImpl),
             ("upsample_conv", UpsampleConvImpl),
+            ("interleave", InterleaveImpl),
             ("conv3x3", Conv3x3Impl),
         ):
             value = getattr(self, field)
@@ -141,6 +150,7 @@ PRESETS: dict[str, Implementations] = {
         geglu="auto",
         layer_norm="auto",
         upsample_conv="auto",
+        interleave="auto",
         conv3x3="auto",
     ),
 }
@@ -855,27 +865,43 @@ def subpixel_kernel(kernel):
     return k.reshape(2, 2, kernel.shape[2], 4 * kernel.shape[3])
 
 
-def upsample_conv_subpixel(x, kernel, bias):
+def upsample_conv_subpixel(x, kernel, bias, skip=None):
     """`upsample_conv_reference` without the upsampled map: one 2x2 convolution of x (padding
     1, so (H + 1) x (W + 1) positions) with the four phases' kernels, then the phases
     interleaved. 16 instead of 36 multiply-adds per output pixel and channel pair, and no
     4x-sized input to write and read. The phase kernels are summed in float32 and rounded
-    once to x's dtype."""
-    return upsample_conv_phases(x, subpixel_kernel(kernel), bias)
+    once to x's dtype. With skip [N, 2H, 2W, S]: [upsampled, skip] along channels."""
+    return upsample_conv_phases(x, subpixel_kernel(kernel), bias, skip)
 
 
-def upsample_conv_phases(x, phase_kernel, bias):
+_INTERLEAVE = {
+    "xla": custom_calls.subpixel_interleave_reference,
+    "pallas": custom_calls.subpixel_interleave,
+}
+
+
+def _auto_interleave() -> str:
+    """Our kernel on GPU (the XLA fusion moved 0.5-1.5 TB/s in the loop profile s15c)."""
+    return "pallas" if on_gpu() else "xla"
+
+
+def interleave_phases(y, bias, skip=None, *, implementation: InterleaveImpl | None = None):
+    """The subpixel form's output from its phases: y [N, H + 1, W + 1, 4 * O] (the 2x2
+    convolution's, channels (row phase, column phase, O)), bias [O], skip [N, 2H, 2W, S] or
+    None -> [N, 2H, 2W, O (+ S)] in y's dtype (`custom_calls.subpixel`)."""
+    impl = _resolve("interleave", implementation, _INTERLEAVE, InterleaveImpl, _auto_interleave)
+    if skip is not None:
+        skip = skip.astype(y.dtype)
+    return _INTERLEAVE[impl](y, bias.astype(y.dtype), skip)
+
+
+def upsample_conv_phases(x, phase_kernel, bias, skip=None):
     """`upsample_conv_subpixel` given its phase kernels (`subpixel_kernel`): [2, 2, I, 4 * O].
     A denoising loop builds them once per generation (the UNet's conditioning): XLA does not
-    hoist them out of a loop by itself, as they are larger than the kernel."""
-    n, h, w, _ = x.shape
-    out = phase_kernel.shape[-1] // 4
+    hoist them out of a loop by itself, as they are larger than the kernel. The interleave
+    (and skip's concatenate) is `interleave_phases`, the implementation in force."""
     y = _conv(x, phase_kernel, ((1, 1), (1, 1)))  # [N, H + 1, W + 1, 4 * O]
-    y = y.reshape(n, h + 1, w + 1, 2, 2, out)
-    # phase (a, b) of input pixel (i, j) is position (i + a, j + b) of the 2x2 convolution
-    rows = [jnp.stack([y[:, a : a + h, b : b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
-    y = jnp.stack(rows, axis=2)  # [N, H, 2 (a), W, 2 (b), O]
-    return y.reshape(n, 2 * h, 2 * w, out) + bias.astype(x.dtype)
+    return interleave_phases(y, bias, skip)
 
 
 def conv3x3_taps(x, kernel, bias):
@@ -974,12 +1000,23 @@ def upsample_conv_choice(x_shape, implementation: UpsampleConvImpl | None = None
                     lambda: _auto_upsample_conv(x_shape))  # fmt: skip
 
 
-def upsample_conv(x, kernel, bias, *, implementation: UpsampleConvImpl | None = None):
+def upsample_conv(
+    x, kernel, bias, *, skip=None, implementation: UpsampleConvImpl | None = None
+):  # fmt: skip
     """conv3x3(nearest_2x(x)) + bias (padding 1). x: [N, H, W, I]; kernel: [3, 3, I, O];
-    bias: [O] -> [N, 2H, 2W, O] in x's dtype."""
+    bias: [O] -> [N, 2H, 2W, O] in x's dtype. With skip [N, 2H, 2W, S] -> [N, 2H, 2W, O + S]:
+    [upsampled, skip] along channels (the UNet's next skip connection, which the subpixel
+    form's interleave writes in the same pass)."""
     if kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != (kernel.shape[-1],):
         raise ValueError(
             f"upsample_conv: kernel must be [3, 3, {x.shape[-1]}, O] and bias [O]; got "
             f"{kernel.shape}, {bias.shape}"
         )
-    return _UPSAMPLE_CONV[upsample_conv_choice(x.shape, implementation)](x, kernel, bias)
+    n, h, w, _ = x.shape
+    if skip is not None and (skip.ndim != 4 or skip.shape[:3] != (n, 2 * h, 2 * w)):
+        raise ValueError(f"upsample_conv: skip must be [{n}, {2 * h}, {2 * w}, S]; got "
+                         f"{skip.shape}")  # fmt: skip
+    if upsample_conv_choice(x.shape, implementation) == "subpixel":
+        return upsample_conv_subpixel(x, kernel, bias, skip)
+    out = upsample_conv_reference(x, kernel, bias)
+    return out if skip is None else jnp.concatenate([out, skip.astype(out.dtype)], axis=-1)

@@ -76,6 +76,12 @@ CASES = [
     (2, 128, 1, 160, 192, jnp.float16, HopperConfig(block_kv=64, stages=3, lazy_sum=True)),
     (1, 192, 2, 40, 128, jnp.float16,
      HopperConfig(block_kv=64, pingpong=False, consumers=3, poly_exp=4, lazy_sum=True)),
+    # the logits pinned before the exponentials (with the lazy sums, with fp16 exponentials)
+    (3, 128, 2, 40, 192, jnp.float16, HopperConfig(block_kv=64, head_align=16, lazy_sum=True,
+                                                   split_exp=True)),
+    (1, 256, 1, 80, 128, jnp.bfloat16, HopperConfig(block_q=128, split_exp=True,
+                                                    pin_softmax=True)),
+    (1, 128, 2, 40, 128, jnp.float16, HopperConfig(block_kv=64, half_exp=True, split_exp=True)),
     # three consumers; Lq not a multiple of a program's rows (the last program's surplus
     # consumers repeat the last tile: 192 rows of 2 x 64, 128 and 256 of 3 x 64)
     (1, 192, 2, 40, 128, jnp.float16, HopperConfig(block_kv=64, head_align=16)),
@@ -93,7 +99,7 @@ def _case_id(case):
     half = ":half_exp" * c.half_exp + ":half_sum" * c.half_sum + ":tree" * c.tree_reduce
     half += ":mma_sum" * c.mma_row_sum + ":overlap" * c.overlap_qk + ":pin" * c.pin_softmax
     half += f":c{c.consumers}" * (c.consumers != 2) + f":poly{c.poly_exp}" * bool(c.poly_exp)
-    half += ":lazy_sum" * c.lazy_sum
+    half += ":lazy_sum" * c.lazy_sum + ":split_exp" * c.split_exp
     return f"{b}x{lq}x{h}x{d}:{lk}:{jnp.dtype(dt).name}:q{c.block_q}kv{c.block_kv}s{c.stages}{half}"
 
 
@@ -318,7 +324,12 @@ def test_gpu_sd_shapes(name, dtype, rng):
                                     HopperConfig(head_align=16, block_q=128, stages=3,
                                                  poly_exp=3, lazy_sum=True),
                                     HopperConfig(head_align=16, poly_exp=2, lazy_sum=True,
-                                                 pingpong=False)])  # fmt: skip
+                                                 pingpong=False),
+                                    # the logits pinned before the exponentials
+                                    HopperConfig(head_align=16, block_q=128, stages=3,
+                                                 lazy_sum=True, split_exp=True),
+                                    HopperConfig(head_align=16, half_exp=True,
+                                                 split_exp=True)])  # fmt: skip
 @pytest.mark.parametrize("head_dim", [40, 160])
 def test_gpu_configs(config, head_dim, rng):
     if head_dim == 160:

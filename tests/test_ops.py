@@ -387,8 +387,36 @@ def test_upsample_conv_subpixel_matches_the_textbook_order(shape, dtype, tol, rn
                                       np.asarray(got))  # fmt: skip
 
 
+@pytest.mark.parametrize("interleave", ["xla", "pallas"])
+@pytest.mark.parametrize("form", ["reference", "subpixel"])
+def test_upsample_conv_with_skip_is_the_concatenate(form, interleave, rng):
+    """upsample_conv(x, skip=s) is [upsample_conv(x), s] along channels, in every form and
+    interleave (the subpixel form's kernel writes the concatenate in its pass)."""
+    x = jnp.asarray(rng.standard_normal((3, 3, 5, 6)), jnp.float16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 6, 8)) / 3, jnp.float16)
+    bias = jnp.asarray(rng.standard_normal(8), jnp.float16)
+    skip = jnp.asarray(rng.standard_normal((3, 6, 10, 4)), jnp.float16)
+    with ops.use(ops.Implementations(upsample_conv=form, interleave=interleave)):
+        alone = ops.upsample_conv(x, kernel, bias)
+        joined = ops.upsample_conv(x, kernel, bias, skip=skip)
+    assert joined.shape == (3, 6, 10, 12) and joined.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(joined[..., :8]), np.asarray(alone))
+    np.testing.assert_array_equal(np.asarray(joined[..., 8:]), np.asarray(skip))
+    with ops.use(ops.Implementations(upsample_conv=form, interleave="xla")):
+        np.testing.assert_array_equal(np.asarray(ops.upsample_conv(x, kernel, bias, skip=skip)),
+                                      np.asarray(joined))  # fmt: skip
+
+
+def test_auto_interleave_is_the_kernel_on_gpu_only():
+    assert ops._auto_interleave() == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    with pytest.raises(ValueError, match="unknown interleave implementation"):
+        ops.Implementations(interleave="triton")
+
+
 def test_upsample_conv_bad_input_raises():
     x = jnp.ones((1, 4, 4, 8))
+    with pytest.raises(ValueError, match=r"skip must be \[1, 8, 8, S\]"):
+        ops.upsample_conv(x, jnp.ones((3, 3, 8, 2)), jnp.ones(2), skip=jnp.ones((1, 4, 4, 2)))
     with pytest.raises(ValueError, match=r"kernel must be \[3, 3, 8, O\]"):
         ops.upsample_conv(x, jnp.ones((3, 3, 4, 2)), jnp.ones(2))
     with pytest.raises(ValueError, match="unknown upsample_conv implementation"):
@@ -399,12 +427,17 @@ def test_upsample_conv_bad_input_raises():
 
 @pytest.mark.parametrize(
     "impls",
-    [ops.Implementations(upsample_conv="subpixel"), ops.Implementations(conv3x3="taps")],
-    ids=["subpixel_upsampling", "taps_convs"],
+    [
+        ops.Implementations(upsample_conv="subpixel"),
+        ops.Implementations(upsample_conv="subpixel", interleave="pallas"),
+        ops.Implementations(conv3x3="taps"),
+    ],
+    ids=["subpixel_upsampling", "subpixel_pallas_interleave", "taps_convs"],
 )
 def test_tiny_unet_same_output_with_the_plain_xla_forms(impls, rng):
-    """The UNet's upsamplers through the subpixel form, or every 3x3 stride-1 conv through the
-    taps form: the reference model's output."""
+    """The UNet's upsamplers through the subpixel form (its interleave, and the next skip's
+    concatenate, by XLA or by our kernel), or every 3x3 stride-1 conv through the taps form:
+    the reference model's output."""
     cfg = sd_config.preset("tiny").unet
     params = jax.jit(lambda: init_params(cfg, jax.random.PRNGKey(1)))()
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)

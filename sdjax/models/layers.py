@@ -214,21 +214,26 @@ class Upsample2D(nn.Module):
         return {"phase_kernel": ops.subpixel_kernel(self.conv.variables["params"]["kernel"])
                 .astype(dtype)}  # fmt: skip
 
-    def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
-        """x: [N, H, W, C] -> [N, 2H, 2W, out_channels] (or `size`). An exact 2x goes
-        through `ops.upsample_conv` (whose "subpixel" form skips the upsampled map), or with
-        precomputed phase kernels (`conditioning/phase_kernel`) straight to
-        `ops.upsample_conv_phases`."""
+    def __call__(
+        self, x: jax.Array, size: tuple[int, int] | None = None, skip: jax.Array | None = None
+    ) -> jax.Array:
+        """x: [N, H, W, C] -> [N, 2H, 2W, out_channels] (or `size`); with skip [N, H', W', S]
+        (the UNet's next skip connection), [upsampled, skip] along channels. An exact 2x goes
+        through `ops.upsample_conv` (whose "subpixel" form skips the upsampled map and writes
+        the concatenate in its interleave), or with precomputed phase kernels
+        (`conditioning/phase_kernel`) straight to `ops.upsample_conv_phases`."""
         doubled = size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2])
         if doubled and self.has_variable(CONDITIONING, "phase_kernel"):
             bias = self.conv.variables["params"]["bias"]
             return ops.upsample_conv_phases(x, self.get_variable(CONDITIONING, "phase_kernel"),
-                                            bias)  # fmt: skip
+                                            bias, skip)  # fmt: skip
         textbook = ops.upsample_conv_choice(x.shape) == "reference"
         if not doubled or self.is_initializing() or textbook:
-            return self.conv(upsample_nearest(x, size))
+            out = self.conv(upsample_nearest(x, size))
+            return out if skip is None else jnp.concatenate([out, skip], axis=-1)
         conv = self.conv.variables["params"]
-        return ops.upsample_conv(x, conv["kernel"], conv["bias"], implementation="subpixel")
+        return ops.upsample_conv(x, conv["kernel"], conv["bias"], skip=skip,
+                                 implementation="subpixel")  # fmt: skip
 
 
 class Attention(nn.Module):

@@ -148,15 +148,24 @@ class UpBlock2D(nn.Module):
     def _attend(self, i: int, x: jax.Array, context: jax.Array | None) -> jax.Array:
         return x  # the cross-attention subclass runs its transformer here
 
-    def __call__(self, x, skips, temb, context=None, upsample_size=None) -> jax.Array:
+    def __call__(
+        self, x, skips, temb, context=None, upsample_size=None, *, next_skip=None, joined=False
+    ) -> jax.Array:
         """x: [N, H, W, C]; skips: this block's `num_layers` skip tensors, in down order
-        (consumed from the end) -> [N, H', W', out_channels]."""
+        (consumed from the end) -> [N, H', W', out_channels].
+
+        joined: x is already [x, skips[-1]] along channels (the previous block's upsampler
+        wrote the concatenate). next_skip [N, H', W', S] (the next block's first skip): the
+        upsampler concatenates it -> [N, H', W', out_channels + S], in the same pass where the
+        subpixel form's interleave runs (`ops.interleave_phases`)."""
         for i, resnet in enumerate(self.resnets):
-            x = resnet(jnp.concatenate([x, skips[-1 - i]], axis=-1), temb)
+            if not (i == 0 and joined):
+                x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
+            x = resnet(x, temb)
             x = self._attend(i, x, context)
         if self.add_upsample:
-            x = self.upsamplers[0](x, upsample_size)
-        return x
+            return self.upsamplers[0](x, upsample_size, next_skip)
+        return x if next_skip is None else jnp.concatenate([x, next_skip], axis=-1)
 
 
 class CrossAttnUpBlock2D(UpBlock2D):
@@ -344,11 +353,16 @@ class UNet2DConditionModel(nn.Module):
         x = self.mid_block(x, temb, context)
 
         # 5. up: each block eats layers_per_block + 1 skips and upsamples to the next one's size
+        # (an upsampler concatenates the next block's first skip in its output's pass)
         per_block = cfg.layers_per_block + 1
+        joined = False
         for block in self.up_blocks:
             block_skips, skips = skips[-per_block:], skips[:-per_block]
             upsample_size = skips[-1].shape[1:3] if skips else None
-            x = block(x, block_skips, temb, context, upsample_size)
+            next_skip = skips[-1] if skips and block.add_upsample else None
+            x = block(x, block_skips, temb, context, upsample_size, next_skip=next_skip,
+                      joined=joined)  # fmt: skip
+            joined = next_skip is not None
 
         # 6. post-process
         return self.conv_out(self.conv_norm_out(x))
