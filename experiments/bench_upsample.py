@@ -89,7 +89,7 @@ def bench_interleave(name: str, dtype) -> dict:
     skip = jnp.asarray(rng.standard_normal((n, 2 * side, 2 * side, s)), dtype) if s else None
     args = (y, bias) if skip is None else (y, bias, skip)
     itemsize = jnp.dtype(dtype).itemsize
-    moved = (y.size + 2 * n * (2 * side) ** 2 * (o + s) + (skip.size if s else 0)) * itemsize
+    moved = (y.size + n * (2 * side) ** 2 * (o + s) + (skip.size if s else 0)) * itemsize  # r+w
     row = {"shape": name, "mbytes": moved / 1e6}
     want = jax.jit(subpixel_interleave_reference)(*args)
     for form, fn in (("xla", subpixel_interleave_reference), ("pallas", subpixel_interleave)):
