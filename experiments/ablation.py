@@ -57,7 +57,7 @@ flags.DEFINE_multi_string(
     "xla_row",
     [],
     "NAME:OPTION=VALUE[,OPTION=VALUE...]: one more row, `auto` with these XLA options on top "
-    "of the pipeline's defaults, named auto+NAME (repeatable; e.g. "
+    "of the pipeline's defaults, named auto+NAME, run whether --rows names it or not (repeatable; e.g. "
     "cudnn_ln:xla_gpu_enable_cudnn_layer_norm=true)",
 )
 
@@ -67,7 +67,8 @@ flags.DEFINE_multi_string(
     [],
     "NAME:FIELD=VALUE[,FIELD=VALUE...]: one more row, `auto` with these fields replaced in "
     "every Hopper attention config (custom_calls.flash_attention_hopper.config_overrides), "
-    "named auto+NAME (repeatable; e.g. eager_sum:lazy_sum=false): a knob's A/B in one process",
+    "named auto+NAME, run whether --rows names it or not (repeatable; e.g. "
+    "eager_sum:lazy_sum=false): a knob's A/B in one process",
 )
 
 
@@ -118,6 +119,22 @@ def rows() -> dict:
         # sessions 1-3; their `auto_no_triton_gemm` row is this session's `auto`)
         "auto_xla_options": (auto, plain),
     }
+
+
+def select_rows(names, xla_specs, hopper_specs) -> dict:
+    """The rows to run: those of `rows()` in `names` (all when None), then every row of
+    --xla_row and --hopper_row, whether `names` lists it or not. An unknown name in `names`
+    raises app.UsageError."""
+    extra = {**xla_rows(xla_specs), **hopper_rows(hopper_specs)}
+    selected = rows()
+    if names:
+        unknown = sorted(set(names) - set(selected) - set(extra))
+        if unknown:
+            raise app.UsageError(
+                f"unknown rows {unknown}; choose from {', '.join([*selected, *extra])}"
+            )
+        selected = {k: v for k, v in selected.items() if k in names}
+    return {**selected, **extra}
 
 
 def xla_rows(specs) -> dict:
@@ -368,12 +385,7 @@ def main(argv):
     from sdjax.tokenizer import Tokenizer
 
     # bad flags fail before any work
-    selected = {**rows(), **xla_rows(FLAGS.xla_row), **hopper_rows(FLAGS.hopper_row)}
-    if FLAGS.rows:
-        unknown = sorted(set(FLAGS.rows) - set(selected))
-        if unknown:
-            raise app.UsageError(f"unknown rows {unknown}; choose from {', '.join(selected)}")
-        selected = {k: v for k, v in selected.items() if k in FLAGS.rows}
+    selected = select_rows(FLAGS.rows, FLAGS.xla_row, FLAGS.hopper_row)
     common.enable_compilation_cache()
     config = sd_config.preset(FLAGS.config)
     res = FLAGS.resolution or config.default_resolution

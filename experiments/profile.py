@@ -111,9 +111,12 @@ KINDS = ("conv", "matmul", "attention", "norm", "elementwise", "copy", "other")
 # root op), which the op's source scope may refine (SCOPE_RULES).
 KIND_RULES: tuple[tuple[str, str, bool], ...] = (
     # our Pallas kernels: pl.pallas_call(name="sdjax_<op>")
-    ("attention", r"sdjax_flash_attention|sdjax_flash_hopper|sdjax_fused_softmax", True),
-    ("norm", r"sdjax_group_norm", True),
+    ("attention",
+     r"sdjax_flash_attention|sdjax_flash_hopper|sdjax_fused_softmax|sdjax_cross_attention",
+     True),  # fmt: skip
+    ("norm", r"sdjax_group_norm|sdjax_layer_norm", True),
     ("matmul", r"sdjax_geglu", True),
+    ("copy", r"sdjax_subpixel_interleave", True),
     # cuDNN fused attention (fmha / sdpa engines), FlashAttention-style kernels
     ("attention", r"fmha|sdpa|flash_?att|fused_mha|mha_fwd|dot_product_attention", True),
     # cuDNN / CUTLASS convolutions (implicit GEMM, Winograd, FFT), before the GEMM rule

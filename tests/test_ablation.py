@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tests._subprocess import last_json_line, run_python
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -96,6 +98,30 @@ def test_xla_row_runs_auto_with_the_options_on_top(tmp_path):
     assert row["row"] == "auto+cpu_opt" and "error" not in row and row["finite"]
     assert row["options"] == {"compiler_options": {"xla_gpu_enable_triton_gemm": False}}
     assert row["kernels"]["geglu"] == "auto"
+
+
+def test_flagged_rows_run_whether_rows_names_them_or_not():
+    """`select_rows` (in a subprocess: the script defines absl flags on import)."""
+    code = """
+import json
+from absl import app
+from experiments import ablation
+picked = ablation.select_rows(["auto"], ["nomerge:xla_gpu_dot_merger_threshold_mb=0"],
+                              ["eager:lazy_sum=false"])
+out = {"picked": list(picked),
+       "merge": picked["auto+nomerge"][1]["compiler_options"]["xla_gpu_dot_merger_threshold_mb"],
+       "only": list(ablation.select_rows(["auto+nomerge"], ["nomerge:a=1"], [])),
+       "all": "baseline_xla" in ablation.select_rows(None, [], [])}
+try:
+    ablation.select_rows(["fastest"], [], [])
+except app.UsageError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+    got = last_json_line(run_python(code))
+    assert got["picked"] == ["auto", "auto+nomerge", "auto+eager"] and got["merge"] == 0
+    assert got["only"] == ["auto+nomerge"] and got["all"]
+    assert got["error"].startswith("unknown rows ['fastest']")
 
 
 def test_malformed_xla_row_is_refused_before_any_work(tmp_path):
