@@ -222,3 +222,22 @@ def test_shared_time_embedding_is_folded_into_the_conv_bias(batch_of_temb, rng):
     expected = part(lambda m, v: m.conv_shortcut(v), x) + part(lambda m, v: m.conv2(m.norm2(v)), h)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(out)).max() > 0.1  # not a vacuous zero map
+
+
+def test_pack_rows_round_trips_a_tree_of_per_step_leaves():
+    """`pipeline.pack_rows`: one [T, K] array of the leaves; each row unpacks into the tree of
+    that step's leaves, exactly."""
+    from sdjax.pipeline import pack_rows
+
+    rng = np.random.default_rng(0)
+    tree = {"a": {"r0": {"temb": jnp.asarray(rng.standard_normal((4, 6)), jnp.float16)}},
+            "b": {"r1": {"temb": jnp.asarray(rng.standard_normal((4, 2, 3)), jnp.float16)}}}  # fmt: skip
+    packed, unpack = pack_rows(tree)
+    assert packed.shape == (4, 12) and packed.dtype == jnp.float16
+    for t in range(4):
+        row = jax.jit(unpack)(packed[t])
+        for got, want in zip(jax.tree.leaves(row), jax.tree.leaves(tree), strict=True):
+            assert got.shape == want.shape[1:]
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want[t]))
+    with pytest.raises(ValueError, match="one dtype"):
+        pack_rows({"a": jnp.ones((2, 3), jnp.float16), "b": jnp.ones((2, 3), jnp.float32)})
