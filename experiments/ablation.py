@@ -95,6 +95,9 @@ def rows() -> dict:
         # options (sdjax.pipeline.default_compiler_options: Triton GEMM fusions off on GPU)
         "auto": (auto, {}),
         "auto_conditioning_per_step": (auto, {"hoist_conditioning": False}),
+        # auto with one scanned [T, C] array per resnet's time projection (as before the
+        # sixteenth session), where `auto` scans them packed (sdjax.pipeline.pack_rows)
+        "auto_time_per_leaf": (auto, {"pack_time_rows": False}),
         "auto+layer_norm": (dataclasses.replace(auto, layer_norm="pallas"), {}),
         # auto with row-major parameters: every call transposes the conv kernels for cuDNN
         # (the pipeline's default lets XLA choose the layouts: sdjax.pipeline's module doc)

@@ -153,6 +153,7 @@ def denoise_loop(
     sharding: NamedSharding | None = None,
     progress=None,
     hoist_conditioning: bool = True,
+    pack_time_rows: bool = True,
 ):
     """Runs the scheduler's steps from `start_index` to the end, as one `lax.scan`.
 
@@ -168,6 +169,9 @@ def denoise_loop(
         K and V) or on the timestep (each resnet's time projection) before the loop, for
         every step at once (`UNet2DConditionModel.context_conditioning`/`time_conditioning`).
         The same math; False computes them inside every step (as the UNet alone does).
+      pack_time_rows: with hoist_conditioning, scan the resnets' time projections as one
+        [T, sum C] array (`pack_rows`), not one [T, C] array per resnet: the same values, in
+        fewer kernels a step.
     Returns:
       float32 latents [N, h, w, C].
     """
@@ -189,7 +193,8 @@ def denoise_loop(
         i, noise, step_row = xs
         conditioning = None
         if hoist_conditioning:  # this step's time projections, keeping a batch axis of 1
-            step_conditioning = jax.tree.map(lambda a: a[None], unpack_time(step_row))
+            step_conditioning = unpack_time(step_row) if pack_time_rows else step_row
+            step_conditioning = jax.tree.map(lambda a: a[None], step_conditioning)
             conditioning = unet_lib.merge_conditioning(context_conditioning, step_conditioning)
         model_in = scheduler.scale_model_input(x, i)
         pred = guided_unet(
@@ -235,7 +240,9 @@ def denoise_loop(
                 dtype,
                 method=UNet2DConditionModel.time_conditioning,
             )
-            time_rows, unpack_time = pack_rows(time_conditioning)
+            time_rows = time_conditioning
+            if pack_time_rows:
+                time_rows, unpack_time = pack_rows(time_conditioning)
         (x, _), _ = jax.lax.scan(body, (x, state), (idx, step_noise, time_rows))
     return x
 
@@ -375,6 +382,7 @@ class StableDiffusion:
         devices: Sequence[jax.Device] | None = None,
         random_weights: bool = False,
         hoist_conditioning: bool = True,
+        pack_time_rows: bool = True,
         compiler_options: dict | None = None,
         auto_layouts: bool = True,
     ):
@@ -385,6 +393,7 @@ class StableDiffusion:
         self.random_weights = random_weights
         # denoise_loop's `hoist_conditioning`: prompt- and timestep-only work outside the loop
         self.hoist_conditioning = hoist_conditioning
+        self.pack_time_rows = pack_time_rows  # denoise_loop's `pack_time_rows`
         # XLA options for every program this pipeline compiles (DebugOptions fields by name,
         # e.g. {"xla_gpu_enable_triton_gemm": False}): per pipeline, unlike XLA_FLAGS. None:
         # `default_compiler_options()`; {}: XLA's own defaults.
@@ -758,8 +767,9 @@ class StableDiffusion:
             sharding=self.batch_sharding,
             progress=progress,
             hoist_conditioning=self.hoist_conditioning,
+            pack_time_rows=self.pack_time_rows,
         )
-        statics = (sched, start, progress, self.hoist_conditioning)
+        statics = (sched, start, progress, self.hoist_conditioning, self.pack_time_rows)
         guidance = np.float32(guidance)
         if one_program:  # 1, 3 and 4 as one program: one launch, no waits between them
             image_fn = self._image_fn(loop, use_guidance)
