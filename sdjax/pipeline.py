@@ -260,11 +260,11 @@ def pack_rows(tree) -> tuple[jax.Array, Callable]:
         raise ValueError(f"pack_rows wants one dtype; got {sorted({str(a.dtype) for a in leaves})}")
     shapes = [a.shape[1:] for a in leaves]
     sizes = [math.prod(s) for s in shapes]
+    offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
     packed = jnp.concatenate([a.reshape(a.shape[0], -1) for a in leaves], axis=1)
 
     def unpack(row):
-        offsets = itertools.accumulate(sizes, initial=0)
-        parts = [row[o : o + n].reshape(s) for o, n, s in zip(offsets, sizes, shapes, strict=False)]
+        parts = [row[o : o + n].reshape(s) for o, n, s in zip(offsets, sizes, shapes, strict=True)]
         return jax.tree.unflatten(treedef, parts)
 
     return packed, unpack
