@@ -80,6 +80,12 @@ flags.DEFINE_bool(
     "compute the cross-attention K/V and the time projections once, before the denoising loop",
 )
 flags.DEFINE_bool(
+    "prepare_weights",
+    True,
+    "with --hoist_conditioning, make the conditioning's weight-only part (stacked projection "
+    "kernels, phase kernels) once per pipeline rather than in every image's program",
+)
+flags.DEFINE_bool(
     "one_program",
     False,
     "text encoder, denoising loop and VAE decoder as one compiled program (one launch, no "
@@ -178,6 +184,7 @@ def run() -> dict:
             variant=FLAGS.variant,
             kernels=kernels,
             hoist_conditioning=FLAGS.hoist_conditioning,
+            prepare_weights=FLAGS.prepare_weights,
             compiler_options=compiler_options(),
         )
     else:
@@ -191,6 +198,7 @@ def run() -> dict:
             dtype=dtype,
             kernels=kernels,
             hoist_conditioning=FLAGS.hoist_conditioning,
+            prepare_weights=FLAGS.prepare_weights,
             compiler_options=compiler_options(),
         )
     load_s = time.perf_counter() - t0

@@ -81,6 +81,12 @@ def define_flags() -> None:
         "loop_steps", 4, "guided UNet steps in one call of the denoise_loop program"
     )
     flags.DEFINE_bool("dump_hlo", False, "write each program's optimized HLO beside the JSON")
+    flags.DEFINE_bool(
+        "prepare_weights",
+        True,
+        "denoise_loop takes the conditioning's weight-only part made beforehand, as the "
+        "pipeline runs it (sdjax.pipeline.prepare_unet); false: made in every call",
+    )
     flags.DEFINE_multi_string(
         "xla_option",
         [],
@@ -936,11 +942,14 @@ def profile(
     loop_steps: int = 4,
     dump_hlo_dir: str | None = None,
     compiler_options: dict | None = None,
+    prepare_weights: bool = True,
 ) -> dict:
     """The run as a record (see the module docstring). `kernels`: a preset name or an
     `sdjax.ops.Implementations`. `compiler_options`: XLA compile
     options for every traced program (e.g. {"xla_gpu_enable_triton_gemm": True}); None: the
-    pipeline's defaults (`sdjax.pipeline.default_compiler_options`)."""
+    pipeline's defaults (`sdjax.pipeline.default_compiler_options`). `prepare_weights`: the
+    denoise_loop program takes the conditioning's weight-only part made beforehand
+    (`sdjax.pipeline.prepare_unet`), as the pipeline runs it; False makes it in every call."""
     import jax
     import jax.numpy as jnp
 
@@ -1006,13 +1015,19 @@ def profile(
         return unet_step
 
     scheduler = schedulers.make("ddim", config.scheduler, loop_steps)
-    loop_args = (unet_params, x, ctx.astype(jdtype), uctx.astype(jdtype), jnp.float32(7.5))
+    loop_inputs = {"params": unet_params}
+    if prepare_weights:  # made once, outside the traced calls, as the pipeline does
+        loop_inputs["prepared"] = pipeline.prepare_unet(
+            unet_params, unet_config=ucfg, batch=2, sample_hw=(latent, latent), dtype=jdtype,
+            kernels=impls,
+        )  # fmt: skip
+    loop_args = (loop_inputs, x, ctx.astype(jdtype), uctx.astype(jdtype), jnp.float32(7.5))
 
     def denoise_loop_with(impl):
-        def denoise(p, x, ctx, uctx, scale):
+        def denoise(inputs, x, ctx, uctx, scale):
             return pipeline.denoise_loop(
-                p, x, ctx, uctx, scale, unet_config=ucfg, scheduler=scheduler, dtype=jdtype,
-                kernels=impl,
+                inputs["params"], x, ctx, uctx, scale, unet_config=ucfg, scheduler=scheduler,
+                dtype=jdtype, kernels=impl, prepared=inputs.get("prepared"),
             )  # fmt: skip
 
         return denoise
@@ -1107,6 +1122,7 @@ def profile(
         "latent": latent,
         "unet_batch": 2,
         "loop_steps": loop_steps,
+        "prepare_weights": prepare_weights,
         "vae_batch": 1,
         "setup_s": setup_s,
         "rates": rates,
@@ -1380,6 +1396,7 @@ def main(argv):
         compiler_options=(
             common.parse_xla_options(FLAGS.xla_option) if FLAGS.xla_option else None
         ),
+        prepare_weights=FLAGS.prepare_weights,
     )
     record["total_s"] = time.perf_counter() - t0
     _, md = write_outputs(record, out, top=FLAGS.top, tag=FLAGS.tag)

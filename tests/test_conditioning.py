@@ -66,7 +66,7 @@ def _paths(tree) -> list[str]:
     ]
 
 
-def _loop(params, scheduler_name, guided, hoist, steps=3, pack=True):
+def _loop(params, scheduler_name, guided, hoist, steps=3, pack=True, prepared=None):
     sched = schedulers.make(scheduler_name, CFG.scheduler, steps)
     x, _, ctx = inputs(batch=2, seed=1)
     uctx = jax.random.normal(jax.random.PRNGKey(9), ctx.shape) if guided else None
@@ -77,7 +77,7 @@ def _loop(params, scheduler_name, guided, hoist, steps=3, pack=True):
     def run(p, x, ctx, uctx, noise):
         return pipeline.denoise_loop(
             p, x, ctx, uctx, 7.5, noise, unet_config=CFG.unet, scheduler=sched,
-            hoist_conditioning=hoist, pack_time_rows=pack,
+            hoist_conditioning=hoist, pack_time_rows=pack, prepared=prepared,
         )  # fmt: skip
 
     return run, (params, x * sched.init_noise_sigma, ctx, uctx, noise)
@@ -249,3 +249,139 @@ def test_pack_rows_round_trips_a_tree_of_per_step_leaves():
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want[t]))
     with pytest.raises(ValueError, match="one dtype"):
         pack_rows({"a": jnp.ones((2, 3), jnp.float16), "b": jnp.ones((2, 3), jnp.float32)})
+
+
+# --------------------------------------------------------------------------------------------
+# The conditioning's weight-only part, prepared once per pipeline (`UNet2DConditionModel.prepare`)
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare(params, batch=2, hw=(16, 16), kernels=None):
+    from sdjax import ops
+
+    kernels = kernels or ops.PRESETS["reference"]
+    return pipeline.prepare_unet(params, unet_config=CFG.unet, batch=batch, sample_hw=hw,
+                                 dtype=jnp.float32, kernels=kernels)  # fmt: skip
+
+
+def _assert_same_trees(a, b, tol):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert rel(x, y) < tol
+
+
+def test_prepared_conditioning_gives_the_same_trees(params, packed_everywhere):
+    """With `prepare`'s stacks, `context_conditioning` and `time_conditioning` give the trees
+    they give without: every K, V and time projection from one product each, the packed q/k/v
+    weights and the upsamplers' phase kernels as prepared."""
+    from sdjax import ops
+
+    subpixel = ops.Implementations(upsample_conv="subpixel")
+    x, t, ctx = inputs()
+    model = unet_lib.UNet2DConditionModel(CFG.unet)
+    v = {"params": params}
+    prepared = _prepare(params, batch=3, kernels=subpixel)
+    with ops.use(subpixel):
+        plain_c = model.apply(v, ctx, jnp.float32, x.shape[1:3], method="context_conditioning")
+        prep_c = model.apply(v, ctx, jnp.float32, x.shape[1:3], prepared,
+                             method="context_conditioning")  # fmt: skip
+    plain_t = model.apply(v, t, jnp.float32, method="time_conditioning")
+    prep_t = model.apply(v, t, jnp.float32, prepared, method="time_conditioning")
+    _assert_same_trees(prep_c, plain_c, 1e-6)
+    _assert_same_trees(prep_t, plain_t, 1e-6)
+    paths = _paths(prep_c)
+    assert any(p.endswith("phase_kernel") for p in paths)
+    assert any(p.endswith("attn1/qkv_kernel") for p in paths)
+    # the stacks: every resnet's projection columns, every cross-attention's K and V columns
+    widths = [k.shape[1] for p, k in zip(_paths(params), jax.tree.leaves(params), strict=True)
+              if p.endswith("time_emb_proj/kernel")]  # fmt: skip
+    kv = [k.shape[1] for p, k in zip(_paths(params), jax.tree.leaves(params), strict=True)
+          if p.endswith(("attn2/to_k/kernel", "attn2/to_v/kernel"))]  # fmt: skip
+    assert prepared["time"]["kernel"].shape[1] == sum(widths) and len(widths) > 1
+    assert prepared["key_value"]["kernel"].shape == (CFG.unet.cross_attention_dim, sum(kv))
+    assert "bias" not in prepared["key_value"]  # SD's K and V projections have none
+
+
+def test_split_projections_refuses_a_product_of_another_width(params):
+    model = unet_lib.UNet2DConditionModel(CFG.unet)
+    layout = model.apply({"params": params}, method="time_weights")
+    with pytest.raises(ValueError, match="columns for"):
+        unet_lib.split_projections(jnp.ones((2, 7)), layout)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_prepared_loop_matches_the_unprepared_loop(params, pack, packed_everywhere):
+    outs = []
+    for prepared in (None, _prepare(params)):
+        run, args = _loop(params, "ddim", True, True, pack=pack, prepared=prepared)
+        outs.append(jax.jit(run)(*args))
+    # float32; the stacked products may sum in another order (as XLA's dot merger's do)
+    assert rel(outs[1], outs[0]) < 1e-5
+
+
+def _dots_outside_the_scan(jaxpr) -> int:
+    def walk(j) -> int:
+        n = 0
+        for eqn in j.eqns:
+            n += eqn.primitive.name == "dot_general"
+            if eqn.primitive.name == "scan":
+                continue
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, (list, tuple)) else (v,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        n += walk(inner)
+        return n
+
+    return walk(jaxpr)
+
+
+def test_the_prepared_loop_projects_text_and_time_once_each(params, packed_everywhere):
+    """Before the scan, the prepared loop has one product for all K and V, one for all the
+    time projections and the time MLP's two, where the unprepared one has one per K, V and
+    resnet; and it stacks no weights (the packed q/k/v weights come prepared)."""
+    n_cross = sum(1 for p in _paths(params) if p.endswith("attn2/to_k/kernel"))
+    n_resnets = sum(1 for p in _paths(params) if p.endswith("time_emb_proj/kernel"))
+    counts, stacks = {}, {}
+    for prepared in (None, _prepare(params)):
+        run, args = _loop(params, "ddim", True, True, prepared=prepared)
+        jaxpr = jax.make_jaxpr(run)(*args).jaxpr
+        counts[prepared is not None] = _dots_outside_the_scan(jaxpr)
+        stacks[prepared is not None] = sum(
+            1 for e in jaxpr.eqns if e.primitive.name in ("concatenate", "stack")
+            and len(e.outvars[0].aval.shape) == 4 and e.outvars[0].aval.shape[1] == 3
+        )  # fmt: skip
+    assert counts == {False: 2 + n_resnets + 2 * n_cross, True: 4}
+    assert stacks[True] == 0 < stacks[False]
+
+
+def test_pipeline_prepares_once_per_unet_tree_batch_and_size(monkeypatch):
+    """The pipeline makes the prepared conditioning on its first image and reuses it (the
+    one-program path too); a new UNet tree or another batch makes it again. Same latents as a
+    pipeline that does not prepare."""
+    made = []
+    real = pipeline.prepare_unet
+
+    def counting(*args, **kwargs):
+        made.append((kwargs["batch"], kwargs["sample_hw"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_unet", counting)
+    kw = dict(steps=2, height=16, width=16, seed=5)
+    pipe = random_pipeline()
+    plain = random_pipeline(prepare_weights=False)
+    first = pipe.generate("a red cube", **kw)
+    again = pipe.generate("a red cube", **kw)
+    whole = pipe.generate("a red cube", one_program=True, **kw)
+    assert made == [(2, (8, 8))]
+    assert pipe.prepared_nbytes() > 0 and plain.prepared_nbytes() == 0
+    ref = plain.generate("a red cube", **kw)
+    np.testing.assert_array_equal(first.latents, again.latents)
+    assert rel(first.latents, ref.latents) < 1e-5
+    assert rel(whole.latents, first.latents) < 1e-5
+    pipe.generate(["a red cube", "a blue ball"], **kw)
+    assert made[-1] == (4, (8, 8))
+    pipe.params = {**pipe.params, "unet": jax.tree.map(lambda a: a, pipe.params["unet"])}
+    pipe.generate(["a red cube", "a blue ball"], **kw)
+    assert len(made) == 3

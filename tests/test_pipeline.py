@@ -248,7 +248,10 @@ def test_parameter_signatures_are_walked_once_per_tree(tiny, monkeypatch):
     params = tiny.params
 
     def counting_flatten(tree, *a, **k):
-        if any(tree is params[c] for c in params):
+        # a component's tree, or a dict that holds one (the UNet's with its prepared
+        # conditioning, `_unet_inputs`)
+        trees = [tree, *(tree.values() if isinstance(tree, dict) else ())]
+        if any(t is params[c] for t in trees for c in params):
             walked.append(1)
         return real_flatten(tree, *a, **k)
 
@@ -456,8 +459,11 @@ def test_auto_layouts_give_the_same_images():
     np.testing.assert_allclose(a.latents, b.latents, rtol=1e-6, atol=1e-6)
     denoise = next(c for k, c in auto._compiled.items() if k[0] == "denoise")
     wanted = jax.tree.leaves(denoise.input_formats[0][0])
-    have = jax.tree.leaves(auto.params["unet"])
-    assert len(wanted) == len(have) > 0
+    # the loop's first argument: the UNet's parameters with their prepared conditioning
+    inputs = auto._prepared[2]
+    assert inputs["params"] is auto.params["unet"]
+    have = jax.tree.leaves(inputs)
+    assert len(wanted) == len(have) > len(jax.tree.leaves(auto.params["unet"]))
     assert all(
         f.layout is None or a.format.layout.major_to_minor == f.layout.major_to_minor
         for a, f in zip(have, wanted, strict=True)

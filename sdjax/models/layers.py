@@ -148,6 +148,11 @@ class ResnetBlock2D(nn.Module):
         """This block's `conditioning` entry for time embeddings temb [..., T]."""
         return {"temb": self.time_projection(temb)}
 
+    def time_weights(self, temb_dim: int) -> dict:
+        """{"temb": (kernel [temb_dim, out_channels], bias [out_channels])}: the tree of
+        `conditioning`'s entry, with the weights that make its leaf from silu(temb)."""
+        return {"temb": self.time_emb_proj.weights(temb_dim)}
+
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         """x: [N, H, W, C_in]; temb: [N, T] or None -> [N, H, W, out_channels].
 
@@ -413,21 +418,32 @@ class BasicTransformerBlock(nn.Module):
 
     def conditioning(self, context: jax.Array, tokens: int | None = None) -> dict:
         """This block's `conditioning` entry: the cross-attention's K/V of context [B, S, C],
-        and, given the token count of x, the self-attention's fused projection weights: padded
-        for the packed kernel where it runs packed (`ops.packed_self_attention_head_dim`), else
-        q, k and v side by side, [dim, 3 * dim] (XLA would otherwise merge the three products
-        itself, stacking the weights in every step of a denoising loop)."""
+        and, given the token count of x, the self-attention's fused projection weights
+        (`weight_conditioning`)."""
         out = {"attn2": self.attn2.key_value(context)}
         if tokens is not None:
-            head_dim = self.dim // self.heads
-            shape = (context.shape[0], tokens, self.heads, head_dim)
-            if packed := ops.packed_self_attention_head_dim(shape, context.dtype):
-                out["attn1"] = self.attn1.packed_weights(self.dim, packed, context.dtype)
-            else:  # q, k and v stacked once here, not by XLA in every step (its dot merger)
-                out["attn1"] = self.attn1.packed_weights(
-                    self.dim, head_dim, context.dtype, out_projection=False
-                )
+            out.update(self.weight_conditioning(context.shape[0], tokens, context.dtype))
         return out
+
+    def key_value_weights(self, context_dim: int) -> dict:
+        """The cross-attention's K and V projections, {"attn2": {"k": (kernel [context_dim,
+        dim], bias [dim] or None), "v": ...}}: the tree of `conditioning`'s K/V entry, with
+        the weights that make each leaf."""
+        kv = {n: getattr(self.attn2, f"to_{n}").weights(context_dim) for n in ("k", "v")}
+        return {"attn2": kv}
+
+    def weight_conditioning(self, batch: int, tokens: int, dtype) -> dict:
+        """The part of `conditioning` that depends on the weights alone (for a batch of
+        `batch` inputs of `tokens` tokens): the self-attention's fused projection weights,
+        padded for the packed kernel where it runs packed (`ops.packed_self_attention_head_dim`),
+        else q, k and v side by side, [dim, 3 * dim] (XLA would otherwise merge the three
+        products itself, stacking the weights in every step of a denoising loop)."""
+        head_dim = self.dim // self.heads
+        shape = (batch, tokens, self.heads, head_dim)
+        if packed := ops.packed_self_attention_head_dim(shape, dtype):
+            return {"attn1": self.attn1.packed_weights(self.dim, packed, dtype)}
+        # q, k and v stacked once here, not by XLA in every step (its dot merger)
+        return {"attn1": self.attn1.packed_weights(self.dim, head_dim, dtype, out_projection=False)}
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x: [B, L, dim]; context: [B, S, C_ctx] -> [B, L, dim]."""
@@ -463,6 +479,16 @@ class Transformer2DModel(nn.Module):
         """Every block's `conditioning` entry (`BasicTransformerBlock.conditioning`); tokens:
         H * W of this model's input, where known."""
         return {b.name: b.conditioning(context, tokens) for b in self.transformer_blocks}
+
+    def key_value_weights(self, context_dim: int) -> dict:
+        """Every block's `BasicTransformerBlock.key_value_weights`."""
+        return {b.name: b.key_value_weights(context_dim) for b in self.transformer_blocks}
+
+    def weight_conditioning(self, batch: int, tokens: int, dtype) -> dict:
+        """Every block's `BasicTransformerBlock.weight_conditioning`."""
+        return {
+            b.name: b.weight_conditioning(batch, tokens, dtype) for b in self.transformer_blocks
+        }
 
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         """x: [N, H, W, channels]; context: [N, S, C_ctx] -> [N, H, W, channels]."""

@@ -8,6 +8,7 @@ encoder's hidden states) -> [N, H, W, C_out]. H and W need not be multiples of 8
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import flax.linen as nn
@@ -278,46 +279,110 @@ class UNet2DConditionModel(nn.Module):
         )
         return self.time_embedding(t_emb.astype(dtype))
 
-    def time_conditioning(self, timesteps: jax.Array, dtype) -> dict:
+    def time_conditioning(self, timesteps: jax.Array, dtype, prepared: dict | None = None) -> dict:
         """Every resnet's projected time embedding, for timesteps [T]: a `conditioning` tree
-        with [T, C] leaves (index one timestep, keeping the axis, before use)."""
+        with [T, C] leaves (index one timestep, keeping the axis, before use). With `prepared`
+        (from `prepare`), the same values from one product (`time_rows`)."""
+        if prepared is not None:
+            return split_projections(self.time_rows(timesteps, dtype, prepared),
+                                     self.time_weights())  # fmt: skip
         temb = self.embed_time(jnp.asarray(timesteps).reshape(-1), dtype)
         return {b.name: {r.name: r.conditioning(temb) for r in b.resnets} for b in self._blocks()}
 
+    def time_rows(self, timesteps: jax.Array, dtype, prepared: dict) -> jax.Array:
+        """[T, sum C]: every resnet's time projection for timesteps [T] as one product with
+        `prepared["time"]` (`prepare`), the resnets' columns in `time_weights`' leaf order
+        (`split_projections` gives `time_conditioning`'s tree back)."""
+        temb = self.embed_time(jnp.asarray(timesteps).reshape(-1), dtype)
+        return _project(jax.nn.silu(temb), prepared["time"])
+
+    def time_weights(self) -> dict:
+        """Every resnet's time projection weights, (kernel [T, C], bias [C]) pairs in the tree
+        of `time_conditioning` (`ResnetBlock2D.time_weights`)."""
+        dim = self.time_embedding.dim
+        return {b.name: {r.name: r.time_weights(dim) for r in b.resnets} for b in self._blocks()}
+
+    def key_value_weights(self) -> dict:
+        """Every cross-attention's K and V projection weights, (kernel [D, C], bias [C] or
+        None) pairs in the tree of `context_conditioning`'s K/V entries."""
+        d = self.config.cross_attention_dim
+        return {b.name: {a.name: a.key_value_weights(d) for a in b.attentions}
+                for b in self._blocks() if hasattr(b, "attentions")}  # fmt: skip
+
     def context_conditioning(
-        self, encoder_hidden_states: jax.Array, dtype, sample_hw: tuple[int, int] | None = None
+        self,
+        encoder_hidden_states: jax.Array,
+        dtype,
+        sample_hw: tuple[int, int] | None = None,
+        prepared: dict | None = None,
     ) -> dict:
         """Every cross-attention's K and V of encoder_hidden_states [N, S, D]: a `conditioning`
-        tree with [N, S, C] leaves. Given the latent's (H, W), also the fused projection
-        weights of every self-attention that runs packed (`Attention.packed_weights`), which
-        depend on the token count of its level, so that they are built once, not per step."""
+        tree with [N, S, C] leaves. Given the latent's (H, W), also what the weights alone
+        give (`weight_conditioning`), so that it is built once, not per step.
+
+        With `prepared` (`prepare`, for this batch and size): K and V of every cross-attention
+        from one product, and the weights' part as prepared: the same values, and nothing
+        that depends on the weights alone left to compute (or to copy: XLA's dot merger
+        otherwise stacks the 2 x 16 K/V kernels of SD1.5 for its one product, per call)."""
         context = encoder_hidden_states.astype(dtype)
-        n = len(self.config.block_out_channels)
-        tokens = [None] * n  # H * W at each level: conv_in keeps it, each downsample halves it
-        sizes = [None] * n  # (H, W) at each level
-        if sample_hw is not None:
-            h, w = sample_hw
-            for level in range(n):
-                tokens[level], sizes[level] = h * w, (h, w)
-                h, w = -(-h // 2), -(-w // 2)
-        levels = [*range(n), n - 1, *range(n - 1, -1, -1)]  # down blocks, mid, up blocks
+        if prepared is not None:
+            kv = split_projections(_project(context, prepared["key_value"]),
+                                   self.key_value_weights())  # fmt: skip
+            return merge_conditioning(kv, prepared["conditioning"])
         out = {
-            b.name: {a.name: a.conditioning(context, tokens[level]) for a in b.attentions}
-            for b, level in zip(self._blocks(), levels, strict=True)
+            b.name: {a.name: a.conditioning(context) for a in b.attentions}
+            for b in self._blocks()
             if hasattr(b, "attentions")  # the cross-attention blocks
         }
-        # the phase kernels of the upsamplers that run in the subpixel form (the one in force;
-        # under "auto" it depends on the upsampler's input size, so only with sample_hw)
+        if sample_hw is None:
+            return out
+        return merge_conditioning(out, self.weight_conditioning(context.shape[0], dtype, sample_hw))
+
+    def weight_conditioning(self, batch: int, dtype, sample_hw: tuple[int, int]) -> dict:
+        """What the conditioning takes from the weights alone, for `batch` latents of
+        sample_hw (H, W): the fused projection weights of every self-attention that runs
+        packed (`Attention.packed_weights`; they depend on the token count of the level and
+        on the batch), and the phase kernels of the upsamplers that run in the subpixel form
+        (which depends on the upsampler's input size)."""
+        n = len(self.config.block_out_channels)
+        tokens, sizes = [], []  # H * W and (H, W) at each level: each downsample halves them
+        h, w = sample_hw
+        for _ in range(n):
+            tokens.append(h * w)
+            sizes.append((h, w))
+            h, w = -(-h // 2), -(-w // 2)
+        levels = [*range(n), n - 1, *range(n - 1, -1, -1)]  # down blocks, mid, up blocks
+        out = {
+            b.name: {a.name: a.weight_conditioning(batch, tokens[level], dtype)
+                     for a in b.attentions}
+            for b, level in zip(self._blocks(), levels, strict=True)
+            if hasattr(b, "attentions")
+        }  # fmt: skip
         phases = {}
         for i, b in enumerate(self.up_blocks):
             if not b.add_upsample:
                 continue
             level = n - 1 - i  # up block i works at level n - 1 - i, then doubles it
-            hw = sizes[level]
-            form = ops.upsample_conv_choice((1, *hw, 1)) if hw else ops.current().upsample_conv
-            if form == "subpixel":
+            if ops.upsample_conv_choice((1, *sizes[level], 1)) == "subpixel":
                 phases[b.name] = {u.name: u.conditioning(dtype) for u in b.upsamplers}
-        return merge_conditioning(out, phases) if phases else out
+        return merge_conditioning(out, phases)
+
+    def prepare(self, batch: int, dtype, sample_hw: tuple[int, int]) -> dict:
+        """Everything the conditioning takes from the weights alone, once per pipeline
+        instead of once per image (`experiments/results/README.md`, item 176), in `dtype`:
+
+          {"conditioning": `weight_conditioning(batch, dtype, sample_hw)`,
+           "time": {"kernel" [T, sum C], "bias" [sum C]},   every resnet's time projection
+           "key_value": {"kernel" [D, sum C](, "bias")}}     every cross-attention's K and V
+
+        side by side in `time_weights`' and `key_value_weights`' leaf order. Pass it to
+        `context_conditioning` and `time_conditioning` (`pipeline.denoise_loop(prepared=)`);
+        it is valid for the weights, dtype, batch, size and op choices it was made with."""
+        return {
+            "conditioning": self.weight_conditioning(batch, dtype, sample_hw),
+            "time": stack_projections(self.time_weights(), dtype),
+            "key_value": stack_projections(self.key_value_weights(), dtype),
+        }
 
     def __call__(
         self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | None
@@ -382,6 +447,38 @@ def merge_conditioning(*trees: dict) -> dict:
             else:
                 out[key] = value
     return out
+
+
+def _is_pair(x) -> bool:
+    return isinstance(x, tuple)
+
+
+def stack_projections(tree, dtype) -> dict:
+    """A tree of (kernel [D, C_i], bias [C_i] or None) pairs as one projection {"kernel"
+    [D, sum C_i], "bias" [sum C_i] (where every pair has one)} in `dtype`, the pairs' columns
+    side by side in leaf order."""
+    pairs = jax.tree.leaves(tree, is_leaf=_is_pair)
+    out = {"kernel": jnp.concatenate([k.astype(dtype) for k, _ in pairs], axis=1)}
+    if all(b is not None for _, b in pairs):
+        out["bias"] = jnp.concatenate([b.astype(dtype) for _, b in pairs])
+    return out
+
+
+def split_projections(y: jax.Array, tree) -> dict:
+    """y [..., sum C_i] (a `stack_projections` product) -> the tree of `tree`'s (kernel, bias)
+    pairs with [..., C_i] leaves: static slices of the last axis."""
+    pairs, treedef = jax.tree.flatten(tree, is_leaf=_is_pair)
+    widths = [k.shape[-1] for k, _ in pairs]
+    if y.shape[-1] != sum(widths):
+        raise ValueError(f"split_projections: {y.shape[-1]} columns for {sum(widths)}")
+    offsets = itertools.accumulate(widths, initial=0)
+    return treedef.unflatten([y[..., o : o + w] for o, w in zip(offsets, widths, strict=False)])
+
+
+def _project(x: jax.Array, projection: dict) -> jax.Array:
+    """x @ kernel (+ bias) in x's dtype, as `Linear` computes it."""
+    y = jnp.dot(x, projection["kernel"].astype(x.dtype))
+    return y + projection["bias"].astype(x.dtype) if "bias" in projection else y
 
 
 def conditioned_apply(params, config: UNetConfig, sample, timesteps, conditioning) -> jax.Array:
