@@ -53,6 +53,21 @@ flags.DEFINE_float(
     "a row fails if its latent error exceeds this times the baseline row's",
 )
 flags.DEFINE_string("tag", "", "suffix of the output file names")
+flags.DEFINE_bool(
+    "rates",
+    None,
+    "measure the machine's matmul rate and copy bandwidth (experiments.profile.measure_rates: "
+    "an 8192^3 product, a 256 MiB copy) before the rows, recorded beside them: H100s differ "
+    "by up to 10% in matmul rate (results README, item 174); default: on a GPU only",
+)
+flags.DEFINE_integer("rates_matmul_size", 8192, "n of --rates' n^3 matmul")
+flags.DEFINE_integer("rates_copy_mib", 256, "MiB of --rates' copy")
+flags.DEFINE_bool(
+    "warmup",
+    False,
+    "run the first selected row once, unrecorded, before the recorded rows (the first row of a "
+    "process otherwise meets the machine cold)",
+)
 flags.DEFINE_multi_string(
     "xla_row",
     [],
@@ -98,6 +113,11 @@ def rows() -> dict:
         # auto with one scanned [T, C] array per resnet's time projection (as before the
         # sixteenth session), where `auto` scans them packed (sdjax.pipeline.pack_rows)
         "auto_time_per_leaf": (auto, {"pack_time_rows": False}),
+        # auto with the conditioning's weight-only part (stacked time-projection and K/V
+        # kernels, packed q/k/v weights, upsampler phase kernels) made in every image's
+        # program (as before the seventeenth session), where `auto` prepares it once per
+        # pipeline (sdjax.pipeline.prepare_unet)
+        "auto_unprepared": (auto, {"prepare_weights": False}),
         "auto+layer_norm": (dataclasses.replace(auto, layer_norm="pallas"), {}),
         # auto with row-major parameters: every call transposes the conv kernels for cuDNN
         # (the pipeline's default lets XLA choose the layouts: sdjax.pipeline's module doc)
@@ -186,10 +206,12 @@ def hopper_rows(specs) -> dict:
 
 
 def _memory(pipe) -> dict:
-    """Parameter bytes, and the largest program's temp+output bytes (XLA's memory analysis)."""
+    """Parameter bytes, the prepared conditioning's and the largest program's temp+output bytes
+    (XLA's memory analysis)."""
     import jax
 
     params = sum(x.nbytes for x in jax.tree.leaves(pipe.params))
+    prepared = pipe.prepared_nbytes()  # kept beside the parameters (its prepared conditioning)
     programs = {}
     for key, compiled in pipe._compiled.items():
         try:
@@ -197,9 +219,10 @@ def _memory(pipe) -> dict:
             programs[key[0]] = int(m.temp_size_in_bytes + m.output_size_in_bytes)
         except Exception:  # not every backend implements it
             pass
-    peak = params + max(programs.values(), default=0)
+    peak = params + prepared + max(programs.values(), default=0)
     return {
         "params_gib": params / 2**30,
+        "prepared_gib": prepared / 2**30,
         "program_gib": {k: v / 2**30 for k, v in programs.items()},
         "est_peak_gib": peak / 2**30,
     }
@@ -423,6 +446,17 @@ def main(argv):
     params = jax.tree.map(lambda a: a.astype(FLAGS.dtype), params32)
     del params32
 
+    if FLAGS.rates if FLAGS.rates is not None else jax.default_backend() == "gpu":
+        from experiments.profile import measure_rates
+
+        record["rates"] = measure_rates(FLAGS.dtype, FLAGS.rates_matmul_size, FLAGS.rates_copy_mib)
+        print({"rates": record["rates"]}, flush=True)
+    if FLAGS.warmup and selected:
+        name, (kernels, options) = next(iter(selected.items()))
+        print(f"== warm-up: {name} (not recorded)", flush=True)
+        run_row(name, kernels, config, params, tokenizer, FLAGS.dtype, res, None, options)
+        record["warmup_row"] = name
+
     for name, (kernels, options) in selected.items():
         print(f"== {name}", flush=True)
         try:
@@ -493,6 +527,11 @@ def main(argv):
     ]
     md = f"# Ablation: {FLAGS.config} {res}x{res}, {FLAGS.steps} DDIM steps, guidance, {FLAGS.dtype}\n\n"
     md += f"device: {record['device']['device_kind']}, jax {record['device']['jax']}\n\n"
+    if rates := record.get("rates"):
+        md += (f"machine: matmul {rates['matmul_tflops']:.1f} TFLOP/s ({rates['matmul_size']}^3 "
+               f"{rates['matmul_dtype']}), copy {rates['copy_gbps']:.0f} GB/s\n\n")  # fmt: skip
+    if record.get("warmup_row"):
+        md += f"warm-up: one unrecorded run of {record['warmup_row']} before the rows\n\n"
     md += common.markdown_table(record["rows"], cols)
     if FLAGS.anchors:
         md += (

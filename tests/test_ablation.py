@@ -60,6 +60,26 @@ def test_rows_on_tiny(tmp_path):
     assert (tmp_path / "ablation_tiny_float32_t.md").read_text().startswith("# Ablation: tiny")
 
 
+def test_rates_warmup_and_the_prepared_conditioning_recorded(tmp_path):
+    """--rates measures the machine beside the rows; --warmup runs the first row once,
+    unrecorded; `auto` keeps its prepared conditioning (counted in the peak), and
+    `auto_unprepared` keeps none."""
+    proc = run_ablation(
+        tmp_path, "--rows=auto,auto_unprepared", "--rates", "--rates_matmul_size=128",
+        "--rates_copy_mib=1", "--warmup", "--noreference", "--end_to_end_repeats=0", "--tag=_r",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "ablation_tiny_float32_r.json").read_text())
+    assert record["rates"]["matmul_size"] == 128 and record["rates"]["matmul_tflops"] > 0
+    assert record["warmup_row"] == "auto"
+    auto, unprepared = record["rows"]
+    assert [auto["row"], unprepared["row"]] == ["auto", "auto_unprepared"]
+    assert unprepared["options"]["prepare_weights"] is False
+    assert auto["memory"]["prepared_gib"] > 0 == unprepared["memory"]["prepared_gib"]
+    md = (tmp_path / "ablation_tiny_float32_r.md").read_text()
+    assert "machine: matmul" in md and "warm-up: one unrecorded run of auto" in md
+
+
 def test_unknown_row_is_refused(tmp_path):
     proc = run_ablation(tmp_path, "--rows=baseline_xla,fastest")
     assert proc.returncode != 0
