@@ -113,8 +113,8 @@ def rows() -> dict:
         # auto with one scanned [T, C] array per resnet's time projection (as before the
         # sixteenth session), where `auto` scans them packed (sdjax.pipeline.pack_rows)
         "auto_time_per_leaf": (auto, {"pack_time_rows": False}),
-        # auto with the conditioning's weight-only part (stacked time-projection and K/V
-        # kernels, packed q/k/v weights, upsampler phase kernels) made in every image's
+        # auto with the conditioning's weight-only part that XLA copies per call (stacked
+        # time-projection and K/V kernels, upsampler phase kernels) made in every image's
         # program (as before the seventeenth session), where `auto` prepares it once per
         # pipeline (sdjax.pipeline.prepare_unet)
         "auto_unprepared": (auto, {"prepare_weights": False}),

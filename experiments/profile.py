@@ -1018,8 +1018,7 @@ def profile(
     loop_inputs = {"params": unet_params}
     if prepare_weights:  # made once, outside the traced calls, as the pipeline does
         loop_inputs["prepared"] = pipeline.prepare_unet(
-            unet_params, unet_config=ucfg, batch=2, sample_hw=(latent, latent), dtype=jdtype,
-            kernels=impls,
+            unet_params, unet_config=ucfg, sample_hw=(latent, latent), dtype=jdtype, kernels=impls,
         )  # fmt: skip
     loop_args = (loop_inputs, x, ctx.astype(jdtype), uctx.astype(jdtype), jnp.float32(7.5))
 

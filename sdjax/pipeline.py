@@ -174,10 +174,10 @@ def denoise_loop(
         [T, sum C] array (`pack_rows`), not one [T, C] array per resnet: the same values, in
         fewer kernels a step.
       prepared: with hoist_conditioning, what the conditioning takes from the weights alone
-        (`prepare_unet` for these weights, dtype and op choices; its batch, 2N with guidance,
-        and latent size): made once per pipeline, it leaves this program only the products
-        with the text states and the timesteps. The same values (up to the order of sums in
-        the stacked products); for another batch or size they stay right, only slower.
+        and XLA would otherwise copy per call (`prepare_unet` for these weights, dtype, op
+        choices and latent size): made once per pipeline, it leaves this program one product
+        for all K and V and one for all time projections. The same values (up to the order of
+        sums in the stacked products); for another size they stay right, only slower.
     Returns:
       float32 latents [N, h, w, C].
     """
@@ -257,23 +257,20 @@ def denoise_loop(
     return x
 
 
-def prepare_unet(unet_params, *, unet_config, batch: int, sample_hw, dtype, kernels) -> dict:
+def prepare_unet(unet_params, *, unet_config, sample_hw, dtype, kernels) -> dict:
     """`UNet2DConditionModel.prepare` in one jitted call, under `kernels`: the weights' part of
-    the conditioning for `denoise_loop(prepared=)` with `batch` UNet inputs (2N with guidance)
-    of sample_hw (h, w) latents. Made once per pipeline (`StableDiffusion` caches it)."""
-    return _prepare_program(unet_params, unet_config=unet_config, batch=batch,
-                            sample_hw=tuple(sample_hw), dtype=resolve_dtype(dtype),
-                            kernels=kernels)  # fmt: skip
+    the conditioning for `denoise_loop(prepared=)` with sample_hw (h, w) latents. Made once
+    per pipeline (`StableDiffusion` caches it)."""
+    return _prepare_program(unet_params, unet_config=unet_config, sample_hw=tuple(sample_hw),
+                            dtype=resolve_dtype(dtype), kernels=kernels)  # fmt: skip
 
 
-@functools.partial(
-    jax.jit, static_argnames=("unet_config", "batch", "sample_hw", "dtype", "kernels")
-)
-def _prepare_program(unet_params, *, unet_config, batch, sample_hw, dtype, kernels):
+@functools.partial(jax.jit, static_argnames=("unet_config", "sample_hw", "dtype", "kernels"))
+def _prepare_program(unet_params, *, unet_config, sample_hw, dtype, kernels):
     unet_params = jax.tree.map(functools.partial(_cast_floats, dtype=dtype), unet_params)
     with ops.use(kernels):
         return UNet2DConditionModel(unet_config).apply(
-            {"params": unet_params}, batch, dtype, sample_hw, method=UNet2DConditionModel.prepare
+            {"params": unet_params}, dtype, sample_hw, method=UNet2DConditionModel.prepare
         )
 
 
@@ -425,8 +422,9 @@ class StableDiffusion:
         # denoise_loop's `hoist_conditioning`: prompt- and timestep-only work outside the loop
         self.hoist_conditioning = hoist_conditioning
         self.pack_time_rows = pack_time_rows  # denoise_loop's `pack_time_rows`
-        # with hoist_conditioning: the conditioning's weight-only part (`prepare_unet`) made
-        # once and kept on the devices (~0.15 GiB for SD1.5 in fp16), not once per image
+        # with hoist_conditioning: the conditioning's weight-only part that XLA copies per
+        # call otherwise (`prepare_unet`) made once and kept on the devices (0.145 GiB for
+        # SD1.5 in fp16), not once per image
         self.prepare_weights = prepare_weights
         # XLA options for every program this pipeline compiles (DebugOptions fields by name,
         # e.g. {"xla_gpu_enable_triton_gemm": False}): per pipeline, unlike XLA_FLAGS. None:
@@ -582,22 +580,20 @@ class StableDiffusion:
             self._whole = cached = parts
         return cached
 
-    def _unet_inputs(self, batch: int, latent_hw) -> dict | None:
+    def _unet_inputs(self, latent_hw) -> dict | None:
         """{"params": self.params["unet"], "prepared": its `prepare_unet`} for a loop of
-        `batch` UNet inputs (2N with guidance) of latent_hw; None where the pipeline does not
-        prepare (`prepare_weights` or `hoist_conditioning` off). Made on the first call for
-        a (UNet tree, batch, size) and kept, one at a time: a replaced UNet tree (a merged
-        LoRA) is prepared again."""
+        latent_hw latents; None where the pipeline does not prepare (`prepare_weights` or
+        `hoist_conditioning` off). Made on the first call for a (UNet tree, size) and kept,
+        one at a time: a replaced UNet tree (a merged LoRA) is prepared again."""
         if not (self.prepare_weights and self.hoist_conditioning):
             return None
         params = self.params["unet"]
-        key = (batch, tuple(int(d) for d in latent_hw), self.kernels, str(self.dtype))
+        key = (tuple(int(d) for d in latent_hw), self.kernels, str(self.dtype))
         cached = self._prepared
         if cached is None or cached[0] is not params or cached[1] != key:
             self._prepared = None  # the old arrays go before the new ones are made
-            prepared = prepare_unet(params, unet_config=self.config.unet, batch=batch,
-                                    sample_hw=key[1], dtype=self.dtype,
-                                    kernels=self.kernels)  # fmt: skip
+            prepared = prepare_unet(params, unet_config=self.config.unet, sample_hw=key[0],
+                                    dtype=self.dtype, kernels=self.kernels)  # fmt: skip
             prepared = jax.device_put(prepared, self.replicated)
             self._prepared = cached = (params, key, {"params": params, "prepared": prepared})
         return cached[2]
@@ -844,8 +840,7 @@ class StableDiffusion:
         )
         statics = (sched, start, progress, self.hoist_conditioning, self.pack_time_rows)
         guidance = np.float32(guidance)
-        unet_inputs = self._unet_inputs(len(padded) * (2 if use_guidance else 1),
-                                        latent_shape[1:3])  # fmt: skip
+        unet_inputs = self._unet_inputs(latent_shape[1:3])
         if one_program:  # 1, 3 and 4 as one program: one launch, no waits between them
             image_fn = self._image_fn(loop, use_guidance)
             whole = self._whole_params(unet_inputs and unet_inputs["prepared"])

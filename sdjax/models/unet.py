@@ -320,15 +320,18 @@ class UNet2DConditionModel(nn.Module):
         tree with [N, S, C] leaves. Given the latent's (H, W), also what the weights alone
         give (`weight_conditioning`), so that it is built once, not per step.
 
-        With `prepared` (`prepare`, for this batch and size): K and V of every cross-attention
-        from one product, and the weights' part as prepared: the same values, and nothing
-        that depends on the weights alone left to compute (or to copy: XLA's dot merger
-        otherwise stacks the 2 x 16 K/V kernels of SD1.5 for its one product, per call)."""
+        With `prepared` (`prepare`, for this size): K and V of every cross-attention from one
+        product with the prepared stack (XLA's dot merger otherwise stacks SD1.5's 2 x 16 K/V
+        kernels for its one product, per call), and the phase kernels as prepared: the same
+        values. The self-attentions' fused weights are still made here."""
         context = encoder_hidden_states.astype(dtype)
         if prepared is not None:
             kv = split_projections(_project(context, prepared["key_value"]),
                                    self.key_value_weights())  # fmt: skip
-            return merge_conditioning(kv, prepared["conditioning"])
+            if sample_hw is None:
+                return merge_conditioning(kv, prepared["conditioning"])
+            attention = self.attention_weights(context.shape[0], dtype, sample_hw)
+            return merge_conditioning(kv, attention, prepared["conditioning"])
         out = {
             b.name: {a.name: a.conditioning(context) for a in b.attentions}
             for b in self._blocks()
@@ -340,24 +343,39 @@ class UNet2DConditionModel(nn.Module):
 
     def weight_conditioning(self, batch: int, dtype, sample_hw: tuple[int, int]) -> dict:
         """What the conditioning takes from the weights alone, for `batch` latents of
-        sample_hw (H, W): the fused projection weights of every self-attention that runs
-        packed (`Attention.packed_weights`; they depend on the token count of the level and
-        on the batch), and the phase kernels of the upsamplers that run in the subpixel form
-        (which depends on the upsampler's input size)."""
-        n = len(self.config.block_out_channels)
-        tokens, sizes = [], []  # H * W and (H, W) at each level: each downsample halves them
-        h, w = sample_hw
-        for _ in range(n):
-            tokens.append(h * w)
+        sample_hw (H, W): `attention_weights` and `phase_kernels`."""
+        return merge_conditioning(
+            self.attention_weights(batch, dtype, sample_hw), self.phase_kernels(dtype, sample_hw)
+        )
+
+    def _level_sizes(self, sample_hw: tuple[int, int]) -> list[tuple[int, int]]:
+        """(H, W) at each level: conv_in keeps the latent's, each downsample halves it."""
+        sizes, (h, w) = [], sample_hw
+        for _ in self.config.block_out_channels:
             sizes.append((h, w))
             h, w = -(-h // 2), -(-w // 2)
+        return sizes
+
+    def attention_weights(self, batch: int, dtype, sample_hw: tuple[int, int]) -> dict:
+        """The fused projection weights of every self-attention (`Attention.packed_weights`),
+        for `batch` latents of sample_hw: padded for the packed kernel where it runs packed,
+        else q, k and v side by side (their form depends on the level's token count and on
+        the batch)."""
+        sizes = self._level_sizes(sample_hw)
+        n = len(sizes)
         levels = [*range(n), n - 1, *range(n - 1, -1, -1)]  # down blocks, mid, up blocks
-        out = {
-            b.name: {a.name: a.weight_conditioning(batch, tokens[level], dtype)
-                     for a in b.attentions}
+        return {
+            b.name: {a.name: a.weight_conditioning(batch, sizes[level][0] * sizes[level][1],
+                                                   dtype) for a in b.attentions}
             for b, level in zip(self._blocks(), levels, strict=True)
             if hasattr(b, "attentions")
         }  # fmt: skip
+
+    def phase_kernels(self, dtype, sample_hw: tuple[int, int]) -> dict:
+        """The phase kernels of the upsamplers that run in the subpixel form at sample_hw
+        (the form depends on the upsampler's input size)."""
+        sizes = self._level_sizes(sample_hw)
+        n = len(sizes)
         phases = {}
         for i, b in enumerate(self.up_blocks):
             if not b.add_upsample:
@@ -365,21 +383,28 @@ class UNet2DConditionModel(nn.Module):
             level = n - 1 - i  # up block i works at level n - 1 - i, then doubles it
             if ops.upsample_conv_choice((1, *sizes[level], 1)) == "subpixel":
                 phases[b.name] = {u.name: u.conditioning(dtype) for u in b.upsamplers}
-        return merge_conditioning(out, phases)
+        return phases
 
-    def prepare(self, batch: int, dtype, sample_hw: tuple[int, int]) -> dict:
-        """Everything the conditioning takes from the weights alone, once per pipeline
-        instead of once per image (`experiments/results/README.md`, item 176), in `dtype`:
+    def prepare(self, dtype, sample_hw: tuple[int, int]) -> dict:
+        """What the conditioning takes from the weights alone and XLA would otherwise copy
+        in every image's program, made once per pipeline (`experiments/results/README.md`,
+        items 176-182), in `dtype`:
 
-          {"conditioning": `weight_conditioning(batch, dtype, sample_hw)`,
+          {"conditioning": `phase_kernels(dtype, sample_hw)`,
            "time": {"kernel" [T, sum C], "bias" [sum C]},   every resnet's time projection
            "key_value": {"kernel" [D, sum C](, "bias")}}     every cross-attention's K and V
 
-        side by side in `time_weights`' and `key_value_weights`' leaf order. Pass it to
-        `context_conditioning` and `time_conditioning` (`pipeline.denoise_loop(prepared=)`);
-        it is valid for the weights, dtype, batch, size and op choices it was made with."""
+        side by side in `time_weights`' and `key_value_weights`' leaf order (XLA's dot
+        merger stacks the same kernels per call otherwise). Pass it to `context_conditioning`
+        and `time_conditioning` (`pipeline.denoise_loop(prepared=)`); it is valid for the
+        weights, dtype, size and op choices it was made with.
+
+        Not here: the self-attentions' fused q/k/v weights (`attention_weights`), still made
+        per image. Kept, they would cost SD1.5 71 MB of device memory for ~0.05 ms an image,
+        and the 2.6 GiB bound of the H100 run would not hold (all of it prepared: 0.238 GiB,
+        an allocator peak of 2.61 GiB, s17e; this: 0.145 GiB)."""
         return {
-            "conditioning": self.weight_conditioning(batch, dtype, sample_hw),
+            "conditioning": self.phase_kernels(dtype, sample_hw),
             "time": stack_projections(self.time_weights(), dtype),
             "key_value": stack_projections(self.key_value_weights(), dtype),
         }
