@@ -591,7 +591,8 @@ class StableDiffusion:
         key = (tuple(int(d) for d in latent_hw), self.kernels, str(self.dtype))
         cached = self._prepared
         if cached is None or cached[0] is not params or cached[1] != key:
-            self._prepared = None  # the old arrays go before the new ones are made
+            # the old arrays go before the new ones are made (the whole image's dict too)
+            self._prepared = self._whole = None
             prepared = prepare_unet(params, unet_config=self.config.unet, sample_hw=key[0],
                                     dtype=self.dtype, kernels=self.kernels)  # fmt: skip
             prepared = jax.device_put(prepared, self.replicated)

@@ -133,20 +133,24 @@ def test_pipeline_images_same_with_and_without_hoisting():
 def _scan_body_eqns(jaxpr) -> list:
     """Every equation inside the scan's body (nested calls included)."""
 
-    def walk(j) -> list:
-        out = []
-        for eqn in j.eqns:
-            out.append(eqn)
-            for v in eqn.params.values():
-                for sub in v if isinstance(v, (list, tuple)) else (v,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        out += walk(inner)
-        return out
-
     scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
     assert len(scans) == 1
-    return walk(scans[0].params["jaxpr"].jaxpr)
+    return _eqns(scans[0].params["jaxpr"].jaxpr)
+
+
+def _eqns(jaxpr, *, into_scans: bool = True) -> list:
+    """Every equation of jaxpr, nested calls included (a scan's body only with into_scans)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out.append(eqn)
+        if eqn.primitive.name == "scan" and not into_scans:
+            continue
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _eqns(inner, into_scans=into_scans)
+    return out
 
 
 @pytest.fixture
@@ -348,20 +352,7 @@ def test_prepared_loop_matches_the_unprepared_loop(params, pack, packed_everywhe
 
 
 def _dots_outside_the_scan(jaxpr) -> int:
-    def walk(j) -> int:
-        n = 0
-        for eqn in j.eqns:
-            n += eqn.primitive.name == "dot_general"
-            if eqn.primitive.name == "scan":
-                continue
-            for v in eqn.params.values():
-                for sub in v if isinstance(v, (list, tuple)) else (v,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        n += walk(inner)
-        return n
-
-    return walk(jaxpr)
+    return sum(e.primitive.name == "dot_general" for e in _eqns(jaxpr, into_scans=False))
 
 
 def test_the_prepared_loop_projects_text_and_time_once_each(params, packed_everywhere):

@@ -496,8 +496,8 @@ def split_projections(y: jax.Array, tree) -> dict:
     widths = [k.shape[-1] for k, _ in pairs]
     if y.shape[-1] != sum(widths):
         raise ValueError(f"split_projections: {y.shape[-1]} columns for {sum(widths)}")
-    offsets = itertools.accumulate(widths, initial=0)
-    return treedef.unflatten([y[..., o : o + w] for o, w in zip(offsets, widths, strict=False)])
+    offsets = list(itertools.accumulate(widths, initial=0))[:-1]
+    return treedef.unflatten([y[..., o : o + w] for o, w in zip(offsets, widths, strict=True)])
 
 
 def _project(x: jax.Array, projection: dict) -> jax.Array:
