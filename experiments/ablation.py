@@ -60,6 +60,13 @@ flags.DEFINE_bool(
     "an 8192^3 product, a 256 MiB copy) before the rows, recorded beside them: H100s differ "
     "by up to 10% in matmul rate (results README, item 174); default: on a GPU only",
 )
+flags.DEFINE_bool(
+    "interleave",
+    False,
+    "compile every row first, then take the rows' timed images in turn (A, B, A, B, ... per "
+    "mode) instead of each row's in a block: what drifts over the call falls on every row "
+    "alike (results README, item 185); every row's pipeline is kept on the device meanwhile",
+)
 flags.DEFINE_integer("rates_matmul_size", 8192, "n of --rates' n^3 matmul")
 flags.DEFINE_integer("rates_copy_mib", 256, "MiB of --rates' copy")
 flags.DEFINE_bool(
@@ -228,92 +235,151 @@ def _memory(pipe) -> dict:
     }
 
 
-def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, options=None):
-    """One row; `options` are StableDiffusion's keyword arguments, less "hopper_overrides"
-    (fields replaced in every Hopper attention config while the row compiles and runs)."""
-    import importlib
-
-    fah = importlib.import_module("custom_calls.flash_attention_hopper")
-    options = dict(options or {})
-    overrides = options.pop("hopper_overrides", {})
-    with fah.config_overrides(**overrides):
-        row, result = _run_row(name, kernels, config, params, tokenizer, dtype, res,
-                               ref_latents, options)  # fmt: skip
-    if overrides:
-        row["hopper_overrides"] = overrides
-    return row, result
+# generate's modes of one image: the components each waited for, dispatched back to back
+# with one wait at the end, and as one program
+MODES = {"sync": {}, "unsync": {"sync_components": False}, "whole": {"one_program": True}}
 
 
-def _run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, options):
-    import numpy as np
+class RowRun:
+    """One row's pipeline and its timed images. `prepare` compiles (the first image of each
+    mode, untimed), `run(mode)` adds one timed image (`timed=False`: one untimed, e.g. to
+    settle the parameters' placement after another mode's program ran: `StableDiffusion._run`
+    checks ~1000 arrays' layouts then), `row` summarizes. `options` are
+    StableDiffusion's keyword arguments, less "hopper_overrides" (fields replaced in every
+    Hopper attention config while the row compiles and runs)."""
 
-    from experiments import common
-    from sdjax.hlo import count_hlo
-    from sdjax.pipeline import StableDiffusion, component_timings
+    def __init__(self, name, kernels, config, params, tokenizer, dtype, res, options=None):
+        import importlib
 
-    pipe = StableDiffusion(config, params, tokenizer, dtype=dtype, kernels=kernels, **options)
-    kw = dict(
-        steps=FLAGS.steps, guidance=FLAGS.guidance, scheduler="ddim", seed=0, height=res, width=res
-    )
+        from sdjax.pipeline import StableDiffusion
 
-    def image(n, **mode):  # n runs of the row's image, in a generate mode
-        return [pipe.generate("a photograph of an astronaut riding a horse", **kw, **mode)
-                for _ in range(n)]  # fmt: skip
+        self.name, self.kernels = name, kernels
+        self.options = dict(options or {})
+        self.overrides = self.options.pop("hopper_overrides", {})
+        self._fah = importlib.import_module("custom_calls.flash_attention_hopper")
+        with self._config():
+            self.pipe = StableDiffusion(config, params, tokenizer, dtype=dtype, kernels=kernels,
+                                        **self.options)  # fmt: skip
+        self.kw = dict(steps=FLAGS.steps, guidance=FLAGS.guidance, scheduler="ddim", seed=0,
+                       height=res, width=res)  # fmt: skip
+        self.first = self.whole_first = None
+        self.runs = {mode: [] for mode in MODES}
 
-    def wall_ms(results):  # the median whole-call wall
-        return statistics.median(r.timings["end_to_end"]["run_s"] for r in results) * 1e3
+    def _config(self):
+        return self._fah.config_overrides(**self.overrides)
 
-    first, *runs = image(1 + FLAGS.repeats)
-    components = list(component_timings(first.timings))
-    med = {c: statistics.median(r.timings[c]["run_s"] for r in runs) * 1e3 for c in components}
-    # The same image with the components dispatched back to back and one wait at the end.
-    unsynced = image(FLAGS.end_to_end_repeats, sync_components=False)
-    # The same image with text encoder, loop and decoder as one program (the first compiles).
-    whole = image(FLAGS.end_to_end_repeats + 1 if FLAGS.end_to_end_repeats else 0,
-                  one_program=True)  # fmt: skip
-    whole_compile_s = whole[0].timings["image"]["compile_s"] if whole else None
-    whole = whole[1:]
-    steps = first.timings["denoise"]["steps"]
-    row = {
-        "row": name,
-        "kernels": dataclasses.asdict(kernels),
-        "options": {**options, "compiler_options": pipe.compiler_options},
-        "text_encoder_ms": med["text_encoder"],
-        "unet_step_ms": med["denoise"] / steps,
-        "denoise_ms": med["denoise"],
-        "vae_decode_ms": med["vae_decode"],
-        # the components' wall times, each waited for: what the image costs, component by
-        # component
-        "total_ms": sum(med.values()),
-        "compile_s": sum(first.timings[c]["compile_s"] for c in components),
-        "compile_s_by_component": {c: first.timings[c]["compile_s"] for c in components},
-        "memory": _memory(pipe),
-    }
-    # the image's wall time: tokenizing to decoded images, host work between components in
-    row["end_to_end_ms"] = wall_ms(runs)
-    if unsynced:
-        row["end_to_end_unsync_ms"] = wall_ms(unsynced)
-        same = all(np.array_equal(r.images, runs[-1].images) for r in unsynced)
-        row["end_to_end_same_image"] = bool(same)
-    if whole:
-        row["end_to_end_one_program_ms"] = wall_ms(whole)
-        row["one_program_compile_s"] = whole_compile_s
-        diff = np.abs(whole[-1].images.astype(int) - runs[-1].images.astype(int))
-        row["one_program_image_max_diff"] = int(diff.max())
-    row["est_peak_gib"] = row["memory"]["est_peak_gib"]
-    for key, compiled in pipe._compiled.items():
-        if key[0] == "denoise":
-            row["hlo_per_step"] = count_hlo(compiled.as_text())
-    if ref_latents is not None:
-        row["latent_rel_error"] = common.relative_error(runs[-1].latents, ref_latents["latents"])
+    def _image(self, mode):
+        with self._config():
+            return self.pipe.generate("a photograph of an astronaut riding a horse", **self.kw,
+                                      **MODES[mode])  # fmt: skip
+
+    def prepare(self, one_program: bool) -> None:
+        self.first = self._image("sync")
+        if one_program:
+            self.whole_first = self._image("whole")
+
+    def run(self, mode: str, timed: bool = True) -> None:
+        result = self._image(mode)
+        if timed:
+            self.runs[mode].append(result)
+
+    def row(self, ref_latents) -> tuple[dict, object]:
+        import numpy as np
+
+        from experiments import common
+        from sdjax.hlo import count_hlo
+        from sdjax.pipeline import component_timings
+
+        first, runs, pipe = self.first, self.runs["sync"], self.pipe
+        unsynced, whole = self.runs["unsync"], self.runs["whole"]
+
+        def wall_ms(results):  # the median whole-call wall
+            return statistics.median(r.timings["end_to_end"]["run_s"] for r in results) * 1e3
+
+        components = list(component_timings(first.timings))
+        med = {c: statistics.median(r.timings[c]["run_s"] for r in runs) * 1e3
+               for c in components}  # fmt: skip
+        steps = first.timings["denoise"]["steps"]
+        row = {
+            "row": self.name,
+            "kernels": dataclasses.asdict(self.kernels),
+            "options": {**self.options, "compiler_options": pipe.compiler_options},
+            "text_encoder_ms": med["text_encoder"],
+            "unet_step_ms": med["denoise"] / steps,
+            "denoise_ms": med["denoise"],
+            "vae_decode_ms": med["vae_decode"],
+            # the components' wall times, each waited for: what the image costs, component by
+            # component
+            "total_ms": sum(med.values()),
+            "compile_s": sum(first.timings[c]["compile_s"] for c in components),
+            "compile_s_by_component": {c: first.timings[c]["compile_s"] for c in components},
+            "memory": _memory(pipe),
+        }
+        # the image's wall time: tokenizing to decoded images, host work between components in
+        row["end_to_end_ms"] = wall_ms(runs)
+        if unsynced:
+            row["end_to_end_unsync_ms"] = wall_ms(unsynced)
+            same = all(np.array_equal(r.images, runs[-1].images) for r in unsynced)
+            row["end_to_end_same_image"] = bool(same)
         if whole:
-            row["one_program_latent_rel_error"] = common.relative_error(
-                whole[-1].latents, ref_latents["latents"]
-            )  # fmt: skip
-        diff = np.abs(runs[-1].images.astype(np.float64) - ref_latents["images"].astype(np.float64))
-        row["image_mean_abs_diff"] = float(diff.mean())
-    row["finite"] = bool(np.isfinite(runs[-1].latents).all())
-    return row, runs[-1]
+            row["end_to_end_one_program_ms"] = wall_ms(whole)
+            row["one_program_compile_s"] = self.whole_first.timings["image"]["compile_s"]
+            diff = np.abs(whole[-1].images.astype(int) - runs[-1].images.astype(int))
+            row["one_program_image_max_diff"] = int(diff.max())
+        row["est_peak_gib"] = row["memory"]["est_peak_gib"]
+        for key, compiled in pipe._compiled.items():
+            if key[0] == "denoise":
+                row["hlo_per_step"] = count_hlo(compiled.as_text())
+        if ref_latents is not None:
+            ref = ref_latents["latents"]
+            row["latent_rel_error"] = common.relative_error(runs[-1].latents, ref)
+            if whole:
+                row["one_program_latent_rel_error"] = common.relative_error(whole[-1].latents,
+                                                                            ref)  # fmt: skip
+            diff = np.abs(runs[-1].images.astype(np.float64)
+                          - ref_latents["images"].astype(np.float64))  # fmt: skip
+            row["image_mean_abs_diff"] = float(diff.mean())
+        row["finite"] = bool(np.isfinite(runs[-1].latents).all())
+        if self.overrides:
+            row["hopper_overrides"] = self.overrides
+        return row, runs[-1]
+
+
+def _counts() -> dict:
+    """Timed images per mode (--repeats waited for; --end_to_end_repeats of each other mode)."""
+    return {"sync": FLAGS.repeats, "unsync": FLAGS.end_to_end_repeats,
+            "whole": FLAGS.end_to_end_repeats}  # fmt: skip
+
+
+def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, options=None):
+    """One row, its timed images in a block: every waited-for image, then every unwaited one,
+    then every one-program one."""
+    counts = _counts()
+    run = RowRun(name, kernels, config, params, tokenizer, dtype, res, options)
+    run.prepare(one_program=counts["whole"] > 0)
+    for mode, n in counts.items():
+        if n:
+            run.run(mode, timed=False)  # after the other mode's program
+        for _ in range(n):
+            run.run(mode)
+    return run.row(ref_latents)
+
+
+def interleaved_rows(runs: list, ref_latents) -> list:
+    """The rows' timed images taken in turn (row A's image, B's, A's, ... per mode), after
+    every row has compiled: a drift of the machine over the call (clocks, temperature, the
+    host) then falls on every row alike instead of on whichever row ran during it. Returns
+    (row, last result) per run."""
+    counts = _counts()
+    for run in runs:
+        run.prepare(one_program=counts["whole"] > 0)
+    for mode, n in counts.items():
+        for run in runs if n else ():
+            run.run(mode, timed=False)  # after the other mode's program
+        for _ in range(n):
+            for run in runs:
+                run.run(mode)
+    return [run.row(ref_latents) for run in runs]
 
 
 def anchors(config, dtype_name, res) -> dict:
@@ -457,28 +523,46 @@ def main(argv):
         run_row(name, kernels, config, params, tokenizer, FLAGS.dtype, res, None, options)
         record["warmup_row"] = name
 
-    for name, (kernels, options) in selected.items():
-        print(f"== {name}", flush=True)
+    def failed(name, kernels, e) -> dict:
+        traceback.print_exc()
+        return {"row": name, "kernels": dataclasses.asdict(kernels),
+                "error": f"{type(e).__name__}: {e}"[:2000]}  # fmt: skip
+
+    def show(row) -> None:
+        keys = ("latent_rel_error", "error")
+        print({k: v for k, v in row.items() if k.endswith("_ms") or k in keys}, flush=True)
+
+    if FLAGS.interleave:
+        record["interleaved"] = True
+        runs, rows = [], {}
+        for name, (kernels, options) in selected.items():
+            try:
+                runs.append(RowRun(name, kernels, config, params, tokenizer, FLAGS.dtype, res,
+                                   options))  # fmt: skip
+            except Exception as e:
+                rows[name] = failed(name, kernels, e)
+        print(f"== interleaved: {', '.join(r.name for r in runs)}", flush=True)
         try:
-            row, _ = run_row(
-                name, kernels, config, params, tokenizer, FLAGS.dtype, res, ref, options
-            )
+            for run, (row, _) in zip(runs, interleaved_rows(runs, ref), strict=True):
+                rows[run.name] = row
         except Exception as e:
-            traceback.print_exc()
-            row = {
-                "row": name,
-                "kernels": dataclasses.asdict(kernels),
-                "error": f"{type(e).__name__}: {e}"[:2000],
-            }
-        record["rows"].append(row)
-        print(
-            {
-                k: v
-                for k, v in row.items()
-                if k.endswith("_ms") or k in ("latent_rel_error", "error")
-            },
-            flush=True,
-        )
+            for run in runs:
+                rows[run.name] = failed(run.name, run.kernels, e)
+        del runs
+        for name in selected:
+            record["rows"].append(rows[name])
+            show(rows[name])
+    else:
+        for name, (kernels, options) in selected.items():
+            print(f"== {name}", flush=True)
+            try:
+                row, _ = run_row(
+                    name, kernels, config, params, tokenizer, FLAGS.dtype, res, ref, options
+                )
+            except Exception as e:
+                row = failed(name, kernels, e)
+            record["rows"].append(row)
+            show(row)
 
     base = next(
         (r for r in record["rows"] if r["row"] == "baseline_xla" and "latent_rel_error" in r), None
@@ -532,6 +616,8 @@ def main(argv):
                f"{rates['matmul_dtype']}), copy {rates['copy_gbps']:.0f} GB/s\n\n")  # fmt: skip
     if record.get("warmup_row"):
         md += f"warm-up: one unrecorded run of {record['warmup_row']} before the rows\n\n"
+    if record.get("interleaved"):
+        md += "interleaved: the rows' timed images taken in turn, after every row compiled\n\n"
     md += common.markdown_table(record["rows"], cols)
     if FLAGS.anchors:
         md += (

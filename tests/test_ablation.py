@@ -80,6 +80,25 @@ def test_rates_warmup_and_the_prepared_conditioning_recorded(tmp_path):
     assert "machine: matmul" in md and "warm-up: one unrecorded run of auto" in md
 
 
+def test_interleaved_rows(tmp_path):
+    """--interleave: every row compiles first, then the rows' timed images alternate; the
+    rows come out as in block mode (same images, every figure there)."""
+    proc = run_ablation(
+        tmp_path, "--rows=auto,auto_unprepared", "--interleave", "--repeats=2",
+        "--end_to_end_repeats=1", "--tag=_i",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "ablation_tiny_float32_i.json").read_text())
+    assert record["interleaved"] is True
+    assert [r["row"] for r in record["rows"]] == ["auto", "auto_unprepared"]
+    for r in record["rows"]:
+        assert "error" not in r and r["finite"] and r["latent_rel_error"] < 1e-3, r
+        assert r["unet_step_ms"] > 0 and r["end_to_end_unsync_ms"] > 0
+        assert r["end_to_end_same_image"] and r["one_program_image_max_diff"] <= 1
+        assert r["one_program_compile_s"] > 0
+    assert "interleaved: the rows' timed images" in (tmp_path / "ablation_tiny_float32_i.md").read_text()
+
+
 def test_unknown_row_is_refused(tmp_path):
     proc = run_ablation(tmp_path, "--rows=baseline_xla,fastest")
     assert proc.returncode != 0
