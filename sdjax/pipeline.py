@@ -898,10 +898,12 @@ class StableDiffusion:
 def _with_prepared(loop):
     """`loop` (denoise_loop with its statics bound) taking {"params", "prepared"} first."""
 
-    def run(inputs, *args):
+    # named as the loop is: its XLA module (jit_denoise_loop) is how traces and profiles
+    # tell the loop's kernels from the other programs' (experiments.trace_generate)
+    def denoise_loop(inputs, *args):
         return loop(inputs["params"], *args, prepared=inputs["prepared"])
 
-    return run
+    return denoise_loop
 
 
 def component_timings(timings: dict) -> dict:
