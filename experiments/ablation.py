@@ -353,16 +353,9 @@ def _counts() -> dict:
 
 def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, options=None):
     """One row, its timed images in a block: every waited-for image, then every unwaited one,
-    then every one-program one."""
-    counts = _counts()
+    then every one-program one (`interleaved_rows` of this row alone)."""
     run = RowRun(name, kernels, config, params, tokenizer, dtype, res, options)
-    run.prepare(one_program=counts["whole"] > 0)
-    for mode, n in counts.items():
-        if n:
-            run.run(mode, timed=False)  # after the other mode's program
-        for _ in range(n):
-            run.run(mode)
-    return run.row(ref_latents)
+    return interleaved_rows([run], ref_latents)[0]
 
 
 def interleaved_rows(runs: list, ref_latents) -> list:

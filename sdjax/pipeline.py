@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
 import math
 import pathlib
@@ -286,13 +285,13 @@ def pack_rows(tree) -> tuple[jax.Array, Callable]:
     if len({a.dtype for a in leaves}) > 1:
         raise ValueError(f"pack_rows wants one dtype; got {sorted({str(a.dtype) for a in leaves})}")
     shapes = [a.shape[1:] for a in leaves]
-    sizes = [math.prod(s) for s in shapes]
-    offsets = list(itertools.accumulate(sizes, initial=0))[:-1]
     packed = jnp.concatenate([a.reshape(a.shape[0], -1) for a in leaves], axis=1)
 
     def unpack(row):
-        parts = [row[o : o + n].reshape(s) for o, n, s in zip(offsets, sizes, shapes, strict=True)]
-        return jax.tree.unflatten(treedef, parts)
+        parts = unet_lib.split_columns(row, [math.prod(s) for s in shapes])
+        return jax.tree.unflatten(
+            treedef, [p.reshape(s) for p, s in zip(parts, shapes, strict=True)]
+        )
 
     return packed, unpack
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -493,11 +494,16 @@ def split_projections(y: jax.Array, tree) -> dict:
     """y [..., sum C_i] (a `stack_projections` product) -> the tree of `tree`'s (kernel, bias)
     pairs with [..., C_i] leaves: static slices of the last axis."""
     pairs, treedef = jax.tree.flatten(tree, is_leaf=_is_pair)
-    widths = [k.shape[-1] for k, _ in pairs]
+    return treedef.unflatten(split_columns(y, [k.shape[-1] for k, _ in pairs]))
+
+
+def split_columns(y: jax.Array, widths: Sequence[int]) -> list[jax.Array]:
+    """y [..., sum(widths)] -> [y[..., :w0], y[..., w0 : w0 + w1], ...]: static slices of the
+    last axis."""
     if y.shape[-1] != sum(widths):
-        raise ValueError(f"split_projections: {y.shape[-1]} columns for {sum(widths)}")
+        raise ValueError(f"split_columns: {y.shape[-1]} columns for {sum(widths)}")
     offsets = list(itertools.accumulate(widths, initial=0))[:-1]
-    return treedef.unflatten([y[..., o : o + w] for o, w in zip(offsets, widths, strict=True)])
+    return [y[..., o : o + w] for o, w in zip(offsets, widths, strict=True)]
 
 
 def _project(x: jax.Array, projection: dict) -> jax.Array:
