@@ -10,6 +10,11 @@ Forms:
           shifted slices summed; kernel HWIO, as the parameter is (any rearrangement of it
           is in the timed program, as in the model)
   im2col  the nine shifted copies of x side by side, [NHW, 9 I] x [9 I, O], kernel HWIO
+  splitS  `sdjax.ops.conv3x3_split_k`: the input channels in S parts as one grouped
+          convolution (S times the output tiles: split-K for cuDNN), the S partial sums in
+          x's dtype, then added; kernel `split_k_kernel`'s, OHWI, made outside the timed
+          program (an upper bound: the model would keep its kernels in that form);
+  splitSf32  the same with float32 partial sums (--splits: the S values)
 Each is checked against a float32 convolution. Times are `experiments.common.kernel_us`:
 summed kernel durations over distinct inputs and kernels (none served from L2).
 
@@ -17,6 +22,8 @@ Writes bench_conv_<device>_<dtype>_<date>.json and .md to results_dir().
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +45,10 @@ SHAPES = {
     "unet_conv_in_64x4to320": (2, 64, 4, 320),
     "unet_conv_out_64x320to4": (2, 64, 320, 4),
     "unet_16x1920to1280": (2, 16, 1920, 1280),
+    "unet_32x320to640": (2, 32, 320, 640),
+    "unet_32x1280to640": (2, 32, 1280, 640),
+    "unet_32x1920to640": (2, 32, 1920, 640),
+    "unet_64x960to320": (2, 64, 960, 320),
     "vae_conv_in_64x4to512": (1, 64, 4, 512),
     "vae_conv_out_512x128to3": (1, 512, 128, 3),
 }
@@ -45,6 +56,10 @@ SHAPES = {
 _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "dtype")
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), "shape names")
 _SETS = flags.DEFINE_integer("sets", 8, "distinct input sets per timed program")
+_FORMS = flags.DEFINE_list("forms", ["cudnn", "taps", "im2col", "split"], "forms to time "
+                           "(cudnn always: the ratios' reference; split: every splitS form)")
+_SPLITS = flags.DEFINE_list("splits", ["2", "3", "4"], "split-K parts of the splitS forms "
+                            "(those that divide a shape's input channels); empty: none")
 
 
 def _cudnn(x, kernel_ohwi, bias):
@@ -79,14 +94,31 @@ def bench(name: str, dtype) -> dict:
     gflop = 2 * n * side * side * 9 * cin * cout / 1e9
     row = {"shape": name, "x": [n, side, side, cin], "cout": cout, "gflop": gflop,
            "kernel_mb": 9 * cin * cout * jnp.dtype(dtype).itemsize / 1e6}  # fmt: skip
+    forms = {f: v for f, v in forms.items() if f == "cudnn" or f in _FORMS.value}
+    ohwi = ("NHWC", "OHWI", "NHWC")
+    for splits in map(int, _SPLITS.value if "split" in _FORMS.value else []):
+        if cin % splits:
+            continue
+        grouped = jnp.transpose(ops.split_k_kernel(kernel, splits), (3, 0, 1, 2))
+        for suffix, partial in (("", None), ("f32", jnp.float32)):
+            fn = functools.partial(ops.conv3x3_split_k, splits=splits, dimension_numbers=ohwi,
+                                   partial_dtype=partial)  # fmt: skip
+            forms[f"split{splits}{suffix}"] = (fn, grouped)
     for form, (fn, k) in forms.items():
         t = common.kernel_us(fn, x, k, bias, sets=_SETS.value)
         row[f"{form}_us"] = t["us"]
         row[f"{form}_launches"] = t["launches"]
         row[f"{form}_kernels"] = t["kernels"]
         row[f"{form}_err"] = common.relative_error(jax.jit(fn)(x, k, bias), want)
-    row["cudnn/taps"] = row["cudnn_us"] / row["taps_us"]
-    row["cudnn/im2col"] = row["cudnn_us"] / row["im2col_us"]
+    splits = {f: row[f"{f}_us"] for f in forms if f.startswith("split")}
+    if splits:
+        row["best_split"] = min(splits, key=splits.get)
+        row["best_split_us"] = splits[row["best_split"]]
+        row["cudnn/best_split"] = row["cudnn_us"] / row["best_split_us"]
+        row["best_split_err"] = row[f"{row['best_split']}_err"]
+    for form in ("taps", "im2col"):
+        if form in forms:
+            row[f"cudnn/{form}"] = row["cudnn_us"] / row[f"{form}_us"]
     common.print_row(row)
     return row
 
@@ -96,7 +128,8 @@ def main(argv):
     dtype = jnp.dtype(_DTYPE.value)
     rows = [bench(name, dtype) for name in common.known_names(_SHAPES.value, SHAPES)]
     columns = ["shape", "gflop", "kernel_mb", "cudnn_us", "taps_us", "im2col_us", "cudnn/taps",
-               "cudnn/im2col", "cudnn_launches", "taps_err", "im2col_err"]  # fmt: skip
+               "cudnn/im2col", "cudnn_launches", "taps_err", "im2col_err", "best_split",
+               "best_split_us", "cudnn/best_split", "best_split_err"]  # fmt: skip
     table = common.write_bench(
         "bench_conv", dtype, {"rows": rows}, rows, columns,
         "3x3 convolutions (device kernel time per call, us; distinct inputs and kernels)",

@@ -939,6 +939,33 @@ def conv3x3_taps(x, kernel, bias):
     return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+def split_k_kernel(kernel, splits: int):
+    """A 3x3 kernel [3, 3, I, O] (HWIO) as the grouped kernel [3, 3, I / splits, splits * O] of
+    `conv3x3_split_k`: output block s (columns s * O ... (s + 1) * O) reads input channels
+    s * I / splits ... (s + 1) * I / splits."""
+    kh, kw, i, o = kernel.shape
+    if splits < 1 or i % splits:
+        raise ValueError(f"split_k_kernel: {i} input channels do not split in {splits}")
+    k = kernel.reshape(kh, kw, splits, i // splits, o)
+    return jnp.moveaxis(k, 2, 3).reshape(kh, kw, i // splits, splits * o)
+
+
+def conv3x3_split_k(x, grouped_kernel, bias, *, splits: int, dimension_numbers=("NHWC", "HWIO",
+                    "NHWC"), partial_dtype=None):  # fmt: skip
+    """conv3x3(x) + bias with the reduction over input channels split in `splits` parts that
+    run as one grouped convolution (feature_group_count = splits: `splits` times as many
+    output tiles as the plain convolution, for levels where its tiles leave SMs idle), then
+    summed. grouped_kernel: `split_k_kernel`'s [3, 3, I / splits, splits * O] in
+    `dimension_numbers`' kernel layout; the partial sums are in `partial_dtype` (default x's)."""
+    n, h, w, _ = x.shape
+    y = jax.lax.conv_general_dilated(
+        x, grouped_kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dimension_numbers,
+        feature_group_count=splits, preferred_element_type=partial_dtype,
+    )  # fmt: skip
+    y = y.reshape(n, h, w, splits, -1).astype(jnp.float32).sum(axis=3)
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
+
+
 def conv3x3_reference(x, kernel, bias):
     """conv3x3(x) + bias, stride 1, padding 1: x [N, H, W, I], kernel [3, 3, I, O] (HWIO),
     bias [O] -> [N, H, W, O] in x's dtype. XLA's convolution (cuDNN on GPU)."""

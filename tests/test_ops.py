@@ -522,6 +522,40 @@ def test_conv3x3_taps_is_the_convolution(shape, out, dtype, rng):
     assert rel(got, want) <= TOL_CONV[dtype]
 
 
+# The split-K form rounds its partial sums to x's dtype before adding them (float32 partials
+# round once, like the plain convolution): up to `splits` roundings of ~half the output.
+TOL_SPLIT = {jnp.float32: 1e-5, jnp.float16: 3e-3, jnp.bfloat16: 1.5e-2}
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("partial", [None, jnp.float32], ids=["partials_in_x", "partials_f32"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_conv3x3_split_k_is_the_convolution(splits, partial, dtype, rng):
+    shape, out = (3, 5, 7, 48), 40
+    x = jnp.asarray(rng.standard_normal(shape) + 0.5, dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], out)) / np.sqrt(9 * shape[-1]))
+    bias = jnp.asarray(rng.standard_normal(out), jnp.float32)
+    grouped = ops.split_k_kernel(kernel, splits)
+    assert grouped.shape == (3, 3, shape[-1] // splits, splits * out)
+    with jax.default_matmul_precision("float32"):  # no TF32 on a GPU
+        want = ops.conv3x3_reference(x.astype(jnp.float32), kernel, bias)
+        got = ops.conv3x3_split_k(x, grouped.astype(dtype), bias, splits=splits,
+                                  partial_dtype=partial)  # fmt: skip
+    assert got.dtype == dtype and got.shape == (*shape[:-1], out)
+    assert rel(got, want) <= TOL_SPLIT[dtype]
+    # OHWI, as the bench gives cuDNN its kernels
+    ohwi = jnp.transpose(grouped, (3, 0, 1, 2)).astype(dtype)
+    with jax.default_matmul_precision("float32"):
+        got_ohwi = ops.conv3x3_split_k(x, ohwi, bias, splits=splits, partial_dtype=partial,
+                                       dimension_numbers=("NHWC", "OHWI", "NHWC"))  # fmt: skip
+    assert rel(got_ohwi, want) <= TOL_SPLIT[dtype]
+
+
+def test_split_k_kernel_refuses_an_uneven_split():
+    with pytest.raises(ValueError, match="do not split in 3"):
+        ops.split_k_kernel(jnp.ones((3, 3, 40, 8)), 3)
+
+
 def test_conv3x3_errors_and_cpu_choice(rng):
     x = jnp.ones((1, 8, 8, 16))
     with pytest.raises(ValueError, match="kernel \\[3, 3, I, O\\]"):
