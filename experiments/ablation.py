@@ -143,7 +143,9 @@ def rows() -> dict:
         # auto with the Triton GEGLU everywhere (where `auto` records the Hopper one)
         "auto_triton_geglu": (dataclasses.replace(auto, geglu="pallas"), {}),
         # auto with the GroupNorm table's cooperative entries run as the split plan (`auto`
-        # takes our GroupNorm kernels at every SD1.5 shape: this row differs only there)
+        # takes our GroupNorm kernels at every SD1.5 shape: this row differs only there; the
+        # table measured since the thirteenth session has none, so today it runs `auto`'s
+        # kernels: an identical-row check, results README item 193)
         "auto_split_gn": (dataclasses.replace(auto, group_norm="pallas_split"), {}),
         # auto with XLA's default options: its Triton GEMM fusions back on (the `auto` row of
         # sessions 1-3; their `auto_no_triton_gemm` row is this session's `auto`)
