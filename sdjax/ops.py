@@ -956,7 +956,12 @@ def conv3x3_split_k(x, grouped_kernel, bias, *, splits: int, dimension_numbers=(
     run as one grouped convolution (feature_group_count = splits: `splits` times as many
     output tiles as the plain convolution, for levels where its tiles leave SMs idle), then
     summed. grouped_kernel: `split_k_kernel`'s [3, 3, I / splits, splits * O] in
-    `dimension_numbers`' kernel layout; the partial sums are in `partial_dtype` (default x's)."""
+    `dimension_numbers`' kernel layout; the partial sums are in `partial_dtype` (default x's).
+
+    Measured 1.6-3.2x *slower* than the plain convolution on the H100 at every SD1.5 UNet
+    level (`bench_conv_*_s18a`: cuDNN slices the groups' input channels in a kernel of its
+    own, then runs one implicit GEMM longer than the whole ungrouped conv; results README,
+    item 186). Kept as `bench_conv`'s split forms; the model does not use it."""
     n, h, w, _ = x.shape
     y = jax.lax.conv_general_dilated(
         x, grouped_kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dimension_numbers,
