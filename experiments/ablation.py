@@ -527,37 +527,35 @@ def main(argv):
         keys = ("latent_rel_error", "error")
         print({k: v for k, v in row.items() if k.endswith("_ms") or k in keys}, flush=True)
 
-    if FLAGS.interleave:
-        record["interleaved"] = True
+    def measure(group: dict) -> None:
+        """The rows of `group` ({name: (kernels, options)}), their timed images interleaved
+        (`interleaved_rows`; one row: in a block), appended to the record in `group`'s order."""
         runs, rows = [], {}
-        for name, (kernels, options) in selected.items():
+        for name, (kernels, options) in group.items():
             try:
                 runs.append(RowRun(name, kernels, config, params, tokenizer, FLAGS.dtype, res,
                                    options))  # fmt: skip
             except Exception as e:
                 rows[name] = failed(name, kernels, e)
-        print(f"== interleaved: {', '.join(r.name for r in runs)}", flush=True)
+        print(f"== {'interleaved: ' if FLAGS.interleave else ''}"
+              f"{', '.join(r.name for r in runs)}", flush=True)  # fmt: skip
         try:
             for run, (row, _) in zip(runs, interleaved_rows(runs, ref), strict=True):
                 rows[run.name] = row
         except Exception as e:
             for run in runs:
                 rows[run.name] = failed(run.name, run.kernels, e)
-        del runs
-        for name in selected:
+        del runs  # the rows' pipelines leave the device before the next group's
+        for name in group:
             record["rows"].append(rows[name])
             show(rows[name])
+
+    if FLAGS.interleave:
+        record["interleaved"] = True
+        measure(selected)
     else:
-        for name, (kernels, options) in selected.items():
-            print(f"== {name}", flush=True)
-            try:
-                row, _ = run_row(
-                    name, kernels, config, params, tokenizer, FLAGS.dtype, res, ref, options
-                )
-            except Exception as e:
-                row = failed(name, kernels, e)
-            record["rows"].append(row)
-            show(row)
+        for name, row_spec in selected.items():
+            measure({name: row_spec})
 
     base = next(
         (r for r in record["rows"] if r["row"] == "baseline_xla" and "latent_rel_error" in r), None

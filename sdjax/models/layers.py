@@ -46,9 +46,14 @@ class Linear(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out]."""
-        kernel, bias = self.weights(x.shape[-1])
-        y = jnp.dot(x, kernel.astype(x.dtype))
-        return y if bias is None else y + bias.astype(x.dtype)
+        return project(x, *self.weights(x.shape[-1]))
+
+
+def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """x [..., in] @ kernel [in, out] (+ bias [out]) in x's dtype: `Linear`'s product, for
+    weights held outside a module (stacked projections, `unet.stack_projections`)."""
+    y = jnp.dot(x, kernel.astype(x.dtype))
+    return y if bias is None else y + bias.astype(x.dtype)
 
 
 class Conv2d(nn.Module):

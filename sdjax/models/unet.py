@@ -27,6 +27,7 @@ from sdjax.models.layers import (
     ResnetBlock2D,
     Transformer2DModel,
     Upsample2D,
+    project,
 )
 
 
@@ -507,9 +508,8 @@ def split_columns(y: jax.Array, widths: Sequence[int]) -> list[jax.Array]:
 
 
 def _project(x: jax.Array, projection: dict) -> jax.Array:
-    """x @ kernel (+ bias) in x's dtype, as `Linear` computes it."""
-    y = jnp.dot(x, projection["kernel"].astype(x.dtype))
-    return y + projection["bias"].astype(x.dtype) if "bias" in projection else y
+    """x @ kernel (+ bias) of a `stack_projections` dict, as `Linear` computes it."""
+    return project(x, projection["kernel"], projection.get("bias"))
 
 
 def conditioned_apply(params, config: UNetConfig, sample, timesteps, conditioning) -> jax.Array:
