@@ -18,12 +18,34 @@ Forms:
 Each is checked against a float32 convolution. Times are `experiments.common.kernel_us`:
 summed kernel durations over distinct inputs and kernels (none served from L2).
 
-Writes bench_conv_<device>_<dtype>_<date>.json and .md to results_dir().
+`--chain` (item 196 of `experiments/results/README.md`) times instead, for the shapes whose
+input and output channels agree, S *separate* cuDNN convolutions over S slices of the input
+channels, whose partial sums one element-wise fusion adds with the bias. No convolution of a
+step waits for another, so a CUDA graph with concurrent regions
+(`xla_gpu_graph_enable_concurrent_region`) may run them side by side: S times cuDNN's output
+tiles at the 16x16 and 32x32 levels, where its tiles fill 40-80 of the H100's 132 SMs (the
+grouped form above is one GEMM after a slicing kernel, item 186). Summed kernel time cannot
+show an overlap, so each form runs as a dependent chain of --chain_steps convolutions in one
+jitted program (each step's input the last step's output, the weights cycling through
+--chain_weight_sets distinct kernels, so that they come from memory), and a step's time is
+(wall of the chain - wall of a chain of one) / (steps - 1), median over --chain_repeats
+rounds, every (form, concurrent regions on/off) program timed in turn within each round:
+  cudnn         one convolution, its bias fused by cuDNN (the model's form)
+  chainS        S convolutions of S channel slices of x, which XLA copies out of the whole x
+                (behind an optimization barrier, as after an opaque producer such as our
+                GroupNorm kernel), then partial sums + bias in float32, cast to x's dtype
+  chainS_fused  the same without the barrier: XLA may write the slices from the last step's
+                sum directly (the bound for a producer that writes the S slices itself)
+and, per form, its summed kernel time for one step (`kernel_us`, command buffers off).
+
+Writes bench_conv[_chain]_<device>_<dtype>_<date>.json and .md to results_dir().
 """
 
 from __future__ import annotations
 
 import functools
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +82,13 @@ _FORMS = flags.DEFINE_list("forms", ["cudnn", "taps", "im2col", "split"], "forms
                            "(cudnn always: the ratios' reference; split: every splitS form)")
 _SPLITS = flags.DEFINE_list("splits", ["2", "3", "4"], "split-K parts of the splitS forms "
                             "(those that divide a shape's input channels); empty: none")
+_CHAIN = flags.DEFINE_bool("chain", False, "time the concurrent split forms in dependent "
+                           "chains by wall time instead (shapes with equal channels only)")
+_CHAIN_STEPS = flags.DEFINE_integer("chain_steps", 24, "convolutions per timed chain")
+_CHAIN_WEIGHT_SETS = flags.DEFINE_integer("chain_weight_sets", 4, "distinct kernels per chain")
+_CHAIN_REPEATS = flags.DEFINE_integer("chain_repeats", 15, "rounds of the chain timings")
+# The compile option that lets a CUDA graph run independent commands side by side.
+CONCURRENT = "xla_gpu_graph_enable_concurrent_region"
 
 
 def _cudnn(x, kernel_ohwi, bias):
@@ -76,6 +105,100 @@ def _im2col(x, kernel_flat, bias):
     )
     y = jnp.einsum("nhwk,ko->nhwo", cols, kernel_flat, preferred_element_type=jnp.float32)
     return (y + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def _sliced(x, kernels, bias, *, barrier: bool):
+    """sum_s conv(x[..., slice s], kernels[s]) + bias: the S convolutions of a split-K step
+    (kernels: S OHWI kernels of C / S input channels each), partial sums in float32."""
+    if barrier:
+        x = jax.lax.optimization_barrier(x)
+    part = x.shape[-1] // len(kernels)
+    total = bias.astype(jnp.float32)
+    for s, k in enumerate(kernels):
+        total = total + _cudnn_nobias(x[..., s * part : (s + 1) * part], k).astype(jnp.float32)
+    return total.astype(x.dtype)
+
+
+def _cudnn_nobias(x, kernel_ohwi):
+    return jax.lax.conv_general_dilated(x, kernel_ohwi, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "OHWI", "NHWC"))  # fmt: skip
+
+
+def _one(x, kernels, bias):
+    """The model's form, behind the same barrier as `_sliced`'s (which costs nothing)."""
+    return _cudnn(jax.lax.optimization_barrier(x), kernels[0], bias)
+
+
+def _chain(form, steps: int):
+    """x -> form(x, kernels[i % sets], bias) `steps` times: one jitted program's chain."""
+
+    def run(x, kernel_sets, bias):
+        for i in range(steps):
+            x = form(x, kernel_sets[i % len(kernel_sets)], bias)
+        return x
+
+    return run
+
+
+def _wall_s(compiled, args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - t0
+
+
+def bench_chain(name: str, dtype) -> list[dict]:
+    """Rows of the --chain timing for one shape: per form and concurrent regions on/off."""
+    n, side, cin, cout = SHAPES[name]
+    if cin != cout:
+        raise ValueError(f"--chain needs equal input and output channels; {name} has {cin}, {cout}")
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, side, side, cin)), dtype)
+    bias = jnp.asarray(0.1 * rng.standard_normal(cout), dtype)  # small: the chain stays O(1)
+    hwio = [rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)
+            for _ in range(_CHAIN_WEIGHT_SETS.value)]  # fmt: skip
+    want = ops._conv(x.astype(jnp.float32), jnp.asarray(hwio[0], jnp.float32), ((1, 1), (1, 1)))
+    want = want + bias.astype(jnp.float32)
+
+    def ohwi_parts(k, splits):  # S OHWI kernels of cin / S input channels each
+        part = cin // splits
+        return tuple(jnp.asarray(np.transpose(k[:, :, s * part : (s + 1) * part], (3, 0, 1, 2)),
+                                 dtype) for s in range(splits))  # fmt: skip
+
+    forms = {"cudnn": (_one, [ohwi_parts(k, 1) for k in hwio])}
+    for splits in map(int, _SPLITS.value):
+        if splits > 1 and cin % splits == 0:
+            sets = [ohwi_parts(k, splits) for k in hwio]
+            for suffix, barrier in (("", True), ("_fused", False)):
+                forms[f"chain{splits}{suffix}"] = (
+                    functools.partial(_sliced, barrier=barrier), sets
+                )
+    steps = _CHAIN_STEPS.value
+    programs, rows = {}, {}
+    for form, (fn, sets) in forms.items():
+        args = (x, sets, bias)
+        err = common.relative_error(jax.jit(fn)(x, sets[0], bias), want)
+        kern = common.kernel_us(fn, x, sets[0], bias, sets=2)
+        for concurrent in (False, True):
+            options = {CONCURRENT: concurrent}
+            pair = [jax.jit(_chain(fn, k)).lower(*args).compile(compiler_options=options)
+                    for k in (1, steps)]  # fmt: skip
+            for c in pair:  # warm up
+                jax.block_until_ready(c(*args))
+            programs[form, concurrent] = (pair, args)
+            rows[form, concurrent] = {
+                "shape": name, "form": form, "concurrent": concurrent, "err": err,
+                "kernel_us": kern["us"], "launches": kern["launches"], "us_all": [],
+            }  # fmt: skip
+    for _ in range(_CHAIN_REPEATS.value):  # every program in turn, round after round
+        for key, ((one, many), args) in programs.items():
+            t1, tk = _wall_s(one, args), _wall_s(many, args)
+            rows[key]["us_all"].append((tk - t1) / (steps - 1) * 1e6)
+    for row in rows.values():
+        row["us"] = statistics.median(row["us_all"])
+    for (_form, concurrent), row in rows.items():
+        row["cudnn/form"] = rows["cudnn", concurrent]["us"] / row["us"]
+        common.print_row({k: v for k, v in row.items() if k != "us_all"})
+    return list(rows.values())
 
 
 def bench(name: str, dtype) -> dict:
@@ -126,7 +249,20 @@ def bench(name: str, dtype) -> dict:
 def main(argv):
     del argv
     dtype = jnp.dtype(_DTYPE.value)
-    rows = [bench(name, dtype) for name in common.known_names(_SHAPES.value, SHAPES)]
+    names = common.known_names(_SHAPES.value, SHAPES)
+    if _CHAIN.value:
+        rows = [row for name in names for row in bench_chain(name, dtype)]
+        columns = ["shape", "form", "concurrent", "us", "cudnn/form", "kernel_us", "launches",
+                   "err"]  # fmt: skip
+        record = {"rows": rows, "steps": _CHAIN_STEPS.value, "repeats": _CHAIN_REPEATS.value,
+                  "weight_sets": _CHAIN_WEIGHT_SETS.value}  # fmt: skip
+        print(common.write_bench(
+            "bench_conv_chain", dtype, record, rows, columns,
+            "3x3 convolutions in dependent chains: wall per step (us, median), split-K forms "
+            "as S separate convolutions, CUDA-graph concurrent regions on and off",
+        ))  # fmt: skip
+        return
+    rows = [bench(name, dtype) for name in names]
     columns = ["shape", "gflop", "kernel_mb", "cudnn_us", "taps_us", "im2col_us", "cudnn/taps",
                "cudnn/im2col", "cudnn_launches", "taps_err", "im2col_err", "best_split",
                "best_split_us", "cudnn/best_split", "best_split_err"]  # fmt: skip

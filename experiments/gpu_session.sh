@@ -26,7 +26,7 @@
 #                  device kernel time, and the Triton block sweep on $GEGLU_SHAPES (default:
 #                  SD1.5's four), within $GEGLU_BUDGET seconds; extra flags $GEGLU_ARGS
 #   conv           experiments/bench_conv.py: the UNet's 3x3 convs as cuDNN, taps and im2col
-#                  ($CONV_SHAPES, default all)
+#                  ($CONV_SHAPES, default all; extra flags $CONV_ARGS, e.g. --chain)
 #   concat         experiments/bench_concat.py: the skip concatenates written or not
 #   upsample       experiments/bench_upsample.py: the subpixel interleave, XLA's fusion against our
 #                  kernel, by device kernel time ($UPSAMPLE_ARGS, default --interleave_only)
@@ -142,7 +142,7 @@ for stage in "$@"; do
         --sweep_geglu $g --budget_s ${GEGLU_BUDGET:-100} ${GEGLU_ARGS:-} 2>&1 | quiet | tail -30 || status=1
       ;;
     conv)
-      limit python3 experiments/bench_conv.py ${CONV_SHAPES:+--shapes $CONV_SHAPES} 2>&1 | quiet | tail -14 || status=1
+      limit python3 experiments/bench_conv.py ${CONV_SHAPES:+--shapes $CONV_SHAPES} $CONV_ARGS 2>&1 | quiet | tail -14 || status=1
       ;;
     concat)
       limit python3 experiments/bench_concat.py 2>&1 | quiet | tail -14 || status=1
