@@ -4,8 +4,12 @@ For the upsamplers of SD1.5's UNet (batch 2) and VAE decoder (batch 1) at 512x51
 `sdjax.ops.upsample_conv_reference` (upsample, then convolve), `upsample_conv_subpixel`
 (four 2x2 phase kernels on the small map, combined in the timed call) and
 `upsample_conv_phases` (the phase kernels given, as in a denoising loop, which builds them
-once per generation in the UNet's conditioning), each in one jitted program of back-to-back calls
-(`experiments.common.time_jax`, median), with the error of each against float32.
+once per generation in the UNet's conditioning) and `upsample_conv_transposed` (one
+convolution of x dilated by zeros, its 4x4 kernel given: item 197 of the results README),
+each in one jitted program of back-to-back calls (`experiments.common.time_jax`, median),
+with the error of each against float32; for the phases and transposed forms also the device
+kernel time (`experiments.common.kernel_us`, with the phases' interleave: the model's pair)
+and the kernels that ran.
 
 Then the subpixel form's last step alone, the phases interleaved with the bias (and, in the
 UNet, the next skip concatenated): XLA's fusion of `custom_calls.subpixel_interleave_reference`
@@ -51,11 +55,13 @@ def bench(name: str, dtype) -> dict:
     kernel = jnp.asarray(rng.standard_normal((3, 3, c, c)) / np.sqrt(9 * c), dtype)
     bias = jnp.asarray(rng.standard_normal(c), dtype)
     phases = ops.subpixel_kernel(kernel).astype(dtype)
+    kernel4 = ops.transposed_kernel(kernel).astype(dtype)
     want = ops.upsample_conv_reference(*(a.astype(jnp.float32) for a in (x, kernel, bias)))
     forms = {
         "reference": (ops.upsample_conv_reference, (x, kernel, bias)),
         "subpixel": (ops.upsample_conv_subpixel, (x, kernel, bias)),
         "phases": (ops.upsample_conv_phases, (x, phases, bias)),
+        "transposed": (ops.upsample_conv_transposed, (x, kernel4, bias)),
     }
     row = {"shape": name, "x": [n, side, side, c], "gflop_reference": 2 * n * (2 * side) ** 2
            * 9 * c * c / 1e9}  # fmt: skip
@@ -64,6 +70,14 @@ def bench(name: str, dtype) -> dict:
                                             repeats=_REPEATS.value)["median_ms"]  # fmt: skip
         row[f"{form}_err"] = common.relative_error(jax.jit(fn)(*args), want)
     row["reference/phases"] = row["reference_ms"] / row["phases_ms"]
+    row["phases/transposed"] = row["phases_ms"] / row["transposed_ms"]
+    for form in ("phases", "transposed"):
+        fn, args = forms[form]
+        t = common.kernel_us(fn, *args)
+        row[f"{form}_kernel_us"] = t["us"]
+        top = list(t["kernels"].items())[:6]  # the longest kernels' names (by time, descending)
+        row[f"{form}_kernels"] = {k: round(v, 2) for k, v in top}
+    row["phases/transposed_kernel"] = row["phases_kernel_us"] / row["transposed_kernel_us"]
     print({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return row
 
@@ -109,7 +123,9 @@ def main(argv):
     inter = [bench_interleave(name, dtype) for name in INTERLEAVE_SHAPES]
     record = {"rows": rows, "interleave": inter}
     columns = ["shape", "gflop_reference", "reference_ms", "subpixel_ms", "phases_ms",
-               "reference/phases", "reference_err", "phases_err"]  # fmt: skip
+               "transposed_ms", "reference/phases", "phases/transposed", "phases_kernel_us",
+               "transposed_kernel_us", "phases/transposed_kernel", "reference_err",
+               "phases_err", "transposed_err"]  # fmt: skip
     if not rows:  # the interleave table is the one to write out
         rows, columns = inter, ["shape", "mbytes", "xla_kernel_us", "pallas_kernel_us",
                                 "xla/pallas", "xla_tbps", "pallas_tbps", "pallas_exact"]  # fmt: skip

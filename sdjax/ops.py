@@ -874,6 +874,38 @@ def upsample_conv_subpixel(x, kernel, bias, skip=None):
     return upsample_conv_phases(x, subpixel_kernel(kernel), bias, skip)
 
 
+# Nearest 2x then a 3-tap filter, per dimension, as a 4-tap filter over the input with zeros
+# between its samples (lhs dilation 2, padding 2): output 2i reads x[i - 1] through kernel
+# tap 0 and x[i] through taps 1 + 2; output 2i + 1 reads x[i] through taps 0 + 1 and x[i + 1]
+# through tap 2. Row j of this matrix: which of the 3 taps sum into the 4-tap filter's tap j.
+_TRANSPOSED_TAPS = ((1, 0, 0), (1, 1, 0), (0, 1, 1), (0, 0, 1))
+
+
+def transposed_kernel(kernel):
+    """[3, 3, I, O] -> [4, 4, I, O] (float32): `upsample_conv_transposed`'s kernel, each tap a
+    sum of one, two or four of the 3x3 kernel's taps (written as adds, as `subpixel_kernel`)."""
+    k = kernel.astype(jnp.float32)
+
+    def tap_sum(terms, j):
+        return sum(terms[t] for t in range(3) if _TRANSPOSED_TAPS[j][t])
+
+    rows = [tap_sum(k, j) for j in range(4)]  # [3 (kernel column), I, O] each
+    return jnp.stack([jnp.stack([tap_sum(r, j) for j in range(4)]) for r in rows])
+
+
+def upsample_conv_transposed(x, kernel4, bias):
+    """`upsample_conv_reference` as one convolution of x with zeros between its pixels
+    (lhs dilation 2: a transposed convolution, cuDNN's backward-data kernels on GPU), which
+    writes the upsampled map directly: no 4x-sized input, and no phases to interleave after
+    (the subpixel form's extra pass). 16 of 64 taps meet a pixel of x per output pixel, as in
+    the subpixel form. kernel4: `transposed_kernel`'s [4, 4, I, O] (any float dtype)."""
+    y = jax.lax.conv_general_dilated(
+        x, kernel4.astype(x.dtype), (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
+    return y + bias.astype(x.dtype)
+
+
 _INTERLEAVE = {
     "xla": custom_calls.subpixel_interleave_reference,
     "pallas": custom_calls.subpixel_interleave,

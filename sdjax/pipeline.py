@@ -848,6 +848,7 @@ class StableDiffusion:
             run_image, c_s = self._compile("image", image_fn, *args, statics=statics)
             t0 = time.perf_counter()
             images, x = self._run(run_image, WHOLE, *args[1:], params=whole)
+            _copy_to_host_async(images, x)
             images = jax.block_until_ready(images)
             timings["image"] = {"compile_s": c_s, "run_s": time.perf_counter() - t0,
                                 "steps": n_steps}  # fmt: skip
@@ -868,13 +869,16 @@ class StableDiffusion:
             args = (first, x, context, uncond, guidance, step_noise)
             run_loop, c_s = self._compile("denoise", loop_fn, *args, statics=statics)
             t0 = time.perf_counter()
-            x = finished("denoise", self._run(run_loop, "unet", *args[1:], params=first), t0, c_s)
+            x = self._run(run_loop, "unet", *args[1:], params=first)
+            _copy_to_host_async(x)  # the latents' copy overlaps the decoder
+            x = finished("denoise", x, t0, c_s)
             timings["denoise"]["steps"] = n_steps
 
             # 4. decode
             decode, c_s = self._compile("decode", self._decode_fn(), self.params["vae"], x)
             t0 = time.perf_counter()
             images = self._run(decode, "vae", x)
+            _copy_to_host_async(images)
             images = jax.block_until_ready(finished("vae_decode", images, t0, c_s))
         compile_s = sum(t["compile_s"] for t in timings.values())
         timings["end_to_end"] = {
@@ -892,6 +896,15 @@ class StableDiffusion:
             scheduler=sched.name,
             kernels=dataclasses.asdict(self.kernels),
         )
+
+
+def _copy_to_host_async(*arrays) -> None:
+    """Queues each array's copy to the host behind the kernels that write it (PjRt starts it
+    when they finish), for the `device_get` that ends `generate`. Otherwise the copy is only
+    issued once the host has seen the kernels finish: a traced `generate` on the H100 had
+    the GPU idle 0.84 ms between the last kernel and the copy (s19a, results README)."""
+    for a in arrays:
+        a.copy_to_host_async()
 
 
 def _with_prepared(loop):

@@ -387,6 +387,38 @@ def test_upsample_conv_subpixel_matches_the_textbook_order(shape, dtype, tol, rn
                                       np.asarray(got))  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.float16, 5e-3),
+                                        (jnp.bfloat16, 2e-2)])  # fmt: skip
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6, 10), (1, 8, 8, 16, 16)], ids=["odd", "square"])
+def test_upsample_conv_transposed_matches_the_textbook_order(shape, dtype, tol, rng, stack):
+    """One convolution of x dilated by zeros, with `transposed_kernel`'s 4x4 taps, is
+    conv3x3(nearest_2x(x)), borders included (fresh random inputs, odd sizes, batch 3)."""
+    n, h, w, i, o = shape
+    if dtype == jnp.float32:  # on a GPU, float32 convs would otherwise round through TF32
+        stack.enter_context(jax.default_matmul_precision("float32"))
+    x = jnp.asarray(rng.standard_normal((n, h, w, i)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, i, o)) / 3, dtype)
+    bias = jnp.asarray(rng.standard_normal(o), dtype)
+    want = ops.upsample_conv_reference(*(jnp.asarray(a, jnp.float32) for a in (x, kernel, bias)))
+    kernel4 = ops.transposed_kernel(kernel)
+    assert kernel4.shape == (4, 4, i, o) and kernel4.dtype == jnp.float32
+    got = ops.upsample_conv_transposed(x, kernel4, bias)
+    assert got.shape == (n, 2 * h, 2 * w, o) and got.dtype == dtype
+    assert np.isfinite(np.asarray(got, np.float32)).all()
+    assert rel(got, want) <= tol
+
+
+@pytest.mark.gpu
+def test_upsample_conv_transposed_on_gpu_matches_the_textbook_order(rng):
+    """The same on the GPU at a VAE-like size in fp16 (cuDNN's backward-data kernels there)."""
+    x = jnp.asarray(rng.standard_normal((1, 32, 32, 128)), jnp.float16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 128, 128)) / np.sqrt(9 * 128), jnp.float16)
+    bias = jnp.asarray(rng.standard_normal(128), jnp.float16)
+    want = ops.upsample_conv_reference(*(jnp.asarray(a, jnp.float32) for a in (x, kernel, bias)))
+    got = jax.jit(ops.upsample_conv_transposed)(x, ops.transposed_kernel(kernel), bias)
+    assert rel(got, want) <= 5e-3
+
+
 @pytest.mark.parametrize("interleave", ["xla", "pallas"])
 @pytest.mark.parametrize("form", ["reference", "subpixel"])
 def test_upsample_conv_with_skip_is_the_concatenate(form, interleave, rng):
