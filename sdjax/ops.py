@@ -40,6 +40,8 @@ Implementation names:
                  (plain XLA; for weight-bound convs: `conv3x3_taps`).
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
                  four phase kernels (plain XLA; exact; `auto` takes it from 16x16 inputs up).
+  transposed     (upsample_conv) the same as one convolution of the zero-dilated small map
+                 with a 4x4 kernel (plain XLA; cuDNN's backward-data kernels on GPU).
   auto           the fastest recorded choice for the shape and backend (see `_auto_*`); a
                  recorded Hopper kernel on a GPU or shape it cannot run gives its Triton
                  sibling.
@@ -79,7 +81,7 @@ GroupNormImpl = Literal[
 ]
 GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
-UpsampleConvImpl = Literal["reference", "subpixel", "auto"]
+UpsampleConvImpl = Literal["reference", "subpixel", "transposed", "auto"]
 InterleaveImpl = Literal["xla", "pallas", "auto"]
 Conv3x3Impl = Literal["reference", "taps", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
@@ -95,8 +97,10 @@ class Implementations:
     layer_norm: LayerNormImpl = "reference"
     # nearest 2x upsampling + 3x3 conv (the decoders' Upsample2D): "reference" upsamples,
     # then convolves; "subpixel" convolves the small map with four phase kernels (exact;
-    # `upsample_conv_subpixel`); "auto" the subpixel form where it measured faster on GPU
-    # (`subpixel_pays`). Plain XLA either way: no Pallas kernel.
+    # `upsample_conv_subpixel`); "transposed" one convolution of the zero-dilated small map
+    # with a 4x4 kernel (`upsample_conv_transposed`: cuDNN's backward-data kernels, no
+    # interleave pass); "auto" the form that measured fastest on GPU for the input's size
+    # (`subpixel_pays`, `transposed_pays`). Plain XLA in every form: no Pallas kernel.
     upsample_conv: UpsampleConvImpl = "reference"
     # The subpixel form's interleave of its four output phases, with the bias and (in the
     # UNet) the next skip's concatenate: "xla" is plain jnp (one XLA fusion); "pallas" our
@@ -883,25 +887,30 @@ _TRANSPOSED_TAPS = ((1, 0, 0), (1, 1, 0), (0, 1, 1), (0, 0, 1))
 
 def transposed_kernel(kernel):
     """[3, 3, I, O] -> [4, 4, I, O] (float32): `upsample_conv_transposed`'s kernel, each tap a
-    sum of one, two or four of the 3x3 kernel's taps (written as adds, as `subpixel_kernel`)."""
+    sum of one, two or four of the 3x3 kernel's taps (written as adds, as `subpixel_kernel`),
+    stored spatially flipped: the convolution reads it through a reverse, the form XLA's GPU
+    compiler needs to see to give a dilated-input convolution to cuDNN's backward-data
+    kernels (without it, XLA pads the 4x-sized dilated input and runs a forward convolution
+    over it: 2-2.4x slower than the subpixel form, `bench_upsample_*_s19b`)."""
     k = kernel.astype(jnp.float32)
 
     def tap_sum(terms, j):
         return sum(terms[t] for t in range(3) if _TRANSPOSED_TAPS[j][t])
 
     rows = [tap_sum(k, j) for j in range(4)]  # [3 (kernel column), I, O] each
-    return jnp.stack([jnp.stack([tap_sum(r, j) for j in range(4)]) for r in rows])
+    taps = jnp.stack([jnp.stack([tap_sum(r, j) for j in range(4)]) for r in rows])
+    return taps[::-1, ::-1]
 
 
 def upsample_conv_transposed(x, kernel4, bias):
     """`upsample_conv_reference` as one convolution of x with zeros between its pixels
-    (lhs dilation 2: a transposed convolution, cuDNN's backward-data kernels on GPU), which
-    writes the upsampled map directly: no 4x-sized input, and no phases to interleave after
-    (the subpixel form's extra pass). 16 of 64 taps meet a pixel of x per output pixel, as in
-    the subpixel form. kernel4: `transposed_kernel`'s [4, 4, I, O] (any float dtype)."""
+    (lhs dilation 2: a transposed convolution), which writes the upsampled map directly: no
+    4x-sized input, and no phases to interleave after (the subpixel form's extra pass). 16 of
+    64 taps meet a pixel of x per output pixel, as in the subpixel form. kernel4:
+    `transposed_kernel`'s [4, 4, I, O] (flipped; any float dtype)."""
     y = jax.lax.conv_general_dilated(
-        x, kernel4.astype(x.dtype), (1, 1), ((2, 2), (2, 2)), lhs_dilation=(2, 2),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        x, jax.lax.rev(kernel4.astype(x.dtype), (0, 1)), (1, 1), ((2, 2), (2, 2)),
+        lhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )  # fmt: skip
     return y + bias.astype(x.dtype)
 
@@ -1043,7 +1052,12 @@ def conv3x3(x, kernel, bias, *, implementation: Conv3x3Impl | None = None):
     return _CONV3X3[impl](x, kernel, bias)
 
 
-_UPSAMPLE_CONV = {"reference": upsample_conv_reference, "subpixel": upsample_conv_subpixel}
+def _upsample_conv_transposed_3x3(x, kernel, bias):
+    return upsample_conv_transposed(x, transposed_kernel(kernel), bias)
+
+
+_UPSAMPLE_CONV = {"reference": upsample_conv_reference, "subpixel": upsample_conv_subpixel,
+                  "transposed": _upsample_conv_transposed_3x3}  # fmt: skip
 
 
 def subpixel_pays(height: int, width: int) -> bool:
@@ -1054,13 +1068,25 @@ def subpixel_pays(height: int, width: int) -> bool:
     return height * width >= 256
 
 
+def transposed_pays(height: int, width: int) -> bool:
+    """Where the transposed form is taken over the subpixel one on GPU: the VAE decoder's
+    upsamplers (64x64 inputs and up), whose phase interleave is a pass over 32-128 MB.
+    Not yet measured in the model: `bench_upsample` (item 197 of the results README)."""
+    return height * width >= 64 * 64
+
+
 def _auto_upsample_conv(x_shape) -> str:
-    return "subpixel" if on_gpu() and subpixel_pays(*x_shape[1:3]) else "reference"
+    if not on_gpu():
+        return "reference"
+    if transposed_pays(*x_shape[1:3]):
+        return "transposed"
+    return "subpixel" if subpixel_pays(*x_shape[1:3]) else "reference"
 
 
 def upsample_conv_choice(x_shape, implementation: UpsampleConvImpl | None = None) -> str:
-    """The form `upsample_conv` runs for x [N, H, W, C]: "reference" or "subpixel" (the given
-    implementation, else the one in force; "auto" resolved by `subpixel_pays` on GPU)."""
+    """The form `upsample_conv` runs for x [N, H, W, C]: "reference", "subpixel" or
+    "transposed" (the given implementation, else the one in force; "auto" resolved by
+    `transposed_pays` and `subpixel_pays` on GPU)."""
     return _resolve("upsample_conv", implementation, _UPSAMPLE_CONV, UpsampleConvImpl,
                     lambda: _auto_upsample_conv(x_shape))  # fmt: skip
 
@@ -1081,7 +1107,8 @@ def upsample_conv(
     if skip is not None and (skip.ndim != 4 or skip.shape[:3] != (n, 2 * h, 2 * w)):
         raise ValueError(f"upsample_conv: skip must be [{n}, {2 * h}, {2 * w}, S]; got "
                          f"{skip.shape}")  # fmt: skip
-    if upsample_conv_choice(x.shape, implementation) == "subpixel":
+    choice = upsample_conv_choice(x.shape, implementation)
+    if choice == "subpixel":
         return upsample_conv_subpixel(x, kernel, bias, skip)
-    out = upsample_conv_reference(x, kernel, bias)
+    out = _UPSAMPLE_CONV[choice](x, kernel, bias)
     return out if skip is None else jnp.concatenate([out, skip.astype(out.dtype)], axis=-1)

@@ -420,7 +420,7 @@ def test_upsample_conv_transposed_on_gpu_matches_the_textbook_order(rng):
 
 
 @pytest.mark.parametrize("interleave", ["xla", "pallas"])
-@pytest.mark.parametrize("form", ["reference", "subpixel"])
+@pytest.mark.parametrize("form", ["reference", "subpixel", "transposed"])
 def test_upsample_conv_with_skip_is_the_concatenate(form, interleave, rng):
     """upsample_conv(x, skip=s) is [upsample_conv(x), s] along channels, in every form and
     interleave (the subpixel form's kernel writes the concatenate in its pass)."""
@@ -675,6 +675,18 @@ def test_subpixel_pays_from_16x16_inputs():
     with ops.use(ops.Implementations(upsample_conv="auto")):
         want = "subpixel" if jax.default_backend() == "gpu" else "reference"
         assert ops.upsample_conv_choice((2, 32, 32, 8)) == want
+        assert ops.upsample_conv_choice((2, 8, 8, 8)) == "reference"
+
+
+def test_auto_upsample_is_transposed_from_64x64_inputs_on_gpu(monkeypatch):
+    """The VAE decoder's upsamplers (64x64 inputs and up) take the transposed form on a GPU;
+    the UNet's (8x8 to 32x32 at 512x512) keep theirs."""
+    assert not ops.transposed_pays(32, 32) and ops.transposed_pays(64, 64)
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    with ops.use(ops.Implementations(upsample_conv="auto")):
+        assert ops.upsample_conv_choice((1, 64, 64, 8)) == "transposed"
+        assert ops.upsample_conv_choice((1, 256, 256, 8)) == "transposed"
+        assert ops.upsample_conv_choice((2, 32, 32, 8)) == "subpixel"
         assert ops.upsample_conv_choice((2, 8, 8, 8)) == "reference"
 
 

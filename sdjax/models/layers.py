@@ -230,20 +230,21 @@ class Upsample2D(nn.Module):
         """x: [N, H, W, C] -> [N, 2H, 2W, out_channels] (or `size`); with skip [N, H', W', S]
         (the UNet's next skip connection), [upsampled, skip] along channels. An exact 2x goes
         through `ops.upsample_conv` (whose "subpixel" form skips the upsampled map and writes
-        the concatenate in its interleave), or with precomputed phase kernels
+        the concatenate in its interleave; "transposed" skips it too, in one convolution), or
+        with precomputed phase kernels
         (`conditioning/phase_kernel`) straight to `ops.upsample_conv_phases`."""
         doubled = size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2])
         if doubled and self.has_variable(CONDITIONING, "phase_kernel"):
             bias = self.conv.variables["params"]["bias"]
             return ops.upsample_conv_phases(x, self.get_variable(CONDITIONING, "phase_kernel"),
                                             bias, skip)  # fmt: skip
-        textbook = ops.upsample_conv_choice(x.shape) == "reference"
-        if not doubled or self.is_initializing() or textbook:
+        choice = ops.upsample_conv_choice(x.shape)
+        if not doubled or self.is_initializing() or choice == "reference":
             out = self.conv(upsample_nearest(x, size))
             return out if skip is None else jnp.concatenate([out, skip], axis=-1)
         conv = self.conv.variables["params"]
         return ops.upsample_conv(x, conv["kernel"], conv["bias"], skip=skip,
-                                 implementation="subpixel")  # fmt: skip
+                                 implementation=choice)  # fmt: skip
 
 
 class Attention(nn.Module):
