@@ -8,8 +8,8 @@ once per generation in the UNet's conditioning) and `upsample_conv_transposed` (
 convolution of x dilated by zeros, its 4x4 kernel given: item 197 of the results README),
 each in one jitted program of back-to-back calls (`experiments.common.time_jax`, median),
 with the error of each against float32; for the phases and transposed forms also the device
-kernel time (`experiments.common.kernel_us`, with the phases' interleave: the model's pair)
-and the kernels that ran.
+kernel time (`experiments.common.kernel_us`; the phases with the interleave `auto` runs: our
+kernel on GPU, the model's pair) and the kernels that ran.
 
 Then the subpixel form's last step alone, the phases interleaved with the bias (and, in the
 UNet, the next skip concatenated): XLA's fusion of `custom_calls.subpixel_interleave_reference`
@@ -119,7 +119,9 @@ def bench_interleave(name: str, dtype) -> dict:
 def main(argv):
     del argv
     dtype = jnp.dtype(_DTYPE.value)
-    rows = [] if _INTERLEAVE_ONLY.value else [bench(name, dtype) for name in SHAPES]
+    # the phases' interleave as the model runs it (`auto`: our kernel on GPU)
+    with ops.use(ops.Implementations(interleave="auto")):
+        rows = [] if _INTERLEAVE_ONLY.value else [bench(name, dtype) for name in SHAPES]
     inter = [bench_interleave(name, dtype) for name in INTERLEAVE_SHAPES]
     record = {"rows": rows, "interleave": inter}
     columns = ["shape", "gflop_reference", "reference_ms", "subpixel_ms", "phases_ms",
