@@ -99,8 +99,8 @@ class Implementations:
     # then convolves; "subpixel" convolves the small map with four phase kernels (exact;
     # `upsample_conv_subpixel`); "transposed" one convolution of the zero-dilated small map
     # with a 4x4 kernel (`upsample_conv_transposed`: cuDNN's backward-data kernels, no
-    # interleave pass); "auto" the form that measured fastest on GPU for the input's size
-    # (`subpixel_pays`, `transposed_pays`). Plain XLA in every form: no Pallas kernel.
+    # interleave pass, but a separate bias pass); "auto" the subpixel form where it
+    # measured faster on GPU (`subpixel_pays`). Plain XLA in every form: no Pallas kernel.
     upsample_conv: UpsampleConvImpl = "reference"
     # The subpixel form's interleave of its four output phases, with the bias and (in the
     # UNet) the next skip's concatenate: "xla" is plain jnp (one XLA fusion); "pallas" our
@@ -907,7 +907,14 @@ def upsample_conv_transposed(x, kernel4, bias):
     (lhs dilation 2: a transposed convolution), which writes the upsampled map directly: no
     4x-sized input, and no phases to interleave after (the subpixel form's extra pass). 16 of
     64 taps meet a pixel of x per output pixel, as in the subpixel form. kernel4:
-    `transposed_kernel`'s [4, 4, I, O] (flipped; any float dtype)."""
+    `transposed_kernel`'s [4, 4, I, O] (flipped; any float dtype).
+
+    On the H100 (`bench_upsample_*_s19c`, device kernel time) cuDNN's backward-data kernel
+    takes about the phase convolution's time, but the bias then costs a pass of its own
+    (XLA fuses biases into forward convolutions only): against the phases and our
+    interleave kernel, 74 vs 88 us at the VAE's 64 -> 128, 245 vs 241 at 128 -> 256, 305
+    vs 295 at 256 -> 512. Not taken by `auto`; a bias folded into the next GroupNorm's loads
+    (and the next resnet's biases) would remove that pass."""
     y = jax.lax.conv_general_dilated(
         x, jax.lax.rev(kernel4.astype(x.dtype), (0, 1)), (1, 1), ((2, 2), (2, 2)),
         lhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -1068,25 +1075,17 @@ def subpixel_pays(height: int, width: int) -> bool:
     return height * width >= 256
 
 
-def transposed_pays(height: int, width: int) -> bool:
-    """Where the transposed form is taken over the subpixel one on GPU: the VAE decoder's
-    upsamplers (64x64 inputs and up), whose phase interleave is a pass over 32-128 MB.
-    Not yet measured in the model: `bench_upsample` (item 197 of the results README)."""
-    return height * width >= 64 * 64
-
-
 def _auto_upsample_conv(x_shape) -> str:
-    if not on_gpu():
-        return "reference"
-    if transposed_pays(*x_shape[1:3]):
-        return "transposed"
-    return "subpixel" if subpixel_pays(*x_shape[1:3]) else "reference"
+    """The transposed form is never chosen: it trades the interleave pass for a bias pass
+    (XLA fuses a bias into cuDNN's forward convolutions only), level with the subpixel form
+    at the VAE's upsamplers and slower at the UNet's (`bench_upsample_*_s19c`)."""
+    return "subpixel" if on_gpu() and subpixel_pays(*x_shape[1:3]) else "reference"
 
 
 def upsample_conv_choice(x_shape, implementation: UpsampleConvImpl | None = None) -> str:
     """The form `upsample_conv` runs for x [N, H, W, C]: "reference", "subpixel" or
     "transposed" (the given implementation, else the one in force; "auto" resolved by
-    `transposed_pays` and `subpixel_pays` on GPU)."""
+    `subpixel_pays` on GPU)."""
     return _resolve("upsample_conv", implementation, _UPSAMPLE_CONV, UpsampleConvImpl,
                     lambda: _auto_upsample_conv(x_shape))  # fmt: skip
 
