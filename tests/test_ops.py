@@ -366,12 +366,9 @@ def test_auto_geglu_takes_triton_where_the_recorded_hopper_kernel_cannot_run(mon
     assert ops._auto_geglu(x, w) == "pallas_hopper"
 
 
-@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.float16, 5e-3),
-                                        (jnp.bfloat16, 2e-2)])  # fmt: skip
-@pytest.mark.parametrize("shape", [(3, 5, 7, 6, 10), (1, 8, 8, 16, 16)], ids=["odd", "square"])
-def test_upsample_conv_subpixel_matches_the_textbook_order(shape, dtype, tol, rng, stack):
-    """The four-phase 2x2 convolution of the small map is conv3x3(nearest_2x(x)), padding
-    included (border phases read the zero padding exactly where the upsampled map would)."""
+def _upsample_case(shape, dtype, rng, stack):
+    """Fresh random x [N, H, W, I], kernel [3, 3, I, O], bias [O] in `dtype`, and the float32
+    textbook-order result they should give."""
     n, h, w, i, o = shape
     if dtype == jnp.float32:  # on a GPU, float32 convs would otherwise round through TF32
         stack.enter_context(jax.default_matmul_precision("float32"))
@@ -379,6 +376,17 @@ def test_upsample_conv_subpixel_matches_the_textbook_order(shape, dtype, tol, rn
     kernel = jnp.asarray(rng.standard_normal((3, 3, i, o)) / 3, dtype)
     bias = jnp.asarray(rng.standard_normal(o), dtype)
     want = ops.upsample_conv_reference(*(jnp.asarray(a, jnp.float32) for a in (x, kernel, bias)))
+    return x, kernel, bias, want
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.float16, 5e-3),
+                                        (jnp.bfloat16, 2e-2)])  # fmt: skip
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6, 10), (1, 8, 8, 16, 16)], ids=["odd", "square"])
+def test_upsample_conv_subpixel_matches_the_textbook_order(shape, dtype, tol, rng, stack):
+    """The four-phase 2x2 convolution of the small map is conv3x3(nearest_2x(x)), padding
+    included (border phases read the zero padding exactly where the upsampled map would)."""
+    n, h, w, i, o = shape
+    x, kernel, bias, want = _upsample_case(shape, dtype, rng, stack)
     got = ops.upsample_conv(x, kernel, bias, implementation="subpixel")
     assert got.shape == (n, 2 * h, 2 * w, o) and got.dtype == dtype
     assert rel(got, want) <= tol
@@ -394,12 +402,7 @@ def test_upsample_conv_transposed_matches_the_textbook_order(shape, dtype, tol, 
     """One convolution of x dilated by zeros, with `transposed_kernel`'s 4x4 taps, is
     conv3x3(nearest_2x(x)), borders included (fresh random inputs, odd sizes, batch 3)."""
     n, h, w, i, o = shape
-    if dtype == jnp.float32:  # on a GPU, float32 convs would otherwise round through TF32
-        stack.enter_context(jax.default_matmul_precision("float32"))
-    x = jnp.asarray(rng.standard_normal((n, h, w, i)), dtype)
-    kernel = jnp.asarray(rng.standard_normal((3, 3, i, o)) / 3, dtype)
-    bias = jnp.asarray(rng.standard_normal(o), dtype)
-    want = ops.upsample_conv_reference(*(jnp.asarray(a, jnp.float32) for a in (x, kernel, bias)))
+    x, kernel, bias, want = _upsample_case(shape, dtype, rng, stack)
     kernel4 = ops.transposed_kernel(kernel)
     assert kernel4.shape == (4, 4, i, o) and kernel4.dtype == jnp.float32
     got = ops.upsample_conv_transposed(x, kernel4, bias)
