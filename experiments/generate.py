@@ -61,7 +61,8 @@ flags.DEFINE_string("group_norm", None, "override the group norm implementation"
 flags.DEFINE_string("geglu", None, "override the GEGLU implementation")
 flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
 flags.DEFINE_string(
-    "upsample_conv", None, "override the upsample+conv implementation (reference, subpixel, auto)"
+    "upsample_conv", None,
+    "override the upsample+conv implementation (reference, subpixel, transposed, auto)",
 )
 flags.DEFINE_string(
     "conv3x3", None, "override the 3x3 stride-1 conv implementation (reference, taps, auto)"

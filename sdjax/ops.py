@@ -891,7 +891,7 @@ def transposed_kernel(kernel):
     stored spatially flipped: the convolution reads it through a reverse, the form XLA's GPU
     compiler needs to see to give a dilated-input convolution to cuDNN's backward-data
     kernels (without it, XLA pads the 4x-sized dilated input and runs a forward convolution
-    over it: 2-2.4x slower than the subpixel form, `bench_upsample_*_s19b`)."""
+    over it: 1.2-2.6x slower than the subpixel form, `bench_upsample_*_s19b`)."""
     k = kernel.astype(jnp.float32)
 
     def tap_sum(terms, j):
