@@ -357,24 +357,35 @@ def run_row(name, kernels, config, params, tokenizer, dtype, res, ref_latents, o
     """One row, its timed images in a block: every waited-for image, then every unwaited one,
     then every one-program one (`interleaved_rows` of this row alone)."""
     run = RowRun(name, kernels, config, params, tokenizer, dtype, res, options)
-    return interleaved_rows([run], ref_latents)[0]
+    [result] = interleaved_rows([run], ref_latents)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def interleaved_rows(runs: list, ref_latents) -> list:
     """The rows' timed images taken in turn (row A's image, B's, A's, ... per mode), after
     every row has compiled: a drift of the machine over the call (clocks, temperature, the
     host) then falls on every row alike instead of on whichever row ran during it. Returns
-    (row, last result) per run."""
+    (row, last result) per run, or the exception of a run whose compile or first images
+    failed: that run is left out of the turns, so one bad row (an option XLA refuses, say)
+    does not take the others with it."""
     counts = _counts()
+    outcome = {}
     for run in runs:
-        run.prepare(one_program=counts["whole"] > 0)
+        try:
+            run.prepare(one_program=counts["whole"] > 0)
+        except Exception as e:  # the caller records it
+            outcome[run.name] = e
+    ready = [run for run in runs if run.name not in outcome]
     for mode, n in counts.items():
-        for run in runs if n else ():
+        for run in ready if n else ():
             run.run(mode, timed=False)  # after the other mode's program
         for _ in range(n):
-            for run in runs:
+            for run in ready:
                 run.run(mode)
-    return [run.row(ref_latents) for run in runs]
+    outcome.update((run.name, run.row(ref_latents)) for run in ready)
+    return [outcome[run.name] for run in runs]
 
 
 def anchors(config, dtype_name, res) -> dict:
@@ -519,7 +530,7 @@ def main(argv):
         record["warmup_row"] = name
 
     def failed(name, kernels, e) -> dict:
-        traceback.print_exc()
+        traceback.print_exception(e)
         return {"row": name, "kernels": dataclasses.asdict(kernels),
                 "error": f"{type(e).__name__}: {e}"[:2000]}  # fmt: skip
 
@@ -540,8 +551,9 @@ def main(argv):
         print(f"== {'interleaved: ' if FLAGS.interleave else ''}"
               f"{', '.join(r.name for r in runs)}", flush=True)  # fmt: skip
         try:
-            for run, (row, _) in zip(runs, interleaved_rows(runs, ref), strict=True):
-                rows[run.name] = row
+            for run, result in zip(runs, interleaved_rows(runs, ref), strict=True):
+                bad = isinstance(result, Exception)
+                rows[run.name] = failed(run.name, run.kernels, result) if bad else result[0]
         except Exception as e:
             for run in runs:
                 rows[run.name] = failed(run.name, run.kernels, e)

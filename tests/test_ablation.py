@@ -99,6 +99,22 @@ def test_interleaved_rows(tmp_path):
     assert "interleaved: the rows' timed images" in (tmp_path / "ablation_tiny_float32_i.md").read_text()
 
 
+def test_an_interleaved_row_that_fails_leaves_the_others_measured(tmp_path):
+    """--interleave with a row whose compile fails (an XLA option that does not exist): that
+    row is a recorded failure, the others are measured as usual, and the run exits nonzero."""
+    proc = run_ablation(
+        tmp_path, "--rows=auto", "--xla_row=bad:xla_no_such_option_here=true", "--interleave",
+        "--end_to_end_repeats=0", "--noreference", "--tag=_f",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    record = json.loads((tmp_path / "ablation_tiny_float32_f.json").read_text())
+    auto, bad = record["rows"]
+    assert auto["row"] == "auto" and "error" not in auto and auto["finite"]
+    assert auto["unet_step_ms"] > 0
+    assert bad["row"] == "auto+bad" and "xla_no_such_option_here" in bad["error"]
+    assert [f.split(":")[0] for f in record["failures"]] == ["auto+bad"]
+
+
 def test_unknown_row_is_refused(tmp_path):
     proc = run_ablation(tmp_path, "--rows=baseline_xla,fastest")
     assert proc.returncode != 0
