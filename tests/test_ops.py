@@ -495,10 +495,12 @@ def stack():
 
 
 @pytest.mark.parametrize("guided", [False, True])
-def test_subpixel_phase_kernels_are_built_once_per_generation(guided, rng):
-    """With upsample_conv="subpixel" the per-generation conditioning carries every
-    upsampler's phase kernels, the loop body builds none, and the loop's result is the
-    reference loop's."""
+@pytest.mark.parametrize("form, key, taps", [("subpixel", "phase_kernel", 2),
+                                             ("transposed", "transposed_kernel", 4)])  # fmt: skip
+def test_subpixel_phase_kernels_are_built_once_per_generation(guided, form, key, taps, rng):
+    """With upsample_conv="subpixel" (or "transposed") the per-generation conditioning
+    carries every upsampler's phase kernels (its 4x4 kernel), the loop body builds none, and
+    the loop's result is the reference loop's."""
     from sdjax import pipeline, schedulers
 
     cfg = sd_config.preset("tiny").unet
@@ -506,12 +508,12 @@ def test_subpixel_phase_kernels_are_built_once_per_generation(guided, rng):
     x = jnp.asarray(rng.standard_normal((1, 8, 8, 4)), jnp.float32)
     ctx = jnp.asarray(rng.standard_normal((1, 77, cfg.cross_attention_dim)), jnp.float32)
     sched = schedulers.make("ddim", sd_config.preset("tiny").scheduler, 2)
-    subpixel = ops.Implementations(upsample_conv="subpixel")
+    subpixel = ops.Implementations(upsample_conv=form)
     with ops.use(subpixel):
         cond = UNet2DConditionModel(cfg).apply({"params": params}, ctx, jnp.float32, (8, 8),
                                                method=UNet2DConditionModel.context_conditioning)
     ups = [b for b in cond.values() if "upsamplers_0" in b]
-    assert ups and all(b["upsamplers_0"]["phase_kernel"].shape[:2] == (2, 2) for b in ups)
+    assert ups and all(b["upsamplers_0"][key].shape[:2] == (taps, taps) for b in ups)
 
     def loop(impls):
         fn = lambda p, x, c, u: pipeline.denoise_loop(  # noqa: E731

@@ -217,12 +217,16 @@ class Upsample2D(nn.Module):
     def setup(self):
         self.conv = Conv2d(self.out_channels)
 
-    def conditioning(self, dtype) -> dict:
-        """This upsampler's `conditioning` entry: its subpixel phase kernels in `dtype`
-        (`ops.subpixel_kernel`), for a denoising loop to build once, not in every step (XLA
-        does not hoist them out of the loop by itself: they are larger than the kernel)."""
-        return {"phase_kernel": ops.subpixel_kernel(self.conv.variables["params"]["kernel"])
-                .astype(dtype)}  # fmt: skip
+    def conditioning(self, dtype, form: str = "subpixel") -> dict:
+        """This upsampler's `conditioning` entry: the kernel its `form` convolves with, in
+        `dtype`: the subpixel phase kernels (`ops.subpixel_kernel`, "phase_kernel") or the
+        transposed form's 4x4 kernel (`ops.transposed_kernel`, "transposed_kernel"), for a
+        denoising loop to build once, not in every step (XLA does not hoist them out of the
+        loop by itself: they are larger than the kernel)."""
+        kernel = self.conv.variables["params"]["kernel"]
+        if form == "transposed":
+            return {"transposed_kernel": ops.transposed_kernel(kernel).astype(dtype)}
+        return {"phase_kernel": ops.subpixel_kernel(kernel).astype(dtype)}
 
     def __call__(
         self, x: jax.Array, size: tuple[int, int] | None = None, skip: jax.Array | None = None
@@ -231,13 +235,19 @@ class Upsample2D(nn.Module):
         (the UNet's next skip connection), [upsampled, skip] along channels. An exact 2x goes
         through `ops.upsample_conv` (whose "subpixel" form skips the upsampled map and writes
         the concatenate in its interleave; "transposed" skips it too, in one convolution), or
-        with precomputed phase kernels
-        (`conditioning/phase_kernel`) straight to `ops.upsample_conv_phases`."""
+        with precomputed kernels (`conditioning/phase_kernel`, `conditioning/transposed_kernel`)
+        straight to `ops.upsample_conv_phases` or `ops.upsample_conv_transposed`."""
         doubled = size is None or tuple(size) == (2 * x.shape[1], 2 * x.shape[2])
         if doubled and self.has_variable(CONDITIONING, "phase_kernel"):
             bias = self.conv.variables["params"]["bias"]
             return ops.upsample_conv_phases(x, self.get_variable(CONDITIONING, "phase_kernel"),
                                             bias, skip)  # fmt: skip
+        if doubled and self.has_variable(CONDITIONING, "transposed_kernel"):
+            out = ops.upsample_conv_transposed(
+                x, self.get_variable(CONDITIONING, "transposed_kernel"),
+                self.conv.variables["params"]["bias"],
+            )  # fmt: skip
+            return out if skip is None else jnp.concatenate([out, skip.astype(out.dtype)], -1)
         choice = ops.upsample_conv_choice(x.shape)
         if not doubled or self.is_initializing() or choice == "reference":
             out = self.conv(upsample_nearest(x, size))

@@ -374,8 +374,8 @@ class UNet2DConditionModel(nn.Module):
         }  # fmt: skip
 
     def phase_kernels(self, dtype, sample_hw: tuple[int, int]) -> dict:
-        """The phase kernels of the upsamplers that run in the subpixel form at sample_hw
-        (the form depends on the upsampler's input size)."""
+        """The precomputed kernels of the upsamplers that run in the subpixel or transposed
+        form at sample_hw (the form depends on the upsampler's input size)."""
         sizes = self._level_sizes(sample_hw)
         n = len(sizes)
         phases = {}
@@ -383,8 +383,9 @@ class UNet2DConditionModel(nn.Module):
             if not b.add_upsample:
                 continue
             level = n - 1 - i  # up block i works at level n - 1 - i, then doubles it
-            if ops.upsample_conv_choice((1, *sizes[level], 1)) == "subpixel":
-                phases[b.name] = {u.name: u.conditioning(dtype) for u in b.upsamplers}
+            form = ops.upsample_conv_choice((1, *sizes[level], 1))
+            if form in ("subpixel", "transposed"):
+                phases[b.name] = {u.name: u.conditioning(dtype, form) for u in b.upsamplers}
         return phases
 
     def prepare(self, dtype, sample_hw: tuple[int, int]) -> dict:
