@@ -117,6 +117,10 @@ def rows() -> dict:
         # options (sdjax.pipeline.default_compiler_options: Triton GEMM fusions off on GPU)
         "auto": (auto, {}),
         "auto_conditioning_per_step": (auto, {"hoist_conditioning": False}),
+        # auto with the UNet given each guided sample twice (as before the twentieth
+        # session), where `auto` runs the part before the first cross-attention once per
+        # sample (sdjax.pipeline.guided_unet's share_prefix)
+        "auto_unshared_guidance": (auto, {"share_guidance_prefix": False}),
         # auto with one scanned [T, C] array per resnet's time projection (as before the
         # sixteenth session), where `auto` scans them packed (sdjax.pipeline.pack_rows)
         "auto_time_per_leaf": (auto, {"pack_time_rows": False}),

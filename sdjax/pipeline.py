@@ -106,13 +106,19 @@ def guided_context(context, uncond_context):
 
 def guided_unet(
     unet_params, x, t, context, uncond_context, guidance_scale, *, unet_config, dtype,
-    conditioning=None, guided=None,
+    conditioning=None, guided=None, share_prefix: bool = True,
 ):  # fmt: skip
     """One guided model call: x [N, h, w, C] -> guided prediction [N, h, w, C] in float32.
 
     With `uncond_context` None there is no guidance (one batch of N). Otherwise the UNet runs
-    once on 2N samples, each sample's unconditional and conditional copies side by side
-    ([x0, x0, x1, x1, ...]) so that a batch sharded over devices stays local to each device.
+    once on 2N, each sample's unconditional and conditional copies side by side ([x0, x0, x1,
+    x1, ...]) so that a batch sharded over devices stays local to each device.
+
+    share_prefix: the two copies of a sample are the same up to the UNet's first
+    cross-attention, so the UNet gets the N samples once and the 2N text states, and widens
+    the batch there (`UNet2DConditionModel.__call__`, shared samples): SD's conv_in, first
+    resnet and first self-attention run at N. False: the UNet gets the samples repeated, 2N
+    (the same values up to the order of sums in kernels chosen per batch).
 
     `conditioning`: a precomputed `conditioning` tree (`unet.context_conditioning` of
     `guided_context(...)`, merged with this step's `time_conditioning`); the contexts are then
@@ -129,8 +135,8 @@ def guided_unet(
     if not guided:
         return run(x.astype(dtype)).astype(jnp.float32)
     n = x.shape[0]
-    x2 = jnp.repeat(x.astype(dtype), 2, axis=0)
-    out = run(x2).astype(jnp.float32)
+    sample = x.astype(dtype)
+    out = run(sample if share_prefix else jnp.repeat(sample, 2, axis=0)).astype(jnp.float32)
     out = out.reshape(n, 2, *out.shape[1:])
     uncond, cond = out[:, 0], out[:, 1]
     return uncond + guidance_scale * (cond - uncond)
@@ -154,6 +160,7 @@ def denoise_loop(
     hoist_conditioning: bool = True,
     pack_time_rows: bool = True,
     prepared: dict | None = None,
+    share_guidance_prefix: bool = True,
 ):
     """Runs the scheduler's steps from `start_index` to the end, as one `lax.scan`.
 
@@ -177,6 +184,9 @@ def denoise_loop(
         choices and latent size): made once per pipeline, it leaves this program one product
         for all K and V and one for all time projections. The same values (up to the order of
         sums in the stacked products); for another size they stay right, only slower.
+      share_guidance_prefix: with guidance, run the UNet's part before its first
+        cross-attention once per sample rather than once per copy (`guided_unet`'s
+        `share_prefix`).
     Returns:
       float32 latents [N, h, w, C].
     """
@@ -213,6 +223,7 @@ def denoise_loop(
             dtype=dtype,
             conditioning=conditioning,
             guided=guided,
+            share_prefix=share_guidance_prefix,
         )
         x, state = scheduler.step(state, i, pred, x, noise=noise)
         if progress is not None:
@@ -412,6 +423,7 @@ class StableDiffusion:
         prepare_weights: bool = True,
         compiler_options: dict | None = None,
         auto_layouts: bool = True,
+        share_guidance_prefix: bool = True,
     ):
         self.config = config
         self.dtype = resolve_dtype(dtype)
@@ -421,6 +433,7 @@ class StableDiffusion:
         # denoise_loop's `hoist_conditioning`: prompt- and timestep-only work outside the loop
         self.hoist_conditioning = hoist_conditioning
         self.pack_time_rows = pack_time_rows  # denoise_loop's `pack_time_rows`
+        self.share_guidance_prefix = share_guidance_prefix  # denoise_loop's
         # with hoist_conditioning: the conditioning's weight-only part that XLA copies per
         # call otherwise (`prepare_unet`) made once and kept on the devices (0.145 GiB for
         # SD1.5 in fp16), not once per image
@@ -837,8 +850,10 @@ class StableDiffusion:
             progress=progress,
             hoist_conditioning=self.hoist_conditioning,
             pack_time_rows=self.pack_time_rows,
+            share_guidance_prefix=self.share_guidance_prefix,
         )
-        statics = (sched, start, progress, self.hoist_conditioning, self.pack_time_rows)
+        statics = (sched, start, progress, self.hoist_conditioning, self.pack_time_rows,
+                   self.share_guidance_prefix)  # fmt: skip
         guidance = np.float32(guidance)
         unet_inputs = self._unet_inputs(latent_shape[1:3])
         if one_program:  # 1, 3 and 4 as one program: one launch, no waits between them

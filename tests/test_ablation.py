@@ -27,7 +27,8 @@ def run_ablation(tmp_path, *args):
 
 
 def test_rows_on_tiny(tmp_path):
-    rows = "baseline_xla,auto,auto_conditioning_per_step,auto+layer_norm,auto_xla_options"
+    rows = ("baseline_xla,auto,auto_conditioning_per_step,auto_unshared_guidance,"
+            "auto+layer_norm,auto_xla_options")  # rows run in the table's order
     proc = run_ablation(tmp_path, f"--rows={rows}", "--tag=_t")
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "ablation_tiny_float32_t.json").read_text())
@@ -52,6 +53,10 @@ def test_rows_on_tiny(tmp_path):
     # pipeline's defaults (also {} on CPU; Triton GEMM fusions off on a GPU)
     assert by_name["auto_conditioning_per_step"]["options"] == {
         "hoist_conditioning": False,
+        "compiler_options": {},
+    }
+    assert by_name["auto_unshared_guidance"]["options"] == {
+        "share_guidance_prefix": False,
         "compiler_options": {},
     }
     assert by_name["baseline_xla"]["options"] == {"compiler_options": {}}

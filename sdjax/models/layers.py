@@ -31,6 +31,22 @@ _zeros = nn.initializers.zeros_init()
 _ones = nn.initializers.ones_init()
 
 
+def repeat_copies(x: jax.Array, batch: int) -> jax.Array:
+    """x [N, ...] -> [batch, ...], each sample repeated batch // N times in a row: the layout
+    of a guided batch, where entries 2i and 2i + 1 (the unconditional and conditional copies)
+    share sample i. x itself where N == batch.
+
+    The UNet computes what comes before its first cross-attention once per shared sample and
+    widens the batch here, where the per-copy text states first enter (`BasicTransformerBlock`).
+    """
+    n = x.shape[0]
+    if n == batch:
+        return x
+    if batch % n:
+        raise ValueError(f"a batch of {n} samples cannot be shared by {batch} contexts")
+    return jnp.repeat(x, batch // n, axis=0)
+
+
 class Linear(nn.Module):
     """torch.nn.Linear: params `kernel` [in, out] and (optionally) `bias` [out]."""
 
@@ -173,7 +189,8 @@ class ResnetBlock2D(nn.Module):
             h = self.conv1(h, bias_offset=proj[0])
         else:
             h = self.conv1(h)
-            if proj is not None:
+            if proj is not None:  # [N] for a batch of N, or for the samples that copies share
+                proj = repeat_copies(proj, h.shape[0])
                 h = h + proj.astype(h.dtype)[:, None, None, :]
         h = self.conv2(self.norm2(h))
         if x.shape[-1] != self.out_channels:
@@ -316,6 +333,15 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(b, t.shape[1], self.heads, head_dim) for t in (q, k, v))
         out = ops.attention(q, k, v, scale=head_dim**-0.5)
         return self.to_out_0(out.reshape(b, length, self.dim))
+
+    def context_batch(self, context: jax.Array | None) -> int | None:
+        """The batch of the text states this cross-attention reads: context's, else its
+        precomputed K's (`conditioning/k`), else None."""
+        if context is not None:
+            return context.shape[0]
+        if self.has_variable(CONDITIONING, "k"):
+            return self.get_variable(CONDITIONING, "k").shape[0]
+        return None
 
     def _stacked_qkv_kernel(self, x: jax.Array) -> jax.Array | None:
         """The precomputed `conditioning/qkv_kernel` [in, 3 * dim] (q, k, v side by side) if
@@ -461,9 +487,17 @@ class BasicTransformerBlock(nn.Module):
         # q, k and v stacked once here, not by XLA in every step (its dot merger)
         return {"attn1": self.attn1.packed_weights(self.dim, head_dim, dtype, out_projection=False)}
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        """x: [B, L, dim]; context: [B, S, C_ctx] -> [B, L, dim]."""
+    def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        """x: [B, L, dim]; context: [B, S, C_ctx] -> [B, L, dim].
+
+        x may hold fewer samples than the text states (B / r, each shared by r consecutive
+        contexts: a guided batch's unconditional and conditional copies, `repeat_copies`):
+        the self-attention then runs once per sample, and the batch widens to B before the
+        cross-attention, where the copies first differ. The output has the contexts' batch."""
         x = x + self.attn1(self.norm1(x))
+        batch = self.attn2.context_batch(context)
+        if batch is not None:
+            x = repeat_copies(x, batch)
         x = x + self.attn2(self.norm2(x), context, cross=True)
         return x + self.ff(self.norm3(x))
 
@@ -506,12 +540,16 @@ class Transformer2DModel(nn.Module):
             b.name: b.weight_conditioning(batch, tokens, dtype) for b in self.transformer_blocks
         }
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        """x: [N, H, W, channels]; context: [N, S, C_ctx] -> [N, H, W, channels]."""
+    def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
+        """x: [N, H, W, channels]; context: [N, S, C_ctx] -> [N, H, W, channels].
+
+        x may hold N / r samples, each shared by r consecutive contexts (see
+        `BasicTransformerBlock`): the output has the contexts' N."""
         n, h, w, c = x.shape
         # Both projections act per pixel, so applying them before or after the reshape
         # (as diffusers does for conv vs linear) gives the same result.
         tokens = self.proj_in(self.norm(x)).reshape(n, h * w, c)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(tokens.reshape(n, h, w, c))
+        tokens = tokens.reshape(tokens.shape[0], h, w, c)
+        return repeat_copies(x, tokens.shape[0]) + self.proj_out(tokens)

@@ -28,6 +28,7 @@ from sdjax.models.layers import (
     Transformer2DModel,
     Upsample2D,
     project,
+    repeat_copies,
 )
 
 
@@ -418,6 +419,14 @@ class UNet2DConditionModel(nn.Module):
         """sample [N, H, W, C_in]; timesteps [N] or scalar; encoder_hidden_states
         [N, S, cross_attention_dim] -> predicted noise (or v) [N, H, W, C_out].
 
+        Shared samples: encoder_hidden_states (or the precomputed K/V) may hold r * N text
+        states for N samples, each sample shared by r consecutive ones (classifier-free
+        guidance's unconditional and conditional copies, r = 2: `pipeline.guided_unet`). The
+        output is then [r * N, ...], the same as for the samples repeated r times, but what
+        comes before the first cross-attention (conv_in, SD's first resnet and its first
+        transformer's self-attention) runs once per sample (`layers.repeat_copies`).
+        timesteps: scalar or [N], one per sample.
+
         With a `conditioning` collection from `context_conditioning` (and `time_conditioning`)
         the cross-attention K/V (and the time projections) are read from it: see
         `conditioned_apply`."""
@@ -425,6 +434,7 @@ class UNet2DConditionModel(nn.Module):
         context = None
         if encoder_hidden_states is not None:
             context = encoder_hidden_states.astype(sample.dtype)
+        batch = self._context_batch(context, sample.shape[0])
 
         # 1. time: sinusoidal embedding in float32, then the MLP in the sample's dtype (unless
         # every resnet reads its time projection from the conditioning)
@@ -451,18 +461,44 @@ class UNet2DConditionModel(nn.Module):
         joined = False
         for block in self.up_blocks:
             block_skips, skips = skips[-per_block:], skips[:-per_block]
+            # skips from before the first cross-attention hold the shared samples
+            block_skips = tuple(repeat_copies(s, x.shape[0]) for s in block_skips)
             upsample_size = skips[-1].shape[1:3] if skips else None
             next_skip = skips[-1] if skips and block.add_upsample else None
+            if next_skip is not None:
+                next_skip = repeat_copies(next_skip, x.shape[0])
             x = block(x, block_skips, temb, context, upsample_size, next_skip=next_skip,
                       joined=joined)  # fmt: skip
             joined = next_skip is not None
 
-        # 6. post-process
-        return self.conv_out(self.conv_norm_out(x))
+        # 6. post-process (a UNet without cross-attention widens the batch only here)
+        return repeat_copies(self.conv_out(self.conv_norm_out(x)), batch)
+
+    def _context_batch(self, context: jax.Array | None, samples: int) -> int:
+        """The batch of the output: the text states' (context's, else the precomputed K's),
+        a multiple of the samples' (see `__call__`); the samples' where there are none."""
+        if context is None:
+            context = next(_leaves_named(self.variables.get(CONDITIONING, {}), "k"), None)
+        batch = samples if context is None else context.shape[0]
+        if batch % samples:
+            raise ValueError(
+                f"UNet: {batch} text states for {samples} samples; the text states' batch must "
+                "be a multiple of the samples' (each sample shared by as many consecutive ones)"
+            )
+        return batch
 
 
 def _has_leaf(tree, name: str) -> bool:
     return any(k == name or (isinstance(v, dict) and _has_leaf(v, name)) for k, v in tree.items())
+
+
+def _leaves_named(tree, name: str):
+    """The leaves stored under key `name` anywhere in a nested dict, in order."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves_named(v, name)
+        elif k == name:
+            yield v
 
 
 def merge_conditioning(*trees: dict) -> dict:
