@@ -178,8 +178,18 @@ def tuned_table() -> dict:
 
 
 def tuned_config(shape, dtype, *, groups: int = 32) -> Config:
-    """The measured config for this shape, else `heuristic_config`."""
-    entry = tuned_table().get(shape_key(shape, dtype, groups))
+    """The measured config for this shape; else one measured at the same spatial size and
+    channels for another batch (the nearest): a config's blocks and programs are per sample,
+    so another batch only changes the grid (a guided UNet's shared first layers run at half
+    the measured batch: `sdjax.models.unet`); else `heuristic_config`."""
+    table = tuned_table()
+    entry = table.get(shape_key(shape, dtype, groups))
+    if entry is None:
+        n = shape[0]
+        rest = shape_key((1, *shape[1:]), dtype, groups).split("x", 1)[1]
+        others = sorted((abs(int(k.split("x", 1)[0]) - n), k) for k in table
+                        if k.split("x", 1)[1] == rest)  # fmt: skip
+        entry = table[others[0][1]] if others else None
     return Config(**entry) if entry else heuristic_config(shape, dtype, groups=groups)
 
 

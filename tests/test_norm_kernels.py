@@ -266,6 +266,30 @@ def test_tuned_config_reads_the_table(tmp_path, monkeypatch):
         gn.tuned_table.cache_clear()
 
 
+def test_tuned_config_borrows_another_batchs_entry(tmp_path, monkeypatch, rng):
+    """An unmeasured batch takes the entry of the same spatial size and channels at the
+    nearest measured batch (a guided UNet's shared first layers run at half the measured
+    batch), and the kernel stays right with it."""
+    two = dict(mode="split", block_rows=4, stats_rows=16, norm_rows=32, num_warps=8,
+               combine_in_kernel=False)  # fmt: skip
+    eight = dict(mode="fused", block_rows=16, block_groups=8)
+    gn = _patched_table(tmp_path, monkeypatch, {(2, 8, 8, 320): two, (8, 8, 8, 320): eight})
+    try:
+        assert gn.tuned_config((1, 8, 8, 320), jnp.float16) == Config(**two)
+        assert gn.tuned_config((3, 64, 320), jnp.float16) == Config(**two)  # S = 64 either way
+        assert gn.tuned_config((6, 8, 8, 320), jnp.float16) == Config(**eight)
+        # another channel count or width: no borrowing
+        assert gn.tuned_config((1, 8, 8, 640), jnp.float16) == gn.heuristic_config(
+            (1, 8, 8, 640), jnp.float16
+        )
+        assert gn.tuned_config((1, 8, 8, 320), jnp.float32) == gn.heuristic_config(
+            (1, 8, 8, 320), jnp.float32
+        )
+        _check_group_norm(rng, (1, 8, 8, 320), jnp.float16, "silu", None)
+    finally:
+        gn.tuned_table.cache_clear()
+
+
 def test_sweep_writes_the_fastest_accurate_config(tmp_path):
     """bench_norm's table update (in a subprocess: the script defines absl flags on import)."""
     import json
