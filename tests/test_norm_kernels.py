@@ -566,6 +566,18 @@ def test_group_norm_gpu(rng, name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_group_norm_borrowed_batch_gpu(rng, activation):
+    """The guided UNet's shared first layers: 1x64x64x320, unmeasured, with the 2x entry."""
+    import importlib
+
+    gn = importlib.import_module("custom_calls.group_norm")
+    shape = (1, 64, 64, 320)
+    assert gn.tuned_config(shape, jnp.float16) == gn.tuned_config((2, 64, 64, 320), jnp.float16)
+    _check_group_norm(rng, shape, jnp.float16, activation, None)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", ("unet_64x64x320", "unet_32x32x1280", "vae_512x512x128"))
 def test_group_norm_xla_sums_gpu(rng, name):
     """The one-pass XLA combine, forced, on the GPU (the sweep decides where it is used)."""
