@@ -87,6 +87,12 @@ flags.DEFINE_bool(
     "kernels, phase kernels) once per pipeline rather than in every image's program",
 )
 flags.DEFINE_bool(
+    "share_guidance_prefix",
+    True,
+    "with guidance, run the UNet's part before its first cross-attention once per sample, not "
+    "once for each of its unconditional and conditional copies (the same values)",
+)
+flags.DEFINE_bool(
     "one_program",
     False,
     "text encoder, denoising loop and VAE decoder as one compiled program (one launch, no "
@@ -186,6 +192,7 @@ def run() -> dict:
             kernels=kernels,
             hoist_conditioning=FLAGS.hoist_conditioning,
             prepare_weights=FLAGS.prepare_weights,
+            share_guidance_prefix=FLAGS.share_guidance_prefix,
             compiler_options=compiler_options(),
         )
     else:
@@ -200,6 +207,7 @@ def run() -> dict:
             kernels=kernels,
             hoist_conditioning=FLAGS.hoist_conditioning,
             prepare_weights=FLAGS.prepare_weights,
+            share_guidance_prefix=FLAGS.share_guidance_prefix,
             compiler_options=compiler_options(),
         )
     load_s = time.perf_counter() - t0

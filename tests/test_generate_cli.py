@@ -102,6 +102,7 @@ def test_run_writes_pngs_and_json(checkpoint, tmp_path):
         "--seed=3",
         "--layer_norm=pallas",
         "--nohoist_conditioning",
+        "--noshare_guidance_prefix",
         "--xla_option=xla_gpu_enable_triton_gemm=false",
         f"--out={out}",
         env={"SDJAX_CACHE_DIR": str(cache)},
@@ -114,6 +115,7 @@ def test_run_writes_pngs_and_json(checkpoint, tmp_path):
     assert record["flags"]["prompts_file"] == str(prompts)
     assert record["flags"]["layer_norm"] == "pallas"
     assert record["flags"]["hoist_conditioning"] is False
+    assert record["flags"]["share_guidance_prefix"] is False
     assert record["kernels"]["layer_norm"] == "pallas"
     assert record["flags"]["xla_option"] == ["xla_gpu_enable_triton_gemm=false"]
     assert record["compiler_options"] == {"xla_gpu_enable_triton_gemm": False}
