@@ -526,9 +526,14 @@ def jaxpr_flops(jaxpr) -> collections.Counter:
     return out
 
 
-def unet_attention_shapes(cfg, latent: int, batch: int = 2, context_len: int = 77):
+def unet_attention_shapes(
+    cfg, latent: int, batch: int = 2, context_len: int = 77, shared_copies: int = 1
+):
     """Every attention of one UNet call as sdjax.shapes.AttentionShape: a self- and a
-    cross-attention per transformer block, down, mid and up."""
+    cross-attention per transformer block, down, mid and up. shared_copies: `batch` is a
+    guided batch whose samples are shared by that many copies (`pipeline.guided_unet`'s
+    share_prefix): the first self-attention, before the first cross-attention, runs at
+    batch / shared_copies."""
     from sdjax.shapes import AttentionShape
 
     out = []
@@ -537,9 +542,11 @@ def unet_attention_shapes(cfg, latent: int, batch: int = 2, context_len: int = 7
     def add(level: int, transformers: int):
         side = latent // 2**level
         c, heads = cfg.block_out_channels[level], cfg.num_attention_heads[level]
-        for kind, kv in (("self", side * side), ("cross", context_len)):
-            shape = AttentionShape(f"{kind}_{side}", batch, side * side, heads, c // heads, kv)
-            out.extend([shape] * transformers)
+        for _ in range(transformers):
+            for kind, kv in (("self", side * side), ("cross", context_len)):
+                b = batch // shared_copies if not out else batch  # the first: self, shared
+                name = f"{kind}_{side}" + ("" if b == batch else f"_batch{b}")
+                out.append(AttentionShape(name, b, side * side, heads, c // heads, kv))
 
     for i, kind in enumerate(cfg.down_block_types):
         if kind == "CrossAttnDownBlock2D":
@@ -1067,7 +1074,7 @@ def profile(
             unet_step_with(impls),
             unet_args,
             flops_fn=unet_step_with(xla),
-            attention_shapes=unet_attention_shapes(ucfg, latent, batch=2),
+            attention_shapes=unet_attention_shapes(ucfg, latent, batch=2, shared_copies=2),
             shape_prefix=f"{config_name}_",
             **common_kw,
         ),
@@ -1077,7 +1084,7 @@ def profile(
             loop_args,
             flops_fn=unet_step_with(xla),
             flops_args=unet_args,
-            attention_shapes=unet_attention_shapes(ucfg, latent, batch=2),
+            attention_shapes=unet_attention_shapes(ucfg, latent, batch=2, shared_copies=2),
             shape_prefix=f"{config_name}_",
             steps_per_call=loop_steps,
             **common_kw,

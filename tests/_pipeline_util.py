@@ -26,6 +26,13 @@ def random_pipeline(config: str = "tiny", seed: int = 0, **kwargs) -> StableDiff
     return StableDiffusion(cfg, weights.random_params(cfg, seed), Tokenizer.default(), **kwargs)
 
 
+def two_prompt_latents(**kwargs):
+    """The latents of a small guided generation (two prompts, 2 DDIM steps, 16x16) by a
+    `random_pipeline(**kwargs)`: for tests that a pipeline option leaves the result alone."""
+    pipe = random_pipeline(**kwargs)
+    return pipe.generate(["a red cube", "a blue ball"], steps=2, height=16, width=16, seed=5).latents
+
+
 # diffusers' configs of the `tiny` architecture.
 UNET = dict(
     sample_size=8,

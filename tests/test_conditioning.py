@@ -11,7 +11,7 @@ import pytest
 from sdjax import config as sd_config
 from sdjax import pipeline, schedulers, weights
 from sdjax.models import unet as unet_lib
-from tests._pipeline_util import random_pipeline
+from tests._pipeline_util import random_pipeline, two_prompt_latents
 
 CFG = sd_config.preset("tiny")
 
@@ -122,12 +122,8 @@ def test_the_loop_body_no_longer_projects_text_or_time(params):
 
 
 def test_pipeline_images_same_with_and_without_hoisting():
-    images = {}
-    for hoist in (True, False):
-        pipe = random_pipeline(hoist_conditioning=hoist)
-        r = pipe.generate(["a red cube", "a blue ball"], steps=2, height=16, width=16, seed=5)
-        images[hoist] = r.latents
-    assert rel(images[True], images[False]) < 1e-5
+    latents = {hoist: two_prompt_latents(hoist_conditioning=hoist) for hoist in (True, False)}
+    assert rel(latents[True], latents[False]) < 1e-5
 
 
 def _scan_body_eqns(jaxpr) -> list:

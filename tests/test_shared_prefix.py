@@ -15,7 +15,7 @@ from sdjax import config as sd_config
 from sdjax import pipeline, schedulers, weights
 from sdjax.models import unet as unet_lib
 from sdjax.models.layers import repeat_copies
-from tests._pipeline_util import random_pipeline
+from tests._pipeline_util import two_prompt_latents
 
 CFG = sd_config.preset("tiny")
 # The first down block without cross-attention: the shared part then spans a whole block, its
@@ -130,11 +130,7 @@ def test_guided_loop_same_with_and_without_the_shared_prefix(hoist, scheduler_na
 
 
 def test_pipeline_images_same_with_and_without_the_shared_prefix():
-    latents = {}
-    for share in (True, False):
-        pipe = random_pipeline(share_guidance_prefix=share)
-        r = pipe.generate(["a red cube", "a blue ball"], steps=2, height=16, width=16, seed=5)
-        latents[share] = r.latents
+    latents = {share: two_prompt_latents(share_guidance_prefix=share) for share in (True, False)}
     assert rel(latents[True], latents[False]) < TOL
 
 
