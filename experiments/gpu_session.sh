@@ -60,6 +60,12 @@
 # (the device tool brings back few files, and a call cut at its limit keeps the stages done).
 set -u -o pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SDJAX_CACHE_DIR=/tmp/sdjax_cache
+# What an earlier invocation in the same call installed (`env`'s flax, `anchors`' diffusers)
+# stays on the path: a call that runs `env anchors` and then `ablation` as two invocations
+# otherwise times the rows without their anchors (results README, twentieth session, call 2).
+for site in /tmp/flax_site /tmp/anchor_site; do
+  [ -d "$site" ] && export PYTHONPATH=$PYTHONPATH:$site
+done
 FINAL_OUT=${OUT:-/tmp/out}
 export OUT=/tmp/res
 mkdir -p "$FINAL_OUT" "$OUT"
