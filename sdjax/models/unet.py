@@ -439,7 +439,7 @@ class UNet2DConditionModel(nn.Module):
         # 1. time: sinusoidal embedding in float32, then the MLP in the sample's dtype (unless
         # every resnet reads its time projection from the conditioning)
         temb = None
-        if not _has_leaf(self.variables.get(CONDITIONING, {}), "temb"):
+        if next(_leaves_named(self.variables.get(CONDITIONING, {}), "temb"), None) is None:
             t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
             temb = self.embed_time(t, sample.dtype)
 
@@ -486,10 +486,6 @@ class UNet2DConditionModel(nn.Module):
                 "be a multiple of the samples' (each sample shared by as many consecutive ones)"
             )
         return batch
-
-
-def _has_leaf(tree, name: str) -> bool:
-    return any(k == name or (isinstance(v, dict) and _has_leaf(v, name)) for k, v in tree.items())
 
 
 def _leaves_named(tree, name: str):
