@@ -6,6 +6,8 @@
 #                  $TESTS_FILES and $TESTS_K (a -k expression) narrow it
 #   generate       experiments.generate at 512x512, 20 steps, fp16, kernels auto
 #   ablation       experiments.ablation sd15 fp16 with the anchors (extra flags: $ABLATION_ARGS)
+#   spread         experiments.autotune_spread: $SPREAD_TRIALS (4) fresh processes' own
+#                  autotuning and UNet step, then the fastest and slowest picks pinned
 #   ablation_bf16  the same in bfloat16 ($BF16_ARGS, default: no anchors)
 #   ablation_sd21  SD2.1 768x768 fp16, every row, with the anchors ($SD21_ARGS)
 #   throughput     experiments.benchmark images/s per batch ($THROUGHPUT_BATCHES, default 1,4,8,16)
@@ -90,6 +92,10 @@ for stage in "$@"; do
       python3 -m pip install -q --no-index --no-deps --target /tmp/anchor_site .whl/*.whl
       export PYTHONPATH=$PYTHONPATH:/tmp/anchor_site
       python3 -c "import diffusers; print('diffusers', diffusers.__version__)"
+      ;;
+    spread)
+      limit python3 -m experiments.autotune_spread --config sd15 --dtype float16 \
+        --trials ${SPREAD_TRIALS:-4} --repeats ${SPREAD_REPEATS:-5} ${SPREAD_ARGS:-} 2>&1 | quiet | grep -v "^W" | tail -30 || status=1
       ;;
     tests)
       limit python3 -m pytest -q -m gpu ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_geglu_hopper.py tests/test_norm_kernels.py tests/test_ops.py tests/test_subpixel.py} \

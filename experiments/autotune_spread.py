@@ -1,0 +1,252 @@
+"""How much of the step's spread between processes is XLA's autotuning, and whether pinning
+its picks removes it.
+
+    python -m experiments.autotune_spread --config sd15 --dtype float16 --trials 4
+
+Item 209 of `experiments/results/README.md`: XLA picks its cuDNN convolution algorithms (and
+cuBLAS GEMM algorithms) by timing the candidates while it compiles, and the same program
+compiled in two processes can get different picks: SD1.5's up_blocks_1 upsampler read 56.0,
+71.7 and 57.3 us in three sessions' loop profiles. XLA caches the picks per process, so a
+second compile in the same process reuses them: only fresh processes show the spread.
+
+This runs `--trials` fresh processes on the same GPU, one after another. Each builds the
+pipeline on random weights (kernels `--kernels`), compiles it with XLA's
+`xla_gpu_dump_autotune_results_to` (its picks written to a text file), and times
+`--repeats` images (the UNet step: the denoising component's wall over the steps; the image
+back to back). Then the picks of the trials are compared (which autotuned instructions got
+different algorithms), and two more fresh processes load the fastest and the slowest trial's
+picks (`xla_gpu_load_autotune_results_from`): if the picks cause the spread, each pinned
+process reads its trial's step again.
+
+JAX's persistent compilation cache is off in every process (a cached executable would carry
+the first process's picks). Writes autotune_spread_<config>_<dtype><tag>.json and .md, and
+the trials' autotune files, to `common.results_dir()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Registered only when run as a script (tests import the module for its functions)."""
+    flags.DEFINE_string("config", "sd15", "architecture preset (random weights)")
+    flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "compute dtype")
+    flags.DEFINE_string("kernels", "auto", "op implementation preset")
+    flags.DEFINE_integer("steps", 20, "DDIM steps")
+    flags.DEFINE_integer("trials", 4, "fresh processes that autotune for themselves")
+    flags.DEFINE_integer("repeats", 7, "timed images per process (medians)")
+    flags.DEFINE_bool("pin", True, "then pin the fastest and the slowest trial's picks")
+    flags.DEFINE_string("tag", "", "suffix of the output file names")
+    # one process's own run (the parent starts these)
+    flags.DEFINE_string("child_out", None, "internal: run one process, write its JSON here")
+    flags.DEFINE_string("dump", None, "internal: xla_gpu_dump_autotune_results_to")
+    flags.DEFINE_string("load", None, "internal: xla_gpu_load_autotune_results_from")
+
+
+# ---- XLA's autotune results (text protobuf) ------------------------------------------------
+
+
+def _blocks(text: str, name: str) -> list[str]:
+    """The bodies of the top-level `name { ... }` blocks of a text protobuf (braces inside
+    quoted strings ignored)."""
+    out, depth, start, i, quoted = [], 0, None, 0, False
+    opener = name + " {"
+    while i < len(text):
+        ch = text[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "{":
+            if depth == 0 and text[max(0, i - len(opener) + 1) : i + 1] == opener:
+                start = i + 1
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0 and start is not None:
+                out.append(text[start:i])
+                start = None
+        i += 1
+    return out
+
+
+def _field(block: str, name: str) -> str | None:
+    """The quoted string value of field `name` at the top of `block`, unescaped enough to
+    compare (None if absent)."""
+    key = name + ': "'
+    i = block.find(key)
+    if i < 0:
+        return None
+    i += len(key)
+    j = i
+    while j < len(block) and block[j] != '"':
+        j += 2 if block[j] == "\\" else 1
+    return block[i:j]
+
+
+def _without(block: str, name: str) -> str:
+    """`block` less its `name { ... }` sub-blocks (the measured run time, which differs
+    between identical picks)."""
+    for body in _blocks(block, name):
+        block = block.replace(name + " {" + body + "}", "")
+    return " ".join(block.split())
+
+
+def autotune_picks(text: str) -> dict[str, str]:
+    """{autotuned instruction (device and HLO text): the picked algorithm} from the text of
+    an `xla_gpu_dump_autotune_results_to` file; the measured times left out."""
+    picks = {}
+    for entry in _blocks(text, "results"):
+        key = f"{_field(entry, 'device')}|{_field(entry, 'hlo')}"
+        results = _blocks(entry, "result")
+        picks[key] = _without(results[0], "run_time") if results else ""
+    return picks
+
+
+def differing_picks(trials: list[dict[str, str]]) -> list[str]:
+    """The instructions present in every trial whose picks are not all the same."""
+    if not trials:
+        return []
+    common = set(trials[0]).intersection(*trials[1:])
+    return sorted(k for k in common if len({t[k] for t in trials}) > 1)
+
+
+def hlo_summary(key: str, width: int = 110) -> str:
+    """A short name for an autotuned instruction: its result shape and custom-call target."""
+    hlo = key.split("|", 1)[-1]
+    target = hlo.split("custom_call_target=")[-1].split(",")[0] if "custom_call_target" in hlo else ""
+    return (hlo.split(" ")[0] + " " + target.replace('\\"', ""))[:width]
+
+
+# ---- one process ------------------------------------------------------------------------------
+
+
+def run_child() -> dict:
+    """Builds the pipeline, compiles it with the dump/load option, times FLAGS.repeats images;
+    returns the record (also written to FLAGS.child_out)."""
+    import jax
+
+    from experiments import common
+    from sdjax import config as sd_config
+    from sdjax.pipeline import StableDiffusion, default_compiler_options
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    options = default_compiler_options()
+    if FLAGS.dump:
+        options["xla_gpu_dump_autotune_results_to"] = FLAGS.dump
+    if FLAGS.load:
+        options["xla_gpu_load_autotune_results_from"] = FLAGS.load
+    t0 = time.perf_counter()
+    pipe = StableDiffusion.from_random(sd_config.preset(FLAGS.config), dtype=FLAGS.dtype,
+                                       kernels=FLAGS.kernels, compiler_options=options)  # fmt: skip
+    kw = dict(steps=FLAGS.steps, guidance=7.5, scheduler="ddim", seed=0)
+    prompt = "a photograph of an astronaut riding a horse"
+    first = pipe.generate(prompt, **kw)
+    setup_s = time.perf_counter() - t0
+    steps, images, b2b = [], [], []
+    for _ in range(FLAGS.repeats):
+        r = pipe.generate(prompt, **kw)
+        steps.append(r.timings["denoise"]["run_s"] / r.timings["denoise"]["steps"] * 1e3)
+        images.append(r.timings["end_to_end"]["run_s"] * 1e3)
+        b2b.append(pipe.generate(prompt, **kw, sync_components=False)
+                   .timings["end_to_end"]["run_s"] * 1e3)  # fmt: skip
+    record = {
+        "device": common.device_info(),
+        "dump": FLAGS.dump,
+        "load": FLAGS.load,
+        "setup_s": setup_s,
+        "compile_s": first.timings["end_to_end"]["compile_s"],
+        "unet_step_ms": statistics.median(steps),
+        "unet_step_ms_runs": steps,
+        "image_ms": statistics.median(images),
+        "image_back_to_back_ms": statistics.median(b2b),
+        "latents_sum": float(abs(first.latents).sum()),
+    }
+    pathlib.Path(FLAGS.child_out).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _child(out: pathlib.Path, *, dump=None, load=None) -> dict:
+    args = [sys.executable, "-m", "experiments.autotune_spread", f"--child_out={out}",
+            f"--config={FLAGS.config}", f"--dtype={FLAGS.dtype}", f"--kernels={FLAGS.kernels}",
+            f"--steps={FLAGS.steps}", f"--repeats={FLAGS.repeats}"]  # fmt: skip
+    args += [f"--dump={dump}"] if dump else []
+    args += [f"--load={load}"] if load else []
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    subprocess.run(args, check=True, env=env)
+    return json.loads(out.read_text())
+
+
+def main(argv):
+    del argv
+    if FLAGS.child_out:
+        run_child()
+        return
+    from experiments import common
+
+    out = common.results_dir()
+    stem = f"autotune_spread_{FLAGS.config}_{FLAGS.dtype}{FLAGS.tag}"
+    trials = []
+    for i in range(FLAGS.trials):
+        dump = out / f"{stem}_trial{i}_autotune.txt"
+        rec = _child(out / f"{stem}_trial{i}.json", dump=dump)
+        # no file where nothing was autotuned (a CPU run)
+        rec["picks"] = autotune_picks(dump.read_text()) if dump.exists() else {}
+        trials.append(rec)
+        print(f"trial {i}: step {rec['unet_step_ms']:.4f} ms, image back to back "
+              f"{rec['image_back_to_back_ms']:.2f} ms, {len(rec['picks'])} autotuned", flush=True)  # fmt: skip
+    differing = differing_picks([t["picks"] for t in trials])
+    order = sorted(range(len(trials)), key=lambda i: trials[i]["unet_step_ms"])
+    pinned = []
+    if FLAGS.pin and len(trials) > 1:
+        for label, i in (("fastest", order[0]), ("slowest", order[-1])):
+            rec = _child(out / f"{stem}_pin_{label}.json", load=trials[i]["dump"])
+            rec.update(pinned_trial=i, label=label)
+            pinned.append(rec)
+            print(f"pinned {label} (trial {i}): step {rec['unet_step_ms']:.4f} ms", flush=True)
+    rows = [{"process": f"trial {i}", "unet_step_ms": t["unet_step_ms"],
+             "image_ms": t["image_ms"], "image_back_to_back_ms": t["image_back_to_back_ms"],
+             "autotuned": len(t["picks"]), "compile_s": t["compile_s"]}
+            for i, t in enumerate(trials)]  # fmt: skip
+    rows += [{"process": f"pinned to trial {p['pinned_trial']} ({p['label']})",
+              "unet_step_ms": p["unet_step_ms"], "image_ms": p["image_ms"],
+              "image_back_to_back_ms": p["image_back_to_back_ms"],
+              "compile_s": p["compile_s"]} for p in pinned]  # fmt: skip
+    steps = [t["unet_step_ms"] for t in trials]
+    record = {
+        "device": trials[0]["device"] if trials else common.device_info(),
+        "flags": {k: FLAGS[k].value for k in ("config", "dtype", "kernels", "steps", "trials",
+                                              "repeats")},  # fmt: skip
+        "rows": rows,
+        "step_spread_ms": max(steps) - min(steps) if steps else None,
+        "differing": [{"hlo": hlo_summary(k),
+                       "picks": [t["picks"][k][:200] for t in trials]} for k in differing],  # fmt: skip
+    }
+    md = [f"# Autotuning's spread: {FLAGS.config} {FLAGS.dtype}, kernels={FLAGS.kernels}\n",
+          f"device: {record['device'].get('device_kind')}, jax {record['device'].get('jax')}. "
+          f"{FLAGS.trials} fresh processes, medians of {FLAGS.repeats} images each.\n",
+          common.markdown_table(rows, ["process", "unet_step_ms", "image_ms",
+                                       "image_back_to_back_ms", "autotuned", "compile_s"]),
+          f"\nStep spread over the trials: {record['step_spread_ms']:.4f} ms. Autotuned "
+          f"instructions whose picks differ between trials: {len(differing)}.\n"]  # fmt: skip
+    md += [f"- `{d['hlo']}`" for d in record["differing"]]
+    common.write_record(stem, record, "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
