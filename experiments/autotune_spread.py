@@ -48,6 +48,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("repeats", 7, "timed images per process (medians)")
     flags.DEFINE_bool("pin", True, "then pin the fastest and the slowest trial's picks")
     flags.DEFINE_string("tag", "", "suffix of the output file names")
+    flags.DEFINE_bool("summarize_only", False, "only summarize a finished run's files")
     # one process's own run (the parent starts these)
     flags.DEFINE_string("child_out", None, "internal: run one process, write its JSON here")
     flags.DEFINE_string("dump", None, "internal: xla_gpu_dump_autotune_results_to")
@@ -107,13 +108,20 @@ def _without(block: str, name: str) -> str:
 
 
 def autotune_picks(text: str) -> dict[str, str]:
-    """{autotuned instruction (device and HLO text): the picked algorithm} from the text of
-    an `xla_gpu_dump_autotune_results_to` file; the measured times left out."""
+    """{autotuned instruction: the picked config} from the text of an
+    `xla_gpu_dump_autotune_results_to` file, in either of XLA's formats: `results { device
+    hlo result }` (the instruction's HLO text; measured times left out) or, in jax 0.11's
+    XLA, `entries { key { target { device hlo_fingerprint } } value { optimal_config } }`
+    (the instruction known only by its fingerprint)."""
     picks = {}
     for entry in _blocks(text, "results"):
         key = f"{_field(entry, 'device')}|{_field(entry, 'hlo')}"
         results = _blocks(entry, "result")
         picks[key] = _without(results[0], "run_time") if results else ""
+    for entry in _blocks(text, "entries"):
+        key = f"{_field(entry, 'device')}|fingerprint {_field(entry, 'hlo_fingerprint')}"
+        values = _blocks(entry, "value")
+        picks[key] = " ".join(values[0].split()) if values else ""
     return picks
 
 
@@ -128,7 +136,9 @@ def differing_picks(trials: list[dict[str, str]]) -> list[str]:
 def hlo_summary(key: str, width: int = 110) -> str:
     """A short name for an autotuned instruction: its result shape and custom-call target."""
     hlo = key.split("|", 1)[-1]
-    target = hlo.split("custom_call_target=")[-1].split(",")[0] if "custom_call_target" in hlo else ""
+    target = (
+        hlo.split("custom_call_target=")[-1].split(",")[0] if "custom_call_target" in hlo else ""
+    )
     return (hlo.split(" ")[0] + " " + target.replace('\\"', ""))[:width]
 
 
@@ -191,6 +201,72 @@ def _child(out: pathlib.Path, *, dump=None, load=None) -> dict:
     return json.loads(out.read_text())
 
 
+def _backend(pick: str) -> str:
+    """The backend a pick names (CUDNN, CUBLASLT, ...; 'conv', 'gemm' in the older format)."""
+    for marker in ("backend: ", "algorithm {", "gemm {"):
+        if marker in pick:
+            return pick.split(marker, 1)[1].split()[0] if marker == "backend: " else marker[:-2]
+    return "other"
+
+
+def summarize(out: pathlib.Path, stem: str) -> dict:
+    """The record of a finished run from its files in `out`: each trial's JSON and picks,
+    the pinned processes' JSON. Writes <stem>.json and .md."""
+    from experiments import common
+
+    trials, i = [], 0
+    while (out / f"{stem}_trial{i}.json").exists():
+        rec = json.loads((out / f"{stem}_trial{i}.json").read_text())
+        dump = out / f"{stem}_trial{i}_autotune.txt"
+        # no file where nothing was autotuned (a CPU run)
+        rec["picks"] = autotune_picks(dump.read_text()) if dump.exists() else {}
+        trials.append(rec)
+        i += 1
+    pinned = [json.loads(f.read_text()) for f in sorted(out.glob(f"{stem}_pin_*.json"))]
+    differing = differing_picks([t["picks"] for t in trials])
+    rows = [{"process": f"trial {i}", "unet_step_ms": t["unet_step_ms"],
+             "image_ms": t["image_ms"], "image_back_to_back_ms": t["image_back_to_back_ms"],
+             "latents_sum": f"{t['latents_sum']:.4f}", "autotuned": len(t["picks"]),
+             "compile_s": t["compile_s"]} for i, t in enumerate(trials)]  # fmt: skip
+    for p in pinned:
+        k = p["pinned_trial"]
+        rows.append({"process": f"pinned to trial {k} ({p['label']})",
+                     "unet_step_ms": p["unet_step_ms"], "image_ms": p["image_ms"],
+                     "image_back_to_back_ms": p["image_back_to_back_ms"],
+                     "latents_sum": f"{p['latents_sum']:.4f}",
+                     "same_latents_as_trial": p["latents_sum"] == trials[k]["latents_sum"],
+                     "compile_s": p["compile_s"]})  # fmt: skip
+    steps = [t["unet_step_ms"] for t in trials]
+    by_backend: dict[str, int] = {}
+    for k in differing:
+        b = _backend(trials[0]["picks"][k])
+        by_backend[b] = by_backend.get(b, 0) + 1
+    record = {
+        "device": trials[0]["device"] if trials else common.device_info(),
+        "rows": rows,
+        "step_spread_ms": max(steps) - min(steps) if steps else None,
+        "autotuned": len(trials[0]["picks"]) if trials else 0,
+        "differing_by_backend": by_backend,
+        "differing": [
+            {"instruction": hlo_summary(k), "picks": [t["picks"][k][:300] for t in trials]}
+            for k in differing
+        ],  # fmt: skip
+    }
+    repeats = len(trials[0]["unet_step_ms_runs"]) if trials else 0
+    md = [f"# Autotuning's spread: {stem}\n",
+          f"device: {record['device'].get('device_kind')}, jax {record['device'].get('jax')}. "
+          f"{len(trials)} fresh processes, medians of {repeats} images each; then processes "
+          "pinned to a trial's picks (`xla_gpu_load_autotune_results_from`).\n",
+          common.markdown_table(rows, ["process", "unet_step_ms", "image_ms",
+                                       "image_back_to_back_ms", "latents_sum",
+                                       "same_latents_as_trial", "autotuned", "compile_s"]),
+          f"\nStep spread over the trials: {record['step_spread_ms']:.4f} ms. Of "
+          f"{record['autotuned']} autotuned instructions, {len(differing)} got picks that "
+          f"differ between the trials (by backend: {by_backend}).\n"]  # fmt: skip
+    common.write_record(stem, record, "\n".join(md))
+    return record
+
+
 def main(argv):
     del argv
     if FLAGS.child_out:
@@ -200,51 +276,24 @@ def main(argv):
 
     out = common.results_dir()
     stem = f"autotune_spread_{FLAGS.config}_{FLAGS.dtype}{FLAGS.tag}"
+    if FLAGS.summarize_only:
+        summarize(out, stem)
+        return
     trials = []
     for i in range(FLAGS.trials):
-        dump = out / f"{stem}_trial{i}_autotune.txt"
-        rec = _child(out / f"{stem}_trial{i}.json", dump=dump)
-        # no file where nothing was autotuned (a CPU run)
-        rec["picks"] = autotune_picks(dump.read_text()) if dump.exists() else {}
+        rec = _child(out / f"{stem}_trial{i}.json", dump=out / f"{stem}_trial{i}_autotune.txt")
         trials.append(rec)
         print(f"trial {i}: step {rec['unet_step_ms']:.4f} ms, image back to back "
-              f"{rec['image_back_to_back_ms']:.2f} ms, {len(rec['picks'])} autotuned", flush=True)  # fmt: skip
-    differing = differing_picks([t["picks"] for t in trials])
+              f"{rec['image_back_to_back_ms']:.2f} ms", flush=True)  # fmt: skip
     order = sorted(range(len(trials)), key=lambda i: trials[i]["unet_step_ms"])
-    pinned = []
     if FLAGS.pin and len(trials) > 1:
         for label, i in (("fastest", order[0]), ("slowest", order[-1])):
-            rec = _child(out / f"{stem}_pin_{label}.json", load=trials[i]["dump"])
+            path = out / f"{stem}_pin_{label}.json"
+            rec = _child(path, load=trials[i]["dump"])
             rec.update(pinned_trial=i, label=label)
-            pinned.append(rec)
+            path.write_text(json.dumps(rec, indent=1))
             print(f"pinned {label} (trial {i}): step {rec['unet_step_ms']:.4f} ms", flush=True)
-    rows = [{"process": f"trial {i}", "unet_step_ms": t["unet_step_ms"],
-             "image_ms": t["image_ms"], "image_back_to_back_ms": t["image_back_to_back_ms"],
-             "autotuned": len(t["picks"]), "compile_s": t["compile_s"]}
-            for i, t in enumerate(trials)]  # fmt: skip
-    rows += [{"process": f"pinned to trial {p['pinned_trial']} ({p['label']})",
-              "unet_step_ms": p["unet_step_ms"], "image_ms": p["image_ms"],
-              "image_back_to_back_ms": p["image_back_to_back_ms"],
-              "compile_s": p["compile_s"]} for p in pinned]  # fmt: skip
-    steps = [t["unet_step_ms"] for t in trials]
-    record = {
-        "device": trials[0]["device"] if trials else common.device_info(),
-        "flags": {k: FLAGS[k].value for k in ("config", "dtype", "kernels", "steps", "trials",
-                                              "repeats")},  # fmt: skip
-        "rows": rows,
-        "step_spread_ms": max(steps) - min(steps) if steps else None,
-        "differing": [{"hlo": hlo_summary(k),
-                       "picks": [t["picks"][k][:200] for t in trials]} for k in differing],  # fmt: skip
-    }
-    md = [f"# Autotuning's spread: {FLAGS.config} {FLAGS.dtype}, kernels={FLAGS.kernels}\n",
-          f"device: {record['device'].get('device_kind')}, jax {record['device'].get('jax')}. "
-          f"{FLAGS.trials} fresh processes, medians of {FLAGS.repeats} images each.\n",
-          common.markdown_table(rows, ["process", "unet_step_ms", "image_ms",
-                                       "image_back_to_back_ms", "autotuned", "compile_s"]),
-          f"\nStep spread over the trials: {record['step_spread_ms']:.4f} ms. Autotuned "
-          f"instructions whose picks differ between trials: {len(differing)}.\n"]  # fmt: skip
-    md += [f"- `{d['hlo']}`" for d in record["differing"]]
-    common.write_record(stem, record, "\n".join(md) + "\n")
+    summarize(out, stem)
 
 
 if __name__ == "__main__":
