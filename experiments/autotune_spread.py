@@ -25,6 +25,7 @@ the trials' autotune files, to `common.results_dir()`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -185,6 +186,7 @@ def run_child() -> dict:
         "image_ms": statistics.median(images),
         "image_back_to_back_ms": statistics.median(b2b),
         "latents_sum": float(abs(first.latents).sum()),
+        "latents_sha256": hashlib.sha256(first.latents.tobytes()).hexdigest(),
     }
     pathlib.Path(FLAGS.child_out).write_text(json.dumps(record, indent=1))
     return record
@@ -207,6 +209,13 @@ def _backend(pick: str) -> str:
         if marker in pick:
             return pick.split(marker, 1)[1].split()[0] if marker == "backend: " else marker[:-2]
     return "other"
+
+
+def _same_latents(a: dict, b: dict) -> bool:
+    """Bit-identical latents (by hash; by their sum in records that predate the hash)."""
+    if "latents_sha256" in a and "latents_sha256" in b:
+        return a["latents_sha256"] == b["latents_sha256"]
+    return a["latents_sum"] == b["latents_sum"]
 
 
 def summarize(out: pathlib.Path, stem: str) -> dict:
@@ -234,7 +243,7 @@ def summarize(out: pathlib.Path, stem: str) -> dict:
                      "unet_step_ms": p["unet_step_ms"], "image_ms": p["image_ms"],
                      "image_back_to_back_ms": p["image_back_to_back_ms"],
                      "latents_sum": f"{p['latents_sum']:.4f}",
-                     "same_latents_as_trial": p["latents_sum"] == trials[k]["latents_sum"],
+                     "same_latents_as_trial": _same_latents(p, trials[k]),
                      "compile_s": p["compile_s"]})  # fmt: skip
     steps = [t["unet_step_ms"] for t in trials]
     by_backend: dict[str, int] = {}

@@ -1,6 +1,8 @@
 """experiments.autotune_spread's reading of XLA's autotune results (CPU: a written file; the
 GPU run that dumps real ones is the experiment itself, results README item 211)."""
 
+import pytest
+
 from experiments import autotune_spread as ats
 
 CONV = r"(f16[2,32,32,640]{3,2,1,0}, u8[0]{0}) custom-call(f16[2,32,32,640]{3,2,1,0} %p, f16[3,3,640,640]{3,2,1,0} %k), window={size=3x3 pad=1_1x1_1}, custom_call_target=\"__cudnn$convBiasActivationForward\", backend_config={\"a\":{}}"
@@ -122,3 +124,25 @@ def test_summarize_reads_a_finished_run(tmp_path, monkeypatch):
     assert record["autotuned"] == 2 and record["differing_by_backend"] == {"CUDNN": 1}
     assert record["rows"][-1]["same_latents_as_trial"] is True
     assert (tmp_path / "s.md").read_text().count("| trial") == 2
+
+
+@pytest.mark.gpu
+def test_pinned_autotuning_gives_bit_identical_latents(tmp_path):
+    """Two fresh processes, the second loading the first's autotune picks, make the same
+    latents bit for bit (at SD1.5 scale in s21a: fresh processes differ in the fifth digit,
+    pinned ones do not; here the tiny config, fp16)."""
+    import json
+    import subprocess
+    import sys
+
+    dump = tmp_path / "picks.txt"
+    records = []
+    for i, option in enumerate((f"--dump={dump}", f"--load={dump}")):
+        out = tmp_path / f"run{i}.json"
+        subprocess.run([sys.executable, "-m", "experiments.autotune_spread", f"--child_out={out}",
+                        "--config=tiny", "--dtype=float16", "--steps=3", "--repeats=1",
+                        option], check=True)  # fmt: skip
+        records.append(json.loads(out.read_text()))
+        if i == 0:
+            assert dump.exists() and ats.autotune_picks(dump.read_text())
+    assert records[0]["latents_sha256"] == records[1]["latents_sha256"]
