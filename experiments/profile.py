@@ -81,6 +81,7 @@ def define_flags() -> None:
         "loop_steps", 4, "guided UNet steps in one call of the denoise_loop program"
     )
     flags.DEFINE_bool("dump_hlo", False, "write each program's optimized HLO beside the JSON")
+    flags.DEFINE_integer("top_ops", TOP_OPS, "HLO instructions kept per program (JSON), by time")
     flags.DEFINE_bool(
         "prepare_weights",
         True,
@@ -657,6 +658,7 @@ def summarize(
     flops: dict,
     matmul_tflops: float | None,
     copy_gbps: float | None,
+    top_ops: int = TOP_OPS,
 ) -> dict:
     """Per-kind and per-kernel tables of one program's trace (per call)."""
     modules = collections.Counter(e.hlo_module for e in events)
@@ -764,7 +766,7 @@ def summarize(
             "op_name": (hlo.get(op, {}).get("op_name") or "")[-160:],
         }
         for op, per_kind in sorted(op_kind_ns.items(), key=lambda kv: -sum(kv[1].values()))[
-            :TOP_OPS
+            :top_ops
         ]
     ]
     starts = [e.start_ns for e in events]
@@ -810,6 +812,7 @@ def profile_program(
     dump_hlo_dir: str | None = None,
     flops_args=None,
     compiler_options: dict | None = None,
+    top_ops: int = TOP_OPS,
 ) -> dict:
     """Compiles fn, times it untraced, traces `calls` calls and summarizes the trace.
 
@@ -862,6 +865,7 @@ def profile_program(
         flops=flops,
         matmul_tflops=matmul_tflops,
         copy_gbps=copy_gbps,
+        top_ops=top_ops,
     )
     cost = _cost(compiled)
     compute = matmul_tflops * 1e12 if matmul_tflops else None
@@ -950,6 +954,7 @@ def profile(
     dump_hlo_dir: str | None = None,
     compiler_options: dict | None = None,
     prepare_weights: bool = True,
+    top_ops: int = TOP_OPS,
 ) -> dict:
     """The run as a record (see the module docstring). `kernels`: a preset name or an
     `sdjax.ops.Implementations`. `compiler_options`: XLA compile
@@ -1064,6 +1069,7 @@ def profile(
         keep_trace_dir=keep_trace_dir,
         dump_hlo_dir=dump_hlo_dir,
         compiler_options=compiler_options,
+        top_ops=top_ops,
     )
     # FLOPs are counted on the "xla" preset's jaxpr: the same math, with no Pallas call hiding
     # its matmuls. The traced program is the chosen preset's.
@@ -1399,6 +1405,7 @@ def main(argv):
         programs=tuple(FLAGS.programs),
         loop_steps=FLAGS.loop_steps,
         dump_hlo_dir=str(out) if FLAGS.dump_hlo else None,
+        top_ops=FLAGS.top_ops,
         compiler_options=(
             common.parse_xla_options(FLAGS.xla_option) if FLAGS.xla_option else None
         ),

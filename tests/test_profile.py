@@ -221,6 +221,12 @@ def test_select_and_summarize_gpu_events():
     assert kinds["norm"]["byte_floor_ms"] == pytest.approx(0.032)
     assert kinds["copy"]["ms"] == pytest.approx(0.5)
     assert sum(k["pct"] for k in rec["kinds"]) == pytest.approx(100.0)
+    # top_ops keeps the slowest instructions, as many as asked (--top_ops)
+    assert [o["hlo_op"] for o in rec["top_ops"]][:1] == ["custom-call.2"]
+    short = profile.summarize(events, calls=1, hlo=profile.parse_hlo(HLO), module="jit_f",
+                              flops={"matmul": 1e12, "conv": 0.0, "attention": 0.0},
+                              matmul_tflops=1000.0, copy_gbps=1e-3, top_ops=1)  # fmt: skip
+    assert [o["hlo_op"] for o in short["top_ops"]] == ["custom-call.2"]
 
 
 def test_chrome_json_reader_on_a_gpu_shaped_trace(tmp_path):
