@@ -1043,10 +1043,17 @@ def profile(
 
         return denoise
 
+    vae_inputs = {"params": vae_params}
+    if prepare_weights:  # the upsamplers' phase kernels made once, as the pipeline does
+        vae_inputs["prepared"] = pipeline.prepare_vae_decode(
+            vae_params, vae_config=vcfg, latent_hw=(latent, latent), dtype=jdtype, kernels=impls
+        )
+
     def vae_decode_with(impl):
-        def vae_decode(p, z):
+        def vae_decode(inputs, z):
             with ops.use(impl):
-                return AutoencoderKL(vcfg).apply({"params": p}, z, method="decode")
+                variables = {"params": inputs["params"], **inputs.get("prepared", {})}
+                return AutoencoderKL(vcfg).apply(variables, z, method="decode")
 
         return vae_decode
 
@@ -1098,8 +1105,9 @@ def profile(
         "vae_decode": lambda: profile_program(
             "vae_decode",
             vae_decode_with(impls),
-            vae_args,
+            ({**vae_inputs}, *vae_args[1:]),
             flops_fn=vae_decode_with(xla),
+            flops_args=({"params": vae_params}, *vae_args[1:]),  # FLOPs of the textbook form
             attention_shapes=vae_attention_shapes(vcfg, latent, batch=1),
             shape_prefix="",
             **common_kw,

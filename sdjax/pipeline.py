@@ -284,6 +284,24 @@ def _prepare_program(unet_params, *, unet_config, sample_hw, dtype, kernels):
         )
 
 
+def prepare_vae_decode(vae_params, *, vae_config, latent_hw, dtype, kernels) -> dict:
+    """`AutoencoderKL.prepare_decode` in one jitted call, under `kernels`: the variables (the
+    upsamplers' phase kernels) that `vae.decode` would otherwise build from the weights in
+    every decode, for latents of latent_hw; {} where there are none. Made once per pipeline
+    (`StableDiffusion` caches it)."""
+    return _prepare_vae_program(vae_params, vae_config=vae_config, latent_hw=tuple(latent_hw),
+                                dtype=resolve_dtype(dtype), kernels=kernels)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("vae_config", "latent_hw", "dtype", "kernels"))
+def _prepare_vae_program(vae_params, *, vae_config, latent_hw, dtype, kernels):
+    vae_params = jax.tree.map(functools.partial(_cast_floats, dtype=dtype), vae_params)
+    with ops.use(kernels):
+        return AutoencoderKL(vae_config).apply(
+            {"params": vae_params}, dtype, latent_hw, method=AutoencoderKL.prepare_decode
+        )
+
+
 def pack_rows(tree) -> tuple[jax.Array, Callable]:
     """A tree of [T, ...] leaves (one dtype) as one [T, K] array, and the function that turns
     one row [K] back into the tree of [...] leaves (static slices).
@@ -460,6 +478,8 @@ class StableDiffusion:
         self._whole: dict | None = None  # `_whole_params`' dict of the component trees
         # `_unet_inputs`' latest (UNet tree, key, {"params", "prepared"}): one kept at a time
         self._prepared: tuple | None = None
+        # `_vae_inputs`' latest (VAE tree, key, {"params", "prepared"} or None): the same
+        self._vae_prepared: tuple | None = None
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -575,14 +595,18 @@ class StableDiffusion:
             self._placed_for[component] = (compiled, params)
         return compiled(params, *args)
 
-    def _whole_params(self, prepared: dict | None = None) -> dict:
+    def _whole_params(
+        self, prepared: dict | None = None, vae_prepared: dict | None = None
+    ) -> dict:
         """{component: self.params[component]} for the whole image's program (and
-        "unet_prepared": `prepared`, where given): the same dict object while every part is
-        the same object (so that `_signature` and `_run` skip their walks), a new one once
-        any is replaced (a merged LoRA)."""
+        "unet_prepared": `prepared`, "vae_prepared": `vae_prepared`, where given): the same
+        dict object while every part is the same object (so that `_signature` and `_run` skip
+        their walks), a new one once any is replaced (a merged LoRA)."""
         parts = {c: self.params[c] for c in COMPONENTS}
         if prepared is not None:
             parts["unet_prepared"] = prepared
+        if vae_prepared is not None:
+            parts["vae_prepared"] = vae_prepared
         cached = self._whole
         if (
             cached is None
@@ -611,11 +635,30 @@ class StableDiffusion:
             self._prepared = cached = (params, key, {"params": params, "prepared": prepared})
         return cached[2]
 
+    def _vae_inputs(self, latent_hw) -> dict | None:
+        """{"params": self.params["vae"], "prepared": its `prepare_vae_decode`} for decoding
+        latent_hw latents; None where the pipeline does not prepare (`prepare_weights` off)
+        or there is nothing to prepare (every upsampler in the reference form, as on a CPU).
+        Made on the first call for a (VAE tree, size) and kept, one at a time."""
+        if not self.prepare_weights:
+            return None
+        params = self.params["vae"]
+        key = (tuple(int(d) for d in latent_hw), self.kernels, str(self.dtype))
+        cached = self._vae_prepared
+        if cached is None or cached[0] is not params or cached[1] != key:
+            self._vae_prepared = self._whole = None  # the old arrays go first
+            prepared = prepare_vae_decode(params, vae_config=self.config.vae, latent_hw=key[0],
+                                          dtype=self.dtype, kernels=self.kernels)  # fmt: skip
+            inputs = None
+            if prepared:
+                inputs = {"params": params, "prepared": jax.device_put(prepared, self.replicated)}
+            self._vae_prepared = cached = (params, key, inputs)
+        return cached[2]
+
     def prepared_nbytes(self) -> int:
-        """Device bytes of the prepared conditioning kept now (`_unet_inputs`), else 0."""
-        if self._prepared is None:
-            return 0
-        return sum(a.nbytes for a in jax.tree.leaves(self._prepared[2]["prepared"]))
+        """Device bytes of the prepared weights kept now (`_unet_inputs`, `_vae_inputs`)."""
+        kept = [c[2]["prepared"] for c in (self._prepared, self._vae_prepared) if c and c[2]]
+        return sum(a.nbytes for a in jax.tree.leaves(kept))
 
     def _encode_fn(self):
         cfg, dtype, kernels = self.config.text_encoder, self.dtype, self.kernels
@@ -635,15 +678,30 @@ class StableDiffusion:
 
         return encode_text
 
-    def _decode_fn(self):
+    def _decode_fn(self, prepared: bool = False):
+        """decode(params, latents) -> uint8 images; with `prepared`, decode(inputs, latents)
+        where inputs is `_vae_inputs`' {"params", "prepared"}."""
         vae_cfg, dtype, kernels = self.config.vae, self.dtype, self.kernels
 
-        def decode(params, latents):
+        def decode_with(params, latents, variables):
             with ops.use(kernels):
                 z = (latents / vae_cfg.scaling_factor).astype(dtype)
-                image = AutoencoderKL(vae_cfg).apply({"params": params}, z, method="decode")
+                image = AutoencoderKL(vae_cfg).apply(
+                    {"params": params, **(variables or {})}, z, method="decode"
+                )
             image = jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
             return jnp.round(image * 255).astype(jnp.uint8)
+
+        # named "decode" either way: its XLA module (jit_decode) is how traces tell it apart
+        if prepared:
+
+            def decode(inputs, latents):
+                return decode_with(inputs["params"], latents, inputs["prepared"])
+
+        else:
+
+            def decode(params, latents, variables=None):
+                return decode_with(params, latents, variables)
 
         return decode
 
@@ -658,7 +716,7 @@ class StableDiffusion:
             context, uncond = context if use_guidance else (context, None)
             x = loop(params["unet"], latents, context, uncond, guidance, step_noise,
                      prepared=params.get("unet_prepared"))  # fmt: skip
-            return decode(params["vae"], x), x
+            return decode(params["vae"], x, params.get("vae_prepared")), x
 
         return image
 
@@ -856,9 +914,11 @@ class StableDiffusion:
                    self.share_guidance_prefix)  # fmt: skip
         guidance = np.float32(guidance)
         unet_inputs = self._unet_inputs(latent_shape[1:3])
+        vae_inputs = self._vae_inputs(latent_shape[1:3])
         if one_program:  # 1, 3 and 4 as one program: one launch, no waits between them
             image_fn = self._image_fn(loop, use_guidance)
-            whole = self._whole_params(unet_inputs and unet_inputs["prepared"])
+            whole = self._whole_params(unet_inputs and unet_inputs["prepared"],
+                                       vae_inputs and vae_inputs["prepared"])  # fmt: skip
             args = (whole, ids, x, guidance, step_noise)
             run_image, c_s = self._compile("image", image_fn, *args, statics=statics)
             t0 = time.perf_counter()
@@ -890,9 +950,12 @@ class StableDiffusion:
             timings["denoise"]["steps"] = n_steps
 
             # 4. decode
-            decode, c_s = self._compile("decode", self._decode_fn(), self.params["vae"], x)
+            decode_fn, first = self._decode_fn(), self.params["vae"]
+            if vae_inputs is not None:  # the upsamplers' phase kernels made once, passed in
+                decode_fn, first = self._decode_fn(prepared=True), vae_inputs
+            decode, c_s = self._compile("decode", decode_fn, first, x)
             t0 = time.perf_counter()
-            images = self._run(decode, "vae", x)
+            images = self._run(decode, "vae", x, params=first)
             _copy_to_host_async(images)
             images = jax.block_until_ready(finished("vae_decode", images, t0, c_s))
         compile_s = sum(t["compile_s"] for t in timings.values())

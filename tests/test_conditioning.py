@@ -401,3 +401,54 @@ def test_pipeline_prepares_once_per_unet_tree_and_size(monkeypatch):
     pipe.params = {**pipe.params, "unet": jax.tree.map(lambda a: a, pipe.params["unet"])}
     pipe.generate("a red cube", **{**kw, "height": 24})
     assert len(made) == 3
+
+
+def test_vae_phase_kernels_prepared_once(monkeypatch):
+    """With an upsampler in a precomputed form, the decoder's phase kernels are made once per
+    (VAE tree, size) and passed to every decode (components, one program); the images are
+    the pipeline's that builds them in each decode. Nothing is prepared where every
+    upsampler takes the reference form (`auto` on a CPU)."""
+    from sdjax import ops
+
+    made = []
+    real = pipeline.prepare_vae_decode
+
+    def counting(*args, **kwargs):
+        made.append(kwargs["latent_hw"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_vae_decode", counting)
+    subpixel = ops.Implementations(upsample_conv="subpixel")
+    kw = dict(steps=1, height=16, width=16, seed=5)
+    pipe = random_pipeline(kernels=subpixel)
+    plain = random_pipeline(kernels=subpixel, prepare_weights=False)
+    first = pipe.generate("a red cube", **kw)
+    again = pipe.generate("a red cube", **kw)
+    whole = pipe.generate("a red cube", one_program=True, **kw)
+    latent_hw = (16 // pipe.config.vae.downscale,) * 2
+    assert made == [latent_hw]
+    vae_bytes = sum(a.nbytes for a in jax.tree.leaves(pipe._vae_inputs(latent_hw)["prepared"]))
+    assert vae_bytes > 0 and pipe.prepared_nbytes() > vae_bytes and plain.prepared_nbytes() == 0
+    ref = plain.generate("a red cube", **kw)
+    np.testing.assert_array_equal(first.images, again.images)
+    assert np.abs(first.images.astype(int) - ref.images.astype(int)).max() <= 1
+    assert np.abs(whole.images.astype(int) - first.images.astype(int)).max() <= 1
+    pipe.params = {**pipe.params, "vae": jax.tree.map(lambda a: a, pipe.params["vae"])}
+    pipe.generate("a red cube", **kw)  # a new VAE tree: made again
+    assert made == [latent_hw] * 2
+    auto = random_pipeline(kernels="auto")
+    assert auto._vae_inputs(latent_hw) is None
+
+
+@pytest.mark.gpu
+def test_vae_phase_kernels_prepared_under_auto_on_gpu():
+    """On a GPU `auto` runs the decoder's upsampler in the subpixel form from 16x16 inputs
+    (`ops.subpixel_pays`): the tiny pipeline at 32x32 pixels prepares its phase kernels, and
+    its images are the unprepared pipeline's within one level."""
+    kw = dict(steps=2, height=32, width=32, seed=5)
+    pipe = random_pipeline(kernels="auto", dtype="float16")
+    plain = random_pipeline(kernels="auto", dtype="float16", prepare_weights=False)
+    images = pipe.generate("a red cube", **kw).images
+    assert pipe._vae_inputs((16, 16)) is not None
+    ref = plain.generate("a red cube", **kw).images
+    assert np.abs(images.astype(int) - ref.astype(int)).max() <= 1

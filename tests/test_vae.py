@@ -116,3 +116,31 @@ def test_decode(saved, name, impl, rng):
     err = rel_err(image, theirs)
     print(f"vae decode {name} [{impl}] rel err {err:.2e}")
     assert err <= TOL
+
+
+def test_decode_with_prepared_phase_kernels(saved, rng):
+    """`prepare_decode`'s phase kernels, passed in, give the decode that builds them itself
+    (and diffusers'); where every upsampler takes the reference form there is nothing to
+    prepare."""
+    model, folder = saved["three_levels"]
+    config, params = load_folder(folder, VAEConfig, vae.init_params)
+    net = vae.AutoencoderKL(config)
+    z = rng.standard_normal((2, 6, 8, config.latent_channels), np.float32)
+    subpixel = ops.Implementations(upsample_conv="subpixel")
+
+    @jax.jit
+    def run(params, prepared, z):
+        with ops.use(subpixel):
+            return net.apply({"params": params, **prepared}, z, method=net.decode)
+
+    with ops.use(subpixel):
+        prepared = net.apply({"params": params}, np.float32, (6, 8), method=net.prepare_decode)
+    kernels = prepared["conditioning"]["decoder"]
+    assert sorted(kernels) == ["up_blocks_0", "up_blocks_1"]  # the last block does not upsample
+    assert kernels["up_blocks_1"]["upsamplers_0"]["phase_kernel"].shape == (2, 2, 32, 4 * 32)
+    image = run(params, prepared, z)
+    np.testing.assert_allclose(image, run(params, {}, z), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert rel_err(image, _nhwc(model.decode(_nchw(z)).sample)) <= TOL
+    with ops.use("reference"):
+        assert net.apply({"params": params}, np.float32, (6, 8), method=net.prepare_decode) == {}

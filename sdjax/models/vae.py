@@ -13,8 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax import ops
 from sdjax.config import VAEConfig
 from sdjax.models.layers import (
+    CONDITIONING,
     Attention,
     Conv2d,
     Downsample2D,
@@ -153,6 +155,20 @@ class Decoder(nn.Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, _EPS, activation="silu")
         self.conv_out = Conv2d(cfg.out_channels)
 
+    def phase_kernels(self, dtype, latent_hw: tuple[int, int]) -> dict:
+        """The precomputed kernels of the upsamplers that run in the subpixel or transposed
+        form (`Upsample2D.conditioning`) for latents of latent_hw, by block name: up block i
+        upsamples a map of latent_hw * 2**i, and the form depends on that size."""
+        phases = {}
+        h, w = latent_hw
+        for i, block in enumerate(self.up_blocks):
+            if not block.add_upsample:
+                continue
+            form = ops.upsample_conv_choice((1, h << i, w << i, 1))
+            if form in ("subpixel", "transposed"):
+                phases[block.name] = {u.name: u.conditioning(dtype, form) for u in block.upsamplers}
+        return phases
+
     def __call__(self, z: jax.Array) -> jax.Array:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
@@ -182,6 +198,17 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: jax.Array) -> jax.Array:
         """Unscaled latents z [N, h, w, latent_channels] -> image [N, h*f, w*f, C_out]."""
         return self.decoder(self.post_quant_conv(z))
+
+    def prepare_decode(self, dtype, latent_hw: tuple[int, int]) -> dict:
+        """The decoder's weight-only work that XLA would redo in every decode: its upsamplers'
+        phase kernels for latents of latent_hw, in `dtype` (under the op choices in force),
+        as the variables to pass beside the params:
+
+            image = vae.apply({"params": params, **prepared}, z, method=vae.decode)
+
+        {} where no upsampler runs in a precomputed form (the reference form, on a CPU)."""
+        phases = self.decoder.phase_kernels(dtype, latent_hw)
+        return {CONDITIONING: {"decoder": phases}} if phases else {}
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Image [N, H, W, C_in] -> its reconstruction from the posterior mean."""
