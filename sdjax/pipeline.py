@@ -286,9 +286,10 @@ def _prepare_program(unet_params, *, unet_config, sample_hw, dtype, kernels):
 
 def prepare_vae_decode(vae_params, *, vae_config, latent_hw, dtype, kernels) -> dict:
     """`AutoencoderKL.prepare_decode` in one jitted call, under `kernels`: the variables (the
-    upsamplers' phase kernels) that `vae.decode` would otherwise build from the weights in
-    every decode, for latents of latent_hw; {} where there are none. Made once per pipeline
-    (`StableDiffusion` caches it)."""
+    upsamplers' phase kernels, the mid-block attention's stacked q/k/v weights) that
+    `vae.decode` would otherwise build from the weights in every decode, for latents of
+    latent_hw; {} where there are none. Made once per pipeline (`StableDiffusion` caches
+    it)."""
     return _prepare_vae_program(vae_params, vae_config=vae_config, latent_hw=tuple(latent_hw),
                                 dtype=resolve_dtype(dtype), kernels=kernels)  # fmt: skip
 
@@ -638,8 +639,9 @@ class StableDiffusion:
     def _vae_inputs(self, latent_hw) -> dict | None:
         """{"params": self.params["vae"], "prepared": its `prepare_vae_decode`} for decoding
         latent_hw latents; None where the pipeline does not prepare (`prepare_weights` off)
-        or there is nothing to prepare (every upsampler in the reference form, as on a CPU).
-        Made on the first call for a (VAE tree, size) and kept, one at a time."""
+        or there is nothing to prepare (no mid-block attention, every upsampler in the
+        reference form). Made on the first call for a (VAE tree, size) and kept, one at a
+        time."""
         if not self.prepare_weights:
             return None
         params = self.params["vae"]

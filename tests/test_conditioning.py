@@ -404,10 +404,11 @@ def test_pipeline_prepares_once_per_unet_tree_and_size(monkeypatch):
 
 
 def test_vae_phase_kernels_prepared_once(monkeypatch):
-    """With an upsampler in a precomputed form, the decoder's phase kernels are made once per
-    (VAE tree, size) and passed to every decode (components, one program); the images are
-    the pipeline's that builds them in each decode. Nothing is prepared where every
-    upsampler takes the reference form (`auto` on a CPU)."""
+    """With an upsampler in a precomputed form, the decoder's phase kernels (and its
+    attention's stacked q/k/v weights) are made once per (VAE tree, size) and passed to every
+    decode (components, one program); the images are the pipeline's that builds them in
+    each decode. Where every upsampler takes the reference form (`auto` on a CPU) only the
+    attention's weights are prepared."""
     from sdjax import ops
 
     made = []
@@ -436,8 +437,8 @@ def test_vae_phase_kernels_prepared_once(monkeypatch):
     pipe.params = {**pipe.params, "vae": jax.tree.map(lambda a: a, pipe.params["vae"])}
     pipe.generate("a red cube", **kw)  # a new VAE tree: made again
     assert made == [latent_hw] * 2
-    auto = random_pipeline(kernels="auto")
-    assert auto._vae_inputs(latent_hw) is None
+    auto = random_pipeline(kernels="auto")  # on a CPU: the attention's weights, no phases
+    assert list(auto._vae_inputs(latent_hw)["prepared"]["conditioning"]["decoder"]) == ["mid_block"]
 
 
 @pytest.mark.gpu

@@ -119,9 +119,9 @@ def test_decode(saved, name, impl, rng):
 
 
 def test_decode_with_prepared_phase_kernels(saved, rng):
-    """`prepare_decode`'s phase kernels, passed in, give the decode that builds them itself
-    (and diffusers'); where every upsampler takes the reference form there is nothing to
-    prepare."""
+    """`prepare_decode`'s phase kernels and stacked q/k/v weights, passed in, give the decode
+    that builds them itself (and diffusers'); where every upsampler takes the reference form
+    only the attention's weights are prepared."""
     model, folder = saved["three_levels"]
     config, params = load_folder(folder, VAEConfig, vae.init_params)
     net = vae.AutoencoderKL(config)
@@ -136,11 +136,15 @@ def test_decode_with_prepared_phase_kernels(saved, rng):
     with ops.use(subpixel):
         prepared = net.apply({"params": params}, np.float32, (6, 8), method=net.prepare_decode)
     kernels = prepared["conditioning"]["decoder"]
-    assert sorted(kernels) == ["up_blocks_0", "up_blocks_1"]  # the last block does not upsample
+    # the last block does not upsample; the mid-block attention's q, k, v side by side
+    assert sorted(kernels) == ["mid_block", "up_blocks_0", "up_blocks_1"]
     assert kernels["up_blocks_1"]["upsamplers_0"]["phase_kernel"].shape == (2, 2, 32, 4 * 32)
+    assert kernels["mid_block"]["attentions_0"]["qkv_kernel"].shape == (32, 3 * 32)
     image = run(params, prepared, z)
     np.testing.assert_allclose(image, run(params, {}, z), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         assert rel_err(image, _nhwc(model.decode(_nchw(z)).sample)) <= TOL
-    with ops.use("reference"):
-        assert net.apply({"params": params}, np.float32, (6, 8), method=net.prepare_decode) == {}
+    with ops.use("reference"):  # the reference upsampler: nothing to precompute for it
+        reference = net.apply({"params": params}, np.float32, (6, 8), method=net.prepare_decode)
+    assert list(reference["conditioning"]["decoder"]) == ["mid_block"]
+    np.testing.assert_allclose(run(params, reference, z), image, rtol=1e-5, atol=1e-5)

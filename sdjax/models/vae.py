@@ -200,15 +200,24 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     def prepare_decode(self, dtype, latent_hw: tuple[int, int]) -> dict:
-        """The decoder's weight-only work that XLA would redo in every decode: its upsamplers'
-        phase kernels for latents of latent_hw, in `dtype` (under the op choices in force),
-        as the variables to pass beside the params:
+        """The decoder's weight-only work that XLA would redo in every decode, in `dtype`
+        (under the op choices in force), as the variables to pass beside the params:
 
             image = vae.apply({"params": params, **prepared}, z, method=vae.decode)
 
-        {} where no upsampler runs in a precomputed form (the reference form, on a CPU)."""
-        phases = self.decoder.phase_kernels(dtype, latent_hw)
-        return {CONDITIONING: {"decoder": phases}} if phases else {}
+        Its upsamplers' phase kernels for latents of latent_hw (where they run in a
+        precomputed form: not the reference form of a CPU) and the mid-block attention's q,
+        k and v projections side by side (XLA merges the three products itself otherwise,
+        concatenating the weights and adding the biases apart in every decode)."""
+        decoder = self.decoder.phase_kernels(dtype, latent_hw)
+        if self.config.mid_block_add_attention:
+            attention = self.decoder.mid_block.attentions[0]
+            decoder["mid_block"] = {
+                attention.name: attention.packed_weights(
+                    attention.dim, attention.dim // attention.heads, dtype, out_projection=False
+                )
+            }
+        return {CONDITIONING: {"decoder": decoder}} if decoder else {}
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Image [N, H, W, C_in] -> its reconstruction from the posterior mean."""
