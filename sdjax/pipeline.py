@@ -271,17 +271,9 @@ def prepare_unet(unet_params, *, unet_config, sample_hw, dtype, kernels) -> dict
     """`UNet2DConditionModel.prepare` in one jitted call, under `kernels`: the weights' part of
     the conditioning for `denoise_loop(prepared=)` with sample_hw (h, w) latents. Made once
     per pipeline (`StableDiffusion` caches it)."""
-    return _prepare_program(unet_params, unet_config=unet_config, sample_hw=tuple(sample_hw),
-                            dtype=resolve_dtype(dtype), kernels=kernels)  # fmt: skip
-
-
-@functools.partial(jax.jit, static_argnames=("unet_config", "sample_hw", "dtype", "kernels"))
-def _prepare_program(unet_params, *, unet_config, sample_hw, dtype, kernels):
-    unet_params = jax.tree.map(functools.partial(_cast_floats, dtype=dtype), unet_params)
-    with ops.use(kernels):
-        return UNet2DConditionModel(unet_config).apply(
-            {"params": unet_params}, dtype, sample_hw, method=UNet2DConditionModel.prepare
-        )
+    return _prepare_program(unet_params, model=UNet2DConditionModel, config=unet_config,
+                            method="prepare", size=tuple(sample_hw), dtype=resolve_dtype(dtype),
+                            kernels=kernels)  # fmt: skip
 
 
 def prepare_vae_decode(vae_params, *, vae_config, latent_hw, dtype, kernels) -> dict:
@@ -290,17 +282,18 @@ def prepare_vae_decode(vae_params, *, vae_config, latent_hw, dtype, kernels) -> 
     `vae.decode` would otherwise build from the weights in every decode, for latents of
     latent_hw; {} where there are none. Made once per pipeline (`StableDiffusion` caches
     it)."""
-    return _prepare_vae_program(vae_params, vae_config=vae_config, latent_hw=tuple(latent_hw),
-                                dtype=resolve_dtype(dtype), kernels=kernels)  # fmt: skip
+    return _prepare_program(vae_params, model=AutoencoderKL, config=vae_config,
+                            method="prepare_decode", size=tuple(latent_hw),
+                            dtype=resolve_dtype(dtype), kernels=kernels)  # fmt: skip
 
 
-@functools.partial(jax.jit, static_argnames=("vae_config", "latent_hw", "dtype", "kernels"))
-def _prepare_vae_program(vae_params, *, vae_config, latent_hw, dtype, kernels):
-    vae_params = jax.tree.map(functools.partial(_cast_floats, dtype=dtype), vae_params)
+@functools.partial(jax.jit, static_argnames=("model", "config", "method", "size", "dtype",
+                                             "kernels"))  # fmt: skip
+def _prepare_program(params, *, model, config, method, size, dtype, kernels):
+    """model(config)'s `method`(dtype, size) on params cast to dtype, under `kernels`."""
+    params = jax.tree.map(functools.partial(_cast_floats, dtype=dtype), params)
     with ops.use(kernels):
-        return AutoencoderKL(vae_config).apply(
-            {"params": vae_params}, dtype, latent_hw, method=AutoencoderKL.prepare_decode
-        )
+        return model(config).apply({"params": params}, dtype, size, method=method)
 
 
 def pack_rows(tree) -> tuple[jax.Array, Callable]:

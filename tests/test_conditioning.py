@@ -370,18 +370,24 @@ def test_the_prepared_loop_projects_text_and_time_once_each(params, packed_every
     assert stacks[True] == stacks[False] > 0
 
 
+def _count_calls(monkeypatch, name: str, key: str) -> list:
+    """Wraps `pipeline.<name>`; returns the list its calls' `key` arguments are appended to."""
+    made = []
+    real = getattr(pipeline, name)
+
+    def counting(*args, **kwargs):
+        made.append(kwargs[key])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, name, counting)
+    return made
+
+
 def test_pipeline_prepares_once_per_unet_tree_and_size(monkeypatch):
     """The pipeline makes the prepared conditioning on its first image and reuses it (the
     one-program path and another batch too); a new UNet tree or another size makes it again.
     Same latents as a pipeline that does not prepare."""
-    made = []
-    real = pipeline.prepare_unet
-
-    def counting(*args, **kwargs):
-        made.append(kwargs["sample_hw"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "prepare_unet", counting)
+    made = _count_calls(monkeypatch, "prepare_unet", "sample_hw")
     kw = dict(steps=2, height=16, width=16, seed=5)
     pipe = random_pipeline()
     plain = random_pipeline(prepare_weights=False)
@@ -411,14 +417,7 @@ def test_vae_phase_kernels_prepared_once(monkeypatch):
     attention's weights are prepared."""
     from sdjax import ops
 
-    made = []
-    real = pipeline.prepare_vae_decode
-
-    def counting(*args, **kwargs):
-        made.append(kwargs["latent_hw"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "prepare_vae_decode", counting)
+    made = _count_calls(monkeypatch, "prepare_vae_decode", "latent_hw")
     subpixel = ops.Implementations(upsample_conv="subpixel")
     kw = dict(steps=1, height=16, width=16, seed=5)
     pipe = random_pipeline(kernels=subpixel)
