@@ -83,8 +83,9 @@ flags.DEFINE_bool(
 flags.DEFINE_bool(
     "prepare_weights",
     True,
-    "with --hoist_conditioning, make the conditioning's weight-only part (stacked projection "
-    "kernels, phase kernels) once per pipeline rather than in every image's program",
+    "make the weight-only work once per pipeline rather than in every image's program: the "
+    "UNet conditioning's stacked projection and phase kernels (with --hoist_conditioning) and "
+    "the VAE decoder's phase kernels and stacked attention weights",
 )
 flags.DEFINE_bool(
     "share_guidance_prefix",

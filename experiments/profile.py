@@ -85,8 +85,9 @@ def define_flags() -> None:
     flags.DEFINE_bool(
         "prepare_weights",
         True,
-        "denoise_loop takes the conditioning's weight-only part made beforehand, as the "
-        "pipeline runs it (sdjax.pipeline.prepare_unet); false: made in every call",
+        "denoise_loop and vae_decode take their weight-only part made beforehand, as the "
+        "pipeline runs them (sdjax.pipeline.prepare_unet, prepare_vae_decode); false: made "
+        "in every call",
     )
     flags.DEFINE_multi_string(
         "xla_option",
@@ -960,8 +961,9 @@ def profile(
     `sdjax.ops.Implementations`. `compiler_options`: XLA compile
     options for every traced program (e.g. {"xla_gpu_enable_triton_gemm": True}); None: the
     pipeline's defaults (`sdjax.pipeline.default_compiler_options`). `prepare_weights`: the
-    denoise_loop program takes the conditioning's weight-only part made beforehand
-    (`sdjax.pipeline.prepare_unet`), as the pipeline runs it; False makes it in every call."""
+    denoise_loop and vae_decode programs take their weight-only part made beforehand
+    (`sdjax.pipeline.prepare_unet`, `prepare_vae_decode`), as the pipeline runs them; False
+    makes it in every call."""
     import jax
     import jax.numpy as jnp
 
