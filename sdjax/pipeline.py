@@ -618,16 +618,27 @@ class StableDiffusion:
         one at a time: a replaced UNet tree (a merged LoRA) is prepared again."""
         if not (self.prepare_weights and self.hoist_conditioning):
             return None
-        params = self.params["unet"]
+        return self._kept_inputs("_prepared", "unet", latent_hw, lambda params, hw: prepare_unet(
+            params, unet_config=self.config.unet, sample_hw=hw, dtype=self.dtype,
+            kernels=self.kernels))  # fmt: skip
+
+    def _kept_inputs(self, slot: str, component: str, latent_hw, prepare) -> dict | None:
+        """{"params": self.params[component], "prepared": prepare(params, latent_hw)} (None
+        where that is empty), kept in attribute `slot` as (tree, key, inputs) and made again
+        only for another tree (a merged LoRA), size, dtype or op choice."""
+        params = self.params[component]
         key = (tuple(int(d) for d in latent_hw), self.kernels, str(self.dtype))
-        cached = self._prepared
+        cached = getattr(self, slot)
         if cached is None or cached[0] is not params or cached[1] != key:
             # the old arrays go before the new ones are made (the whole image's dict too)
-            self._prepared = self._whole = None
-            prepared = prepare_unet(params, unet_config=self.config.unet, sample_hw=key[0],
-                                    dtype=self.dtype, kernels=self.kernels)  # fmt: skip
-            prepared = jax.device_put(prepared, self.replicated)
-            self._prepared = cached = (params, key, {"params": params, "prepared": prepared})
+            setattr(self, slot, None)
+            self._whole = None
+            prepared = prepare(params, key[0])
+            inputs = None
+            if prepared:
+                inputs = {"params": params, "prepared": jax.device_put(prepared, self.replicated)}
+            cached = (params, key, inputs)
+            setattr(self, slot, cached)
         return cached[2]
 
     def _vae_inputs(self, latent_hw) -> dict | None:
@@ -638,18 +649,9 @@ class StableDiffusion:
         time."""
         if not self.prepare_weights:
             return None
-        params = self.params["vae"]
-        key = (tuple(int(d) for d in latent_hw), self.kernels, str(self.dtype))
-        cached = self._vae_prepared
-        if cached is None or cached[0] is not params or cached[1] != key:
-            self._vae_prepared = self._whole = None  # the old arrays go first
-            prepared = prepare_vae_decode(params, vae_config=self.config.vae, latent_hw=key[0],
-                                          dtype=self.dtype, kernels=self.kernels)  # fmt: skip
-            inputs = None
-            if prepared:
-                inputs = {"params": params, "prepared": jax.device_put(prepared, self.replicated)}
-            self._vae_prepared = cached = (params, key, inputs)
-        return cached[2]
+        return self._kept_inputs("_vae_prepared", "vae", latent_hw, lambda params, hw: (
+            prepare_vae_decode(params, vae_config=self.config.vae, latent_hw=hw,
+                               dtype=self.dtype, kernels=self.kernels)))  # fmt: skip
 
     def prepared_nbytes(self) -> int:
         """Device bytes of the prepared weights kept now (`_unet_inputs`, `_vae_inputs`)."""
@@ -947,7 +949,7 @@ class StableDiffusion:
 
             # 4. decode
             decode_fn, first = self._decode_fn(), self.params["vae"]
-            if vae_inputs is not None:  # the upsamplers' phase kernels made once, passed in
+            if vae_inputs is not None:  # the decoder's weight-only work made once, passed in
                 decode_fn, first = self._decode_fn(prepared=True), vae_inputs
             decode, c_s = self._compile("decode", decode_fn, first, x)
             t0 = time.perf_counter()

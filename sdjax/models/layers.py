@@ -245,6 +245,13 @@ class Upsample2D(nn.Module):
             return {"transposed_kernel": ops.transposed_kernel(kernel).astype(dtype)}
         return {"phase_kernel": ops.subpixel_kernel(kernel).astype(dtype)}
 
+    def precomputed(self, dtype, input_hw: tuple[int, int]) -> dict | None:
+        """`conditioning` in the form the op choices in force run for an input of input_hw
+        (`ops.upsample_conv_choice`); None where that form has no kernel to precompute (the
+        reference form)."""
+        form = ops.upsample_conv_choice((1, *input_hw, 1))
+        return self.conditioning(dtype, form) if form in ("subpixel", "transposed") else None
+
     def __call__(
         self, x: jax.Array, size: tuple[int, int] | None = None, skip: jax.Array | None = None
     ) -> jax.Array:

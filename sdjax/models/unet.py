@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax import ops
 from sdjax.config import UNetConfig
 from sdjax.models.layers import (
     CONDITIONING,
@@ -384,9 +383,9 @@ class UNet2DConditionModel(nn.Module):
             if not b.add_upsample:
                 continue
             level = n - 1 - i  # up block i works at level n - 1 - i, then doubles it
-            form = ops.upsample_conv_choice((1, *sizes[level], 1))
-            if form in ("subpixel", "transposed"):
-                phases[b.name] = {u.name: u.conditioning(dtype, form) for u in b.upsamplers}
+            kernels = {u.name: u.precomputed(dtype, sizes[level]) for u in b.upsamplers}
+            if all(k is not None for k in kernels.values()):
+                phases[b.name] = kernels
         return phases
 
     def prepare(self, dtype, sample_hw: tuple[int, int]) -> dict:

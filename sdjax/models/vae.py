@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax import ops
 from sdjax.config import VAEConfig
 from sdjax.models.layers import (
     CONDITIONING,
@@ -164,9 +163,9 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.up_blocks):
             if not block.add_upsample:
                 continue
-            form = ops.upsample_conv_choice((1, h << i, w << i, 1))
-            if form in ("subpixel", "transposed"):
-                phases[block.name] = {u.name: u.conditioning(dtype, form) for u in block.upsamplers}
+            kernels = {u.name: u.precomputed(dtype, (h << i, w << i)) for u in block.upsamplers}
+            if all(k is not None for k in kernels.values()):
+                phases[block.name] = kernels
         return phases
 
     def __call__(self, z: jax.Array) -> jax.Array:
