@@ -10,6 +10,10 @@ Forms:
           shifted slices summed; kernel HWIO, as the parameter is (any rearrangement of it
           is in the timed program, as in the model)
   im2col  the nine shifted copies of x side by side, [NHW, 9 I] x [9 I, O], kernel HWIO
+  hopper  `custom_calls.conv3x3_hopper` (our Mosaic GPU implicit GEMM with split-K; its
+          padding copy and the partial sums' addition are in the timed program), once per
+          --hopper_configs entry: "auto" (the heuristic) or "n<block_n>s<stages>k<splits>"
+          with an optional "e" (no delayed slot release), e.g. n128s4k3
   splitS  `sdjax.ops.conv3x3_split_k`: the input channels in S parts as one grouped
           convolution (S times the output tiles: split-K for cuDNN), the S partial sums in
           x's dtype, then added; kernel `split_k_kernel`'s, OHWI, made outside the timed
@@ -82,6 +86,8 @@ _FORMS = flags.DEFINE_list("forms", ["cudnn", "taps", "im2col", "split"], "forms
                            "(cudnn always: the ratios' reference; split: every splitS form)")
 _SPLITS = flags.DEFINE_list("splits", ["2", "3", "4"], "split-K parts of the splitS forms "
                             "(those that divide a shape's input channels); empty: none")
+_HOPPER_CONFIGS = flags.DEFINE_list("hopper_configs", ["auto"], "configs of the hopper form "
+                                     "(see the module doc)")
 _CHAIN = flags.DEFINE_bool("chain", False, "time the concurrent split forms in dependent "
                            "chains by wall time instead (shapes with equal channels only)")
 _CHAIN_STEPS = flags.DEFINE_integer("chain_steps", 24, "convolutions per timed chain")
@@ -89,6 +95,22 @@ _CHAIN_WEIGHT_SETS = flags.DEFINE_integer("chain_weight_sets", 4, "distinct kern
 _CHAIN_REPEATS = flags.DEFINE_integer("chain_repeats", 15, "rounds of the chain timings")
 # The compile option that lets a CUDA graph run independent commands side by side.
 CONCURRENT = "xla_gpu_graph_enable_concurrent_region"
+
+
+def hopper_config(spec: str, x_shape, cout: int):
+    """A `Conv3x3Config` from "auto" or "n<block_n>s<stages>k<splits>[e]" (e: no delayed
+    release)."""
+    import re
+
+    from custom_calls import conv3x3_hopper as ch
+
+    if spec == "auto":
+        return ch.heuristic_config(x_shape, cout)
+    match = re.fullmatch(r"n(\d+)s(\d+)k(\d+)(e?)", spec)
+    if not match:
+        raise ValueError(f"--hopper_configs: {spec!r} is neither 'auto' nor like n128s4k3[e]")
+    n, s, k, e = match.groups()
+    return ch.Conv3x3Config(block_n=int(n), stages=int(s), splits=int(k), delay_release=not e)
 
 
 def _cudnn(x, kernel_ohwi, bias):
@@ -227,6 +249,16 @@ def bench(name: str, dtype) -> dict:
             fn = functools.partial(ops.conv3x3_split_k, splits=splits, dimension_numbers=ohwi,
                                    partial_dtype=partial)  # fmt: skip
             forms[f"split{splits}{suffix}"] = (fn, grouped)
+    if "hopper" in _FORMS.value:
+        from custom_calls import conv3x3_hopper as ch
+
+        for spec in _HOPPER_CONFIGS.value:
+            config = hopper_config(spec, x.shape, cout)
+            if why := ch.supports(x.shape, kernel.shape, dtype, config):
+                print(f"{name}: hopper {spec} skipped: {why}")
+                continue
+            fn = functools.partial(ch.conv3x3_hopper, config=config)
+            forms[f"hopper_{spec}"] = (lambda x, k, b, fn=fn: fn(x, k, b), kernel)
     for form, (fn, k) in forms.items():
         t = common.kernel_us(fn, x, k, bias, sets=_SETS.value)
         row[f"{form}_us"] = t["us"]
@@ -239,6 +271,12 @@ def bench(name: str, dtype) -> dict:
         row["best_split_us"] = splits[row["best_split"]]
         row["cudnn/best_split"] = row["cudnn_us"] / row["best_split_us"]
         row["best_split_err"] = row[f"{row['best_split']}_err"]
+    hoppers = {f: row[f"{f}_us"] for f in forms if f.startswith("hopper_")}
+    if hoppers:
+        best = min(hoppers, key=hoppers.get)
+        row.update(best_hopper=best, best_hopper_us=hoppers[best],
+                   best_hopper_err=row[f"{best}_err"])  # fmt: skip
+        row["cudnn/best_hopper"] = row["cudnn_us"] / hoppers[best]
     for form in ("taps", "im2col"):
         if form in forms:
             row[f"cudnn/{form}"] = row["cudnn_us"] / row[f"{form}_us"]
@@ -265,7 +303,8 @@ def main(argv):
     rows = [bench(name, dtype) for name in names]
     columns = ["shape", "gflop", "kernel_mb", "cudnn_us", "taps_us", "im2col_us", "cudnn/taps",
                "cudnn/im2col", "cudnn_launches", "taps_err", "im2col_err", "best_split",
-               "best_split_us", "cudnn/best_split", "best_split_err"]  # fmt: skip
+               "best_split_us", "cudnn/best_split", "best_split_err", "best_hopper",
+               "best_hopper_us", "cudnn/best_hopper", "best_hopper_err"]  # fmt: skip
     table = common.write_bench(
         "bench_conv", dtype, {"rows": rows}, rows, columns,
         "3x3 convolutions (device kernel time per call, us; distinct inputs and kernels)",

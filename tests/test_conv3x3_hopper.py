@@ -1,0 +1,178 @@
+"""The Hopper (Mosaic GPU) implicit-GEMM 3x3 convolution against the float32 reference.
+
+On the CPU the kernel runs in Mosaic GPU's interpret mode, which simulates the warpgroups,
+the shared memory (fresh memory holds NaN), the TMA copies (an out-of-bounds read raises)
+and the barriers; its products there are float32 dots of the same shared-memory tiles. The
+wgmma lowering, the swizzled boxes and the timing are tested by the `gpu` tests on the device.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from custom_calls.conv3x3_hopper import (
+    Conv3x3Config,
+    conv3x3_hopper,
+    conv3x3_reference,
+    heuristic_config,
+    supports,
+)
+
+# Relative-norm tolerances. The split-K partial sums are rounded to x's dtype before they
+# are added: up to sqrt(splits) of a rounding more than one dtype rounding of the output.
+TOLERANCE = {jnp.bfloat16: 1.2e-2, jnp.float16: 3e-3}
+
+
+def _inputs(rng, x_shape, out_channels, dtype):
+    c = x_shape[-1]
+
+    def draw(shape, scale):
+        return jnp.asarray(scale * rng.standard_normal(shape, dtype=np.float32), dtype)
+
+    kernel = draw((3, 3, c, out_channels), 1.0 / np.sqrt(9 * c))  # unit-variance outputs
+    return draw(x_shape, 1.0), kernel, draw((out_channels,), 1.0)
+
+
+def _relative_error(out, ref) -> float:
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out).all(), "non-finite output"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+# (x shape, O, dtype, config). Covering set: runs of 8, 16, 32 and 64 pixels (several TMA
+# boxes per consumer; a tile spanning two images at W = 8), rows longer than a run (W = 128),
+# H != W, batch 3, splits 1-3 (steps split across taps), more steps than slots and one slot
+# (no delayed release), several column tiles, both dtypes.
+CASES = [
+    ((2, 8, 8, 64), 128, jnp.float16, Conv3x3Config(stages=2)),
+    ((2, 8, 8, 64), 128, jnp.float16, Conv3x3Config(stages=2, splits=3)),
+    ((1, 16, 16, 64), 64, jnp.bfloat16, Conv3x3Config(block_n=64, stages=3, splits=3)),
+    ((3, 4, 32, 128), 128, jnp.float16, Conv3x3Config(block_n=64, stages=4, splits=2)),
+    ((1, 2, 64, 64), 192, jnp.bfloat16, Conv3x3Config(block_n=64, stages=1,
+                                                      delay_release=False)),
+    ((1, 2, 128, 64), 64, jnp.float16, Conv3x3Config(block_n=64, stages=2, splits=9)),
+    ((2, 12, 16, 64), 128, jnp.bfloat16, Conv3x3Config(stages=3, delay_release=False)),
+]
+
+
+def _case_id(case):
+    x_shape, o, dt, c = case
+    late = "" if c.delay_release else "e"
+    return (f"{'x'.join(map(str, x_shape))}to{o}:{jnp.dtype(dt).name}:"
+            f"n{c.block_n}s{c.stages}k{c.splits}{late}")  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(case, rng):
+    x_shape, o, dtype, config = case
+    x, kernel, bias = _inputs(rng, x_shape, o, dtype)
+    out = conv3x3_hopper(x, kernel, bias, config=config, interpret=True)
+    assert out.shape == (*x_shape[:3], o) and out.dtype == dtype
+    assert _relative_error(out, conv3x3_reference(x, kernel, bias)) <= TOLERANCE[dtype]
+
+
+def test_borders_and_taps_land_in_place(rng):
+    """One nonzero tap at a time, without bias: each of the nine taps shifts the input its own
+    way, and the zero border must read as zeros (a tap read from the wrong row, or a
+    neighbouring image's pixel, cannot pass)."""
+    x, _, _ = _inputs(rng, (2, 8, 8, 64), 64, jnp.float16)
+    for ky in range(3):
+        for kx in range(3):
+            kernel = jnp.zeros((3, 3, 64, 64), jnp.float16).at[ky, kx].set(
+                jnp.eye(64, dtype=jnp.float16)
+            )
+            out = conv3x3_hopper(
+                x, kernel, config=Conv3x3Config(block_n=64, stages=2), interpret=True
+            )
+            xp = np.pad(np.asarray(x, np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
+            want = xp[:, ky : ky + 8, kx : kx + 8]
+            np.testing.assert_array_equal(np.asarray(out, np.float32), want)
+
+
+@pytest.mark.parametrize(
+    ("x_shape", "kernel_shape", "dtype", "config", "why"),
+    [
+        ((2, 8, 8, 96), (3, 3, 96, 128), jnp.float16, None, "C=96 is not a multiple"),
+        ((2, 8, 8, 64), (3, 3, 64, 96), jnp.float16, None, "O=96 is not a multiple"),
+        ((2, 8, 24, 64), (3, 3, 64, 128), jnp.float16, None, "W=24 neither divides"),
+        ((1, 4, 8, 64), (3, 3, 64, 128), jnp.float16, None, "not a positive multiple of 128"),
+        ((2, 8, 8, 64), (3, 3, 64, 128), jnp.float32, None, "fp16/bf16 only"),
+        ((2, 8, 8, 64), (1, 1, 64, 128), jnp.float16, None, "is not [3, 3, 64, O]"),
+        ((2, 8, 8, 64), (3, 3, 64, 128), jnp.float16, Conv3x3Config(splits=2),
+         "9 reduction steps do not split 2 ways"),
+        ((2, 8, 8, 64), (3, 3, 64, 512), jnp.float16, Conv3x3Config(block_n=512, stages=8),
+         "shared memory"),
+    ],
+)  # fmt: skip
+def test_supports_says_why(x_shape, kernel_shape, dtype, config, why):
+    assert why in supports(x_shape, kernel_shape, dtype, config)
+    x, kernel = jnp.zeros(x_shape, dtype), jnp.zeros(kernel_shape, dtype)
+    with pytest.raises(ValueError, match="conv3x3_hopper cannot run"):
+        conv3x3_hopper(x, kernel, config=config, interpret=True)
+
+
+def test_rejects_bad_configs_and_bias():
+    for bad in (dict(block_n=96), dict(block_k=32), dict(stages=0), dict(splits=0),
+                dict(stages=1, delay_release=True)):  # fmt: skip
+        with pytest.raises(ValueError):
+            Conv3x3Config(**bad)
+    x, kernel = jnp.zeros((2, 8, 8, 64), jnp.float16), jnp.zeros((3, 3, 64, 128), jnp.float16)
+    with pytest.raises(ValueError, match="bias must be"):
+        conv3x3_hopper(x, kernel, jnp.zeros((64,), jnp.float16), interpret=True)
+
+
+def test_heuristic_splits_until_the_sms_fill(monkeypatch):
+    import custom_calls.conv3x3_hopper as mod
+
+    monkeypatch.setattr(mod, "num_sms", lambda: 132)
+    # SD1.5, batch 2: 16x16 (4 x 10 tiles), 32x32 (16 x 5), 64x64 (64 x 3)
+    assert heuristic_config((2, 16, 16, 1280), 1280).splits == 4  # 160 programs
+    assert heuristic_config((2, 32, 32, 640), 640).splits == 2  # 160
+    assert heuristic_config((2, 64, 64, 320), 320) == Conv3x3Config(block_n=64)  # 320 tiles
+    # the splits divide the steps: 45 at 320 channels, so 32x32's 320 -> 640 takes 3
+    assert heuristic_config((2, 32, 32, 320), 640).splits == 3  # 80 x 3 = 240 programs
+
+
+SD15_SHAPES = [  # (x shape, O): SD1.5's 3x3 convolutions at 16x16 to 64x64, batch 2
+    ((2, 16, 16, 1280), 1280),
+    ((2, 16, 16, 2560), 1280),
+    ((2, 32, 32, 640), 640),
+    ((2, 32, 32, 1920), 640),
+    ((2, 64, 64, 320), 320),
+    ((2, 64, 64, 960), 320),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SD15_SHAPES, ids=lambda s: f"{'x'.join(map(str, s[0]))}to{s[1]}")
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+def test_gpu_sd_shapes(shape, dtype, rng):
+    x_shape, o = shape
+    x, kernel, bias = _inputs(rng, x_shape, o, dtype)
+    out = conv3x3_hopper(x, kernel, bias)
+    assert _relative_error(out, conv3x3_reference(x, kernel, bias)) <= TOLERANCE[dtype]
+    # the same output again: no ring slot overwritten before both consumers used it
+    np.testing.assert_array_equal(np.asarray(conv3x3_hopper(x, kernel, bias)), out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_gpu_covering_cases(case, rng):
+    x_shape, o, dtype, config = case
+    x, kernel, bias = _inputs(rng, x_shape, o, dtype)
+    out = conv3x3_hopper(x, kernel, bias, config=config)
+    assert _relative_error(out, conv3x3_reference(x, kernel, bias)) <= TOLERANCE[dtype]
+
+
+@pytest.mark.gpu
+def test_gpu_hlo_has_mosaic_kernel(rng):
+    import jax
+
+    from sdjax.hlo import count_hlo
+
+    x, kernel, bias = _inputs(rng, (2, 16, 16, 128), 128, jnp.float16)
+    hlo = jax.jit(conv3x3_hopper).lower(x, kernel, bias).compile().as_text()
+    assert "mosaic_gpu" in hlo
+    assert any(n.startswith("sdjax_conv3x3_hopper") for n in count_hlo(hlo)["sdjax_kernels"])
