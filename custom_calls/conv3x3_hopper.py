@@ -14,24 +14,28 @@ The product, per output pixel p = (n, y, x) and output channel o:
                 xp[n, y + ky, x + kx, c] * w[ky, kx, c, o],
 with xp the input zero-padded by one pixel on each side. A GEMM [pixels, 9 C] x [9 C, O]
 whose left operand is never built (implicit GEMM):
-- a program's tile is [128, block_n] of the output: 128 consecutive pixels (whole image rows
-  where W <= 64, so W divides 64; else 64-pixel runs of one row), shared by two *consumer*
-  warpgroups (64 rows each, wgmma's M) that read the same w tile;
-- one *producer* warpgroup streams, per reduction step (tap t, channel chunk k), the tile's
-  pixels' inputs xp[n, y + ky, x + kx, k : k + block_k] as one TMA box per run of the tile
-  (rows of xp flattened to [N (H + 2) (W + 2), C]: a run's tap is `run` consecutive rows), and
-  the w tile [block_k, block_n] (rows t * C + k of w flattened to [9 C, O]), into a ring of
-  `stages` shared-memory slots; a slot's `full` barrier waits for its copies, its `free`
+- the input is laid out once, by XLA, as three *column-shifted planes*
+  xs[kx, n, yy, x] = xp[n, yy, x + kx] ([3, N, H + 2, W, C], rows flattened): a tap (ky, kx)
+  of 64 consecutive output pixels of one image is then 64 consecutive rows of plane kx,
+  starting ky image rows further on. Mosaic GPU copies a TMA box into a tiled shared-memory
+  tile only from a row that is a multiple of the tile's 8 rows (it tiles the source the same
+  way), which a row offset of kx in the padded input itself is not;
+- a program's tile is [128, block_n] of the output: 128 consecutive pixels, shared by two
+  *consumer* warpgroups (64 rows each, wgmma's M) that read the same w tile;
+- one *producer* warpgroup streams, per reduction step (tap t, channel chunk k), each
+  consumer's 64-row box of plane kx (channels k : k + block_k) and the w tile
+  [block_k, block_n] (rows t * C + k of w flattened to [9 C, O]) into a ring of `stages`
+  shared-memory slots; a slot's `full` barrier waits for its three copies, its `free`
   barrier for both consumers;
 - each consumer's float32 accumulator [64, block_n] lives in registers; the epilogue writes
   it, in x's dtype, to partials[split] through shared memory by TMA.
 
-The padding is one copy of x made by XLA (`jnp.pad`) before the kernel; the partials' sum,
-the bias and the cast are one XLA fusion after it. Both are in every timing we quote.
+The planes are one XLA fusion before the kernel (it writes ~3x x); the partials' sum, the
+bias and the cast are one XLA fusion after it. Both are in every timing we quote.
 
 Scope (`supports`): fp16/bf16; C a multiple of block_k; O a multiple of block_n; W a
-divisor of 64 or a multiple of it; N * H * W a multiple of 128; the 9 C / block_k reduction
-steps a multiple of `splits`. Off GPU the kernel runs in Mosaic GPU's interpret mode (tests;
+multiple of 8, H * W a multiple of 64 (a consumer's 64 pixels lie in one image) and N * H * W
+of 128; the 9 C / block_k reduction steps a multiple of `splits`. Off GPU the kernel runs in Mosaic GPU's interpret mode (tests;
 slow, small shapes), where the products are float32 dots of the same shared-memory tiles.
 """
 
@@ -55,8 +59,7 @@ from custom_calls._common import mosaic_interpret_params, num_sms, resolve_inter
 
 CONSUMER_M = 64  # rows of one consumer's accumulator: wgmma's M for one warpgroup
 TILE_M = COMPUTE_WARPGROUPS * CONSUMER_M  # a program's output pixels
-MAX_RUN = 64  # pixels of one TMA box: a box dimension is at most 256 elements, and 64
-# keeps a box a whole number of the 8-row swizzle atoms at any run
+ROW_ALIGN = 8  # a TMA box into a tiled shared-memory tile starts at a multiple of its rows
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,8 +128,10 @@ def supports(x_shape, kernel_shape, dtype, config: Conv3x3Config | None = None) 
         return f"C={c} is not a multiple of block_k={config.block_k}"
     if o % config.block_n:
         return f"O={o} is not a multiple of block_n={config.block_n}"
-    if (MAX_RUN % w if w <= MAX_RUN else w % MAX_RUN) or w % 8:
-        return f"W={w} neither divides {MAX_RUN} nor is a multiple of it (and of 8)"
+    if w % ROW_ALIGN:
+        return f"W={w} is not a multiple of {ROW_ALIGN}"
+    if (h * w) % CONSUMER_M:
+        return f"H*W={h * w} is not a multiple of {CONSUMER_M}"
     if (n * h * w) % TILE_M or n * h * w == 0:
         return f"N*H*W={n * h * w} is not a positive multiple of {TILE_M}"
     if (9 * c // config.block_k) % config.splits:
@@ -138,18 +143,19 @@ def supports(x_shape, kernel_shape, dtype, config: Conv3x3Config | None = None) 
 
 def _kernel(
     x_ref, w_ref, o_ref, x_smem, w_smem, o_smem, full, free,
-    *, height, width, channels, block_n, block_k, stages, k_steps, delay_release, interpret,
+    *, batch, height, width, channels, block_n, block_k, stages, k_steps, delay_release, interpret,
 ):  # fmt: skip
     """One program: split s of output tile (m, n).
 
-    x_ref [N (H + 2) (W + 2), C] (the zero-padded input, rows flattened); w_ref [9 C, O];
+    x_ref [3 N (H + 2) W, C] (the column-shifted planes of the padded input, rows flattened); w_ref [9 C, O];
     o_ref [splits, N H W, O]. x_smem [stages, 2, 64, block_k] (the consumers' rows); w_smem [stages, block_k,
     block_n]; o_smem [2, 64, block_n]. full, free: [stages] barriers (free: one arrival per
     consumer). k_steps: this program's reduction steps.
     """
     wg = lax.axis_index("wg")
     tile_m, tile_n, split = (lax.axis_index(a) for a in ("m", "n", "k"))
-    m0, n0 = tile_m * TILE_M, tile_n * block_n
+    m0 = pl.multiple_of(tile_m * TILE_M, TILE_M)
+    n0 = pl.multiple_of(tile_n * block_n, block_n)
     chunks = channels // block_k  # reduction steps per tap
     first = split * k_steps  # this program's first step (of 9 * chunks)
     unroll = k_steps <= 32
@@ -203,17 +209,15 @@ def _kernel(
     @pl.when(wg == COMPUTE_WARPGROUPS)
     def _producer():
         plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
-        run = min(width, MAX_RUN)  # pixels of one box
-        padded_w = width + 2
+        plane = batch * (height + 2) * width  # rows of one plane
 
-        def run_origin(r):
-            """The padded-input row of run r's first pixel at tap (0, 0)."""
-            p = m0 + r * run
+        def consumer_origin(c):
+            """Consumer c's first pixel's row in plane 0 at tap (0, 0)."""
+            p = m0 + c * CONSUMER_M
             n, rest = p // (height * width), lax.rem(p, height * width)
-            y, x = rest // width, lax.rem(rest, width)
-            return (n * (height + 2) + y) * padded_w + x
+            return n * (height + 2) * width + rest
 
-        origins = [run_origin(r) for r in range(TILE_M // run)]
+        origins = [consumer_origin(c) for c in range(COMPUTE_WARPGROUPS)]
 
         @pl.loop(0, k_steps, unroll=unroll)
         def _step(i):
@@ -221,16 +225,18 @@ def _kernel(
             pl.when(i >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
             g = first + i
             tap, chunk = g // chunks, lax.rem(g, chunks)
-            shift = (tap // 3) * padded_w + lax.rem(tap, 3)  # (ky, kx) as a row offset
-            ks = pl.ds(chunk * block_k, block_k)
-            for r, origin in enumerate(origins):
+            # tap (ky, kx): plane kx, ky image rows on
+            shift = lax.rem(tap, 3) * plane + (tap // 3) * width
+            ks = pl.ds(pl.multiple_of(chunk * block_k, block_k), block_k)
+            for c, origin in enumerate(origins):
                 plgpu.copy_gmem_to_smem(
-                    x_ref.at[pl.ds(origin + shift, run), ks],
-                    x_smem.at[slot, r * run // CONSUMER_M, pl.ds(r * run % CONSUMER_M, run)],
+                    x_ref.at[pl.ds(pl.multiple_of(origin + shift, ROW_ALIGN), CONSUMER_M), ks],
+                    x_smem.at[slot, c],
                     full.at[slot],
                 )
+            w_rows = pl.multiple_of(tap * channels + chunk * block_k, block_k)
             plgpu.copy_gmem_to_smem(
-                w_ref.at[pl.ds(tap * channels + chunk * block_k, block_k), pl.ds(n0, block_n)],
+                w_ref.at[pl.ds(w_rows, block_k), pl.ds(n0, block_n)],
                 w_smem.at[slot],
                 full.at[slot],
             )
@@ -269,19 +275,21 @@ def conv3x3_hopper(x, kernel, bias=None, *, config: Conv3x3Config | None = None,
     m = n * h * w
     stages, bk, bn, splits = config.stages, config.block_k, config.block_n, config.splits
     k_steps = 9 * c // bk // splits
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n * (h + 2) * (w + 2), c)
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    planes = jnp.stack([xp[:, :, kx : kx + w] for kx in range(3)]).reshape(3 * n * (h + 2) * w, c)
     w2 = kernel.astype(dtype).reshape(9 * c, o)
     scratch = [
         plgpu.SMEM((stages, COMPUTE_WARPGROUPS, CONSUMER_M, bk), dtype,
                    transforms=_transforms(bk, dtype)),
         plgpu.SMEM((stages, bk, bn), dtype, transforms=_transforms(bn, dtype)),
         plgpu.SMEM((COMPUTE_WARPGROUPS, CONSUMER_M, bn), dtype, transforms=_transforms(bn, dtype)),
-        # full: the slot's x boxes (one per run of the tile) and its w tile
-        plgpu.Barrier(num_arrivals=TILE_M // min(w, MAX_RUN) + 1, num_barriers=stages),
+        # full: the slot's two x boxes (one per consumer) and its w tile
+        plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS + 1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),  # free
     ]
     kernel_fn = functools.partial(
         _kernel,
+        batch=n,
         height=h,
         width=w,
         channels=c,
@@ -302,7 +310,7 @@ def conv3x3_hopper(x, kernel, bias=None, *, config: Conv3x3Config | None = None,
         thread_name="wg",
         interpret=mosaic_interpret_params(interpret),
         kernel_name="sdjax_conv3x3_hopper",
-    )(xp, w2)
+    )(planes, w2)
     out = partials.astype(jnp.float32).sum(0)
     if bias is not None:
         out = out + bias.astype(dtype).astype(jnp.float32)

@@ -41,9 +41,9 @@ def _relative_error(out, ref) -> float:
     return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-# (x shape, O, dtype, config). Covering set: runs of 8, 16, 32 and 64 pixels (several TMA
-# boxes per consumer; a tile spanning two images at W = 8), rows longer than a run (W = 128),
-# H != W, batch 3, splits 1-3 (steps split across taps), more steps than slots and one slot
+# (x shape, O, dtype, config). Covering set: a consumer's 64 pixels as 8, 4, 2 or 1 image
+# rows, or half a row (W = 128); W = 24 (not a power of two); tiles spanning two images;
+# H != W, batch 3, splits 1-9 (steps split across taps), more steps than slots and one slot
 # (no delayed release), several column tiles, both dtypes.
 CASES = [
     ((2, 8, 8, 64), 128, jnp.float16, Conv3x3Config(stages=2)),
@@ -54,6 +54,7 @@ CASES = [
                                                       delay_release=False)),
     ((1, 2, 128, 64), 64, jnp.float16, Conv3x3Config(block_n=64, stages=2, splits=9)),
     ((2, 12, 16, 64), 128, jnp.bfloat16, Conv3x3Config(stages=3, delay_release=False)),
+    ((2, 8, 24, 64), 64, jnp.float16, Conv3x3Config(block_n=64, stages=2, splits=3)),
 ]
 
 
@@ -96,8 +97,9 @@ def test_borders_and_taps_land_in_place(rng):
     [
         ((2, 8, 8, 96), (3, 3, 96, 128), jnp.float16, None, "C=96 is not a multiple"),
         ((2, 8, 8, 64), (3, 3, 64, 96), jnp.float16, None, "O=96 is not a multiple"),
-        ((2, 8, 24, 64), (3, 3, 64, 128), jnp.float16, None, "W=24 neither divides"),
-        ((1, 4, 8, 64), (3, 3, 64, 128), jnp.float16, None, "not a positive multiple of 128"),
+        ((2, 8, 12, 64), (3, 3, 64, 128), jnp.float16, None, "W=12 is not a multiple of 8"),
+        ((4, 4, 8, 64), (3, 3, 64, 128), jnp.float16, None, "H*W=32 is not a multiple of 64"),
+        ((1, 8, 8, 64), (3, 3, 64, 128), jnp.float16, None, "not a positive multiple of 128"),
         ((2, 8, 8, 64), (3, 3, 64, 128), jnp.float32, None, "fp16/bf16 only"),
         ((2, 8, 8, 64), (1, 1, 64, 128), jnp.float16, None, "is not [3, 3, 64, O]"),
         ((2, 8, 8, 64), (3, 3, 64, 128), jnp.float16, Conv3x3Config(splits=2),
