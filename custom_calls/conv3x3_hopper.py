@@ -59,6 +59,7 @@ from custom_calls._common import mosaic_interpret_params, num_sms, resolve_inter
 
 CONSUMER_M = 64  # rows of one consumer's accumulator: wgmma's M for one warpgroup
 TILE_M = COMPUTE_WARPGROUPS * CONSUMER_M  # a program's output pixels
+PLANE_LAYOUTS = ("rows", "channels")
 ROW_ALIGN = 8  # a TMA box into a tiled shared-memory tile starts at a multiple of its rows
 
 
@@ -74,6 +75,10 @@ class Conv3x3Config:
     # Keep a step's wgmmas in flight while the next step's are issued; its slot is freed one
     # step later (needs stages >= 2).
     delay_release: bool = True
+    # The column-shifted planes' layout (see the module doc): "rows", [3, N (H + 2) W, C]
+    # (plane kx at rows kx N (H + 2) W), or "channels", [N (H + 2) W, 3 C] (plane kx at
+    # columns kx C). The same kernel either way; XLA writes them with different fusions.
+    planes: str = "rows"
 
     def __post_init__(self):
         for f in ("block_n", "block_k"):
@@ -85,6 +90,8 @@ class Conv3x3Config:
             raise ValueError(f"splits={self.splits} must be >= 1")
         if self.delay_release and self.stages < 2:
             raise ValueError("delay_release needs stages >= 2")
+        if self.planes not in PLANE_LAYOUTS:
+            raise ValueError(f"planes={self.planes!r} must be one of {PLANE_LAYOUTS}")
 
 
 def smem_bytes(config: Conv3x3Config, dtype) -> int:
@@ -94,21 +101,29 @@ def smem_bytes(config: Conv3x3Config, dtype) -> int:
     return jnp.dtype(dtype).itemsize * (config.stages * step + out)
 
 
+def wave_fill(programs: int, sms: int) -> float:
+    """The share of the SMs' program slots that `programs` one-program-per-SM launches keep
+    busy over their waves (a program's ring takes most of an SM's shared memory)."""
+    return programs / (-(-programs // sms) * sms)
+
+
 def heuristic_config(x_shape, out_channels: int) -> Conv3x3Config:
-    """Tiles 128 channels wide (64 where O is not a multiple of 128); then split-K, the
-    splits dividing the reduction steps, until the programs fill the SMs at least once
-    (SD1.5 at batch 2: 16x16, 4 x 10 tiles, 4 splits; 32x32, 16 x 5 tiles, 2; 64x64,
-    64 x 5 tiles of 64 channels, 1)."""
+    """Tiles 128 channels wide (64 where O is not a multiple of 128); then the split-K (a
+    divisor of the reduction steps, at most 8) whose programs fill their waves best, the
+    fewest splits among equals, where the tiles alone are fewer than the SMs. Measured on the H100 (s22b, `experiments/results/README.md`):
+    a program per SM, the last wave's idle SMs cost their share: at SD1.5's 16x16 level (4 x 10
+    tiles) 3 splits (120 programs) took 26.5 us of kernel, 4 (160) 40.0; at 32x32 (16 x 5
+    tiles) 3 splits (240) 27.4, 2 (160) 33.4, 1 (80) 30.7."""
     n, h, w, c = x_shape
     block_n = 128 if out_channels % 128 == 0 else 64
     tiles = max(1, n * h * w // TILE_M) * max(1, out_channels // block_n)
     steps = max(1, 9 * c // Conv3x3Config.block_k)
-    splits = 1
-    for s in range(1, 9):  # at most 8: each split's partial sum is a pass over the output
-        if steps % s == 0:
-            splits = s
-            if tiles * s >= num_sms():
-                break
+    sms = num_sms()
+    if tiles >= sms:  # split-K only where the tiles leave SMs idle
+        return Conv3x3Config(block_n=block_n)
+    # each split adds a partial sum's pass over the output: at most 8
+    splits = max((s for s in range(1, 9) if steps % s == 0),
+                 key=lambda s: (round(wave_fill(tiles * s, sms), 2), -s))  # fmt: skip
     return Conv3x3Config(block_n=block_n, splits=splits)
 
 
@@ -143,11 +158,12 @@ def supports(x_shape, kernel_shape, dtype, config: Conv3x3Config | None = None) 
 
 def _kernel(
     x_ref, w_ref, o_ref, x_smem, w_smem, o_smem, full, free,
-    *, batch, height, width, channels, block_n, block_k, stages, k_steps, delay_release, interpret,
+    *, batch, height, width, channels, block_n, block_k, stages, k_steps, delay_release, planes,
+    interpret,
 ):  # fmt: skip
     """One program: split s of output tile (m, n).
 
-    x_ref [3 N (H + 2) W, C] (the column-shifted planes of the padded input, rows flattened); w_ref [9 C, O];
+    x_ref: `input_planes(x, planes)`, [3 N (H + 2) W, C] or [N (H + 2) W, 3 C]; w_ref [9 C, O];
     o_ref [splits, N H W, O]. x_smem [stages, 2, 64, block_k] (the consumers' rows); w_smem [stages, block_k,
     block_n]; o_smem [2, 64, block_n]. full, free: [stages] barriers (free: one arrival per
     consumer). k_steps: this program's reduction steps.
@@ -226,8 +242,13 @@ def _kernel(
             g = first + i
             tap, chunk = g // chunks, lax.rem(g, chunks)
             # tap (ky, kx): plane kx, ky image rows on
-            shift = lax.rem(tap, 3) * plane + (tap // 3) * width
-            ks = pl.ds(pl.multiple_of(chunk * block_k, block_k), block_k)
+            kx, shift = lax.rem(tap, 3), (tap // 3) * width
+            column = chunk * block_k
+            if planes == "rows":
+                shift = shift + kx * plane
+            else:
+                column = column + kx * channels
+            ks = pl.ds(pl.multiple_of(column, block_k), block_k)
             for c, origin in enumerate(origins):
                 plgpu.copy_gmem_to_smem(
                     x_ref.at[pl.ds(pl.multiple_of(origin + shift, ROW_ALIGN), CONSUMER_M), ks],
@@ -256,6 +277,18 @@ def _transforms(columns: int, dtype):
     return (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
 
 
+def input_planes(x, layout: str = "rows"):
+    """x [N, H, W, C] zero-padded by one pixel and laid out as the kernel reads it: the three
+    column-shifted planes xs[kx] = xp[:, :, kx : kx + W], as [3 N (H + 2) W, C] ("rows") or
+    [N (H + 2) W, 3 C] ("channels")."""
+    n, h, w, c = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    shifted = [xp[:, :, kx : kx + w] for kx in range(3)]
+    if layout == "rows":
+        return jnp.stack(shifted).reshape(3 * n * (h + 2) * w, c)
+    return jnp.concatenate(shifted, axis=-1).reshape(n * (h + 2) * w, 3 * c)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def conv3x3_hopper(x, kernel, bias=None, *, config: Conv3x3Config | None = None, interpret=None):
     """conv3x3(x) + bias, stride 1, padding 1. x [N, H, W, C] (fp16/bf16); kernel [3, 3, C, O]
@@ -275,8 +308,7 @@ def conv3x3_hopper(x, kernel, bias=None, *, config: Conv3x3Config | None = None,
     m = n * h * w
     stages, bk, bn, splits = config.stages, config.block_k, config.block_n, config.splits
     k_steps = 9 * c // bk // splits
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    planes = jnp.stack([xp[:, :, kx : kx + w] for kx in range(3)]).reshape(3 * n * (h + 2) * w, c)
+    planes = input_planes(x, config.planes)
     w2 = kernel.astype(dtype).reshape(9 * c, o)
     scratch = [
         plgpu.SMEM((stages, COMPUTE_WARPGROUPS, CONSUMER_M, bk), dtype,
@@ -298,6 +330,7 @@ def conv3x3_hopper(x, kernel, bias=None, *, config: Conv3x3Config | None = None,
         stages=stages,
         k_steps=k_steps,
         delay_release=config.delay_release,
+        planes=config.planes,
         interpret=interpret,
     )
     partials = plgpu.kernel(

@@ -13,7 +13,10 @@ Forms:
   hopper  `custom_calls.conv3x3_hopper` (our Mosaic GPU implicit GEMM with split-K; its
           padding copy and the partial sums' addition are in the timed program), once per
           --hopper_configs entry: "auto" (the heuristic) or "n<block_n>s<stages>k<splits>"
-          with an optional "e" (no delayed slot release), e.g. n128s4k3
+          with an optional "e" (no delayed slot release), e.g. n128s4k3; a "c" suffix lays
+          the input planes out side by side in the channels. `best_hopper_kernel_us` is the
+          best config's Mosaic kernel alone (what a producer that writes the planes itself,
+          and a consumer that adds the partial sums, would leave)
   splitS  `sdjax.ops.conv3x3_split_k`: the input channels in S parts as one grouped
           convolution (S times the output tiles: split-K for cuDNN), the S partial sums in
           x's dtype, then added; kernel `split_k_kernel`'s, OHWI, made outside the timed
@@ -47,6 +50,7 @@ Writes bench_conv[_chain]_<device>_<dtype>_<date>.json and .md to results_dir().
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -99,18 +103,20 @@ CONCURRENT = "xla_gpu_graph_enable_concurrent_region"
 
 def hopper_config(spec: str, x_shape, cout: int):
     """A `Conv3x3Config` from "auto" or "n<block_n>s<stages>k<splits>[e]" (e: no delayed
-    release)."""
+    release), either with a "c" suffix for the planes laid out side by side in the channels."""
     import re
 
     from custom_calls import conv3x3_hopper as ch
 
-    if spec == "auto":
-        return ch.heuristic_config(x_shape, cout)
-    match = re.fullmatch(r"n(\d+)s(\d+)k(\d+)(e?)", spec)
+    planes = "channels" if spec.endswith("c") and spec != "c" else "rows"
+    if spec in ("auto", "autoc"):
+        return dataclasses.replace(ch.heuristic_config(x_shape, cout), planes=planes)
+    match = re.fullmatch(r"n(\d+)s(\d+)k(\d+)(e?)(c?)", spec)
     if not match:
-        raise ValueError(f"--hopper_configs: {spec!r} is neither 'auto' nor like n128s4k3[e]")
-    n, s, k, e = match.groups()
-    return ch.Conv3x3Config(block_n=int(n), stages=int(s), splits=int(k), delay_release=not e)
+        raise ValueError(f"--hopper_configs: {spec!r} is neither auto[c] nor like n128s4k3[e][c]")
+    n, s, k, e, _ = match.groups()
+    return ch.Conv3x3Config(block_n=int(n), stages=int(s), splits=int(k), delay_release=not e,
+                            planes=planes)  # fmt: skip
 
 
 def _cudnn(x, kernel_ohwi, bias):
@@ -274,8 +280,9 @@ def bench(name: str, dtype) -> dict:
     hoppers = {f: row[f"{f}_us"] for f in forms if f.startswith("hopper_")}
     if hoppers:
         best = min(hoppers, key=hoppers.get)
+        kernel_only = sum(us for k, us in row[f"{best}_kernels"].items() if "conv3x3" in k)
         row.update(best_hopper=best, best_hopper_us=hoppers[best],
-                   best_hopper_err=row[f"{best}_err"])  # fmt: skip
+                   best_hopper_err=row[f"{best}_err"], best_hopper_kernel_us=kernel_only)  # fmt: skip
         row["cudnn/best_hopper"] = row["cudnn_us"] / hoppers[best]
     for form in ("taps", "im2col"):
         if form in forms:
@@ -304,7 +311,8 @@ def main(argv):
     columns = ["shape", "gflop", "kernel_mb", "cudnn_us", "taps_us", "im2col_us", "cudnn/taps",
                "cudnn/im2col", "cudnn_launches", "taps_err", "im2col_err", "best_split",
                "best_split_us", "cudnn/best_split", "best_split_err", "best_hopper",
-               "best_hopper_us", "cudnn/best_hopper", "best_hopper_err"]  # fmt: skip
+               "best_hopper_us", "cudnn/best_hopper", "best_hopper_kernel_us",
+               "best_hopper_err"]  # fmt: skip
     table = common.write_bench(
         "bench_conv", dtype, {"rows": rows}, rows, columns,
         "3x3 convolutions (device kernel time per call, us; distinct inputs and kernels)",

@@ -17,6 +17,7 @@ from custom_calls.conv3x3_hopper import (
     conv3x3_hopper,
     conv3x3_reference,
     heuristic_config,
+    input_planes,
     supports,
 )
 
@@ -55,14 +56,18 @@ CASES = [
     ((1, 2, 128, 64), 64, jnp.float16, Conv3x3Config(block_n=64, stages=2, splits=9)),
     ((2, 12, 16, 64), 128, jnp.bfloat16, Conv3x3Config(stages=3, delay_release=False)),
     ((2, 8, 24, 64), 64, jnp.float16, Conv3x3Config(block_n=64, stages=2, splits=3)),
+    # the planes side by side in the channels
+    ((2, 8, 8, 128), 128, jnp.float16, Conv3x3Config(stages=3, splits=2, planes="channels")),
+    ((1, 16, 16, 64), 64, jnp.bfloat16, Conv3x3Config(block_n=64, planes="channels")),
 ]
 
 
 def _case_id(case):
     x_shape, o, dt, c = case
     late = "" if c.delay_release else "e"
+    planes = "c" if c.planes == "channels" else ""
     return (f"{'x'.join(map(str, x_shape))}to{o}:{jnp.dtype(dt).name}:"
-            f"n{c.block_n}s{c.stages}k{c.splits}{late}")  # fmt: skip
+            f"n{c.block_n}s{c.stages}k{c.splits}{late}{planes}")  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -74,7 +79,20 @@ def test_matches_reference(case, rng):
     assert _relative_error(out, conv3x3_reference(x, kernel, bias)) <= TOLERANCE[dtype]
 
 
-def test_borders_and_taps_land_in_place(rng):
+@pytest.mark.parametrize("layout", ["rows", "channels"])
+def test_input_planes(layout, rng):
+    x, _, _ = _inputs(rng, (2, 4, 8, 16), 16, jnp.float16)
+    planes = np.asarray(input_planes(x, layout))
+    xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    for kx in range(3):
+        want = xp[:, :, kx : kx + 8].reshape(-1, 16)
+        got = planes[kx * len(want) : (kx + 1) * len(want)] if layout == "rows" else (
+            planes[:, kx * 16 : (kx + 1) * 16])  # fmt: skip
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("planes", ["rows", "channels"])
+def test_borders_and_taps_land_in_place(planes, rng):
     """One nonzero tap at a time, without bias: each of the nine taps shifts the input its own
     way, and the zero border must read as zeros (a tap read from the wrong row, or a
     neighbouring image's pixel, cannot pass)."""
@@ -85,7 +103,7 @@ def test_borders_and_taps_land_in_place(rng):
                 jnp.eye(64, dtype=jnp.float16)
             )
             out = conv3x3_hopper(
-                x, kernel, config=Conv3x3Config(block_n=64, stages=2), interpret=True
+                x, kernel, config=Conv3x3Config(block_n=64, stages=2, planes=planes), interpret=True
             )
             xp = np.pad(np.asarray(x, np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)))
             want = xp[:, ky : ky + 8, kx : kx + 8]
@@ -117,7 +135,7 @@ def test_supports_says_why(x_shape, kernel_shape, dtype, config, why):
 
 def test_rejects_bad_configs_and_bias():
     for bad in (dict(block_n=96), dict(block_k=32), dict(stages=0), dict(splits=0),
-                dict(stages=1, delay_release=True)):  # fmt: skip
+                dict(stages=1, delay_release=True), dict(planes="cols")):  # fmt: skip
         with pytest.raises(ValueError):
             Conv3x3Config(**bad)
     x, kernel = jnp.zeros((2, 8, 8, 64), jnp.float16), jnp.zeros((3, 3, 64, 128), jnp.float16)
@@ -125,16 +143,18 @@ def test_rejects_bad_configs_and_bias():
         conv3x3_hopper(x, kernel, jnp.zeros((64,), jnp.float16), interpret=True)
 
 
-def test_heuristic_splits_until_the_sms_fill(monkeypatch):
+def test_heuristic_splits_to_fill_the_waves(monkeypatch):
     import custom_calls.conv3x3_hopper as mod
 
     monkeypatch.setattr(mod, "num_sms", lambda: 132)
-    # SD1.5, batch 2: 16x16 (4 x 10 tiles), 32x32 (16 x 5), 64x64 (64 x 3)
-    assert heuristic_config((2, 16, 16, 1280), 1280).splits == 4  # 160 programs
-    assert heuristic_config((2, 32, 32, 640), 640).splits == 2  # 160
-    assert heuristic_config((2, 64, 64, 320), 320) == Conv3x3Config(block_n=64)  # 320 tiles
-    # the splits divide the steps: 45 at 320 channels, so 32x32's 320 -> 640 takes 3
-    assert heuristic_config((2, 32, 32, 320), 640).splits == 3  # 80 x 3 = 240 programs
+    # SD1.5, batch 2: 16x16 (4 x 10 tiles: 3 splits, 120 programs, not 4: 160 in two waves)
+    assert heuristic_config((2, 16, 16, 1280), 1280) == Conv3x3Config(splits=3)
+    assert heuristic_config((2, 32, 32, 640), 640).splits == 3  # 16 x 5 tiles: 240 of 264
+    assert heuristic_config((2, 32, 32, 320), 640).splits == 3  # 45 steps: 1, 3, 5 divide
+    # 64x64: 64 x 5 tiles of 64 channels already fill the SMs: no split
+    assert heuristic_config((2, 64, 64, 320), 320) == Conv3x3Config(block_n=64)
+    assert mod.wave_fill(120, 132) == pytest.approx(120 / 132)
+    assert mod.wave_fill(160, 132) == pytest.approx(160 / 264)
 
 
 SD15_SHAPES = [  # (x shape, O): SD1.5's 3x3 convolutions at 16x16 to 64x64, batch 2
@@ -178,3 +198,17 @@ def test_gpu_hlo_has_mosaic_kernel(rng):
     hlo = jax.jit(conv3x3_hopper).lower(x, kernel, bias).compile().as_text()
     assert "mosaic_gpu" in hlo
     assert any(n.startswith("sdjax_conv3x3_hopper") for n in count_hlo(hlo)["sdjax_kernels"])
+
+
+def test_bench_conv_reads_config_specs():
+    from experiments.bench_conv import hopper_config
+
+    assert hopper_config("n256s3k6c", (2, 16, 16, 1280), 1280) == Conv3x3Config(
+        block_n=256, stages=3, splits=6, planes="channels"
+    )
+    assert hopper_config("n128s4k3e", (2, 16, 16, 1280), 1280) == Conv3x3Config(
+        splits=3, delay_release=False
+    )
+    assert hopper_config("autoc", (2, 16, 16, 1280), 1280).planes == "channels"
+    with pytest.raises(ValueError, match="neither auto"):
+        hopper_config("n128", (2, 16, 16, 1280), 1280)
