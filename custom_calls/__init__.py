@@ -5,6 +5,7 @@ Each kernel module holds one public function (the attention modules also their p
 for the Hopper variants, its Triton sibling's), and a frozen config of block sizes. Off GPU the kernels run through Pallas interpret mode (for tests, not speed).
 """
 
+from custom_calls.conv3x3_hopper import conv3x3_hopper
 from custom_calls.cross_attention import cross_attention
 from custom_calls.flash_attention import (
     flash_attention,
@@ -25,6 +26,7 @@ from custom_calls.layer_norm import layer_norm, layer_norm_reference
 from custom_calls.subpixel import subpixel_interleave, subpixel_interleave_reference
 
 __all__ = [
+    "conv3x3_hopper",
     "cross_attention",
     "flash_attention",
     "flash_attention_hopper",

@@ -136,6 +136,9 @@ def rows() -> dict:
         # auto with every 3x3 conv through cuDNN (the `auto` of sessions 1-6), where `auto`
         # takes the taps form at the weight-bound ones (sdjax.ops.taps_pays)
         "auto_cudnn_convs": (dataclasses.replace(auto, conv3x3="reference"), {}),
+        # auto with our Mosaic GPU implicit-GEMM convolution where it measured ahead of cuDNN
+        # as a whole (the 16x16 level: sdjax.ops.hopper_conv_pays; twenty-second session)
+        "auto+conv_hopper": (dataclasses.replace(auto, conv3x3="auto_hopper"), {}),
         # auto with every upsampler in the subpixel form (sdjax.ops.upsample_conv_subpixel),
         # where `auto` keeps the textbook order at 8x8 inputs (sdjax.ops.subpixel_pays)
         "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),

@@ -13,8 +13,9 @@ Forms:
   hopper  `custom_calls.conv3x3_hopper` (our Mosaic GPU implicit GEMM with split-K; its
           padding copy and the partial sums' addition are in the timed program), once per
           --hopper_configs entry: "auto" (the heuristic) or "n<block_n>s<stages>k<splits>"
-          with an optional "e" (no delayed slot release), e.g. n128s4k3; a "c" suffix lays
-          the input planes out side by side in the channels. `best_hopper_kernel_us` is the
+          with an optional "e" (no delayed slot release), e.g. n128s4k3; an "r" suffix
+          stacks the input planes by rows (the default: side by side in the channels; s22b
+          ran the rows layout without a suffix, s22c named the channels layout with "c"). `best_hopper_kernel_us` is the
           best config's Mosaic kernel alone (what a producer that writes the planes itself,
           and a consumer that adds the partial sums, would leave)
   splitS  `sdjax.ops.conv3x3_split_k`: the input channels in S parts as one grouped
@@ -103,19 +104,20 @@ CONCURRENT = "xla_gpu_graph_enable_concurrent_region"
 
 def hopper_config(spec: str, x_shape, cout: int):
     """A `Conv3x3Config` from "auto" or "n<block_n>s<stages>k<splits>[e]" (e: no delayed
-    release), either with a "c" suffix for the planes laid out side by side in the channels."""
+    release), either with an "r" suffix for the input planes stacked by rows (else side by
+    side in the channels, the kernel's default)."""
     import re
 
-    from custom_calls import conv3x3_hopper as ch
+    from custom_calls.conv3x3_hopper import Conv3x3Config, heuristic_config
 
-    planes = "channels" if spec.endswith("c") and spec != "c" else "rows"
-    if spec in ("auto", "autoc"):
-        return dataclasses.replace(ch.heuristic_config(x_shape, cout), planes=planes)
-    match = re.fullmatch(r"n(\d+)s(\d+)k(\d+)(e?)(c?)", spec)
+    planes = "rows" if spec.endswith("r") else "channels"
+    if spec in ("auto", "autor"):
+        return dataclasses.replace(heuristic_config(x_shape, cout), planes=planes)
+    match = re.fullmatch(r"n(\d+)s(\d+)k(\d+)(e?)(r?)", spec)
     if not match:
-        raise ValueError(f"--hopper_configs: {spec!r} is neither auto[c] nor like n128s4k3[e][c]")
+        raise ValueError(f"--hopper_configs: {spec!r} is neither auto[r] nor like n128s4k3[e][r]")
     n, s, k, e, _ = match.groups()
-    return ch.Conv3x3Config(block_n=int(n), stages=int(s), splits=int(k), delay_release=not e,
+    return Conv3x3Config(block_n=int(n), stages=int(s), splits=int(k), delay_release=not e,
                             planes=planes)  # fmt: skip
 
 
@@ -256,14 +258,14 @@ def bench(name: str, dtype) -> dict:
                                    partial_dtype=partial)  # fmt: skip
             forms[f"split{splits}{suffix}"] = (fn, grouped)
     if "hopper" in _FORMS.value:
-        from custom_calls import conv3x3_hopper as ch
+        from custom_calls.conv3x3_hopper import conv3x3_hopper, supports
 
         for spec in _HOPPER_CONFIGS.value:
             config = hopper_config(spec, x.shape, cout)
-            if why := ch.supports(x.shape, kernel.shape, dtype, config):
+            if why := supports(x.shape, kernel.shape, dtype, config):
                 print(f"{name}: hopper {spec} skipped: {why}")
                 continue
-            fn = functools.partial(ch.conv3x3_hopper, config=config)
+            fn = functools.partial(conv3x3_hopper, config=config)
             forms[f"hopper_{spec}"] = (lambda x, k, b, fn=fn: fn(x, k, b), kernel)
     for form, (fn, k) in forms.items():
         t = common.kernel_us(fn, x, k, bias, sets=_SETS.value)

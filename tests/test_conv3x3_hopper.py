@@ -8,6 +8,8 @@ wgmma lowering, the swizzled boxes and the timing are tested by the `gpu` tests 
 
 from __future__ import annotations
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,16 +58,16 @@ CASES = [
     ((1, 2, 128, 64), 64, jnp.float16, Conv3x3Config(block_n=64, stages=2, splits=9)),
     ((2, 12, 16, 64), 128, jnp.bfloat16, Conv3x3Config(stages=3, delay_release=False)),
     ((2, 8, 24, 64), 64, jnp.float16, Conv3x3Config(block_n=64, stages=2, splits=3)),
-    # the planes side by side in the channels
-    ((2, 8, 8, 128), 128, jnp.float16, Conv3x3Config(stages=3, splits=2, planes="channels")),
-    ((1, 16, 16, 64), 64, jnp.bfloat16, Conv3x3Config(block_n=64, planes="channels")),
+    # the planes stacked by rows
+    ((2, 8, 8, 128), 128, jnp.float16, Conv3x3Config(stages=3, splits=2, planes="rows")),
+    ((1, 16, 16, 64), 64, jnp.bfloat16, Conv3x3Config(block_n=64, planes="rows")),
 ]
 
 
 def _case_id(case):
     x_shape, o, dt, c = case
     late = "" if c.delay_release else "e"
-    planes = "c" if c.planes == "channels" else ""
+    planes = "r" if c.planes == "rows" else ""
     return (f"{'x'.join(map(str, x_shape))}to{o}:{jnp.dtype(dt).name}:"
             f"n{c.block_n}s{c.stages}k{c.splits}{late}{planes}")  # fmt: skip
 
@@ -144,7 +146,8 @@ def test_rejects_bad_configs_and_bias():
 
 
 def test_heuristic_splits_to_fill_the_waves(monkeypatch):
-    import custom_calls.conv3x3_hopper as mod
+    # the module (custom_calls' attribute of that name is the function)
+    mod = importlib.import_module("custom_calls.conv3x3_hopper")
 
     monkeypatch.setattr(mod, "num_sms", lambda: 132)
     # SD1.5, batch 2: 16x16 (4 x 10 tiles: 3 splits, 120 programs, not 4: 160 in two waves)
@@ -203,12 +206,45 @@ def test_gpu_hlo_has_mosaic_kernel(rng):
 def test_bench_conv_reads_config_specs():
     from experiments.bench_conv import hopper_config
 
-    assert hopper_config("n256s3k6c", (2, 16, 16, 1280), 1280) == Conv3x3Config(
-        block_n=256, stages=3, splits=6, planes="channels"
+    assert hopper_config("n256s3k6", (2, 16, 16, 1280), 1280) == Conv3x3Config(
+        block_n=256, stages=3, splits=6
     )
-    assert hopper_config("n128s4k3e", (2, 16, 16, 1280), 1280) == Conv3x3Config(
-        splits=3, delay_release=False
+    assert hopper_config("n128s4k3er", (2, 16, 16, 1280), 1280) == Conv3x3Config(
+        splits=3, delay_release=False, planes="rows"
     )
-    assert hopper_config("autoc", (2, 16, 16, 1280), 1280).planes == "channels"
+    assert hopper_config("autor", (2, 16, 16, 1280), 1280).planes == "rows"
     with pytest.raises(ValueError, match="neither auto"):
         hopper_config("n128", (2, 16, 16, 1280), 1280)
+
+
+def test_ops_seam_for_the_hopper_convolution(rng):
+    """`pallas_hopper` raises where it cannot run (here: no GPU); `auto_hopper` is `auto`
+    wherever ours did not measure ahead or cannot run."""
+    from sdjax import ops
+
+    x, kernel, bias = _inputs(rng, (2, 16, 16, 64), 64, jnp.float16)
+    if ops.conv3x3_hopper_supports(x, kernel) is None:
+        pytest.skip("a Hopper GPU: the GPU test below covers it")
+    with pytest.raises(ValueError, match="'pallas_hopper' cannot run .* needs a GPU"):
+        ops.conv3x3(x, kernel, bias, implementation="pallas_hopper")
+    got = ops.conv3x3(x, kernel, bias, implementation="auto_hopper")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ops.conv3x3_reference(x, kernel, bias)))
+    assert ops.hopper_conv_pays((2, 16, 16, 1280)) and not ops.hopper_conv_pays((2, 32, 32, 640))
+
+
+@pytest.mark.gpu
+def test_gpu_ops_auto_hopper_takes_ours_at_16x16_only(rng):
+    import jax
+
+    from sdjax import ops
+    from sdjax.hlo import count_hlo
+
+    def kernels(x_shape, o):
+        x, kernel, bias = _inputs(rng, x_shape, o, jnp.float16)
+        fn = jax.jit(lambda x, k, b: ops.conv3x3(x, k, b, implementation="auto_hopper"))
+        out = fn(x, kernel, bias)
+        assert _relative_error(out, conv3x3_reference(x, kernel, bias)) <= TOLERANCE[jnp.float16]
+        return count_hlo(fn.lower(x, kernel, bias).compile().as_text())["sdjax_kernels"]
+
+    assert any(n.startswith("sdjax_conv3x3_hopper") for n in kernels((2, 16, 16, 1280), 1280))
+    assert not any(n.startswith("sdjax_conv3x3_hopper") for n in kernels((2, 32, 32, 640), 640))
