@@ -134,11 +134,9 @@ def rows() -> dict:
         # (the pipeline's default lets XLA choose the layouts: sdjax.pipeline's module doc)
         "auto_row_major_params": (auto, {"auto_layouts": False}),
         # auto with every 3x3 conv through cuDNN (the `auto` of sessions 1-6), where `auto`
-        # takes the taps form at the weight-bound ones (sdjax.ops.taps_pays)
+        # takes the taps form at the weight-bound ones (sdjax.ops.taps_pays) and, from the
+        # twenty-second session, our Hopper convolution at 16x16 (sdjax.ops.hopper_conv_pays)
         "auto_cudnn_convs": (dataclasses.replace(auto, conv3x3="reference"), {}),
-        # auto with our Mosaic GPU implicit-GEMM convolution where it measured ahead of cuDNN
-        # as a whole (the 16x16 level: sdjax.ops.hopper_conv_pays; twenty-second session)
-        "auto+conv_hopper": (dataclasses.replace(auto, conv3x3="auto_hopper"), {}),
         # auto with every upsampler in the subpixel form (sdjax.ops.upsample_conv_subpixel),
         # where `auto` keeps the textbook order at 8x8 inputs (sdjax.ops.subpixel_pays)
         "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),

@@ -39,9 +39,8 @@ Implementation names:
   taps           (conv3x3) one matrix product against all nine taps, then a shifted sum
                  (plain XLA; for weight-bound convs: `conv3x3_taps`).
   pallas_hopper  (conv3x3) our Mosaic GPU implicit-GEMM convolution for Hopper, split-K
-                 (`custom_calls.conv3x3_hopper`; shapes in its scope only).
-  auto_hopper    (conv3x3) `auto`, but our Hopper convolution where it measured ahead of
-                 cuDNN as a whole (its planes and partial sums included: `hopper_conv_pays`).
+                 (`custom_calls.conv3x3_hopper`; shapes in its scope only; `auto` takes it
+                 where it measured ahead of cuDNN: `hopper_conv_pays`).
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
                  four phase kernels (plain XLA; exact; `auto` takes it from 16x16 inputs up).
   transposed     (upsample_conv) the same as one convolution of the zero-dilated small map
@@ -87,7 +86,7 @@ GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 UpsampleConvImpl = Literal["reference", "subpixel", "transposed", "auto"]
 InterleaveImpl = Literal["xla", "pallas", "auto"]
-Conv3x3Impl = Literal["reference", "taps", "pallas_hopper", "auto_hopper", "auto"]
+Conv3x3Impl = Literal["reference", "taps", "pallas_hopper", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
 
@@ -112,10 +111,10 @@ class Implementations:
     # GPU. Only where the subpixel form runs.
     interleave: InterleaveImpl = "xla"
     # 3x3 stride-1 convolutions: "reference" is XLA's convolution (cuDNN on GPU); "taps" one
-    # matrix product against all nine taps and a shifted sum (`conv3x3_taps`); "auto" the
-    # taps form where it measured faster on GPU (`taps_pays`), else the reference;
-    # "pallas_hopper" our Mosaic GPU implicit GEMM (`custom_calls.conv3x3_hopper`); "auto_hopper"
-    # `auto` with ours where it measured ahead (`hopper_conv_pays`; not yet `auto`'s).
+    # matrix product against all nine taps and a shifted sum (`conv3x3_taps`);
+    # "pallas_hopper" our Mosaic GPU implicit GEMM (`custom_calls.conv3x3_hopper`); "auto"
+    # ours where it measured faster on a Hopper GPU (`hopper_conv_pays`), the taps form where
+    # that did (`taps_pays`), else the reference.
     conv3x3: Conv3x3Impl = "reference"
 
     def __post_init__(self):
@@ -1045,10 +1044,6 @@ def taps_pays(x_shape, kernel_shape) -> bool:
     return 4 * z_bytes <= kernel_bytes or o <= 4
 
 
-def _auto_conv3x3(x, kernel) -> str:
-    return "taps" if on_gpu() and taps_pays(x.shape, kernel.shape) else "reference"
-
-
 def conv3x3_hopper_supports(x, kernel) -> str | None:
     """Why our Hopper convolution cannot run these inputs here, or None if it can."""
     from custom_calls.conv3x3_hopper import supports
@@ -1059,9 +1054,11 @@ def conv3x3_hopper_supports(x, kernel) -> str | None:
 def hopper_conv_pays(x_shape) -> bool:
     """Where our Hopper convolution beat cuDNN as a whole form (planes, kernel and partial sums;
     H100, fp16, batch 2, device kernel time, `bench_conv_*_s22c`): SD1.5's 16x16 level, 32.2
-    against 33.2 us at 1280 -> 1280, 55.9 / 57.5 at 2560 -> 1280, 43.9 / 46.2 at 1920 -> 1280.
-    At 32x32 its kernel is ahead too (28.0 against 33.0 us at 640 -> 640) but the planes'
-    pass (4.5 us) puts the whole behind; at 64x64 the kernel itself is behind."""
+    against 33.2 us at 1280 -> 1280, 55.9 / 57.5 at 2560 -> 1280, 43.9 / 46.2 at 1920 -> 1280;
+    in the UNet's step (`profile_*_s22e_*`) the level's ten convolutions took 0.076 ms less,
+    0.035 ms less with the planes' and sums' passes. At 32x32 its kernel is ahead too (28.0
+    against 33.0 us at 640 -> 640) but the planes' pass (4.5 us) puts the whole behind; at
+    64x64 the kernel itself is behind."""
     return x_shape[1] * x_shape[2] == 16 * 16
 
 
@@ -1071,17 +1068,16 @@ def _conv3x3_pallas_hopper(x, kernel, bias):
     return custom_calls.conv3x3_hopper(x, kernel, bias)
 
 
-def _conv3x3_auto_hopper(x, kernel, bias):
+def _auto_conv3x3(x, kernel) -> str:
     if hopper_conv_pays(x.shape) and not conv3x3_hopper_supports(x, kernel):
-        return custom_calls.conv3x3_hopper(x, kernel, bias)
-    return _CONV3X3[_auto_conv3x3(x, kernel)](x, kernel, bias)
+        return "pallas_hopper"
+    return "taps" if on_gpu() and taps_pays(x.shape, kernel.shape) else "reference"
 
 
 _CONV3X3 = {
     "reference": conv3x3_reference,
     "taps": conv3x3_taps,
     "pallas_hopper": _conv3x3_pallas_hopper,
-    "auto_hopper": _conv3x3_auto_hopper,
 }
 
 

@@ -218,8 +218,8 @@ def test_bench_conv_reads_config_specs():
 
 
 def test_ops_seam_for_the_hopper_convolution(rng):
-    """`pallas_hopper` raises where it cannot run (here: no GPU); `auto_hopper` is `auto`
-    wherever ours did not measure ahead or cannot run."""
+    """`pallas_hopper` raises where it cannot run (here: no GPU); `auto` takes it only where it
+    measured ahead and can run."""
     from sdjax import ops
 
     x, kernel, bias = _inputs(rng, (2, 16, 16, 64), 64, jnp.float16)
@@ -227,13 +227,13 @@ def test_ops_seam_for_the_hopper_convolution(rng):
         pytest.skip("a Hopper GPU: the GPU test below covers it")
     with pytest.raises(ValueError, match="'pallas_hopper' cannot run .* needs a GPU"):
         ops.conv3x3(x, kernel, bias, implementation="pallas_hopper")
-    got = ops.conv3x3(x, kernel, bias, implementation="auto_hopper")
+    got = ops.conv3x3(x, kernel, bias, implementation="auto")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ops.conv3x3_reference(x, kernel, bias)))
     assert ops.hopper_conv_pays((2, 16, 16, 1280)) and not ops.hopper_conv_pays((2, 32, 32, 640))
 
 
 @pytest.mark.gpu
-def test_gpu_ops_auto_hopper_takes_ours_at_16x16_only(rng):
+def test_gpu_ops_auto_takes_ours_at_16x16_only(rng):
     import jax
 
     from sdjax import ops
@@ -241,7 +241,7 @@ def test_gpu_ops_auto_hopper_takes_ours_at_16x16_only(rng):
 
     def kernels(x_shape, o):
         x, kernel, bias = _inputs(rng, x_shape, o, jnp.float16)
-        fn = jax.jit(lambda x, k, b: ops.conv3x3(x, k, b, implementation="auto_hopper"))
+        fn = jax.jit(lambda x, k, b: ops.conv3x3(x, k, b, implementation="auto"))
         out = fn(x, kernel, bias)
         assert _relative_error(out, conv3x3_reference(x, kernel, bias)) <= TOLERANCE[jnp.float16]
         return count_hlo(fn.lower(x, kernel, bias).compile().as_text())["sdjax_kernels"]
