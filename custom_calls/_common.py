@@ -20,6 +20,17 @@ HOPPER_REGISTER_FILE = 65536  # 32-bit registers per SM (and per block at most)
 HOPPER_MIN_REGISTERS = 24  # the least `setmaxnreg` allows a thread
 
 
+def hopper_smem_transforms(columns: int, dtype):
+    """Mosaic GPU's tiling and swizzle of a shared-memory tile `columns` wide that TMA fills
+    and wgmma reads: 8-row tiles of up to 128 bytes, swizzled by their width (64 fp16
+    columns: one 128-byte swizzled tile, the widest)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    item = jnp.dtype(dtype).itemsize
+    swizzle = min(128, columns * item)
+    return (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
+
+
 def num_sms() -> int:
     """Streaming multiprocessors of the default device (132 on an H100 SXM); 2 off GPU."""
     return getattr(jax.devices()[0], "core_count", None) or 2

@@ -17,9 +17,10 @@ whose left operand is never built (implicit GEMM):
 - the input is laid out once, by XLA, as three *column-shifted planes*
   xs[kx, n, yy, x] = xp[n, yy, x + kx], side by side in the channels ([N (H + 2) W, 3 C]; or
   stacked, `Conv3x3Config.planes`): a tap (ky, kx) of 64 consecutive output pixels of one
-  image is then 64 consecutive rows of plane kx, starting ky image rows further on. Mosaic GPU copies a TMA box into a tiled shared-memory
-  tile only from a row that is a multiple of the tile's 8 rows (it tiles the source the same
-  way), which a row offset of kx in the padded input itself is not;
+  image is then 64 consecutive rows of plane kx, starting ky image rows further on. Mosaic
+  GPU copies a TMA box into a tiled shared-memory tile only from a row that is a multiple of
+  the tile's 8 rows (it tiles the source the same way), which a row offset of kx in the
+  padded input itself is not;
 - a program's tile is [128, block_n] of the output: 128 consecutive pixels, shared by two
   *consumer* warpgroups (64 rows each, wgmma's M) that read the same w tile;
 - one *producer* warpgroup streams, per reduction step (tap t, channel chunk k), each
@@ -35,8 +36,14 @@ bias and the cast are one XLA fusion after it. Both are in every timing we quote
 
 Scope (`supports`): fp16/bf16; C a multiple of block_k; O a multiple of block_n; W a
 multiple of 8, H * W a multiple of 64 (a consumer's 64 pixels lie in one image) and N * H * W
-of 128; the 9 C / block_k reduction steps a multiple of `splits`. Off GPU the kernel runs in Mosaic GPU's interpret mode (tests;
-slow, small shapes), where the products are float32 dots of the same shared-memory tiles.
+of 128; the 9 C / block_k reduction steps a multiple of `splits`. Off GPU the kernel runs in
+Mosaic GPU's interpret mode (tests; slow, small shapes), where the products are float32 dots
+of the same shared-memory tiles.
+
+Where it stands (H100, device kernel time; `experiments/results/README.md`, twenty-second
+session): the kernel alone is 15-35% ahead of cuDNN at SD1.5's 16x16 and 32x32 shapes, behind
+at 64x64; with the planes and the sums, ahead at 16x16 only, where `sdjax.ops`' `auto` takes
+it (`hopper_conv_pays`).
 """
 
 from __future__ import annotations
@@ -55,7 +62,12 @@ from custom_calls._common import HOPPER_CONSUMER_REGISTERS as CONSUMER_REGISTERS
 from custom_calls._common import HOPPER_DTYPES as SUPPORTED_DTYPES
 from custom_calls._common import HOPPER_PRODUCER_REGISTERS as PRODUCER_REGISTERS
 from custom_calls._common import HOPPER_SMEM_LIMIT_BYTES as SMEM_LIMIT_BYTES
-from custom_calls._common import mosaic_interpret_params, num_sms, resolve_interpret
+from custom_calls._common import (
+    hopper_smem_transforms,
+    mosaic_interpret_params,
+    num_sms,
+    resolve_interpret,
+)
 
 CONSUMER_M = 64  # rows of one consumer's accumulator: wgmma's M for one warpgroup
 TILE_M = COMPUTE_WARPGROUPS * CONSUMER_M  # a program's output pixels
@@ -270,14 +282,6 @@ def _kernel(
                 plgpu.barrier_wait(free.at[g % stages])
 
 
-def _transforms(columns: int, dtype):
-    """Tiling and swizzle of a shared-memory tile `columns` wide (64 fp16 columns: one
-    128-byte swizzled tile)."""
-    item = jnp.dtype(dtype).itemsize
-    swizzle = min(128, columns * item)
-    return (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
-
-
 def input_planes(x, layout: str = "channels"):
     """x [N, H, W, C] zero-padded by one pixel and laid out as the kernel reads it: the three
     column-shifted planes xs[kx] = xp[:, :, kx : kx + W], as [3 N (H + 2) W, C] ("rows") or
@@ -311,11 +315,11 @@ def conv3x3_hopper(x, kernel, bias=None, *, config: Conv3x3Config | None = None,
     k_steps = 9 * c // bk // splits
     planes = input_planes(x, config.planes)
     w2 = kernel.astype(dtype).reshape(9 * c, o)
+    in_t, out_t = hopper_smem_transforms(bk, dtype), hopper_smem_transforms(bn, dtype)
     scratch = [
-        plgpu.SMEM((stages, COMPUTE_WARPGROUPS, CONSUMER_M, bk), dtype,
-                   transforms=_transforms(bk, dtype)),
-        plgpu.SMEM((stages, bk, bn), dtype, transforms=_transforms(bn, dtype)),
-        plgpu.SMEM((COMPUTE_WARPGROUPS, CONSUMER_M, bn), dtype, transforms=_transforms(bn, dtype)),
+        plgpu.SMEM((stages, COMPUTE_WARPGROUPS, CONSUMER_M, bk), dtype, transforms=in_t),  # x
+        plgpu.SMEM((stages, bk, bn), dtype, transforms=out_t),  # w
+        plgpu.SMEM((COMPUTE_WARPGROUPS, CONSUMER_M, bn), dtype, transforms=out_t),  # partials
         # full: the slot's two x boxes (one per consumer) and its w tile
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS + 1, num_barriers=stages),
         plgpu.Barrier(num_arrivals=COMPUTE_WARPGROUPS, num_barriers=stages),  # free

@@ -61,7 +61,12 @@ from custom_calls._common import HOPPER_CONSUMER_REGISTERS as CONSUMER_REGISTERS
 from custom_calls._common import HOPPER_DTYPES as SUPPORTED_DTYPES
 from custom_calls._common import HOPPER_PRODUCER_REGISTERS as PRODUCER_REGISTERS
 from custom_calls._common import HOPPER_SMEM_LIMIT_BYTES as SMEM_LIMIT_BYTES
-from custom_calls._common import mosaic_interpret_params, num_sms, resolve_interpret
+from custom_calls._common import (
+    hopper_smem_transforms,
+    mosaic_interpret_params,
+    num_sms,
+    resolve_interpret,
+)
 from custom_calls.group_norm import activate
 
 TILE_M = 64  # rows of a tile: one warpgroup's wgmma
@@ -363,14 +368,6 @@ def _kernel(
                 )
 
 
-def _transforms(columns: int, dtype):
-    """Tiling and swizzle of a shared-memory tile `columns` wide: 64 fp16 columns is one
-    128-byte swizzled tile."""
-    item = jnp.dtype(dtype).itemsize
-    swizzle = min(128, columns * item)
-    return (plgpu.TilingTransform((8, swizzle // item)), plgpu.SwizzleTransform(swizzle))
-
-
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None):
     """hidden * gelu(gate), [hidden, gate] = split(x @ w + b). x [..., D], w [D, 2F], b [2F]
@@ -408,7 +405,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         else plgpu.Barrier(num_barriers=slots)
     )
     dtype = x.dtype
-    in_t, out_t = _transforms(config.block_k, dtype), _transforms(config.block_n, dtype)
+    in_t, out_t = hopper_smem_transforms(config.block_k, dtype), hopper_smem_transforms(config.block_n, dtype)
     cw, bk, bn = COMPUTE_WARPGROUPS, config.block_k, config.block_n
     scratch = [
         plgpu.SMEM((rings, stages, TILE_M, bk), dtype, transforms=in_t),  # x

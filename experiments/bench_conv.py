@@ -15,9 +15,10 @@ Forms:
           --hopper_configs entry: "auto" (the heuristic) or "n<block_n>s<stages>k<splits>"
           with an optional "e" (no delayed slot release), e.g. n128s4k3; an "r" suffix
           stacks the input planes by rows (the default: side by side in the channels; s22b
-          ran the rows layout without a suffix, s22c named the channels layout with "c"). `best_hopper_kernel_us` is the
-          best config's Mosaic kernel alone (what a producer that writes the planes itself,
-          and a consumer that adds the partial sums, would leave)
+          ran the rows layout without a suffix, s22c named the channels layout with "c").
+          `best_hopper_kernel_us` is the best config's Mosaic kernel alone (what a producer
+          that writes the planes itself, and a consumer that adds the partial sums, would
+          leave)
   splitS  `sdjax.ops.conv3x3_split_k`: the input channels in S parts as one grouped
           convolution (S times the output tiles: split-K for cuDNN), the S partial sums in
           x's dtype, then added; kernel `split_k_kernel`'s, OHWI, made outside the timed

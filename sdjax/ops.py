@@ -1053,7 +1053,8 @@ def conv3x3_hopper_supports(x, kernel) -> str | None:
 
 def hopper_conv_pays(x_shape) -> bool:
     """Where our Hopper convolution beat cuDNN as a whole form (planes, kernel and partial sums;
-    H100, fp16, batch 2, device kernel time, `bench_conv_*_s22c`): SD1.5's 16x16 level, 32.2
+    H100, fp16, batch 2, device kernel time, `bench_conv_*_s22c`; bf16 taken alike, tested
+    but not timed): SD1.5's 16x16 level, 32.2
     against 33.2 us at 1280 -> 1280, 55.9 / 57.5 at 2560 -> 1280, 43.9 / 46.2 at 1920 -> 1280;
     in the UNet's step (`profile_*_s22e_*`) the level's ten convolutions took 0.076 ms less,
     0.035 ms less with the planes' and sums' passes. At 32x32 its kernel is ahead too (28.0
