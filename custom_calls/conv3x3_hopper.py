@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,21 @@ def heuristic_config(x_shape, out_channels: int) -> Conv3x3Config:
     splits = max((s for s in range(1, 9) if steps % s == 0),
                  key=lambda s: (round(wave_fill(tiles * s, sms), 2), -s))  # fmt: skip
     return Conv3x3Config(block_n=block_n, splits=splits)
+
+
+def parse_config(spec: str, x_shape, out_channels: int) -> Conv3x3Config:
+    """A config from a short spec (benchmarks' command lines): "auto" (the heuristic) or
+    "n<block_n>s<stages>k<splits>", e.g. "n128s4k3", then optionally "e" (no delayed
+    release), then optionally "r" (the planes stacked by rows)."""
+    planes = "rows" if spec.endswith("r") else "channels"
+    if spec in ("auto", "autor"):
+        return dataclasses.replace(heuristic_config(x_shape, out_channels), planes=planes)
+    match = re.fullmatch(r"n(\d+)s(\d+)k(\d+)(e?)(r?)", spec)
+    if not match:
+        raise ValueError(f"config spec {spec!r} is neither auto[r] nor like n128s4k3[e][r]")
+    n, s, k, e, _ = match.groups()
+    return Conv3x3Config(block_n=int(n), stages=int(s), splits=int(k), delay_release=not e,
+                         planes=planes)  # fmt: skip
 
 
 def supports(x_shape, kernel_shape, dtype, config: Conv3x3Config | None = None) -> str | None:

@@ -12,9 +12,9 @@ Forms:
   im2col  the nine shifted copies of x side by side, [NHW, 9 I] x [9 I, O], kernel HWIO
   hopper  `custom_calls.conv3x3_hopper` (our Mosaic GPU implicit GEMM with split-K; its
           padding copy and the partial sums' addition are in the timed program), once per
-          --hopper_configs entry: "auto" (the heuristic) or "n<block_n>s<stages>k<splits>"
-          with an optional "e" (no delayed slot release), e.g. n128s4k3; an "r" suffix
-          stacks the input planes by rows (the default: side by side in the channels; s22b
+          --hopper_configs entry (`conv3x3_hopper.parse_config`): "auto" (the heuristic) or
+          "n<block_n>s<stages>k<splits>" with an optional "e" (no delayed slot release),
+          e.g. n128s4k3; an "r" suffix stacks the input planes by rows (the default: side by side in the channels; s22b
           ran the rows layout without a suffix, s22c named the channels layout with "c").
           `best_hopper_kernel_us` is the best config's Mosaic kernel alone (what a producer
           that writes the planes itself, and a consumer that adds the partial sums, would
@@ -52,7 +52,6 @@ Writes bench_conv[_chain]_<device>_<dtype>_<date>.json and .md to results_dir().
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import statistics
 import time
@@ -101,25 +100,6 @@ _CHAIN_WEIGHT_SETS = flags.DEFINE_integer("chain_weight_sets", 4, "distinct kern
 _CHAIN_REPEATS = flags.DEFINE_integer("chain_repeats", 15, "rounds of the chain timings")
 # The compile option that lets a CUDA graph run independent commands side by side.
 CONCURRENT = "xla_gpu_graph_enable_concurrent_region"
-
-
-def hopper_config(spec: str, x_shape, cout: int):
-    """A `Conv3x3Config` from "auto" or "n<block_n>s<stages>k<splits>[e]" (e: no delayed
-    release), either with an "r" suffix for the input planes stacked by rows (else side by
-    side in the channels, the kernel's default)."""
-    import re
-
-    from custom_calls.conv3x3_hopper import Conv3x3Config, heuristic_config
-
-    planes = "rows" if spec.endswith("r") else "channels"
-    if spec in ("auto", "autor"):
-        return dataclasses.replace(heuristic_config(x_shape, cout), planes=planes)
-    match = re.fullmatch(r"n(\d+)s(\d+)k(\d+)(e?)(r?)", spec)
-    if not match:
-        raise ValueError(f"--hopper_configs: {spec!r} is neither auto[r] nor like n128s4k3[e][r]")
-    n, s, k, e, _ = match.groups()
-    return Conv3x3Config(block_n=int(n), stages=int(s), splits=int(k), delay_release=not e,
-                            planes=planes)  # fmt: skip
 
 
 def _cudnn(x, kernel_ohwi, bias):
@@ -259,10 +239,10 @@ def bench(name: str, dtype) -> dict:
                                    partial_dtype=partial)  # fmt: skip
             forms[f"split{splits}{suffix}"] = (fn, grouped)
     if "hopper" in _FORMS.value:
-        from custom_calls.conv3x3_hopper import conv3x3_hopper, supports
+        from custom_calls.conv3x3_hopper import conv3x3_hopper, parse_config, supports
 
         for spec in _HOPPER_CONFIGS.value:
-            config = hopper_config(spec, x.shape, cout)
+            config = parse_config(spec, x.shape, cout)
             if why := supports(x.shape, kernel.shape, dtype, config):
                 print(f"{name}: hopper {spec} skipped: {why}")
                 continue

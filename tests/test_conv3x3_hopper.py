@@ -20,6 +20,7 @@ from custom_calls.conv3x3_hopper import (
     conv3x3_reference,
     heuristic_config,
     input_planes,
+    parse_config,
     supports,
 )
 
@@ -203,18 +204,16 @@ def test_gpu_hlo_has_mosaic_kernel(rng):
     assert any(n.startswith("sdjax_conv3x3_hopper") for n in count_hlo(hlo)["sdjax_kernels"])
 
 
-def test_bench_conv_reads_config_specs():
-    from experiments.bench_conv import hopper_config
-
-    assert hopper_config("n256s3k6", (2, 16, 16, 1280), 1280) == Conv3x3Config(
+def test_parse_config_reads_specs():
+    assert parse_config("n256s3k6", (2, 16, 16, 1280), 1280) == Conv3x3Config(
         block_n=256, stages=3, splits=6
     )
-    assert hopper_config("n128s4k3er", (2, 16, 16, 1280), 1280) == Conv3x3Config(
+    assert parse_config("n128s4k3er", (2, 16, 16, 1280), 1280) == Conv3x3Config(
         splits=3, delay_release=False, planes="rows"
     )
-    assert hopper_config("autor", (2, 16, 16, 1280), 1280).planes == "rows"
+    assert parse_config("autor", (2, 16, 16, 1280), 1280).planes == "rows"
     with pytest.raises(ValueError, match="neither auto"):
-        hopper_config("n128", (2, 16, 16, 1280), 1280)
+        parse_config("n128", (2, 16, 16, 1280), 1280)
 
 
 def test_ops_seam_for_the_hopper_convolution(rng):
