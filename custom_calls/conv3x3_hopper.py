@@ -124,10 +124,11 @@ def wave_fill(programs: int, sms: int) -> float:
 def heuristic_config(x_shape, out_channels: int) -> Conv3x3Config:
     """Tiles 128 channels wide (64 where O is not a multiple of 128); then the split-K (a
     divisor of the reduction steps, at most 8) whose programs fill their waves best, the
-    fewest splits among equals, where the tiles alone are fewer than the SMs. Measured on the H100 (s22b, `experiments/results/README.md`):
-    a program per SM, the last wave's idle SMs cost their share: at SD1.5's 16x16 level (4 x 10
-    tiles) 3 splits (120 programs) took 26.5 us of kernel, 4 (160) 40.0; at 32x32 (16 x 5
-    tiles) 3 splits (240) 27.4, 2 (160) 33.4, 1 (80) 30.7."""
+    fewest splits among equals, where the tiles alone are fewer than the SMs. Measured on the
+    H100 (s22b, `experiments/results/README.md`): a program per SM, the last wave's idle SMs
+    cost their share: at SD1.5's 16x16 level (4 x 10 tiles) 3 splits (120 programs) took 26.5
+    us of kernel, 4 (160) 40.0; at 32x32 (16 x 5 tiles) 3 splits (240) 27.4, 2 (160) 33.4,
+    1 (80) 30.7."""
     n, h, w, c = x_shape
     block_n = 128 if out_channels % 128 == 0 else 64
     tiles = max(1, n * h * w // TILE_M) * max(1, out_channels // block_n)
@@ -193,9 +194,9 @@ def _kernel(
     """One program: split s of output tile (m, n).
 
     x_ref: `input_planes(x, planes)`, [3 N (H + 2) W, C] or [N (H + 2) W, 3 C]; w_ref [9 C, O];
-    o_ref [splits, N H W, O]. x_smem [stages, 2, 64, block_k] (the consumers' rows); w_smem [stages, block_k,
-    block_n]; o_smem [2, 64, block_n]. full, free: [stages] barriers (free: one arrival per
-    consumer). k_steps: this program's reduction steps.
+    o_ref [splits, N H W, O]. x_smem [stages, 2, 64, block_k] (the consumers' rows); w_smem
+    [stages, block_k, block_n]; o_smem [2, 64, block_n]. full, free: [stages] barriers (free:
+    one arrival per consumer). k_steps: this program's reduction steps.
     """
     wg = lax.axis_index("wg")
     tile_m, tile_n, split = (lax.axis_index(a) for a in ("m", "n", "k"))
@@ -246,9 +247,8 @@ def _kernel(
             out = pl.run_scoped(accumulate, plgpu.ACC((CONSUMER_M, block_n), jnp.float32))
         o_smem.at[wg][...] = out.astype(o_smem.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            o_smem.at[wg], o_ref.at[split, pl.ds(m0 + wg * CONSUMER_M, CONSUMER_M), pl.ds(n0, block_n)]
-        )
+        rows = pl.ds(m0 + wg * CONSUMER_M, CONSUMER_M)  # this consumer's pixels
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[split, rows, pl.ds(n0, block_n)])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WARPGROUPS)

@@ -14,8 +14,9 @@ Forms:
           padding copy and the partial sums' addition are in the timed program), once per
           --hopper_configs entry (`conv3x3_hopper.parse_config`): "auto" (the heuristic) or
           "n<block_n>s<stages>k<splits>" with an optional "e" (no delayed slot release),
-          e.g. n128s4k3; an "r" suffix stacks the input planes by rows (the default: side by side in the channels; s22b
-          ran the rows layout without a suffix, s22c named the channels layout with "c").
+          e.g. n128s4k3; an "r" suffix stacks the input planes by rows (the default: side by
+          side in the channels; s22b ran the rows layout without a suffix, s22c named the
+          channels layout with "c"). The padding is the planes' fusion.
           `best_hopper_kernel_us` is the best config's Mosaic kernel alone (what a producer
           that writes the planes itself, and a consumer that adds the partial sums, would
           leave)
@@ -246,8 +247,7 @@ def bench(name: str, dtype) -> dict:
             if why := supports(x.shape, kernel.shape, dtype, config):
                 print(f"{name}: hopper {spec} skipped: {why}")
                 continue
-            fn = functools.partial(conv3x3_hopper, config=config)
-            forms[f"hopper_{spec}"] = (lambda x, k, b, fn=fn: fn(x, k, b), kernel)
+            forms[f"hopper_{spec}"] = (functools.partial(conv3x3_hopper, config=config), kernel)
     for form, (fn, k) in forms.items():
         t = common.kernel_us(fn, x, k, bias, sets=_SETS.value)
         row[f"{form}_us"] = t["us"]
@@ -265,7 +265,8 @@ def bench(name: str, dtype) -> dict:
         best = min(hoppers, key=hoppers.get)
         kernel_only = sum(us for k, us in row[f"{best}_kernels"].items() if "conv3x3" in k)
         row.update(best_hopper=best, best_hopper_us=hoppers[best],
-                   best_hopper_err=row[f"{best}_err"], best_hopper_kernel_us=kernel_only)  # fmt: skip
+                   best_hopper_err=row[f"{best}_err"],
+                   best_hopper_kernel_us=kernel_only)  # fmt: skip
         row["cudnn/best_hopper"] = row["cudnn_us"] / hoppers[best]
     for form in ("taps", "im2col"):
         if form in forms:
