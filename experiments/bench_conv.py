@@ -9,6 +9,8 @@ Forms:
           products, or one [NHW, I] x [I, 9 O] product for a small kernel), then the nine
           shifted slices summed; kernel HWIO, as the parameter is (any rearrangement of it
           is in the timed program, as in the model)
+  taps_half  the same with the tap products z in x's dtype (`product_dtype=None`, the
+          "taps_half" implementation)
   im2col  the nine shifted copies of x side by side, [NHW, 9 I] x [9 I, O], kernel HWIO
   hopper  `custom_calls.conv3x3_hopper` (our Mosaic GPU implicit GEMM with split-K; its
           padding copy and the partial sums' addition are in the timed program), once per
@@ -88,8 +90,9 @@ SHAPES = {
 _DTYPE = flags.DEFINE_enum("dtype", "float16", ["float16", "bfloat16", "float32"], "dtype")
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), "shape names")
 _SETS = flags.DEFINE_integer("sets", 8, "distinct input sets per timed program")
-_FORMS = flags.DEFINE_list("forms", ["cudnn", "taps", "im2col", "split"], "forms to time "
-                           "(cudnn always: the ratios' reference; split: every splitS form)")
+_FORMS = flags.DEFINE_list("forms", ["cudnn", "taps", "taps_half", "im2col", "split"],
+                           "forms to time (cudnn always: the ratios' reference; split: every "
+                           "splitS form)")  # fmt: skip
 _SPLITS = flags.DEFINE_list("splits", ["2", "3", "4"], "split-K parts of the splitS forms "
                             "(those that divide a shape's input channels); empty: none")
 _HOPPER_CONFIGS = flags.DEFINE_list("hopper_configs", ["auto"], "configs of the hopper form "
@@ -224,6 +227,7 @@ def bench(name: str, dtype) -> dict:
     forms = {
         "cudnn": (_cudnn, jnp.transpose(kernel, (3, 0, 1, 2))),
         "taps": (ops.conv3x3_taps, kernel),
+        "taps_half": (functools.partial(ops.conv3x3_taps, product_dtype=None), kernel),
         "im2col": (_im2col, kernel.reshape(9 * cin, cout)),
     }
     gflop = 2 * n * side * side * 9 * cin * cout / 1e9
@@ -268,7 +272,7 @@ def bench(name: str, dtype) -> dict:
                    best_hopper_err=row[f"{best}_err"],
                    best_hopper_kernel_us=kernel_only)  # fmt: skip
         row["cudnn/best_hopper"] = row["cudnn_us"] / hoppers[best]
-    for form in ("taps", "im2col"):
+    for form in ("taps", "taps_half", "im2col"):
         if form in forms:
             row[f"cudnn/{form}"] = row["cudnn_us"] / row[f"{form}_us"]
     common.print_row(row)
@@ -292,8 +296,9 @@ def main(argv):
         ))  # fmt: skip
         return
     rows = [bench(name, dtype) for name in names]
-    columns = ["shape", "gflop", "kernel_mb", "cudnn_us", "taps_us", "im2col_us", "cudnn/taps",
-               "cudnn/im2col", "cudnn_launches", "taps_err", "im2col_err", "best_split",
+    columns = ["shape", "gflop", "kernel_mb", "cudnn_us", "taps_us", "taps_half_us",
+               "im2col_us", "cudnn/taps", "cudnn/taps_half", "cudnn/im2col", "cudnn_launches",
+               "taps_err", "taps_half_err", "im2col_err", "best_split",
                "best_split_us", "cudnn/best_split", "best_split_err", "best_hopper",
                "best_hopper_us", "cudnn/best_hopper", "best_hopper_kernel_us",
                "best_hopper_err"]  # fmt: skip

@@ -38,6 +38,8 @@ Implementation names:
                  tiles (`geglu_hopper.supports`).
   taps           (conv3x3) one matrix product against all nine taps, then a shifted sum
                  (plain XLA; for weight-bound convs: `conv3x3_taps`).
+  taps_half      (conv3x3) the same with the nine tap products stored in x's dtype (half
+                 their bytes; each rounded once before the float32 sum).
   pallas_hopper  (conv3x3) our Mosaic GPU implicit-GEMM convolution for Hopper, split-K
                  (`custom_calls.conv3x3_hopper`; shapes in its scope only; `auto` takes it
                  where it measured ahead of cuDNN: `hopper_conv_pays`).
@@ -86,7 +88,7 @@ GegluImpl = Literal["reference", "xla", "pallas", "pallas_hopper", "auto"]
 LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 UpsampleConvImpl = Literal["reference", "subpixel", "transposed", "auto"]
 InterleaveImpl = Literal["xla", "pallas", "auto"]
-Conv3x3Impl = Literal["reference", "taps", "pallas_hopper", "auto"]
+Conv3x3Impl = Literal["reference", "taps", "taps_half", "pallas_hopper", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
 
@@ -111,10 +113,12 @@ class Implementations:
     # GPU. Only where the subpixel form runs.
     interleave: InterleaveImpl = "xla"
     # 3x3 stride-1 convolutions: "reference" is XLA's convolution (cuDNN on GPU); "taps" one
-    # matrix product against all nine taps and a shifted sum (`conv3x3_taps`);
+    # matrix product against all nine taps and a shifted sum (`conv3x3_taps`; "taps_half"
+    # with the tap products in x's dtype);
     # "pallas_hopper" our Mosaic GPU implicit GEMM (`custom_calls.conv3x3_hopper`); "auto"
     # ours where it measured faster on a Hopper GPU (`hopper_conv_pays`), the taps form where
-    # that did (`taps_pays`), else the reference.
+    # that did (`taps_pays`; half-precision products where `taps_half_pays`), else the
+    # reference.
     conv3x3: Conv3x3Impl = "reference"
 
     def __post_init__(self):
@@ -958,17 +962,20 @@ def upsample_conv_phases(x, phase_kernel, bias, skip=None):
     return interleave_phases(y, bias, skip)
 
 
-def conv3x3_taps(x, kernel, bias):
+def conv3x3_taps(x, kernel, bias, *, product_dtype=jnp.float32):
     """conv3x3(x) + bias (stride 1, padding 1) as matrix products against every tap at once
     and a shifted sum. x [N, H, W, I], kernel [3, 3, I, O] (HWIO), bias [O] -> [N, H, W, O]
     in x's dtype.
 
-    z[t] = x @ kernel[t] for the nine taps t = (ky, kx), in float32; output pixel (h, w) is
+    z[t] = x @ kernel[t] for the nine taps t = (ky, kx), accumulated in float32 and stored in
+    `product_dtype` (None: x's dtype, the "taps_half" implementation: half z's bytes, each
+    tap's product rounded once before the float32 shifted sum, as the split-K forms round
+    their partial sums); output pixel (h, w) is
     the sum over taps of z[t] at pixel (h + ky - 1, w + kx - 1). The kernel is read once,
     with the taps as a wide N (or a batch), where a convolution kernel's tiles at few output
     pixels leave it latency-bound (the UNet's 8x8 level), or with so few output channels that
-    its tiles are mostly empty (conv_out). z is 9 * O / I times the input's size in float32,
-    so it pays only there (`taps_pays`).
+    its tiles are mostly empty (conv_out). z is 9 * O / I times the input's size (in float32
+    by default), so it pays only there (`taps_pays`).
 
     HWIO's taps are contiguous [I, O] blocks, so a large kernel is used in place, as a batch
     of nine products of the same x (XLA writes x nine times: small where the kernel is large);
@@ -977,17 +984,18 @@ def conv3x3_taps(x, kernel, bias):
     parameter's layout)."""
     n, h, w, i = x.shape
     o = kernel.shape[-1]
+    product_dtype = x.dtype if product_dtype is None else product_dtype
     taps = kernel.astype(x.dtype).reshape(9, i, o)  # [(ky, kx), I, O]: a bitcast of HWIO
     xm = x.reshape(n * h * w, i)
     if 9 * xm.size <= 2 * taps.size:  # nine copies of x cost less than moving the kernel
         xb = jnp.broadcast_to(xm[None], (9, *xm.shape))
         z = jax.lax.dot_general(xb, taps, (((2,), (1,)), ((0,), (0,))),
-                                preferred_element_type=jnp.float32)  # fmt: skip
+                                preferred_element_type=product_dtype)  # fmt: skip
         z = jnp.moveaxis(z.reshape(3, 3, n, h, w, o), (0, 1), (3, 4))  # [N, H, W, 3, 3, O]
     else:
-        z = jnp.einsum("mi,tio->mto", xm, taps, preferred_element_type=jnp.float32)
+        z = jnp.einsum("mi,tio->mto", xm, taps, preferred_element_type=product_dtype)
         z = z.reshape(n, h, w, 3, 3, o)
-    z = jnp.pad(z, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+    z = jnp.pad(z.astype(jnp.float32), ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
     y = sum(z[:, ky : ky + h, kx : kx + w, ky, kx] for ky in range(3) for kx in range(3))
     return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
@@ -1069,15 +1077,26 @@ def _conv3x3_pallas_hopper(x, kernel, bias):
     return custom_calls.conv3x3_hopper(x, kernel, bias)
 
 
+def taps_half_pays(kernel_shape) -> bool:
+    """Where the taps form keeps its tap products in x's dtype ("taps_half"): the weight-bound
+    convs with many output channels (the UNet's 8x8 level), where float32 z is a fifth of the
+    bytes the product moves; not the convs to at most 4 channels (conv_out), whose float32 z
+    is small and whose outputs are the model's."""
+    return kernel_shape[-1] > 4
+
+
 def _auto_conv3x3(x, kernel) -> str:
     if hopper_conv_pays(x.shape) and not conv3x3_hopper_supports(x, kernel):
         return "pallas_hopper"
-    return "taps" if on_gpu() and taps_pays(x.shape, kernel.shape) else "reference"
+    if on_gpu() and taps_pays(x.shape, kernel.shape):
+        return "taps_half" if taps_half_pays(kernel.shape) else "taps"
+    return "reference"
 
 
 _CONV3X3 = {
     "reference": conv3x3_reference,
     "taps": conv3x3_taps,
+    "taps_half": functools.partial(conv3x3_taps, product_dtype=None),
     "pallas_hopper": _conv3x3_pallas_hopper,
 }
 
