@@ -1079,7 +1079,7 @@ def _conv3x3_pallas_hopper(x, kernel, bias):
 
 def taps_half_pays(kernel_shape) -> bool:
     """Where the taps form keeps its tap products in x's dtype ("taps_half"): the weight-bound
-    convs with many output channels (the UNet's 8x8 level), where float32 z is a fifth of the
+    convs with many output channels (the UNet's 8x8 level), where float32 z is a sixth of the
     bytes the product moves; not the convs to at most 4 channels (conv_out), whose float32 z
     is small and whose outputs are the model's."""
     return kernel_shape[-1] > 4
