@@ -310,6 +310,15 @@ def input_planes(x, layout: str = "channels"):
     return jnp.concatenate(shifted, axis=-1).reshape(n * (h + 2) * w, 3 * c)
 
 
+def _checked(x_shape, kernel, bias, dtype, config):
+    if why := supports(x_shape, kernel.shape, dtype, config):
+        raise ValueError(f"conv3x3_hopper cannot run x {x_shape} with kernel {kernel.shape}: {why}")
+    o = kernel.shape[3]
+    if bias is not None and bias.shape != (o,):
+        raise ValueError(f"conv3x3_hopper: bias must be [{o}]; got {bias.shape}")
+    return config or heuristic_config(x_shape, o)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def conv3x3_hopper(x, kernel, bias=None, *, config: Conv3x3Config | None = None, interpret=None):
     """conv3x3(x) + bias, stride 1, padding 1. x [N, H, W, C] (fp16/bf16); kernel [3, 3, C, O]
@@ -317,19 +326,35 @@ def conv3x3_hopper(x, kernel, bias=None, *, config: Conv3x3Config | None = None,
     partial sums are rounded to x's dtype before they are added, in float32). Returns
     [N, H, W, O] in x's dtype. Raises ValueError for shapes outside the kernel's scope
     (`supports`)."""
-    if why := supports(x.shape, kernel.shape, x.dtype, config):
-        raise ValueError(f"conv3x3_hopper cannot run x {x.shape} with kernel {kernel.shape}: {why}")
-    n, h, w, c = x.shape
+    config = _checked(x.shape, kernel, bias, x.dtype, config)
+    return _conv(input_planes(x, config.planes), kernel, bias, x.shape, config, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("x_shape", "config", "interpret"))
+def conv3x3_hopper_planes(planes, kernel, bias=None, *, x_shape, config=None, interpret=None):
+    """`conv3x3_hopper` of an input x [N, H, W, C] (`x_shape`) given as its planes, as
+    `input_planes(x)` lays them out ("channels": [N (H + 2) W, 3 C]), e.g. written by the
+    GroupNorm kernel before the convolution (`group_norm(planes=True)`)."""
+    x_shape = tuple(x_shape)
+    config = _checked(x_shape, kernel, bias, planes.dtype, config)
+    n, h, w, c = x_shape
+    if config.planes != "channels" or planes.shape != (n * (h + 2) * w, 3 * c):
+        raise ValueError(
+            f"conv3x3_hopper_planes: want the planes of x {x_shape} side by side in the "
+            f"channels, [{n * (h + 2) * w}, {3 * c}], with config.planes='channels'; got "
+            f"{planes.shape} and {config.planes!r}"
+        )
+    return _conv(planes, kernel, bias, x_shape, config, interpret)
+
+
+def _conv(planes, kernel, bias, x_shape, config: Conv3x3Config, interpret):
+    n, h, w, c = x_shape
     o = kernel.shape[3]
-    if bias is not None and bias.shape != (o,):
-        raise ValueError(f"conv3x3_hopper: bias must be [{o}]; got {bias.shape}")
-    config = config or heuristic_config(x.shape, o)
     interpret = resolve_interpret(interpret)
-    dtype = x.dtype
+    dtype = planes.dtype
     m = n * h * w
     stages, bk, bn, splits = config.stages, config.block_k, config.block_n, config.splits
     k_steps = 9 * c // bk // splits
-    planes = input_planes(x, config.planes)
     w2 = kernel.astype(dtype).reshape(9 * c, o)
     in_t, out_t = hopper_smem_transforms(bk, dtype), hopper_smem_transforms(bn, dtype)
     scratch = [

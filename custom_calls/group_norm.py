@@ -352,6 +352,56 @@ def _write(view, x, mask, affine, activation):
     plgpu.store(view, y.astype(view.dtype), mask=mask, eviction_policy="evict_first")
 
 
+# The planes output (`group_norm(planes=True)`): o_ref [N, (H + 2) W, 3, G, cpg], plane kx at
+# padded row yy and column x holding the output pixel (yy - 1, x + kx - 1), zero outside the
+# image (`conv3x3_hopper.input_planes`'s layout, "channels": [N (H + 2) W, 3 C] is a bitcast).
+# Output pixel s = y W + x of an image goes to plane kx's flattened row s + W + 1 - kx. The
+# pixel that leaves its image row there (x = W - 1 for plane 0, x = 0 for plane 2) lands on
+# the neighbouring padded row's border column, which must be zero: it is written as zero. The
+# borders no pixel lands on are `_zero_plane_borders`'.
+PLANE_BORDER_BLOCK = 8  # rows of one border store: W is a multiple of 8 (the convolution's
+# scope, `conv3x3_hopper.supports`), and Triton's blocks are powers of two
+
+
+def _write_planes(o_ref, n, r0, x, mask, affine, activation, *, rows, g0, bg, cp, width):
+    """Normalizes a tile of rows r0 : r0 + rows and writes it to the three planes."""
+    shift, a, b = affine
+    y = activate((x - shift[None]) * a[None] + b[None], activation).astype(o_ref.dtype)
+    column = lax.rem(r0 + jnp.arange(rows), width)[:, None, None]
+    for kx, edge in ((0, width - 1), (1, None), (2, 0)):
+        value = y if edge is None else jnp.where(column == edge, jnp.zeros_like(y), y)
+        plane = jnp.int32(kx)  # a traced index (interpret mode's store wants an array)
+        view = o_ref.at[n, pl.ds(r0 + width + 1 - kx, rows), plane, pl.ds(g0, bg), pl.ds(0, cp)]
+        plgpu.store(view, value, mask=mask, eviction_policy="evict_first")
+
+
+def _zero_plane_borders(o_ref, n, *, g0, bg, cp, groups, cpg, height, width):
+    """Zeros where no pixel lands: each plane's padded rows 0 and H + 1, plane 0's first
+    column of padded row 1 and plane 2's last column of padded row H."""
+    masks = []
+    if groups % bg:
+        masks.append((g0 + jnp.arange(bg) < groups)[None, :, None])
+    if cp != cpg:
+        masks.append((jnp.arange(cp) < cpg)[None, None, :])
+
+    def zeros(start, rows, kx):
+        view = o_ref.at[n, pl.ds(start, rows), jnp.int32(kx), pl.ds(g0, bg), pl.ds(0, cp)]
+        mask = None
+        for m in masks:
+            m = jnp.broadcast_to(m, view.shape)
+            mask = m if mask is None else mask & m
+        plgpu.store(view, jnp.zeros(view.shape, o_ref.dtype), mask=mask)
+
+    zero = jnp.int32(0)  # traced starts (see _fused_kernel)
+    bottom = (height + 1) * width
+    for kx in range(3):
+        for r in range(0, width, PLANE_BORDER_BLOCK):
+            zeros(zero + r, PLANE_BORDER_BLOCK, kx)
+            zeros(zero + bottom + r, PLANE_BORDER_BLOCK, kx)
+    zeros(zero + width, 1, 0)
+    zeros(zero + bottom - 1, 1, 2)
+
+
 def _program_part(x_ref, *, parts, part_rows, rows, groups, cpg):
     """(n, p, r_start, r_end, tile) of the program for part p of sample n: its rows
     [r_start, r_end) and tile(r0, eviction=None), the masked load of rows r0 .. r0 + rows."""
@@ -459,7 +509,10 @@ def _normalize_kernel(
     activation,
     sums=False,
     prefetch=False,
+    planes=None,
 ):
+    """planes: None, or the image (height, width): o_ref holds the planes (`_write_planes`),
+    whose borders the sample's first row block writes."""
     pid = pl.num_programs(0) - 1 - pl.program_id(0)  # reverse: L2 still holds the tail
     n, q = pid // blocks, pid % blocks
     s = x_ref.shape[1]
@@ -485,9 +538,17 @@ def _normalize_kernel(
     )
 
     def write(r0, x, mask):
+        if planes:
+            _write_planes(o_ref, n, r0, x, mask, affine, activation, rows=rows, g0=0, bg=gp,
+                          cp=cp, width=planes[1])  # fmt: skip
+            return
         view = o_ref.at[n, pl.ds(r0, rows), pl.ds(0, gp), pl.ds(0, cp)]
         _write(view, x, mask, affine, activation)
 
+    if planes:
+        pl.when(q == 0)(lambda: _zero_plane_borders(
+            o_ref, n, g0=0, bg=gp, cp=cp, groups=groups, cpg=cpg, height=planes[0],
+            width=planes[1]))  # fmt: skip
     if prefetch:
         for r0, x, mask in loaded:
             write(r0, x, mask)
@@ -544,7 +605,9 @@ def _cooperative_kernel(
 
 
 def _fused_kernel(x_ref, scale_ref, bias_ref, o_ref, *, rows, bg, groups, cpg, eps, activation,
-                  prefetch=False):  # fmt: skip
+                  prefetch=False, planes=None):  # fmt: skip
+    """planes: None, or the image (height, width): o_ref holds the planes (`_write_planes`)
+    and each program writes its groups' borders."""
     gb = -(-groups // bg)
     n, g0 = pl.program_id(0) // gb, (pl.program_id(0) % gb) * bg
     s = x_ref.shape[1]
@@ -554,6 +617,18 @@ def _fused_kernel(x_ref, scale_ref, bias_ref, o_ref, *, rows, bg, groups, cpg, e
     )
     zero = jnp.int32(0)
     num_tiles = -(-s // rows)
+
+    def write(r0, x, mask, affine):
+        if planes:
+            _write_planes(o_ref, n, r0, x, mask, affine, activation, rows=rows, g0=g0, bg=bg,
+                          cp=cp, width=planes[1])  # fmt: skip
+        else:
+            view = o_ref.at[n, pl.ds(r0, rows), pl.ds(g0, bg), pl.ds(0, cp)]
+            _write(view, x, mask, affine, activation)
+
+    if planes:
+        _zero_plane_borders(o_ref, n, g0=g0, bg=bg, cp=cp, groups=groups, cpg=cpg,
+                            height=planes[0], width=planes[1])  # fmt: skip
     if prefetch and num_tiles <= PREFETCH_MAX_TILES:  # one read, kept in registers
         # (traced starts: a static one past the end of an odd size fails the slice check)
         loaded = [tile(zero + t * rows, s, g0, eviction="evict_first") for t in range(num_tiles)]
@@ -561,8 +636,7 @@ def _fused_kernel(x_ref, scale_ref, bias_ref, o_ref, *, rows, bg, groups, cpg, e
         affine = _affine(scale_ref, bias_ref, g0, stats, float(s * cpg), eps, bg=bg, cp=cp,
                          groups=groups, cpg=cpg)  # fmt: skip
         for t, (x, mask) in enumerate(loaded):
-            view = o_ref.at[n, pl.ds(zero + t * rows, rows), pl.ds(g0, bg), pl.ds(0, cp)]
-            _write(view, x, mask, affine, activation)
+            write(zero + t * rows, x, mask, affine)
         return
     stats = _chunk_stats(
         lambda r0: tile(r0, s, g0, eviction="evict_last"), zero, zero + s, rows=rows, cpg=cpg
@@ -573,13 +647,7 @@ def _fused_kernel(x_ref, scale_ref, bias_ref, o_ref, *, rows, bg, groups, cpg, e
 
     def body(t, carry):
         x, mask = tile(t * rows, s, g0, eviction="evict_first")
-        _write(
-            o_ref.at[n, pl.ds(t * rows, rows), pl.ds(g0, bg), pl.ds(0, cp)],
-            x,
-            mask,
-            affine,
-            activation,
-        )
+        write(t * rows, x, mask, affine)
         return carry
 
     jax.lax.fori_loop(0, -(-s // rows), body, 0)
@@ -729,7 +797,23 @@ def _validate(x, scale, bias, groups, eps, activation):
         raise ValueError(f"group_norm: {eps=} must be positive")
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "eps", "activation", "config", "interpret"))
+def writes_planes(x_shape, config: Config) -> bool:
+    """Whether `group_norm(planes=True)` writes the planes from its normalize kernel (else it
+    writes the normalized map and XLA lays out the planes): the fused and split plans, whole
+    tiles of rows, W a multiple of PLANE_BORDER_BLOCK."""
+    if len(x_shape) != 4 or x_shape[2] % PLANE_BORDER_BLOCK:
+        return False
+    s = x_shape[1] * x_shape[2]
+    rows, _, _, norm_rows, _ = _row_plan(config, s)
+    if config.mode == "fused":
+        return s % rows == 0
+    return (config.mode == "split" and not config.last_combine and s % norm_rows == 0
+            and norm_rows % rows == 0)  # fmt: skip
+
+
+@functools.partial(
+    jax.jit, static_argnames=("groups", "eps", "activation", "config", "interpret", "planes")
+)
 def group_norm(
     x,
     scale,
@@ -740,6 +824,7 @@ def group_norm(
     activation: Activation = None,
     config: Config | None = None,
     interpret: bool | None = None,
+    planes: bool = False,
 ):
     """GroupNorm over channels-last x [N, ..., C], then `activation`; statistics in float32.
 
@@ -747,11 +832,28 @@ def group_norm(
     `tuned_config`, the GPU-measured table, else the heuristic). A cooperative config whose
     programs outnumber the device's SMs raises ValueError when given, and runs as the split
     plan when it comes from the table (measured on a GPU with more SMs).
+
+    planes: x is [N, H, W, C] and the result is the input of a 3x3 convolution as
+    `conv3x3_hopper` reads it, `conv3x3_hopper.input_planes(group_norm(x))` ([N (H + 2) W,
+    3 C]): the normalize kernel writes each output tile three times, shifted, and the zero
+    borders (`writes_planes`; otherwise XLA lays the planes out from the normalized map). One
+    pass instead of two: the planes' own fusion reads the map and writes 3x its bytes again.
     """
     _validate(x, scale, bias, groups, eps, activation)
     explicit = config is not None
     config = config or tuned_config(x.shape, x.dtype, groups=groups)
     interpret = resolve_interpret(interpret)
+    if planes:
+        if x.ndim != 4:
+            raise ValueError(f"group_norm(planes=True) wants x [N, H, W, C]; got {x.shape}")
+        if config.mode == "cooperative":
+            config = split_equivalent(config)
+        if not writes_planes(x.shape, config):
+            from custom_calls.conv3x3_hopper import input_planes
+
+            y = group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation,
+                           config=config, interpret=interpret)  # fmt: skip
+            return input_planes(y)
     n, c = x.shape[0], x.shape[-1]
     s, cpg = math.prod(x.shape[1:-1]), c // groups
     gp = next_power_of_2(groups)
@@ -759,6 +861,14 @@ def group_norm(
     scale2, bias2 = scale.reshape(groups, cpg), bias.reshape(groups, cpg)
     rows, part_rows, parts, norm_rows, blocks = _row_plan(config, s)
     out_shape = jax.ShapeDtypeStruct(x4.shape, x.dtype)
+    image = None
+    if planes:  # [N, (H + 2) W, 3, G, cpg]; the result [N (H + 2) W, 3 C] is a bitcast
+        image = x.shape[1:3]
+        out_shape = jax.ShapeDtypeStruct((n, (image[0] + 2) * image[1], 3, groups, cpg), x.dtype)
+
+    def result(out):
+        return out.reshape(-1, 3 * c) if planes else out.reshape(x.shape)
+
     params = plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1)
     statics = dict(rows=rows, groups=groups, cpg=cpg)
 
@@ -768,7 +878,7 @@ def group_norm(
     if config.mode == "fused":
         bg = min(config.block_groups, gp)
         kernel = functools.partial(_fused_kernel, bg=bg, eps=eps, activation=activation,
-                                   prefetch=config.prefetch, **statics)  # fmt: skip
+                                   prefetch=config.prefetch, planes=image, **statics)  # fmt: skip
         out = pl.pallas_call(
             kernel,
             out_shape=out_shape,
@@ -777,7 +887,7 @@ def group_norm(
             interpret=interpret,
             name="sdjax_group_norm_fused",
         )(x4, scale2, bias2)
-        return out.reshape(x.shape)
+        return result(out)
 
     stat_shape = jax.ShapeDtypeStruct((n, parts, gp), jnp.float32)
     cooperative = config.mode == "cooperative" and not interpret
@@ -842,6 +952,7 @@ def group_norm(
         activation=activation,
         sums=sums,
         prefetch=config.prefetch,
+        planes=image,
         **statics,
     )
     out = pl.pallas_call(
@@ -852,7 +963,7 @@ def group_norm(
         interpret=interpret,
         name="sdjax_group_norm",
     )(x4, *stats, scale2, bias2)
-    return out.reshape(x.shape)
+    return result(out)
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "config", "interpret"))

@@ -137,6 +137,9 @@ def rows() -> dict:
         # takes the taps form at the weight-bound ones (sdjax.ops.taps_pays) and, from the
         # twenty-second session, our Hopper convolution at 16x16 (sdjax.ops.hopper_conv_pays)
         "auto_cudnn_convs": (dataclasses.replace(auto, conv3x3="reference"), {}),
+        # auto with our convolution's input planes laid out by XLA (a fusion before each
+        # kernel), where `auto` has our GroupNorm kernel write them (twenty-third session)
+        "auto_xla_planes": (dataclasses.replace(auto, conv_planes="xla"), {}),
         # auto with every upsampler in the subpixel form (sdjax.ops.upsample_conv_subpixel),
         # where `auto` keeps the textbook order at 8x8 inputs (sdjax.ops.subpixel_pays)
         "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),

@@ -31,7 +31,13 @@ flags.DEFINE_string(
     "upsample_conv", None, "override the upsample+conv implementation (reference, subpixel, auto)"
 )
 flags.DEFINE_string(
-    "conv3x3", None, "override the 3x3 stride-1 conv implementation (reference, taps, auto)"
+    "conv3x3", None,
+    "override the 3x3 stride-1 conv implementation (reference, taps, taps_half, pallas_hopper, "
+    "auto)",
+)
+flags.DEFINE_string(
+    "conv_planes", None,
+    "override where our Hopper convolution's input planes come from (xla, group_norm, auto)",
 )
 flags.DEFINE_string(
     "interleave", None, "override the subpixel upsampler's interleave (xla, pallas, auto)"

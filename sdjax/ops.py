@@ -43,6 +43,8 @@ Implementation names:
   pallas_hopper  (conv3x3) our Mosaic GPU implicit-GEMM convolution for Hopper, split-K
                  (`custom_calls.conv3x3_hopper`; shapes in its scope only; `auto` takes it
                  where it measured ahead of cuDNN: `hopper_conv_pays`).
+  group_norm     (conv_planes) our GroupNorm kernel writes the input planes of the Hopper
+                 convolution it feeds (`group_norm_planes`, `Planes`).
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
                  four phase kernels (plain XLA; exact; `auto` takes it from 16x16 inputs up).
   transposed     (upsample_conv) the same as one convolution of the zero-dilated small map
@@ -64,7 +66,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterator
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -89,6 +91,7 @@ LayerNormImpl = Literal["reference", "xla", "pallas", "auto"]
 UpsampleConvImpl = Literal["reference", "subpixel", "transposed", "auto"]
 InterleaveImpl = Literal["xla", "pallas", "auto"]
 Conv3x3Impl = Literal["reference", "taps", "taps_half", "pallas_hopper", "auto"]
+ConvPlanesImpl = Literal["xla", "group_norm", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
 
@@ -120,6 +123,11 @@ class Implementations:
     # that did (`taps_pays`; half-precision products where `taps_half_pays`), else the
     # reference.
     conv3x3: Conv3x3Impl = "reference"
+    # Where our Hopper convolution's input planes come from when a GroupNorm feeds it: "xla"
+    # one fusion before the kernel (`conv3x3_hopper.input_planes`); "group_norm" our GroupNorm
+    # kernel writes them instead of its normalized map (`group_norm_planes`: one pass
+    # instead of two); "auto" the latter on GPU. Only where both run our kernels.
+    conv_planes: ConvPlanesImpl = "xla"
 
     def __post_init__(self):
         for field, kind in (
@@ -130,6 +138,7 @@ class Implementations:
             ("upsample_conv", UpsampleConvImpl),
             ("interleave", InterleaveImpl),
             ("conv3x3", Conv3x3Impl),
+            ("conv_planes", ConvPlanesImpl),
         ):
             value = getattr(self, field)
             if value not in get_args(kind):
@@ -165,6 +174,7 @@ PRESETS: dict[str, Implementations] = {
         upsample_conv="auto",
         interleave="auto",
         conv3x3="auto",
+        conv_planes="auto",
     ),
 }
 
@@ -615,6 +625,60 @@ def group_norm(
         "group_norm", implementation, _GROUP_NORM, GroupNormImpl, lambda: _auto_group_norm(x)
     )
     return _GROUP_NORM[impl](x, scale, bias, groups=groups, eps=eps, activation=activation)
+
+
+class Planes(NamedTuple):
+    """A 3x3 convolution's input x [N, H, W, C] laid out as our Hopper convolution reads it:
+    `data` [N (H + 2) W, 3 C], the three column-shifted, zero-padded planes side by side in
+    the channels (`custom_calls.conv3x3_hopper.input_planes`); `shape`, x's. Made by
+    `group_norm_planes`, read by `conv3x3`."""
+
+    data: jax.Array
+    shape: tuple[int, int, int, int]
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+
+def norm_writes_planes(x_shape, out_channels: int, dtype) -> bool:
+    """Whether a GroupNorm of x [N, H, W, C] that feeds a 3x3 stride-1 convolution to
+    `out_channels` should hand it planes (`group_norm_planes`): `conv_planes` in force says
+    so, that convolution runs ours (`conv3x3` picks "pallas_hopper" for it) and the
+    GroupNorm runs our kernel. Decided from shapes, at trace time."""
+    impls = current()
+    planes = impls.conv_planes
+    if planes == "auto":
+        planes = "group_norm" if on_gpu() else "xla"
+    if planes != "group_norm" or len(x_shape) != 4:
+        return False
+    x = jax.ShapeDtypeStruct(tuple(x_shape), dtype)
+    kernel = jax.ShapeDtypeStruct((3, 3, x_shape[-1], out_channels), dtype)
+    conv = impls.conv3x3 if impls.conv3x3 != "auto" else _auto_conv3x3(x, kernel)
+    norm = impls.group_norm if impls.group_norm != "auto" else _auto_group_norm(x)
+    return conv == "pallas_hopper" and norm in ("pallas", "pallas_split")
+
+
+def group_norm_planes(x, scale, bias, *, groups: int = 32, eps: float = 1e-5,
+                      activation: Activation = None) -> Planes:  # fmt: skip
+    """`group_norm` (our kernel: the implementation in force, "pallas" or "pallas_split")
+    of x [N, H, W, C], written as the input planes of the 3x3 convolution after it, which
+    `conv3x3` reads as they are (`custom_calls.group_norm(planes=True)`). Where the
+    GroupNorm kernel's plan cannot write them, XLA lays them out from its output."""
+    from custom_calls.group_norm import split_equivalent, tuned_config
+
+    if x.ndim != 4:
+        raise ValueError(f"group_norm_planes wants x [N, H, W, C]; got {x.shape}")
+    impl = current().group_norm
+    impl = _auto_group_norm(x) if impl == "auto" else impl
+    if impl not in ("pallas", "pallas_split"):
+        raise ValueError(f"group_norm_planes needs our GroupNorm kernel; {impl!r} is in force")
+    config = tuned_config(x.shape, x.dtype, groups=groups)
+    if impl == "pallas_split":
+        config = split_equivalent(config)
+    data = custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps,
+                                   activation=activation, config=config, planes=True)  # fmt: skip
+    return Planes(data, tuple(x.shape))
 
 
 def _concat_statistics_xla(parts, groups):
@@ -1102,8 +1166,18 @@ _CONV3X3 = {
 
 
 def conv3x3(x, kernel, bias, *, implementation: Conv3x3Impl | None = None):
-    """conv3x3(x) + bias, stride 1, padding 1. x: [N, H, W, I]; kernel: [3, 3, I, O] (HWIO);
-    bias: [O] (any float dtype) -> [N, H, W, O] in x's dtype."""
+    """conv3x3(x) + bias, stride 1, padding 1. x: [N, H, W, I], or its `Planes` (our Hopper
+    convolution then runs on them); kernel: [3, 3, I, O] (HWIO); bias: [O] (any float dtype)
+    -> [N, H, W, O] in x's dtype."""
+    if isinstance(x, Planes):
+        if kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[-1:]:
+            raise ValueError(
+                f"conv3x3: want kernel [3, 3, {x.shape[-1]}, O] and bias [O] for planes of "
+                f"{x.shape}; got {kernel.shape}, {bias.shape}"
+            )
+        from custom_calls.conv3x3_hopper import conv3x3_hopper_planes
+
+        return conv3x3_hopper_planes(x.data, kernel, bias, x_shape=x.shape)
     if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[-1:]:
         raise ValueError(
             f"conv3x3: want x [N, H, W, I], kernel [3, 3, I, O], bias [O]; got {x.shape}, "

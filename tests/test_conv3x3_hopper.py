@@ -248,3 +248,119 @@ def test_gpu_ops_auto_takes_ours_at_16x16_only(rng):
 
     assert any(n.startswith("sdjax_conv3x3_hopper") for n in kernels((2, 16, 16, 1280), 1280))
     assert not any(n.startswith("sdjax_conv3x3_hopper") for n in kernels((2, 32, 32, 640), 640))
+
+
+# --------------------------------------------------------------------------------------------
+# The input given as planes: written by our GroupNorm kernel (`group_norm(planes=True)`)
+# --------------------------------------------------------------------------------------------
+
+
+def test_planes_entry_is_the_convolution(rng):
+    """`conv3x3_hopper_planes(input_planes(x))` is `conv3x3_hopper(x)` bit for bit; planes of
+    another shape or layout are refused."""
+    from custom_calls.conv3x3_hopper import conv3x3_hopper_planes
+
+    x, kernel, bias = _inputs(rng, (2, 8, 8, 64), 128, jnp.float16)
+    config = Conv3x3Config(stages=2, splits=3)
+    want = conv3x3_hopper(x, kernel, bias, config=config, interpret=True)
+    got = conv3x3_hopper_planes(input_planes(x), kernel, bias, x_shape=x.shape, config=config,
+                                interpret=True)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(ValueError, match="side by side in the channels"):
+        conv3x3_hopper_planes(input_planes(x, "rows"), kernel, bias, x_shape=x.shape,
+                              config=config, interpret=True)  # fmt: skip
+    with pytest.raises(ValueError, match="side by side in the channels"):
+        conv3x3_hopper_planes(input_planes(x), kernel, bias, x_shape=(2, 8, 8, 64),
+                              config=Conv3x3Config(planes="rows"), interpret=True)  # fmt: skip
+
+
+def test_resnet_block_with_planes_from_the_group_norm(rng, monkeypatch):
+    """The model's seam, on the CPU in interpret mode (the Hopper check patched away): with
+    `conv_planes="group_norm"` both of a ResnetBlock2D's norms hand their convolutions planes
+    (`ops.norm_writes_planes`), and the block's output is bit for bit the one with XLA's
+    planes (the same values in the same layout) and close to the XLA reference block; 64 ->
+    128 channels (the shortcut, a changed channel count), the time embedding as a bias."""
+    import jax
+
+    from sdjax import ops
+    from sdjax.models.layers import ResnetBlock2D
+
+    monkeypatch.setattr(ops, "_not_hopper", lambda: None)
+    shape, out_channels = (2, 8, 8, 64), 128
+    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32) + 0.5, jnp.float16)
+    temb = jnp.asarray(rng.standard_normal((1, 32), dtype=np.float32), jnp.float16)
+    block = ResnetBlock2D(out_channels, groups=8)
+    params = block.init(jax.random.key(0), x.astype(jnp.float32), temb.astype(jnp.float32))
+    params = jax.tree.map(lambda p: p.astype(jnp.float16), params)
+
+    def run(**impls):
+        with ops.use(ops.Implementations(**impls)):
+            decided = ops.norm_writes_planes(shape, out_channels, jnp.float16)
+            jaxpr = str(jax.make_jaxpr(block.apply)(params, x, temb))
+            return block.apply(params, x, temb), decided, jaxpr.count("concatenate")
+
+    ours = dict(group_norm="pallas", conv3x3="pallas_hopper")
+    got, decided, concats = run(**ours, conv_planes="group_norm")
+    want, decided_xla, concats_xla = run(**ours, conv_planes="xla")
+    ref, *_ = run(group_norm="xla", conv3x3="reference")
+    assert decided and not decided_xla
+    assert (concats, concats_xla) == (0, 2)  # XLA's planes: one concatenate per convolution
+    assert got.shape == (*shape[:3], out_channels) and got.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    assert _relative_error(got, ref) <= TOLERANCE[jnp.float16]
+
+
+def test_norm_writes_planes_decides_from_the_implementations():
+    from sdjax import ops
+
+    shape, dtype = (2, 16, 16, 1280), jnp.float16
+    both = dict(group_norm="pallas", conv3x3="pallas_hopper")
+    with ops.use(ops.Implementations(**both, conv_planes="group_norm")):
+        assert ops.norm_writes_planes(shape, 1280, dtype)
+        assert not ops.norm_writes_planes((2, 256, 1280), 1280, dtype)  # not an image
+    with ops.use(ops.Implementations(**both, conv_planes="xla")):
+        assert not ops.norm_writes_planes(shape, 1280, dtype)
+    with ops.use(ops.Implementations(group_norm="xla", conv3x3="pallas_hopper",
+                                     conv_planes="group_norm")):  # fmt: skip
+        assert not ops.norm_writes_planes(shape, 1280, dtype)  # XLA's GroupNorm
+    with ops.use(ops.Implementations(group_norm="pallas", conv3x3="reference",
+                                     conv_planes="group_norm")):  # fmt: skip
+        assert not ops.norm_writes_planes(shape, 1280, dtype)  # cuDNN's convolution
+    if ops.on_gpu():
+        return
+    with ops.use(ops.Implementations.preset("auto")):  # on the CPU: no Hopper kernels
+        assert not ops.norm_writes_planes(shape, 1280, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 16, 16, 1280), (2, 16, 16, 2560)],
+                         ids=lambda s: "x".join(map(str, s)))  # fmt: skip
+def test_gpu_resnet_block_takes_planes_from_the_group_norm(shape, rng):
+    """On the GPU under `auto`, a 16x16 ResnetBlock2D's norms write their convolutions' planes
+    (no planes' concatenate in the compiled program), with the output bit for bit the one
+    with XLA's planes (`conv_planes="xla"`)."""
+    import dataclasses
+
+    import jax
+
+    from sdjax import ops
+    from sdjax.models.layers import ResnetBlock2D
+
+    x = jnp.asarray(rng.standard_normal(shape, dtype=np.float32), jnp.float16)
+    temb = jnp.asarray(rng.standard_normal((1, 1280), dtype=np.float32), jnp.float16)
+    block = ResnetBlock2D(1280)
+    params = block.init(jax.random.key(0), x, temb)
+    auto = ops.Implementations.preset("auto")
+
+    def run(impls):
+        with ops.use(impls):
+            fn = jax.jit(block.apply)
+            hlo = fn.lower(params, x, temb).compile().as_text()
+            return fn(params, x, temb), hlo.count("concatenate(")
+
+    with ops.use(auto):
+        assert ops.norm_writes_planes(shape, 1280, jnp.float16)
+    got, concats = run(auto)
+    want, concats_xla = run(dataclasses.replace(auto, conv_planes="xla"))
+    assert concats == 0 and concats_xla >= 2, (concats, concats_xla)  # one per convolution
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))

@@ -442,6 +442,65 @@ def test_group_norm_errors(rng):
 
 
 # ------------------------------------------------------------------------------------------
+# GroupNorm written as a 3x3 convolution's input planes (group_norm(planes=True))
+# ------------------------------------------------------------------------------------------
+
+_PLANE_CASES = [
+    # shape, dtype, groups, config: each plan that writes the planes from its kernel
+    ((2, 4, 8, 64), jnp.float16, 8, Config(mode="fused", block_rows=8, block_groups=4)),
+    ((3, 3, 16, 40), jnp.float32, 8, Config(mode="fused", block_rows=16, block_groups=8)),
+    ((1, 2, 8, 320), jnp.bfloat16, 32, Config(mode="fused", block_rows=4, block_groups=1,
+                                              prefetch=True)),  # fmt: skip
+    ((2, 4, 8, 64), jnp.float16, 8, Config(mode="split", block_rows=8, stats_rows=8,
+                                           norm_rows=16)),  # fmt: skip
+    ((2, 4, 8, 64), jnp.float32, 8, Config(mode="split", block_rows=4, stats_rows=8, norm_rows=8,
+                                           combine_in_kernel=False, xla_combine="sums")),
+    ((2, 4, 8, 96), jnp.float16, 24, Config(mode="split", block_rows=4, stats_rows=8,
+                                            norm_rows=8, prefetch=True)),  # fmt: skip
+    # plans that cannot: XLA lays the planes out from the normalized map
+    ((2, 4, 6, 64), jnp.float16, 8, Config(mode="fused", block_rows=8, block_groups=4)),  # W 6
+    ((2, 3, 8, 64), jnp.float16, 8, Config(mode="fused", block_rows=16, block_groups=4)),  # rows
+    ((2, 4, 8, 64), jnp.float16, 8, Config(mode="split", block_rows=4, stats_rows=8,
+                                           norm_rows=8, last_combine=True)),  # fmt: skip
+]
+_PLANE_IDS = ["fused", "fused_batch3_cpg5", "fused_prefetch_cpg10", "split", "split_xla_sums",
+              "split_prefetch_24_groups", "narrow_image", "ragged_rows", "last_combine"]
+
+
+@pytest.mark.parametrize("shape,dtype,groups,config", _PLANE_CASES, ids=_PLANE_IDS)
+def test_group_norm_planes(rng, shape, dtype, groups, config):
+    """Bit for bit `input_planes(group_norm(x))`, the layout our Hopper convolution reads,
+    zero borders included (interpret mode starts every output NaN, so a border left
+    unwritten fails); with the activation, mean 3 and std 2."""
+    import importlib
+
+    gn = importlib.import_module("custom_calls.group_norm")
+    from custom_calls.conv3x3_hopper import input_planes
+
+    x = _normal(rng, shape, dtype, mean=3.0, std=2.0)
+    scale, bias = _affine(rng, shape[-1])
+    kw = dict(groups=groups, activation="silu", config=config)
+    want = input_planes(group_norm(x, scale, bias, **kw))
+    got = group_norm(x, scale, bias, planes=True, **kw)
+    n, h, w, c = shape
+    assert got.shape == (n * (h + 2) * w, 3 * c) and got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    planes = np.asarray(got, np.float32).reshape(n, h + 2, w, 3, c)
+    assert not planes[:, [0, -1]].any() and not planes[:, :, 0, 0].any()  # the borders
+    assert not planes[:, :, -1, 2].any() and planes[:, 1:-1, :, 1].all()
+    writes = gn.writes_planes(shape, config)
+    assert writes == (_PLANE_IDS[_PLANE_CASES.index((shape, dtype, groups, config))]
+                      not in ("narrow_image", "ragged_rows", "last_combine"))  # fmt: skip
+
+
+def test_group_norm_planes_wants_an_image(rng):
+    x = _normal(rng, (2, 64, 32), jnp.float32)
+    scale, bias = _affine(rng, 32)
+    with pytest.raises(ValueError, match=r"planes=True\) wants x \[N, H, W, C\]"):
+        group_norm(x, scale, bias, groups=8, planes=True)
+
+
+# ------------------------------------------------------------------------------------------
 # GEGLU
 # ------------------------------------------------------------------------------------------
 
@@ -563,6 +622,27 @@ def test_group_norm_gpu(rng, name):
     out = group_norm(x, scale, bias, **kw)
     ref = group_norm_reference(x, scale, bias, **kw)
     assert relative_error(out, ref) <= TOL[jnp.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 16, 16, 1280), (2, 16, 16, 2560), (2, 16, 16, 1920),
+                                   (2, 16, 16, 640), (2, 8, 8, 1280), (2, 32, 32, 640)],
+                         ids=lambda s: "x".join(map(str, s)))  # fmt: skip
+def test_group_norm_planes_gpu(rng, shape):
+    """The planes our GroupNorm kernel writes for the Hopper convolution after it, with the
+    config in force (the tuning table's fused and split entries), bit for bit XLA's layout
+    of its normalized map."""
+    import importlib
+
+    gn = importlib.import_module("custom_calls.group_norm")
+    from custom_calls.conv3x3_hopper import input_planes
+
+    x = _normal(rng, shape, jnp.float16, mean=1.0, std=2.0)
+    scale, bias = _affine(rng, shape[-1])
+    assert gn.writes_planes(shape, gn.tuned_config(shape, jnp.float16))
+    want = input_planes(group_norm(x, scale, bias, activation="silu"))
+    got = group_norm(x, scale, bias, activation="silu", planes=True)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 @pytest.mark.gpu

@@ -86,8 +86,9 @@ class Conv2d(nn.Module):
     padding: Padding = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias_offset: jax.Array | None = None) -> jax.Array:
-        """x: [N, H, W, in] -> [N, H', W', out].
+    def __call__(self, x: jax.Array | ops.Planes, bias_offset: jax.Array | None = None
+                 ) -> jax.Array:  # fmt: skip
+        """x: [N, H, W, in] (or, for a 3x3 stride-1 conv, its `ops.Planes`) -> [N, H', W', out].
 
         bias_offset: [out], added to the bias before the bias meets the map (a ResnetBlock2D's
         time embedding when the whole batch shares one timestep): XLA then gives cuDNN one
@@ -121,14 +122,19 @@ class GroupNorm(nn.Module):
     activation: ops.Activation = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: [N, ..., C] -> same shape and dtype."""
+    def __call__(self, x: jax.Array, conv_out: int | None = None) -> jax.Array | ops.Planes:
+        """x: [N, ..., C] -> same shape and dtype.
+
+        conv_out: the output channels of the 3x3 convolution this norm feeds, if it feeds
+        one; where that convolution reads planes (`ops.norm_writes_planes`), the result is
+        its input as `ops.Planes`, written by the GroupNorm kernel."""
         c = x.shape[-1]
         scale = self.param("scale", _ones, (c,))
         bias = self.param("bias", _zeros, (c,))
-        return ops.group_norm(
-            x, scale, bias, groups=self.groups, eps=self.eps, activation=self.activation
-        )
+        kw = dict(groups=self.groups, eps=self.eps, activation=self.activation)
+        if conv_out is not None and ops.norm_writes_planes(x.shape, conv_out, x.dtype):
+            return ops.group_norm_planes(x, scale, bias, **kw)
+        return ops.group_norm(x, scale, bias, **kw)
 
 
 class LayerNorm(nn.Module):
@@ -184,7 +190,7 @@ class ResnetBlock2D(nn.Module):
             proj = self.get_variable(CONDITIONING, "temb")
         elif temb is not None:
             proj = self.time_projection(temb)
-        h = self.norm1(x)
+        h = self.norm1(x, conv_out=self.out_channels)  # maybe conv1's input planes
         if proj is not None and proj.shape[0] == 1:  # one timestep for the batch: a bias
             h = self.conv1(h, bias_offset=proj[0])
         else:
@@ -192,7 +198,7 @@ class ResnetBlock2D(nn.Module):
             if proj is not None:  # [N] for a batch of N, or for the samples that copies share
                 proj = repeat_copies(proj, h.shape[0])
                 h = h + proj.astype(h.dtype)[:, None, None, :]
-        h = self.conv2(self.norm2(h))
+        h = self.conv2(self.norm2(h, conv_out=self.out_channels))
         if x.shape[-1] != self.out_channels:
             x = self.conv_shortcut(x)
         return x + h
