@@ -40,6 +40,36 @@ def define_pipeline_flags() -> None:
     flags.DEFINE_integer("resolution", None, "pixels per side; default: the model's")
 
 
+# What each op's override flag chooses (`define_implementation_flags`).
+_IMPLEMENTATION_OPS = {
+    "attention": "the attention implementation",
+    "group_norm": "the GroupNorm implementation",
+    "geglu": "the GEGLU implementation",
+    "layer_norm": "the LayerNorm implementation",
+    "upsample_conv": "the upsample + conv implementation",
+    "interleave": "the subpixel upsampler's interleave",
+    "conv3x3": "the 3x3 stride-1 conv implementation",
+    "conv_planes": "where our Hopper convolution's input planes come from",
+}
+
+
+def define_implementation_flags() -> None:
+    """One string flag per op of `sdjax.ops.Implementations` (--attention, --group_norm, ...,
+    --conv_planes), None by default (the --kernels preset's choice), its help listing the
+    names it takes. Call it from a script's own flag definitions, as define_pipeline_flags."""
+    import typing
+
+    from absl import flags
+
+    from sdjax import ops
+
+    hints = typing.get_type_hints(ops.Implementations)
+    for op in ops.Implementations.fields():
+        what = _IMPLEMENTATION_OPS.get(op, f"the {op} implementation")
+        names = ", ".join(typing.get_args(hints[op]))
+        flags.DEFINE_string(op, None, f"override {what} ({names})")
+
+
 def device_info() -> dict:
     """What ran the experiment: device kind, backend, jax/jaxlib versions, host."""
     dev = jax.devices()[0]

@@ -17,31 +17,15 @@ import sys
 
 from absl import app, flags
 
+from experiments import common
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
     "checkpoint", None, "diffusers-layout folder or Hub repo id; none: random weights"
 )
 flags.DEFINE_string("config", "tiny", "architecture preset for random weights")
 flags.DEFINE_string("kernels", "auto", "op implementation preset for the fast path")
-flags.DEFINE_string("attention", None, "override the attention implementation")
-flags.DEFINE_string("group_norm", None, "override the group norm implementation")
-flags.DEFINE_string("geglu", None, "override the GEGLU implementation")
-flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
-flags.DEFINE_string(
-    "upsample_conv", None, "override the upsample+conv implementation (reference, subpixel, auto)"
-)
-flags.DEFINE_string(
-    "conv3x3", None,
-    "override the 3x3 stride-1 conv implementation (reference, taps, taps_half, pallas_hopper, "
-    "auto)",
-)
-flags.DEFINE_string(
-    "conv_planes", None,
-    "override where our Hopper convolution's input planes come from (xla, group_norm, auto)",
-)
-flags.DEFINE_string(
-    "interleave", None, "override the subpixel upsampler's interleave (xla, pallas, auto)"
-)
+common.define_implementation_flags()  # --attention, --group_norm, ..., --conv_planes
 flags.DEFINE_enum("dtype", "float32", ["float16", "bfloat16", "float32"], "the fast path's dtype")
 flags.DEFINE_integer(
     "resolution", None, "pixels per side (default: the model's, capped at 256 on CPU)"

@@ -27,6 +27,7 @@ import time
 
 from absl import app, flags
 
+from experiments import common
 from sdjax import ops
 from sdjax.schedulers import NAMES as SCHEDULERS
 
@@ -56,26 +57,7 @@ flags.DEFINE_enum(
     "compute dtype; default float16 on GPU, float32 on CPU",
 )
 flags.DEFINE_string("kernels", "auto", f"op implementations: one of {sorted(ops.PRESETS)}")
-flags.DEFINE_string("attention", None, "override the attention implementation")
-flags.DEFINE_string("group_norm", None, "override the group norm implementation")
-flags.DEFINE_string("geglu", None, "override the GEGLU implementation")
-flags.DEFINE_string("layer_norm", None, "override the LayerNorm implementation")
-flags.DEFINE_string(
-    "upsample_conv", None,
-    "override the upsample+conv implementation (reference, subpixel, transposed, auto)",
-)
-flags.DEFINE_string(
-    "conv3x3", None,
-    "override the 3x3 stride-1 conv implementation (reference, taps, taps_half, pallas_hopper, "
-    "auto)",
-)
-flags.DEFINE_string(
-    "conv_planes", None,
-    "override where our Hopper convolution's input planes come from (xla, group_norm, auto)",
-)
-flags.DEFINE_string(
-    "interleave", None, "override the subpixel upsampler's interleave (xla, pallas, auto)"
-)
+common.define_implementation_flags()  # --attention, --group_norm, ..., --conv_planes
 flags.DEFINE_multi_string(
     "xla_option",
     [],

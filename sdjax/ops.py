@@ -1169,7 +1169,10 @@ def conv3x3(x, kernel, bias, *, implementation: Conv3x3Impl | None = None):
     """conv3x3(x) + bias, stride 1, padding 1. x: [N, H, W, I], or its `Planes` (our Hopper
     convolution then runs on them); kernel: [3, 3, I, O] (HWIO); bias: [O] (any float dtype)
     -> [N, H, W, O] in x's dtype."""
-    if isinstance(x, Planes):
+    if isinstance(x, Planes):  # laid out for our convolution: it runs them
+        if implementation not in (None, "auto", "pallas_hopper"):
+            raise ValueError(f"conv3x3: planes are our Hopper convolution's input, not "
+                             f"{implementation!r}'s")  # fmt: skip
         if kernel.shape[:3] != (3, 3, x.shape[-1]) or bias.shape != kernel.shape[-1:]:
             raise ValueError(
                 f"conv3x3: want kernel [3, 3, {x.shape[-1]}, O] and bias [O] for planes of "

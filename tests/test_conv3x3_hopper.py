@@ -310,6 +310,21 @@ def test_resnet_block_with_planes_from_the_group_norm(rng, monkeypatch):
     assert _relative_error(got, ref) <= TOLERANCE[jnp.float16]
 
 
+def test_ops_conv3x3_reads_planes(rng):
+    """`ops.conv3x3` given `ops.Planes` runs our convolution on them (interpret mode here),
+    and refuses another implementation or a kernel of the wrong width."""
+    from sdjax import ops
+
+    x, kernel, bias = _inputs(rng, (2, 8, 8, 64), 128, jnp.float16)
+    planes = ops.Planes(input_planes(x), x.shape)
+    got = ops.conv3x3(planes, kernel, bias)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(conv3x3_hopper(x, kernel, bias)))
+    with pytest.raises(ValueError, match="planes are our Hopper convolution's input"):
+        ops.conv3x3(planes, kernel, bias, implementation="reference")
+    with pytest.raises(ValueError, match="want kernel \\[3, 3, 64, O\\]"):
+        ops.conv3x3(planes, kernel[:, :, :32], bias)
+
+
 def test_norm_writes_planes_decides_from_the_implementations():
     from sdjax import ops
 
