@@ -22,12 +22,16 @@ While a trace runs XLA launches kernels one by one instead of replaying command 
 (`--xla_enable_command_buffers_during_profiling=false` is XLA's default; set it in XLA_FLAGS
 to trace with them) and each launch pays the tracer's overhead: gaps are upper bounds.
 
+`--impl OP=NAME` (repeatable) replaces one op's implementation of the --kernels preset, as in
+`experiments.profile`, for an A/B of two traces.
+
 Writes trace_generate_<config>_<dtype><tag>.json and .md to `experiments.common.results_dir()`.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import tempfile
 import time
 
@@ -55,6 +59,8 @@ def define_flags() -> None:
     flags.DEFINE_list("modes", list(MODES), f"of {', '.join(MODES)}")
     flags.DEFINE_integer("top_gaps", 15, "longest idle gaps listed per mode")
     flags.DEFINE_string("tag", "", "suffix of the output file names")
+    flags.DEFINE_multi_string("impl", [], "OP=NAME: one op's implementation instead of the "
+                              "--kernels preset's (as experiments.profile's --impl); repeatable")
 
 
 def component_of(module: str | None) -> str:
@@ -133,9 +139,10 @@ def analyse(events, *, top_gaps: int = 15) -> dict:
     }
 
 
-def trace_generate(config_name: str, dtype: str | None, kernels: str, *, steps: int = 20,
+def trace_generate(config_name: str, dtype: str | None, kernels, *, steps: int = 20,
                    resolution: int | None = None, modes=MODES, top_gaps: int = 15) -> dict:  # fmt: skip
-    """The record: per mode, the host wall of one traced `generate` and `analyse` of it."""
+    """The record: per mode, the host wall of one traced `generate` and `analyse` of it.
+    kernels: a preset's name or an `sdjax.ops.Implementations`."""
     import jax
 
     from experiments import common, profile
@@ -152,8 +159,11 @@ def trace_generate(config_name: str, dtype: str | None, kernels: str, *, steps: 
     pipe = StableDiffusion.from_random(config, dtype=dtype, kernels=kernels)
     kw = dict(steps=steps, scheduler="ddim", seed=0, height=res, width=res)
     prompt = "a photograph of an astronaut riding a horse"
+    flag = "--xla_enable_command_buffers_during_profiling=true"
     record = {"device": common.device_info(), "config": config_name, "dtype": dtype,
-              "kernels": kernels, "steps": steps, "resolution": res, "modes": {}}  # fmt: skip
+              "kernels": profile.implementations_label(kernels), "steps": steps,
+              "resolution": res, "modes": {},
+              "command_buffers_while_tracing": flag in os.environ.get("XLA_FLAGS", "")}  # fmt: skip
     for mode in modes:
         mode_kw = dict(sync_components=mode == "sync", one_program=mode == "one_program")
         for _ in range(2):  # compiled and warm
@@ -180,8 +190,12 @@ def markdown(record: dict) -> str:
     dev = record["device"]
     md = (f"# One traced `generate`: {record['config']} {record['resolution']}px, "
           f"{record['steps']} DDIM steps, {record['dtype']}, kernels={record['kernels']}\n\n"
-          f"device: {dev['device_kind']}, jax {dev['jax']}. Command buffers are off while "
-          "tracing (XLA's default), so each launch pays the tracer: gaps are upper bounds.\n")  # fmt: skip
+          f"device: {dev['device_kind']}, jax {dev['jax']}. ")  # fmt: skip
+    if record.get("command_buffers_while_tracing"):
+        md += "Command buffers stay on while tracing (XLA_FLAGS), as in an untraced call.\n"
+    else:
+        md += ("Command buffers are off while tracing (XLA's default), so each launch pays the "
+               "tracer: gaps are upper bounds.\n")
     for mode, m in record["modes"].items():
         md += (f"\n## {mode}\n\nhost wall {m['wall_ms']:.2f} ms; {m['kernels']} kernels, "
                f"{m['kernel_ms']:.2f} ms of kernel time, busy {m['busy_ms']:.2f} ms, span "
@@ -199,10 +213,11 @@ def markdown(record: dict) -> str:
 
 def main(argv):
     del argv
-    from experiments import common
+    from experiments import common, profile
 
     common.enable_compilation_cache()
-    record = trace_generate(FLAGS.config, FLAGS.dtype, FLAGS.kernels, steps=FLAGS.steps,
+    kernels = profile._implementations(FLAGS.kernels, FLAGS.impl)
+    record = trace_generate(FLAGS.config, FLAGS.dtype, kernels, steps=FLAGS.steps,
                             resolution=FLAGS.resolution, modes=tuple(FLAGS.modes),
                             top_gaps=FLAGS.top_gaps)  # fmt: skip
     stem = f"trace_generate_{record['config']}_{record['dtype']}{FLAGS.tag}"

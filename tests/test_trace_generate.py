@@ -58,12 +58,13 @@ def test_command_line_on_tiny(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.trace_generate", "--config=tiny", "--steps=2",
-         "--tag=_t"],
+         "--tag=_t", "--impl=conv3x3=reference"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "trace_generate_tiny_float32_t.json").read_text())
     assert set(record["modes"]) == {"sync", "unsync", "one_program"}
+    assert record["kernels"] == "auto+conv3x3=reference"  # the preset with --impl's change
     for mode, m in record["modes"].items():
         assert m["wall_ms"] > 0 and m["kernels"] > 0 and 0 < m["busy_ms"] <= m["span_ms"]
         parts = {"image"} if mode == "one_program" else {"text_encoder", "denoise", "vae_decode"}
