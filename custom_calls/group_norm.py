@@ -270,13 +270,19 @@ def activate(y, activation: Activation):
 # ------------------------------------------------------------------------------------------
 
 
-def _masked_load(view, masks, eviction=None):
-    """view as float32, and the mask of real elements: the conjunction of `masks` broadcast to
-    the view's shape (None where there are none, so that unmasked shapes pay for no mask)."""
+def _conjunction(masks, shape):
+    """The conjunction of `masks` broadcast to `shape`; None where there are none, so that
+    unmasked shapes pay for no mask."""
     mask = None
     for m in masks:
-        m = jnp.broadcast_to(m, view.shape)
+        m = jnp.broadcast_to(m, shape)
         mask = m if mask is None else mask & m
+    return mask
+
+
+def _masked_load(view, masks, eviction=None):
+    """view as float32, and the mask of real elements (`_conjunction` of `masks`)."""
+    mask = _conjunction(masks, view.shape)
     x = plgpu.load(view, mask=mask, other=None if mask is None else 0.0, eviction_policy=eviction)
     return x.astype(jnp.float32), mask
 
@@ -346,10 +352,15 @@ def _affine(scale_ref, bias_ref, g0, stats, total, eps, *, bg, cp, groups, cpg):
     return shift[:, None], a, bias - lo[:, None] * a
 
 
-def _write(view, x, mask, affine, activation):
+def _normalized(x, affine, activation, dtype):
+    """act((x - shift) * a + b) of a float32 tile, in `dtype`."""
     shift, a, b = affine
-    y = activate((x - shift[None]) * a[None] + b[None], activation)
-    plgpu.store(view, y.astype(view.dtype), mask=mask, eviction_policy="evict_first")
+    return activate((x - shift[None]) * a[None] + b[None], activation).astype(dtype)
+
+
+def _write(view, x, mask, affine, activation):
+    y = _normalized(x, affine, activation, view.dtype)
+    plgpu.store(view, y, mask=mask, eviction_policy="evict_first")
 
 
 # The planes output (`group_norm(planes=True)`): o_ref [N, (H + 2) W, 3, G, cpg], plane kx at
@@ -365,8 +376,7 @@ PLANE_BORDER_BLOCK = 8  # rows of one border store: W is a multiple of 8 (the co
 
 def _write_planes(o_ref, n, r0, x, mask, affine, activation, *, rows, g0, bg, cp, width):
     """Normalizes a tile of rows r0 : r0 + rows and writes it to the three planes."""
-    shift, a, b = affine
-    y = activate((x - shift[None]) * a[None] + b[None], activation).astype(o_ref.dtype)
+    y = _normalized(x, affine, activation, o_ref.dtype)
     column = lax.rem(r0 + jnp.arange(rows), width)[:, None, None]
     for kx, edge in ((0, width - 1), (1, None), (2, 0)):
         value = y if edge is None else jnp.where(column == edge, jnp.zeros_like(y), y)
@@ -389,11 +399,7 @@ def _zero_plane_borders(o_ref, n, *, g0, bg, cp, groups, cpg, height, width, sha
 
     def zeros(start, rows, kx):
         view = o_ref.at[n, pl.ds(start, rows), jnp.int32(kx), pl.ds(g0, bg), pl.ds(0, cp)]
-        mask = None
-        for m in masks:
-            m = jnp.broadcast_to(m, view.shape)
-            mask = m if mask is None else mask & m
-        plgpu.store(view, jnp.zeros(view.shape, o_ref.dtype), mask=mask)
+        plgpu.store(view, jnp.zeros(view.shape, o_ref.dtype), mask=_conjunction(masks, view.shape))
 
     zero = jnp.int32(0)  # traced starts (see _fused_kernel)
     bottom = (height + 1) * width

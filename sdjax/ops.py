@@ -570,10 +570,17 @@ def _group_norm_pallas(x, scale, bias, *, groups, eps, activation):
     return custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation)
 
 
-def _group_norm_pallas_split(x, scale, bias, *, groups, eps, activation):
+def _pallas_group_norm_config(x, impl: str, groups: int):
+    """Our GroupNorm kernel's config for "pallas" (the tuning table's) or "pallas_split" (its
+    cooperative entries as the split plan)."""
     from custom_calls.group_norm import split_equivalent, tuned_config
 
-    config = split_equivalent(tuned_config(x.shape, x.dtype, groups=groups))
+    config = tuned_config(x.shape, x.dtype, groups=groups)
+    return split_equivalent(config) if impl == "pallas_split" else config
+
+
+def _group_norm_pallas_split(x, scale, bias, *, groups, eps, activation):
+    config = _pallas_group_norm_config(x, "pallas_split", groups)
     return custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps, activation=activation,
                                    config=config)  # fmt: skip
 
@@ -665,17 +672,13 @@ def group_norm_planes(x, scale, bias, *, groups: int = 32, eps: float = 1e-5,
     of x [N, H, W, C], written as the input planes of the 3x3 convolution after it, which
     `conv3x3` reads as they are (`custom_calls.group_norm(planes=True)`). Where the
     GroupNorm kernel's plan cannot write them, XLA lays them out from its output."""
-    from custom_calls.group_norm import split_equivalent, tuned_config
-
     if x.ndim != 4:
         raise ValueError(f"group_norm_planes wants x [N, H, W, C]; got {x.shape}")
     impl = current().group_norm
     impl = _auto_group_norm(x) if impl == "auto" else impl
     if impl not in ("pallas", "pallas_split"):
         raise ValueError(f"group_norm_planes needs our GroupNorm kernel; {impl!r} is in force")
-    config = tuned_config(x.shape, x.dtype, groups=groups)
-    if impl == "pallas_split":
-        config = split_equivalent(config)
+    config = _pallas_group_norm_config(x, impl, groups)
     data = custom_calls.group_norm(x, scale, bias, groups=groups, eps=eps,
                                    activation=activation, config=config, planes=True)  # fmt: skip
     return Planes(data, tuple(x.shape))
