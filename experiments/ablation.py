@@ -140,6 +140,10 @@ def rows() -> dict:
         # auto with our convolution's input planes laid out by XLA (a fusion before each
         # kernel), where `auto` has our GroupNorm kernel write them (twenty-third session)
         "auto_xla_planes": (dataclasses.replace(auto, conv_planes="xla"), {}),
+        # auto with the 1x1 convolutions (proj_in, proj_out, resnet shortcuts) through cuDNN
+        # (every `auto` before the twenty-fourth session), where `auto` runs them as cuBLAS
+        # matrix products on GPU (sdjax.ops.conv1x1_dot)
+        "auto_cudnn_1x1": (dataclasses.replace(auto, conv1x1="reference"), {}),
         # auto with every upsampler in the subpixel form (sdjax.ops.upsample_conv_subpixel),
         # where `auto` keeps the textbook order at 8x8 inputs (sdjax.ops.subpixel_pays)
         "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),

@@ -50,6 +50,7 @@ _IMPLEMENTATION_OPS = {
     "interleave": "the subpixel upsampler's interleave",
     "conv3x3": "the 3x3 stride-1 conv implementation",
     "conv_planes": "where our Hopper convolution's input planes come from",
+    "conv1x1": "the 1x1 stride-1 conv implementation",
 }
 
 

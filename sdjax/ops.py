@@ -1,8 +1,8 @@
 """The one seam through which the models call their hot ops.
 
 The models never call a kernel directly. They call `attention` (and the text encoder's
-`causal_attention`), `group_norm`, `layer_norm`, `geglu`, `conv3x3` and `upsample_conv`
-here, and the implementation is chosen once, outside the model,
+`causal_attention`), `group_norm`, `layer_norm`, `geglu`, `conv3x3`, `conv1x1` and
+`upsample_conv` here, and the implementation is chosen once, outside the model,
 with `use(...)`:
 
     with sdjax.ops.use(Implementations(attention="flash")):
@@ -45,6 +45,9 @@ Implementation names:
                  where it measured ahead of cuDNN: `hopper_conv_pays`).
   group_norm     (conv_planes) our GroupNorm kernel writes the input planes of the Hopper
                  convolution it feeds (`group_norm_planes`, `Planes`).
+  dot            (conv1x1) the 1x1 convolution as a matrix product of the pixels' rows
+                 (plain XLA: cuBLAS on GPU, with the bias and a following residual add in its
+                 epilogue; `conv1x1_dot`).
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
                  four phase kernels (plain XLA; exact; `auto` takes it from 16x16 inputs up).
   transposed     (upsample_conv) the same as one convolution of the zero-dilated small map
@@ -92,6 +95,7 @@ UpsampleConvImpl = Literal["reference", "subpixel", "transposed", "auto"]
 InterleaveImpl = Literal["xla", "pallas", "auto"]
 Conv3x3Impl = Literal["reference", "taps", "taps_half", "pallas_hopper", "auto"]
 ConvPlanesImpl = Literal["xla", "group_norm", "auto"]
+Conv1x1Impl = Literal["reference", "dot", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
 
@@ -128,6 +132,11 @@ class Implementations:
     # kernel writes them instead of its normalized map (`group_norm_planes`: one pass
     # instead of two); "auto" the latter on GPU. Only where both run our kernels.
     conv_planes: ConvPlanesImpl = "xla"
+    # 1x1 stride-1 convolutions (the UNet's proj_in / proj_out and resnet shortcuts, the
+    # VAE's): "reference" is XLA's convolution (cuDNN on GPU); "dot" the same product as a
+    # matrix product of the [N H W, I] rows (cuBLAS on GPU, which XLA gives the bias and a
+    # following residual add as its epilogue); "auto" the product on GPU (`conv1x1_choice`).
+    conv1x1: Conv1x1Impl = "reference"
 
     def __post_init__(self):
         for field, kind in (
@@ -139,6 +148,7 @@ class Implementations:
             ("interleave", InterleaveImpl),
             ("conv3x3", Conv3x3Impl),
             ("conv_planes", ConvPlanesImpl),
+            ("conv1x1", Conv1x1Impl),
         ):
             value = getattr(self, field)
             if value not in get_args(kind):
@@ -175,6 +185,7 @@ PRESETS: dict[str, Implementations] = {
         interleave="auto",
         conv3x3="auto",
         conv_planes="auto",
+        conv1x1="auto",
     ),
 }
 
@@ -1192,6 +1203,48 @@ def conv3x3(x, kernel, bias, *, implementation: Conv3x3Impl | None = None):
     impl = _resolve("conv3x3", implementation, _CONV3X3, Conv3x3Impl,
                     lambda: _auto_conv3x3(x, kernel))  # fmt: skip
     return _CONV3X3[impl](x, kernel, bias)
+
+
+def conv1x1_reference(x, kernel, bias):
+    """x @ kernel + bias per pixel: x [N, H, W, I], kernel [1, 1, I, O] (HWIO), bias [O] ->
+    [N, H, W, O] in x's dtype. XLA's convolution (cuDNN on GPU)."""
+    return _conv(x, kernel, ((0, 0), (0, 0))) + bias.astype(x.dtype)
+
+
+def conv1x1_dot(x, kernel, bias):
+    """`conv1x1_reference` as one matrix product of the pixels' rows [N H W, I] @ [I, O]
+    (cuBLAS on GPU; a free reshape either side in NHWC), accumulated in float32 as XLA's
+    convolution is, with the bias (and, where the model adds one next, the residual) left for
+    XLA to fuse into the product's epilogue."""
+    n, h, w, i = x.shape
+    y = jnp.dot(x.reshape(n * h * w, i), kernel.reshape(i, -1).astype(x.dtype))
+    return (y + bias.astype(x.dtype)).reshape(n, h, w, -1)
+
+
+_CONV1X1 = {"reference": conv1x1_reference, "dot": conv1x1_dot}
+
+
+def _auto_conv1x1() -> str:
+    """The matrix product on GPU; XLA's convolution elsewhere (on CPU both are XLA's own
+    loops, and the reference is what the CPU tests have always run)."""
+    return "dot" if on_gpu() else "reference"
+
+
+def conv1x1_choice(implementation: Conv1x1Impl | None = None) -> str:
+    """The form `conv1x1` runs: "reference" or "dot" (the given implementation, else the one
+    in force; "auto" resolved by `_auto_conv1x1`)."""
+    return _resolve("conv1x1", implementation, _CONV1X1, Conv1x1Impl, _auto_conv1x1)
+
+
+def conv1x1(x, kernel, bias, *, implementation: Conv1x1Impl | None = None):
+    """A 1x1 stride-1 convolution, x [N, H, W, I] -> [N, H, W, O] in x's dtype; kernel
+    [1, 1, I, O] (HWIO); bias [O] (any float dtype)."""
+    if x.ndim != 4 or kernel.shape[:3] != (1, 1, x.shape[-1]) or bias.shape != kernel.shape[-1:]:
+        raise ValueError(
+            f"conv1x1: want x [N, H, W, I], kernel [1, 1, I, O], bias [O]; got {x.shape}, "
+            f"{kernel.shape}, {bias.shape}"
+        )
+    return _CONV1X1[conv1x1_choice(implementation)](x, kernel, bias)
 
 
 def _upsample_conv_transposed_3x3(x, kernel, bias):

@@ -625,6 +625,95 @@ def test_taps_pays_where_it_measured_faster():
 
 
 # --------------------------------------------------------------------------------------------
+# 1x1 convolutions: XLA's convolution or one matrix product
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, out", [((3, 5, 7, 40), 16), ((2, 8, 8, 64), 4)],
+                         ids=["batch3_odd", "four_out"])  # fmt: skip
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("impl", ["reference", "dot"])
+def test_conv1x1_is_the_per_pixel_product(shape, out, dtype, impl, rng):
+    """Both forms against the float32 per-pixel product (einsum), within one rounding of the
+    output (TOL_CONV)."""
+    x = jnp.asarray(rng.standard_normal(shape) + 0.5, dtype)
+    kernel = jnp.asarray(rng.standard_normal((1, 1, shape[-1], out)) / np.sqrt(shape[-1]))
+    bias = jnp.asarray(rng.standard_normal(out), jnp.float32)
+    with jax.default_matmul_precision("float32"):  # no TF32 on a GPU
+        want = jnp.einsum("nhwi,io->nhwo", x.astype(jnp.float32), kernel[0, 0]) + bias
+        got = ops.conv1x1(x, kernel.astype(dtype), bias, implementation=impl)
+    assert got.dtype == dtype and got.shape == (*shape[:-1], out)
+    assert not jnp.isnan(got).any()
+    err = rel(got, want)
+    assert err <= TOL_CONV[dtype], err
+
+
+def test_conv1x1_errors_choice_and_module(rng):
+    """Shape errors name the expected shapes; an unknown implementation is refused; `auto`
+    is the matrix product on GPU only; the model's 1x1 Conv2d goes through `ops.conv1x1`
+    (same output under either implementation) and its other convolutions do not."""
+    from sdjax.models.layers import Conv2d
+
+    x = jnp.ones((1, 4, 4, 16))
+    with pytest.raises(ValueError, match="kernel \\[1, 1, I, O\\]"):
+        ops.conv1x1(x, jnp.ones((1, 1, 8, 4)), jnp.ones(4))
+    with pytest.raises(ValueError, match="kernel \\[1, 1, I, O\\]"):
+        ops.conv1x1(x[0], jnp.ones((1, 1, 16, 4)), jnp.ones(4))
+    with pytest.raises(ValueError, match="unknown conv1x1 implementation"):
+        ops.conv1x1(x, jnp.ones((1, 1, 16, 4)), jnp.ones(4), implementation="winograd")
+    with ops.use(ops.Implementations(conv1x1="auto")):
+        assert ops.conv1x1_choice() == ("dot" if jax.default_backend() == "gpu" else "reference")
+    assert ops.Implementations.preset("auto").conv1x1 == "auto"
+
+    conv = Conv2d(24, kernel_size=1, padding=0)
+    xm = jnp.asarray(rng.standard_normal((3, 5, 6, 16)), jnp.float32)
+    params = conv.init(jax.random.PRNGKey(0), xm)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
+    calls = []
+    real = ops.conv1x1
+
+    def spy(*args, **kw):
+        calls.append(kw.get("implementation"))
+        return real(*args, **kw)
+
+    outs = {}
+    for impl in ("reference", "dot"):
+        with ops.use(ops.Implementations(conv1x1=impl)), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ops, "conv1x1", spy)
+            outs[impl] = conv.apply(params, xm)
+            # a strided 1x1 and a 3x3 are not 1x1 stride-1 convolutions
+            Conv2d(8, kernel_size=1, stride=2, padding=0).init(jax.random.PRNGKey(1), xm)
+            Conv2d(8).init(jax.random.PRNGKey(1), xm)
+    assert len(calls) == 2
+    with jax.default_matmul_precision("float32"):
+        want = jnp.einsum("nhwi,io->nhwo", xm, params["params"]["kernel"][0, 0])
+    want = want + params["params"]["bias"]
+    for impl, got in outs.items():
+        assert rel(got, want) <= 1e-5, impl
+
+
+@pytest.mark.gpu
+def test_conv1x1_dot_on_gpu_is_a_cublas_product_with_the_residual_fused(rng):
+    """At SD1.5's 64x64 proj_out shape (with the residual add the model does next) `auto`
+    compiles to a cuBLAS product, not a cuDNN convolution; within 2x TOL_CONV of the float32
+    product (two roundings: the product's and the sum's)."""
+    x = jnp.asarray(rng.standard_normal((2, 64, 64, 320)), jnp.float16)
+    residual = jnp.asarray(rng.standard_normal((2, 64, 64, 320)), jnp.float16)
+    kernel = jnp.asarray(rng.standard_normal((1, 1, 320, 320)) / np.sqrt(320), jnp.float16)
+    bias = jnp.asarray(rng.standard_normal(320), jnp.float16)
+    fn = jax.jit(lambda x, k, b, r: ops.conv1x1(x, k, b, implementation="auto") + r)
+    hlo = fn.lower(x, kernel, bias, residual).compile().as_text()
+    assert "cudnn-conv" not in hlo
+    assert "cublas" in hlo
+    with jax.default_matmul_precision("float32"):
+        want = (jnp.einsum("nhwi,io->nhwo", x.astype(jnp.float32), kernel[0, 0].astype(jnp.float32))
+                + bias.astype(jnp.float32) + residual.astype(jnp.float32))  # fmt: skip
+    got = fn(x, kernel, bias, residual)
+    assert not jnp.isnan(got).any()
+    assert rel(got, want) <= 2 * TOL_CONV[jnp.float16]
+
+
+# --------------------------------------------------------------------------------------------
 # GroupNorm of a concatenation that is never written
 # --------------------------------------------------------------------------------------------
 

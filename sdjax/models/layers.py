@@ -77,7 +77,8 @@ class Conv2d(nn.Module):
 
     `padding` is an int (symmetric, as torch) or explicit ((top, bottom), (left, right)).
     3x3 stride-1 convs with padding 1 go through `ops.conv3x3` (the implementation in force:
-    cuDNN's convolution, or the taps form where `auto` measured it faster).
+    cuDNN's convolution, or the taps form where `auto` measured it faster), 1x1 stride-1
+    convs without padding through `ops.conv1x1` (cuDNN's convolution or cuBLAS's product).
     """
 
     features: int
@@ -104,6 +105,8 @@ class Conv2d(nn.Module):
             bias = bias.astype(jnp.float32) + bias_offset.astype(jnp.float32)
         if k == 3 and self.stride == 1 and tuple(map(tuple, pad)) == ((1, 1), (1, 1)):
             return ops.conv3x3(x, kernel, bias)  # the implementation in force (`ops.use`)
+        if k == 1 and self.stride == 1 and tuple(map(tuple, pad)) == ((0, 0), (0, 0)):
+            return ops.conv1x1(x, kernel, bias)  # likewise
         y = jax.lax.conv_general_dilated(
             x,
             kernel.astype(x.dtype),
