@@ -114,7 +114,8 @@ def rows() -> dict:
                    plain),  # fmt: skip
         "cudnn_attention_only": (I(**{**xla, "attention": "cudnn"}), plain),
         # the product: our kernels where measured faster, and the pipeline's default XLA
-        # options (sdjax.pipeline.default_compiler_options: Triton GEMM fusions off on GPU)
+        # options (sdjax.pipeline.default_compiler_options: Triton GEMM fusions off and the
+        # convolutions in the command buffers, on GPU)
         "auto": (auto, {}),
         "auto_conditioning_per_step": (auto, {"hoist_conditioning": False}),
         # auto with the UNet given each guided sample twice (as before the twentieth
@@ -159,10 +160,24 @@ def rows() -> dict:
         # table measured since the thirteenth session has none, so today it runs `auto`'s
         # kernels: an identical-row check, results README item 193)
         "auto_split_gn": (dataclasses.replace(auto, group_norm="pallas_split"), {}),
+        # auto with XLA's default command buffer types: the cuDNN convolutions launched from
+        # the host between command buffers (every `auto` before the twenty-fourth session),
+        # where `auto` records them into the command buffers too
+        # (sdjax.pipeline.GPU_COMMAND_BUFFER_TYPES)
+        "auto_default_command_buffers": (auto, {"compiler_options": _without_command_buffer_types()}),
         # auto with XLA's default options: its Triton GEMM fusions back on (the `auto` row of
         # sessions 1-3; their `auto_no_triton_gemm` row is this session's `auto`)
         "auto_xla_options": (auto, plain),
     }
+
+
+def _without_command_buffer_types() -> dict:
+    """The pipeline's default compile options less its command buffer types (XLA's own)."""
+    from sdjax.pipeline import COMMAND_BUFFER_OPTION, default_compiler_options
+
+    options = default_compiler_options()
+    options.pop(COMMAND_BUFFER_OPTION, None)
+    return options
 
 
 def select_rows(names, xla_specs, hopper_specs) -> dict:

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import pathlib
 import time
 from collections.abc import Callable, Sequence
@@ -74,12 +75,29 @@ TEXT_PAD_MULTIPLE = 16
 # the loop profile shows no gain in kernel time (prediction 18). Nothing on CPU.
 DEFAULT_GPU_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
+# The thunk types XLA records into its command buffers (CUDA graphs) on a GPU: XLA's default
+# types and the convolution thunks (CONVOLUTION, which XLA leaves out by default). Left out,
+# every cuDNN convolution is launched from the host between two command buffers, and where
+# the GPU work between two of them is shorter than that launch the GPU waits: with them in,
+# the SD1.5 UNet step took 4.775 against 4.878 ms and the image 102.2 against 104.5 ms back
+# to back (H100, interleaved, experiments/results/README.md, prediction 244). XLA_FLAGS that
+# set xla_gpu_enable_command_buffer themselves (the profiler's, which turn command buffers off
+# to see each kernel's HLO instruction) win: the option is then not given.
+GPU_COMMAND_BUFFER_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONVOLUTION"
+COMMAND_BUFFER_OPTION = "xla_gpu_enable_command_buffer"
+
 
 def default_compiler_options(backend: str | None = None) -> dict:
     """The XLA compile options of `StableDiffusion(compiler_options=None)` on `backend`
-    (default: JAX's default backend)."""
+    (default: JAX's default backend): on a GPU, `DEFAULT_GPU_COMPILER_OPTIONS` and the
+    command buffer types `GPU_COMMAND_BUFFER_TYPES` (unless XLA_FLAGS sets them); none on CPU."""
     backend = backend or jax.default_backend()
-    return dict(DEFAULT_GPU_COMPILER_OPTIONS) if backend == "gpu" else {}
+    if backend != "gpu":
+        return {}
+    options = dict(DEFAULT_GPU_COMPILER_OPTIONS)
+    if COMMAND_BUFFER_OPTION not in os.environ.get("XLA_FLAGS", ""):
+        options[COMMAND_BUFFER_OPTION] = GPU_COMMAND_BUFFER_TYPES
+    return options
 
 
 def resolve_dtype(dtype) -> jnp.dtype:

@@ -424,15 +424,25 @@ def test_compiler_options_reach_xla():
         bad.generate("a cat", **kw)
 
 
-def test_default_compiler_options():
-    """None: the pipeline's defaults for the backend (XLA's Triton GEMMs off, on a GPU only);
-    {}: XLA's own defaults; given options are kept as given."""
+def test_default_compiler_options(monkeypatch):
+    """None: the pipeline's defaults for the backend (on a GPU only: XLA's Triton GEMMs off,
+    the convolution thunks in the command buffers unless XLA_FLAGS chooses the command buffer
+    types); {}: XLA's own defaults; given options are kept as given."""
     import jax
     import jax.numpy as jnp
 
-    from sdjax.pipeline import default_compiler_options
+    from sdjax.pipeline import GPU_COMMAND_BUFFER_TYPES, default_compiler_options
 
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    assert default_compiler_options("gpu") == {
+        "xla_gpu_enable_triton_gemm": False,
+        "xla_gpu_enable_command_buffer": GPU_COMMAND_BUFFER_TYPES,
+    }
+    assert "CONVOLUTION" in GPU_COMMAND_BUFFER_TYPES.split(",")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")  # the profiler's
     assert default_compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
+    monkeypatch.delenv("XLA_FLAGS")
+    assert "xla_gpu_enable_command_buffer" in default_compiler_options("gpu")
     assert default_compiler_options("cpu") == {}
     assert random_pipeline().compiler_options == default_compiler_options()
     assert random_pipeline(compiler_options={}).compiler_options == {}
@@ -548,6 +558,27 @@ def test_auto_layouts_remove_the_conv_kernel_transposes():
     temp = {n: program(p).memory_analysis().temp_size_in_bytes
             for n, p in (("auto", auto), ("plain", plain))}  # fmt: skip
     assert temp["auto"] < temp["plain"], temp
+
+
+@pytest.mark.gpu
+def test_convolutions_in_command_buffers_change_no_result(monkeypatch):
+    """On the GPU the pipeline's default options record the convolution thunks into XLA's
+    command buffers (`GPU_COMMAND_BUFFER_TYPES`): its images and latents equal those of the
+    same pipeline with XLA's own command buffer types (the same kernels, launched otherwise;
+    the tolerance covers XLA's autotuning picking another algorithm in the second compile)."""
+    from sdjax.pipeline import COMMAND_BUFFER_OPTION, GPU_COMMAND_BUFFER_TYPES
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    kw = dict(steps=2, seed=3, scheduler="ddim", height=64, width=64)
+    ours = random_pipeline("tiny", dtype="float16", kernels="auto")
+    assert ours.compiler_options[COMMAND_BUFFER_OPTION] == GPU_COMMAND_BUFFER_TYPES
+    xla_types = {k: v for k, v in ours.compiler_options.items() if k != COMMAND_BUFFER_OPTION}
+    theirs = random_pipeline("tiny", dtype="float16", kernels="auto", compiler_options=xla_types)
+    a, b = ours.generate("a cat", **kw), theirs.generate("a cat", **kw)
+    assert np.isfinite(a.latents).all()
+    err = np.linalg.norm(a.latents - b.latents) / np.linalg.norm(b.latents)
+    assert err <= 5e-3, err
+    assert np.abs(a.images.astype(int) - b.images).max() <= 2
 
 
 def test_guided_prompts_are_encoded_in_one_call(tiny):
