@@ -87,15 +87,33 @@ GPU_COMMAND_BUFFER_TYPES = "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLI
 COMMAND_BUFFER_OPTION = "xla_gpu_enable_command_buffer"
 
 
+@functools.cache
+def knows_command_buffer_types(types: str = GPU_COMMAND_BUFFER_TYPES) -> bool:
+    """Whether this jaxlib's XLA accepts `types` as xla_gpu_enable_command_buffer (an XLA
+    that does not know one of them refuses the option): one tiny compile, once a process."""
+    try:
+        jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(
+            compiler_options={COMMAND_BUFFER_OPTION: types}
+        )
+    except Exception as e:  # the option refused: XLA's own command buffer types stay
+        logger.warning("XLA refuses %s=%s (%s): keeping its default command buffer types",
+                       COMMAND_BUFFER_OPTION, types, str(e).splitlines()[0][:200])  # fmt: skip
+        return False
+    return True
+
+
 def default_compiler_options(backend: str | None = None) -> dict:
     """The XLA compile options of `StableDiffusion(compiler_options=None)` on `backend`
     (default: JAX's default backend): on a GPU, `DEFAULT_GPU_COMPILER_OPTIONS` and the
-    command buffer types `GPU_COMMAND_BUFFER_TYPES` (unless XLA_FLAGS sets them); none on CPU."""
+    command buffer types `GPU_COMMAND_BUFFER_TYPES` (unless XLA_FLAGS sets them, or this XLA
+    does not know them: `knows_command_buffer_types`); none on CPU."""
     backend = backend or jax.default_backend()
     if backend != "gpu":
         return {}
     options = dict(DEFAULT_GPU_COMPILER_OPTIONS)
-    if COMMAND_BUFFER_OPTION not in os.environ.get("XLA_FLAGS", ""):
+    if COMMAND_BUFFER_OPTION not in os.environ.get("XLA_FLAGS", "") and (
+        knows_command_buffer_types()
+    ):
         options[COMMAND_BUFFER_OPTION] = GPU_COMMAND_BUFFER_TYPES
     return options
 

@@ -431,6 +431,7 @@ def test_default_compiler_options(monkeypatch):
     import jax
     import jax.numpy as jnp
 
+    from sdjax import pipeline as pipeline_lib
     from sdjax.pipeline import GPU_COMMAND_BUFFER_TYPES, default_compiler_options
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
@@ -444,6 +445,12 @@ def test_default_compiler_options(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     assert "xla_gpu_enable_command_buffer" in default_compiler_options("gpu")
     assert default_compiler_options("cpu") == {}
+    # an XLA that does not know a type refuses the option: the probe says so, and the
+    # defaults then leave XLA's own command buffer types alone
+    assert pipeline_lib.knows_command_buffer_types()
+    assert not pipeline_lib.knows_command_buffer_types("FUSION,NO_SUCH_COMMAND")
+    monkeypatch.setattr(pipeline_lib, "knows_command_buffer_types", lambda *a: False)
+    assert default_compiler_options("gpu") == {"xla_gpu_enable_triton_gemm": False}
     assert random_pipeline().compiler_options == default_compiler_options()
     assert random_pipeline(compiler_options={}).compiler_options == {}
     given = {"xla_gpu_enable_triton_gemm": True}
