@@ -54,6 +54,43 @@ def test_analyse_counts_busy_idle_and_gaps():
         trace_generate.analyse([])
 
 
+def test_host_launches_counts_the_launching_api_calls_in_the_loop_window():
+    """Only launching API calls (driver or runtime names, with suffixes) inside the window
+    count; per step divides by the steps."""
+    match = trace_generate.LAUNCH_API.match
+    assert match("cuLaunchKernelEx") and match("cudaLaunchKernel") and match("cuGraphLaunch")
+    assert match("cuMemcpyHtoDAsync_v2") and match("cuMemsetD8Async")
+    assert not match("cuStreamSynchronize") and not match("cuEventRecord")
+    assert not match("cuMemcpyHtoD_v2")  # a synchronous copy launches nothing to wait on
+    api = [("cuGraphLaunch", 5.0), ("cuGraphLaunch", 10.0), ("cuLaunchKernelEx", 12.0),
+           ("cuGraphLaunch", 30.0), ("cuLaunchKernelEx", 1.0)]  # fmt: skip
+    r = trace_generate.host_launches(api, 5.0, 20.0, steps=2)
+    assert r == {"calls": {"cuGraphLaunch": 2, "cuLaunchKernelEx": 1},
+                 "per_step": {"cuGraphLaunch": 1.0, "cuLaunchKernelEx": 0.5}}  # fmt: skip
+    assert trace_generate.host_launches([], 0.0, 1.0, steps=1) == {"calls": {}, "per_step": {}}
+
+
+def test_host_api_events_reads_host_planes_only(monkeypatch, tmp_path):
+    """The xplane's "/host:" planes are read, launching names kept; no reader, no events."""
+    from experiments import profile
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.xplane.pb").write_bytes(b"")
+    seen = []
+
+    def raw(path, prefix):
+        seen.append(prefix)
+        yield ("/host:CUPTI", "t", "cuGraphLaunch", 7.0, 1.0, {})
+        yield ("/host:CUPTI", "t", "cuStreamSynchronize", 8.0, 1.0, {})
+
+    monkeypatch.setattr(profile, "_profile_data_class", lambda: object)
+    monkeypatch.setattr(profile, "_raw_from_xplane", raw)
+    assert trace_generate.host_api_events(str(tmp_path)) == [("cuGraphLaunch", 7.0)]
+    assert seen == ["/host:"]
+    monkeypatch.setattr(profile, "_profile_data_class", lambda: None)
+    assert trace_generate.host_api_events(str(tmp_path)) == []
+
+
 def test_command_line_on_tiny(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
