@@ -97,7 +97,7 @@ def knows_command_buffer_types(types: str = GPU_COMMAND_BUFFER_TYPES) -> bool:
         )
     except Exception as e:  # the option refused: XLA's own command buffer types stay
         logger.warning("XLA refuses %s=%s (%s): keeping its default command buffer types",
-                       COMMAND_BUFFER_OPTION, types, str(e).splitlines()[0][:200])  # fmt: skip
+                       COMMAND_BUFFER_OPTION, types, (str(e).splitlines() or [""])[0][:200])  # fmt: skip
         return False
     return True
 
