@@ -639,9 +639,7 @@ def group_norm(
         raise ValueError(f"group_norm: channels {x.shape[-1]} not divisible by {groups=}")
     if activation not in get_args(Activation):
         raise ValueError(f"unknown activation {activation!r}; choose from {get_args(Activation)}")
-    impl = _resolve(
-        "group_norm", implementation, _GROUP_NORM, GroupNormImpl, lambda: _auto_group_norm(x)
-    )
+    impl = _group_norm_choice(x, implementation)
     return _GROUP_NORM[impl](x, scale, bias, groups=groups, eps=eps, activation=activation)
 
 
@@ -672,9 +670,15 @@ def norm_writes_planes(x_shape, out_channels: int, dtype) -> bool:
         return False
     x = jax.ShapeDtypeStruct(tuple(x_shape), dtype)
     kernel = jax.ShapeDtypeStruct((3, 3, x_shape[-1], out_channels), dtype)
-    conv = impls.conv3x3 if impls.conv3x3 != "auto" else _auto_conv3x3(x, kernel)
-    norm = impls.group_norm if impls.group_norm != "auto" else _auto_group_norm(x)
-    return conv == "pallas_hopper" and norm in ("pallas", "pallas_split")
+    conv = _resolve("conv3x3", None, _CONV3X3, Conv3x3Impl, lambda: _auto_conv3x3(x, kernel))
+    return conv == "pallas_hopper" and _group_norm_choice(x) in ("pallas", "pallas_split")
+
+
+def _group_norm_choice(x, implementation: GroupNormImpl | None = None) -> str:
+    """The GroupNorm implementation `group_norm` runs for x: the given one, else the one in
+    force, "auto" resolved by `_auto_group_norm`."""
+    return _resolve("group_norm", implementation, _GROUP_NORM, GroupNormImpl,
+                    lambda: _auto_group_norm(x))  # fmt: skip
 
 
 def group_norm_planes(x, scale, bias, *, groups: int = 32, eps: float = 1e-5,
@@ -685,8 +689,7 @@ def group_norm_planes(x, scale, bias, *, groups: int = 32, eps: float = 1e-5,
     GroupNorm kernel's plan cannot write them, XLA lays them out from its output."""
     if x.ndim != 4:
         raise ValueError(f"group_norm_planes wants x [N, H, W, C]; got {x.shape}")
-    impl = current().group_norm
-    impl = _auto_group_norm(x) if impl == "auto" else impl
+    impl = _group_norm_choice(x)
     if impl not in ("pallas", "pallas_split"):
         raise ValueError(f"group_norm_planes needs our GroupNorm kernel; {impl!r} is in force")
     config = _pallas_group_norm_config(x, impl, groups)
