@@ -30,6 +30,11 @@ loop's kernels ran (`host_launches`): graph launches (command buffers replayed) 
 kernels launched on their own, which the GPU may wait for (the twenty-fourth session found
 0.3 ms a step of such waits around cuDNN convolutions launched between command buffers).
 
+And it tables the loop's kernels by name family, per step (`loop_kernels`: launches, kernel
+time, the idle just before them), with one step's kernels in order in the JSON
+(`step_sequence`: medians over the steps). Traced with command buffers on, these are the
+kernels' times as they run inside the replayed graph.
+
 Writes trace_generate_<config>_<dtype><tag>.json and .md to `experiments.common.results_dir()`.
 """
 
@@ -186,6 +191,73 @@ def host_launches(api_events, start_ns: float, end_ns: float, steps: int) -> dic
     }
 
 
+def loop_kernels(events, steps: int, *, top: int = 40) -> dict:
+    """The denoising loop's kernels by name family (`experiments.profile.family`), per step:
+    launches, kernel time and the idle time just before each launch (from the end of the
+    loop's latest kernel so far to its start; the first kernel's is not counted). With
+    command buffers on while tracing, these are the kernels' times inside the replayed graph,
+    which the profile (command buffers off) overstates where a kernel waits on the one before.
+    {"kernel_ms", "idle_ms" (per step), "families": [{family, kind, launches, kernel_ms,
+    us_each, idle_before_ms}] by kernel time, the first `top`}."""
+    from experiments import profile
+
+    events = sorted(events, key=lambda e: e.start_ns)
+    fams: dict[str, dict] = {}
+    end = None
+    for e in events:
+        name = profile.family(e.name)
+        f = fams.setdefault(name, {"family": name, "kind": profile.classify(e.name)[0],
+                                   "launches": 0, "kernel_ns": 0.0, "idle_ns": 0.0})  # fmt: skip
+        f["launches"] += 1
+        f["kernel_ns"] += e.dur_ns
+        if end is not None:
+            f["idle_ns"] += max(e.start_ns - end, 0.0)
+        end = e.start_ns + e.dur_ns if end is None else max(end, e.start_ns + e.dur_ns)
+    rows = [{"family": f["family"], "kind": f["kind"], "launches": f["launches"] / steps,
+             "kernel_ms": f["kernel_ns"] / steps / 1e6,
+             "us_each": f["kernel_ns"] / f["launches"] / 1e3,
+             "idle_before_ms": f["idle_ns"] / steps / 1e6} for f in fams.values()]  # fmt: skip
+    rows.sort(key=lambda r: -r["kernel_ms"])
+    return {
+        "kernel_ms": sum(r["kernel_ms"] for r in rows),
+        "idle_ms": sum(r["idle_before_ms"] for r in rows),
+        "launches": sum(r["launches"] for r in rows),
+        "families": rows[:top],
+        "sequence": step_sequence(events, steps),
+    }
+
+
+def step_sequence(events, steps: int) -> list[dict] | None:
+    """One step's kernels in launch order, each with its median time and median idle before
+    it over the steps: [{family, us, idle_before_us}]. The steps are the last `steps` periods
+    of the loop's kernel names (what comes before them, the loop's prologue, is left out);
+    None where the names have no such period."""
+    import statistics
+
+    from experiments import profile
+
+    events = sorted(events, key=lambda e: e.start_ns)
+    names = [profile.family(e.name) for e in events]
+    n = len(names)
+    for period in range(n // steps, 0, -1):
+        first = n - period * steps
+        if all(names[i] == names[i + period] for i in range(first, n - period)):
+            break
+    else:
+        return None
+    ends = [0.0] * n
+    for i, e in enumerate(events):
+        ends[i] = max(e.start_ns + e.dur_ns, ends[i - 1] if i else 0.0)
+    out = []
+    for j in range(period):
+        idx = [first + s * period + j for s in range(steps)]
+        idle = [max(events[i].start_ns - ends[i - 1], 0.0) for i in idx if i > 0]
+        out.append({"family": names[first + j],
+                    "us": statistics.median(events[i].dur_ns for i in idx) / 1e3,
+                    "idle_before_us": statistics.median(idle) / 1e3 if idle else 0.0})  # fmt: skip
+    return out
+
+
 def trace_generate(config_name: str, dtype: str | None, kernels, *, steps: int = 20,
                    resolution: int | None = None, modes=MODES, top_gaps: int = 15) -> dict:  # fmt: skip
     """The record: per mode, the host wall of one traced `generate` and `analyse` of it.
@@ -224,8 +296,9 @@ def trace_generate(config_name: str, dtype: str | None, kernels, *, steps: int =
             events, how = profile.read_trace(d, backend)
             api = host_api_events(d)
         loop = [e for e in events if component_of(e.hlo_module) == "denoise"]
-        launches = None
+        launches = per_family = None
         if loop:
+            per_family = loop_kernels(loop, steps)
             first = min(e.start_ns for e in loop)
             last = max(e.start_ns + e.dur_ns for e in loop)
             launches = host_launches(api, first, last, steps)
@@ -235,6 +308,7 @@ def trace_generate(config_name: str, dtype: str | None, kernels, *, steps: int =
             "trace_read_as": how,
             **analyse(events, top_gaps=top_gaps),
             "loop_host_launches": launches,
+            "loop_kernels": per_family,
         }
     return record
 
@@ -272,6 +346,13 @@ def markdown(record: dict) -> str:
                              for n, c in launches["calls"].items())
                    or "none in the trace's host planes")  # fmt: skip
             md += "\n"
+        per_family = m.get("loop_kernels")
+        if per_family is not None:
+            md += (f"\nThe loop's kernels by name family, per step ({per_family['launches']:.0f} "
+                   f"launches, {per_family['kernel_ms']:.3f} ms of kernels, "
+                   f"{per_family['idle_ms']:.3f} ms idle before them), by kernel time:\n\n")
+            md += common.markdown_table(per_family["families"], [
+                "family", "kind", "launches", "kernel_ms", "us_each", "idle_before_ms"])
     return md
 
 

@@ -91,6 +91,32 @@ def test_host_api_events_reads_host_planes_only(monkeypatch, tmp_path):
     assert trace_generate.host_api_events(str(tmp_path)) == []
 
 
+def test_loop_kernels_by_family_and_step_sequence():
+    """Two steps of [gemm, add_fusion_N, gn] after a one-kernel prologue: per step launches,
+    kernel time and the idle before each family; the sequence is one step's kernels with
+    medians over the steps, the prologue left out."""
+    names = ["prologue", "nvjet_a", "loop_add_fusion_1", "sdjax_gn",
+             "nvjet_a", "loop_add_fusion_7", "sdjax_gn"]  # fmt: skip
+    starts = [0, 10, 30, 33, 50, 70, 75]  # us
+    durs = [10, 20, 2, 7, 20, 4, 5]
+    events = [_event(n, s, d, "jit_denoise") for n, s, d in zip(names, starts, durs, strict=True)]
+    r = trace_generate.loop_kernels(events, steps=2)
+    fam = {f["family"]: f for f in r["families"]}
+    assert set(fam) == {"prologue", "nvjet_a", "loop_add_fusion", "sdjax_gn"}
+    assert fam["nvjet_a"]["launches"] == 1.0 and fam["nvjet_a"]["kernel_ms"] == pytest.approx(0.02)
+    # idle before nvjet_a: 0 (after the prologue) and 50 - 40 = 10 us, over two steps
+    assert fam["nvjet_a"]["idle_before_ms"] == pytest.approx(5e-3)
+    assert fam["loop_add_fusion"]["us_each"] == pytest.approx(3.0)
+    assert fam["sdjax_gn"]["idle_before_ms"] == pytest.approx(1e-3)  # 1 + 1 us over two steps
+    assert r["families"][0]["family"] == "nvjet_a"  # by kernel time
+    assert r["kernel_ms"] == pytest.approx(0.034) and r["idle_ms"] == pytest.approx(0.006)
+    seq = r["sequence"]
+    assert [k["family"] for k in seq] == ["nvjet_a", "loop_add_fusion", "sdjax_gn"]
+    assert seq[0]["us"] == 20.0 and seq[1]["us"] == 3.0 and seq[2]["us"] == 6.0
+    assert seq[0]["idle_before_us"] == pytest.approx(5.0)  # median of 0 and 10
+    assert trace_generate.step_sequence(events[:3], steps=3) is None  # no period of 3 steps
+
+
 def test_command_line_on_tiny(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
@@ -109,3 +135,6 @@ def test_command_line_on_tiny(tmp_path):
     assert "end_to_end" in record["modes"]["unsync"]["timings"]
     assert set(record["modes"]["one_program"]["timings"]) == {"image", "end_to_end"}
     assert "## sync" in proc.stdout and "Longest idle gaps" in proc.stdout
+    loop = record["modes"]["unsync"]["loop_kernels"]
+    assert loop["launches"] > 0 and loop["kernel_ms"] > 0 and loop["families"]
+    assert "The loop's kernels by name family" in proc.stdout
