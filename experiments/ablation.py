@@ -145,6 +145,11 @@ def rows() -> dict:
         # (every `auto` before the twenty-fourth session), where `auto` runs them as cuBLAS
         # matrix products on GPU (sdjax.ops.conv1x1_dot)
         "auto_cudnn_1x1": (dataclasses.replace(auto, conv1x1="reference"), {}),
+        # auto with a zero bias, prepared with the weights, on the self-attentions' fused QKV
+        # products, so that XLA gives them to cuBLASLt with a bias epilogue instead of legacy
+        # cuBLAS (whose 64x64 pick brings a memset into the step's graph, s25b;
+        # sdjax.ops.qkv_projection_choice; needs the default prepare_weights)
+        "auto+qkv_bias": (dataclasses.replace(auto, qkv_projection="dot_bias"), {}),
         # auto with every upsampler in the subpixel form (sdjax.ops.upsample_conv_subpixel),
         # where `auto` keeps the textbook order at 8x8 inputs (sdjax.ops.subpixel_pays)
         "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),

@@ -48,6 +48,12 @@ Implementation names:
   dot            (conv1x1) the 1x1 convolution as a matrix product of the pixels' rows
                  (plain XLA: cuBLAS on GPU, with the bias and a following residual add in its
                  epilogue; `conv1x1_dot`).
+  dot            (qkv_projection) the self-attention's fused q, k, v projection as one
+                 product, with no bias where the projections have none.
+  dot_bias       (qkv_projection) the same product plus a zero bias that the pipeline
+                 prepares with the weights (a runtime input XLA cannot fold), so that XLA
+                 gives the product to cuBLASLt with a bias epilogue instead of legacy
+                 cuBLAS's pick (`qkv_projection_choice`).
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
                  four phase kernels (plain XLA; exact; `auto` takes it from 16x16 inputs up).
   transposed     (upsample_conv) the same as one convolution of the zero-dilated small map
@@ -96,6 +102,7 @@ InterleaveImpl = Literal["xla", "pallas", "auto"]
 Conv3x3Impl = Literal["reference", "taps", "taps_half", "pallas_hopper", "auto"]
 ConvPlanesImpl = Literal["xla", "group_norm", "auto"]
 Conv1x1Impl = Literal["reference", "dot", "auto"]
+QkvProjectionImpl = Literal["dot", "dot_bias", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
 
@@ -137,6 +144,14 @@ class Implementations:
     # matrix product of the [N H W, I] rows (cuBLAS on GPU, which XLA gives the bias and a
     # following residual add as its epilogue); "auto" the product on GPU (`conv1x1_choice`).
     conv1x1: Conv1x1Impl = "reference"
+    # The self-attention's fused q, k, v projection where its projections have no bias
+    # (SD's): "dot" the plain product; "dot_bias" with a zero bias prepared with the weights
+    # (`UNet2DConditionModel.prepare`), which XLA lowers to a cuBLASLt product with a bias
+    # epilogue rather than a legacy cuBLAS GEMM (the 64x64 one's kernel comes with a memset
+    # and ~6 us of idle in the step's CUDA graph: results README, s25b); "auto" the choice
+    # measured faster (`qkv_projection_choice`). Only with prepared weights: a zero bias made
+    # inside the program is a constant, and XLA folds the add away (s25d).
+    qkv_projection: QkvProjectionImpl = "dot"
 
     def __post_init__(self):
         for field, kind in (
@@ -149,6 +164,7 @@ class Implementations:
             ("conv3x3", Conv3x3Impl),
             ("conv_planes", ConvPlanesImpl),
             ("conv1x1", Conv1x1Impl),
+            ("qkv_projection", QkvProjectionImpl),
         ):
             value = getattr(self, field)
             if value not in get_args(kind):
@@ -186,6 +202,7 @@ PRESETS: dict[str, Implementations] = {
         conv3x3="auto",
         conv_planes="auto",
         conv1x1="auto",
+        qkv_projection="auto",
     ),
 }
 
@@ -1237,6 +1254,22 @@ def conv1x1_choice(implementation: Conv1x1Impl | None = None) -> str:
     """The form `conv1x1` runs: "reference" or "dot" (the given implementation, else the one
     in force; "auto" resolved by `_auto_conv1x1`)."""
     return _resolve("conv1x1", implementation, _CONV1X1, Conv1x1Impl, _auto_conv1x1)
+
+
+_QKV_PROJECTION = {"dot": "dot", "dot_bias": "dot_bias"}
+
+
+def _auto_qkv_projection() -> str:
+    """The plain product: "dot_bias" is not yet measured ahead of it (results README, s25)."""
+    return "dot"
+
+
+def qkv_projection_choice(implementation: QkvProjectionImpl | None = None) -> str:
+    """The form of the self-attention's fused q, k, v projection where the projections have
+    no bias: "dot" or "dot_bias" (the given implementation, else the one in force; "auto"
+    resolved by `_auto_qkv_projection`). Read by `Attention.packed_weights`."""
+    return _resolve("qkv_projection", implementation, _QKV_PROJECTION, QkvProjectionImpl,
+                    _auto_qkv_projection)  # fmt: skip
 
 
 def conv1x1(x, kernel, bias, *, implementation: Conv1x1Impl | None = None):

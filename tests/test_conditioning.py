@@ -306,6 +306,41 @@ def test_prepared_conditioning_gives_the_same_trees(params, packed_everywhere):
     assert not [p for p in _paths(prepared["conditioning"]) if "attn1" in p]
 
 
+def test_prepared_qkv_biases_reach_the_packed_projections(params, packed_everywhere):
+    """`qkv_projection="dot_bias"`: `prepare` gives every packed self-attention (whose
+    projections have no bias) a zero "qkv_bias" of the fused width, and nothing else of its
+    weights; the prepared conditioning carries them (the runtime input that keeps XLA from
+    folding the add); the UNet's output is the same as without. "dot": none prepared."""
+    from sdjax import ops
+
+    x, t, ctx = inputs()
+    model = unet_lib.UNet2DConditionModel(CFG.unet)
+    v = {"params": params}
+    n_self = sum(1 for p in _paths(params) if p.endswith("attn1/to_q/kernel"))
+    outs = {}
+    for choice in ("dot", "dot_bias"):
+        kernels = ops.Implementations(qkv_projection=choice)
+        prepared = _prepare(params, hw=x.shape[1:3], kernels=kernels)
+        biases = prepared.get("attention_bias", {})
+        paths = _paths(biases)
+        if choice == "dot":
+            assert not paths
+        else:
+            assert len(paths) == n_self and all(p.endswith("attn1/qkv_bias") for p in paths)
+            for leaf in jax.tree.leaves(biases):  # heads padded by 8 (`packed_everywhere`)
+                assert leaf.ndim == 1 and leaf.shape[0] % 3 == 0 and not np.any(np.asarray(leaf))
+        with ops.use(kernels):
+            cond = model.apply(v, ctx, jnp.float32, x.shape[1:3], prepared,
+                               method="context_conditioning")  # fmt: skip
+            tc = model.apply(v, t, jnp.float32, prepared, method="time_conditioning")
+            got = [p for p in _paths(cond) if p.endswith("attn1/qkv_bias")]
+            assert len(got) == (n_self if choice == "dot_bias" else 0)
+            outs[choice] = unet_lib.conditioned_apply(
+                params, CFG.unet, x, t, unet_lib.merge_conditioning(cond, tc))
+    assert packed_everywhere  # the packed path ran
+    assert rel(outs["dot_bias"], outs["dot"]) < 1e-6 and np.isfinite(np.asarray(outs["dot"])).all()
+
+
 def test_prepared_sd15_fits_its_memory_share():
     """SD1.5's prepared conditioning at 512x512 in fp16 (shapes only): the stacked
     time-projection (1280 x 20160) and K/V (768 x 24960) kernels and the phase-kernel stacks,

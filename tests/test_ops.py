@@ -348,6 +348,64 @@ def test_packed_weights_of_another_width_are_rebuilt(monkeypatch, rng):
     np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-5, atol=1e-5)
 
 
+def test_qkv_projection_dot_bias_adds_a_zero_bias_and_changes_nothing(monkeypatch, rng):
+    """`qkv_projection="dot_bias"`: the packed weights of projections without biases get a
+    zero bias (which XLA gives to cuBLASLt as an epilogue where the weights are prepared);
+    "dot" and `auto` (off a measured choice) keep none; the attention's output is the same
+    with the conditioning from either."""
+    from sdjax.models.layers import CONDITIONING, Attention
+
+    assert ops.qkv_projection_choice("auto") == "dot"
+    with pytest.raises(ValueError, match="unknown qkv_projection implementation"):
+        ops.Implementations(qkv_projection="bias")
+    module = Attention(dim=80, heads=2)
+    x = jnp.asarray(rng.standard_normal((2, 24, 80)), jnp.float32)
+    params = module.init(jax.random.PRNGKey(1), x)
+    # the packed path (as on a Hopper GPU), its kernel the reference; count its calls
+    calls = []
+    monkeypatch.setattr(ops, "packed_self_attention_plan", lambda s, d: ("flash_hopper", 48))
+
+    def packed(qkv, *, scale):
+        calls.append(qkv.shape)
+        return ops.attention_reference(*(qkv[:, :, i] for i in range(3)), scale=scale)
+
+    monkeypatch.setitem(ops._ATTENTION_PACKED, "flash_hopper", packed)
+    outs = {}
+    for choice in ("dot", "dot_bias", "auto"):
+        with ops.use(ops.Implementations(qkv_projection=choice)):
+            w = module.apply(params, 80, 48, jnp.float32, method="packed_weights")
+            outs[choice] = module.apply({**params, CONDITIONING: w}, x)
+        assert ("qkv_bias" in w) == (choice == "dot_bias"), choice
+        if choice == "dot_bias":
+            assert w["qkv_bias"].shape == (3 * 2 * 48,) and not np.any(np.asarray(w["qkv_bias"]))
+    assert calls == [(2, 24, 3, 2, 48)] * 3  # the packed path ran, with the prepared weights
+    assert np.isfinite(np.asarray(outs["dot"])).all()
+    plain = module.apply(params, x)  # heads of 40, unpacked weights stacked by the module
+    np.testing.assert_allclose(np.asarray(outs["dot"]), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(outs["dot_bias"]), np.asarray(outs["dot"]))
+    np.testing.assert_array_equal(np.asarray(outs["auto"]), np.asarray(outs["dot"]))
+
+
+@pytest.mark.gpu
+def test_qkv_product_with_a_bias_input_is_a_cublaslt_product_on_gpu(rng):
+    """What `qkv_projection="dot_bias"` relies on: at SD1.5's 64x64 fused QKV shape (batch 2,
+    heads padded 40 -> 48), the product with a bias that is an input (as the prepared zero
+    bias is) compiles to a cuBLASLt matmul with the bias in its epilogue; without it, to a
+    cuBLAS GEMM. Numerically the product, within TOL_CONV."""
+    x = jnp.asarray(rng.standard_normal((8192, 320)), jnp.float16)
+    w = jnp.asarray(rng.standard_normal((320, 1152)) / np.sqrt(320), jnp.float16)
+    b = jnp.zeros((1152,), jnp.float16)
+    with_bias = jax.jit(lambda x, w, b: jnp.dot(x, w) + b)
+    hlo = with_bias.lower(x, w, b).compile().as_text()
+    assert "cublas$lt$matmul" in hlo, hlo[-3000:]
+    plain = jax.jit(jnp.dot).lower(x, w).compile().as_text()
+    assert "cublas" in plain
+    with jax.default_matmul_precision("float32"):
+        want = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+    got = with_bias(x, w, b)
+    assert not jnp.isnan(got).any() and rel(got, want) <= TOL_CONV[jnp.float16]
+
+
 def test_geglu_hopper_off_gpu_is_a_clear_error():
     x = jnp.ones((128, 64), jnp.float16)
     w, b = jnp.ones((64, 256), jnp.float16), jnp.ones((256,), jnp.float16)

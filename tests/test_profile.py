@@ -381,7 +381,7 @@ def test_impl_overrides_replace_one_op_of_the_preset():
     assert impls == ops.Implementations(
         attention="auto", group_norm="auto", geglu="auto", layer_norm="auto",
         conv3x3="reference", upsample_conv="subpixel", interleave="auto", conv_planes="auto",
-        conv1x1="auto",
+        conv1x1="auto", qkv_projection="auto",
     )  # fmt: skip
     for bad in ("upsample_conv", "winograd=yes", "conv3x3=fast"):
         with pytest.raises(app.UsageError, match="--impl"):

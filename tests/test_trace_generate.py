@@ -138,3 +138,5 @@ def test_command_line_on_tiny(tmp_path):
     loop = record["modes"]["unsync"]["loop_kernels"]
     assert loop["launches"] > 0 and loop["kernel_ms"] > 0 and loop["families"]
     assert "The loop's kernels by name family" in proc.stdout
+    if loop["sequence"]:  # the tiny loop's steps have a period: its idle table is printed
+        assert "One step's longest idle before a kernel" in proc.stdout

@@ -372,7 +372,9 @@ class Attention(nn.Module):
     ) -> dict:
         """The fused projection's weights for `_packed_self_attention` with heads widened to
         `padded`: {"qkv_kernel" [in_features, 3 * heads * padded], "qkv_bias" [3 * heads *
-        padded] (where the projections have biases), "out_kernel" [heads * padded, dim]}, in
+        padded] (where the projections have biases; zeros in the packed form where they have
+        none and `ops.qkv_projection_choice` is "dot_bias"), "out_kernel" [heads * padded,
+        dim]}, in
         `dtype`. Each head's q, k and v get `padded - head_dim` zero columns, the output
         projection as many zero rows. This module's `conditioning` entry for a self-attention
         (`BasicTransformerBlock.conditioning` with a token count), so that the weights are
@@ -389,6 +391,8 @@ class Attention(nn.Module):
         out = {"qkv_kernel": jnp.stack(kernels, axis=1).reshape(-1, 3 * heads * padded)}
         if biases:  # Attention's q, k and v projections have biases together or not at all
             out["qkv_bias"] = jnp.stack(biases, axis=1).reshape(-1)
+        elif out_projection and ops.qkv_projection_choice() == "dot_bias":  # a zero bias:
+            out["qkv_bias"] = jnp.zeros((3 * heads * padded,), dtype)  # cuBLASLt's epilogue
         if not out_projection:
             return out
         kernel, _ = self.to_out_0.weights(self.dim)
@@ -416,7 +420,10 @@ class Attention(nn.Module):
                 for n in ("qkv_kernel", "qkv_bias", "out_kernel")
                 if self.has_variable(CONDITIONING, n)
             }
-            if weights["qkv_kernel"].shape != (x.shape[-1], 3 * heads * padded):
+            bias = weights.get("qkv_bias")
+            if weights["qkv_kernel"].shape != (x.shape[-1], 3 * heads * padded) or (
+                bias is not None and bias.shape != (3 * heads * padded,)
+            ):
                 weights = None  # stacked for another width (another size or kernel choice)
         if weights is None:
             weights = self.packed_weights(x.shape[-1], padded, x.dtype)

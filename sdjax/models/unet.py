@@ -333,7 +333,9 @@ class UNet2DConditionModel(nn.Module):
             if sample_hw is None:
                 return merge_conditioning(kv, prepared["conditioning"])
             attention = self.attention_weights(context.shape[0], dtype, sample_hw)
-            return merge_conditioning(kv, attention, prepared["conditioning"])
+            # the prepared zero biases (runtime inputs) replace the constant ones in `attention`
+            return merge_conditioning(kv, attention, prepared["conditioning"],
+                                      prepared.get("attention_bias", {}))  # fmt: skip
         out = {
             b.name: {a.name: a.conditioning(context) for a in b.attentions}
             for b in self._blocks()
@@ -405,12 +407,36 @@ class UNet2DConditionModel(nn.Module):
         Not here: the self-attentions' fused q/k/v weights (`attention_weights`), still made
         per image. Kept, they would cost SD1.5 71 MB of device memory for ~0.05 ms an image,
         and the 2.6 GiB bound of the H100 run would not hold (all of it prepared: 0.238 GiB,
-        an allocator peak of 2.61 GiB, s17e; this: 0.145 GiB)."""
-        return {
+        an allocator peak of 2.61 GiB, s17e; this: 0.145 GiB). Where `ops.qkv_projection`
+        is "dot_bias", their zero biases are (`qkv_biases`, a few KB):
+
+          "attention_bias": {block: {attention: ... {"attn1": {"qkv_bias"}}}}"""
+        out = {
             "conditioning": self.phase_kernels(dtype, sample_hw),
             "time": stack_projections(self.time_weights(), dtype),
             "key_value": stack_projections(self.key_value_weights(), dtype),
         }
+        if biases := self.qkv_biases(dtype, sample_hw):
+            out["attention_bias"] = biases
+        return out
+
+    def qkv_biases(self, dtype, sample_hw: tuple[int, int]) -> dict:
+        """The "qkv_bias" leaves of `attention_weights` (zeros, where the projections have no
+        bias and `ops.qkv_projection_choice` is "dot_bias"; every other leaf dropped), as a
+        `conditioning` tree; {} where there are none. The fused weights' width does not
+        depend on the batch, so the tree serves any batch."""
+
+        def keep(tree):
+            out = {}
+            for key, value in tree.items():
+                if isinstance(value, dict):
+                    if sub := keep(value):
+                        out[key] = sub
+                elif key == "qkv_bias":
+                    out[key] = value
+            return out
+
+        return keep(self.attention_weights(1, dtype, sample_hw))
 
     def __call__(
         self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array | None
