@@ -353,6 +353,13 @@ def markdown(record: dict) -> str:
                    f"{per_family['idle_ms']:.3f} ms idle before them), by kernel time:\n\n")
             md += common.markdown_table(per_family["families"], [
                 "family", "kind", "launches", "kernel_ms", "us_each", "idle_before_ms"])
+            seq = per_family.get("sequence")
+            if seq:
+                rows = sorted(({"position": i, **k} for i, k in enumerate(seq)),
+                              key=lambda r: -r["idle_before_us"])[:10]  # fmt: skip
+                md += ("\nOne step's longest idle before a kernel (medians over the steps; "
+                       "position in the step's launch order):\n\n")
+                md += common.markdown_table(rows, ["position", "family", "us", "idle_before_us"])
     return md
 
 
