@@ -374,9 +374,8 @@ class Attention(nn.Module):
         `padded`: {"qkv_kernel" [in_features, 3 * heads * padded], "qkv_bias" [3 * heads *
         padded] (where the projections have biases; zeros in the packed form where they have
         none and `ops.qkv_projection_choice` is "dot_bias"), "out_kernel" [heads * padded,
-        dim]}, in
-        `dtype`. Each head's q, k and v get `padded - head_dim` zero columns, the output
-        projection as many zero rows. This module's `conditioning` entry for a self-attention
+        dim]}, in `dtype`. Each head's q, k and v get `padded - head_dim` zero columns, the
+        output projection as many zero rows. This module's `conditioning` entry for a self-attention
         (`BasicTransformerBlock.conditioning` with a token count), so that the weights are
         stacked once per generation rather than in every step."""
         heads, head_dim = self.heads, self.dim // self.heads
