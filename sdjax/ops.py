@@ -74,7 +74,7 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import Literal, NamedTuple, get_args
 
 import jax
@@ -231,8 +231,9 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _resolve(op: str, implementation, table: dict, kind, auto: Callable[[], str]) -> str:
-    """The implementation of `op` to run: the argument, else the one in force; `auto` asks."""
+def _resolve(op: str, implementation, table: Container[str], kind, auto: Callable[[], str]) -> str:
+    """The implementation of `op` to run: the argument, else the one in force; `auto` asks.
+    table: the names it may be (a dict keyed by them, or the names alone)."""
     impl = implementation or getattr(current(), op)
     if impl == "auto":
         impl = auto()
@@ -1256,7 +1257,7 @@ def conv1x1_choice(implementation: Conv1x1Impl | None = None) -> str:
     return _resolve("conv1x1", implementation, _CONV1X1, Conv1x1Impl, _auto_conv1x1)
 
 
-_QKV_PROJECTION = {"dot": "dot", "dot_bias": "dot_bias"}
+_QKV_PROJECTION = ("dot", "dot_bias")  # the forms (`Attention.packed_weights` makes them)
 
 
 def _auto_qkv_projection() -> str:
