@@ -150,6 +150,10 @@ def rows() -> dict:
         # cuBLAS (whose 64x64 pick brings a memset into the step's graph, s25b;
         # sdjax.ops.qkv_projection_choice; needs the default prepare_weights)
         "auto+qkv_bias": (dataclasses.replace(auto, qkv_projection="dot_bias"), {}),
+        # auto with the 64x64 self-attentions' fused QKV products batched per sample against
+        # weights broadcast with the conditioning, a shape for which cuBLAS may pick a kernel
+        # without the memset (sdjax.ops.qkv_projection_batched)
+        "auto+qkv_batched": (dataclasses.replace(auto, qkv_projection="dot_batched"), {}),
         # auto with every upsampler in the subpixel form (sdjax.ops.upsample_conv_subpixel),
         # where `auto` keeps the textbook order at 8x8 inputs (sdjax.ops.subpixel_pays)
         "auto+subpixel": (dataclasses.replace(auto, upsample_conv="subpixel"), {}),

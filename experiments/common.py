@@ -51,7 +51,7 @@ _IMPLEMENTATION_OPS = {
     "conv3x3": "the 3x3 stride-1 conv implementation",
     "conv_planes": "where our Hopper convolution's input planes come from",
     "conv1x1": "the 1x1 stride-1 conv implementation",
-    "qkv_projection": "the self-attention's fused QKV product's form (a zero bias or none)",
+    "qkv_projection": "the self-attention's fused QKV product's form (plain, a zero bias, or batched)",
 }
 
 

@@ -53,7 +53,12 @@ Implementation names:
   dot_bias       (qkv_projection) the same product plus a zero bias that the pipeline
                  prepares with the weights (a runtime input XLA cannot fold), so that XLA
                  gives the product to cuBLASLt with a bias epilogue instead of legacy
-                 cuBLAS's pick (`qkv_projection_choice`).
+                 cuBLAS's pick (`qkv_projection_choice`). Measured slower on the H100
+                 (s26a): cuBLASLt picks the same 64x64 kernel, memset included.
+  dot_batched    (qkv_projection) the same product as a batched one, one per sample against
+                 the weights broadcast (made per image with the conditioning), at the 64x64
+                 level only (`qkv_projection_batched`): a shape for which cuBLAS may pick a
+                 kernel without the 64x64 product's memset.
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
                  four phase kernels (plain XLA; exact; `auto` takes it from 16x16 inputs up).
   transposed     (upsample_conv) the same as one convolution of the zero-dilated small map
@@ -102,7 +107,7 @@ InterleaveImpl = Literal["xla", "pallas", "auto"]
 Conv3x3Impl = Literal["reference", "taps", "taps_half", "pallas_hopper", "auto"]
 ConvPlanesImpl = Literal["xla", "group_norm", "auto"]
 Conv1x1Impl = Literal["reference", "dot", "auto"]
-QkvProjectionImpl = Literal["dot", "dot_bias", "auto"]
+QkvProjectionImpl = Literal["dot", "dot_bias", "dot_batched", "auto"]
 Activation = Literal[None, "silu", "gelu", "gelu_tanh"]
 
 
@@ -150,7 +155,9 @@ class Implementations:
     # epilogue rather than a legacy cuBLAS GEMM (the 64x64 one's kernel comes with a memset
     # and ~6 us of idle in the step's CUDA graph: results README, s25b); "auto" the choice
     # measured faster (`qkv_projection_choice`). Only with prepared weights: a zero bias made
-    # inside the program is a constant, and XLA folds the add away (s25d).
+    # inside the program is a constant, and XLA folds the add away (s25d); measured slower
+    # (s26a: the memset stays). "dot_batched": a batched product per sample at the 64x64
+    # level (`qkv_projection_batched`), the weights broadcast with the conditioning.
     qkv_projection: QkvProjectionImpl = "dot"
 
     def __post_init__(self):
@@ -1257,20 +1264,34 @@ def conv1x1_choice(implementation: Conv1x1Impl | None = None) -> str:
     return _resolve("conv1x1", implementation, _CONV1X1, Conv1x1Impl, _auto_conv1x1)
 
 
-_QKV_PROJECTION = ("dot", "dot_bias")  # the forms (`Attention.packed_weights` makes them)
+# the forms (`Attention.packed_weights` makes them)
+_QKV_PROJECTION = ("dot", "dot_bias", "dot_batched")
+# "dot_batched" applies from this many tokens a sample: SD1.5's 64x64 level (4096), the only
+# one whose fused QKV product got cuBLAS's kernel with a memset before it (s25b). Elsewhere the
+# broadcast weights would cost memory (batch - 1 copies per image) for no measured reason.
+BATCHED_QKV_MIN_TOKENS = 4096
 
 
 def _auto_qkv_projection() -> str:
-    """The plain product: "dot_bias" is not yet measured ahead of it (results README, s25)."""
+    """The plain product: "dot_bias" measured slower (s26a); "dot_batched" not yet ahead."""
     return "dot"
 
 
 def qkv_projection_choice(implementation: QkvProjectionImpl | None = None) -> str:
     """The form of the self-attention's fused q, k, v projection where the projections have
-    no bias: "dot" or "dot_bias" (the given implementation, else the one in force; "auto"
-    resolved by `_auto_qkv_projection`). Read by `Attention.packed_weights`."""
+    no bias: "dot", "dot_bias" or "dot_batched" (the given implementation, else the one in
+    force; "auto" resolved by `_auto_qkv_projection`). Read by `Attention.packed_weights`."""
     return _resolve("qkv_projection", implementation, _QKV_PROJECTION, QkvProjectionImpl,
                     _auto_qkv_projection)  # fmt: skip
+
+
+def qkv_projection_batched(batch: int, tokens: int) -> bool:
+    """Whether the fused q, k, v product of `batch` samples of `tokens` tokens runs batched,
+    one product per sample against the broadcast weights (the "dot_batched" form in force,
+    several samples, and at least `BATCHED_QKV_MIN_TOKENS` tokens)."""
+    return (
+        qkv_projection_choice() == "dot_batched" and batch > 1 and tokens >= BATCHED_QKV_MIN_TOKENS
+    )
 
 
 def conv1x1(x, kernel, bias, *, implementation: Conv1x1Impl | None = None):

@@ -341,6 +341,47 @@ def test_prepared_qkv_biases_reach_the_packed_projections(params, packed_everywh
     assert rel(outs["dot_bias"], outs["dot"]) < 1e-6 and np.isfinite(np.asarray(outs["dot"])).all()
 
 
+def test_batched_qkv_products_match_the_plain_ones(params, packed_everywhere, monkeypatch):
+    """`qkv_projection="dot_batched"` (its token threshold lowered to this model's sizes):
+    every packed self-attention's conditioning holds one copy of the fused weights per
+    sample, [batch, in, out], and the UNet's output matches the plain product's; with a guided
+    batch (each sample shared by two contexts) the shared self-attention reads the first
+    copy."""
+    from sdjax import ops
+
+    monkeypatch.setattr(ops, "BATCHED_QKV_MIN_TOKENS", 1)
+    x, t, ctx = inputs()
+    model = unet_lib.UNet2DConditionModel(CFG.unet)
+    v = {"params": params}
+    n_self = sum(1 for p in _paths(params) if p.endswith("attn1/to_q/kernel"))
+    outs, guided = {}, {}
+    for choice in ("dot", "dot_batched"):
+        kernels = ops.Implementations(qkv_projection=choice)
+        prepared = _prepare(params, hw=x.shape[1:3], kernels=kernels)
+        with ops.use(kernels):
+            cond = model.apply(v, ctx, jnp.float32, x.shape[1:3], prepared,
+                               method="context_conditioning")  # fmt: skip
+            tc = model.apply(v, t, jnp.float32, prepared, method="time_conditioning")
+            qkv = [leaf for path, leaf in zip(_paths(cond), jax.tree.leaves(cond), strict=True)
+                   if path.endswith("attn1/qkv_kernel")]  # fmt: skip
+            assert len(qkv) == n_self
+            want_ndim = 3 if choice == "dot_batched" else 2
+            assert all(k.ndim == want_ndim for k in qkv), [k.shape for k in qkv]
+            outs[choice] = unet_lib.conditioned_apply(
+                params, CFG.unet, x, t, unet_lib.merge_conditioning(cond, tc))
+            # one sample shared by two contexts: its first self-attention runs at batch 1
+            ctx2 = jnp.concatenate([ctx[:1], ctx[1:2]], axis=0)
+            cond2 = model.apply(v, ctx2, jnp.float32, x.shape[1:3], prepared,
+                                method="context_conditioning")  # fmt: skip
+            tc2 = model.apply(v, t[:1], jnp.float32, prepared, method="time_conditioning")
+            guided[choice] = unet_lib.conditioned_apply(
+                params, CFG.unet, x[:1], t[:1], unet_lib.merge_conditioning(cond2, tc2))
+    assert packed_everywhere  # the packed path ran
+    assert np.isfinite(np.asarray(outs["dot"])).all() and guided["dot"].shape[0] == 2
+    assert rel(outs["dot_batched"], outs["dot"]) < 1e-5
+    assert rel(guided["dot_batched"], guided["dot"]) < 1e-5
+
+
 def test_prepared_sd15_fits_its_memory_share():
     """SD1.5's prepared conditioning at 512x512 in fp16 (shapes only): the stacked
     time-projection (1280 x 20160) and K/V (768 x 24960) kernels and the phase-kernel stacks,

@@ -386,6 +386,46 @@ def test_qkv_projection_dot_bias_adds_a_zero_bias_and_changes_nothing(monkeypatc
     np.testing.assert_array_equal(np.asarray(outs["auto"]), np.asarray(outs["dot"]))
 
 
+def test_qkv_projection_dot_batched_broadcasts_the_weights_where_it_applies(monkeypatch, rng):
+    """`qkv_projection="dot_batched"`: from `BATCHED_QKV_MIN_TOKENS` tokens and for several
+    samples, the packed weights are one copy per sample and the product is a batched one;
+    fewer tokens, one sample, or another form keep the plain [in, out] weights. A batch-1
+    input (the guided UNet's shared samples) uses the first copy. The output matches the
+    plain product's within float32 rounding, on fresh random inputs."""
+    from sdjax.models.layers import CONDITIONING, Attention, BasicTransformerBlock
+
+    monkeypatch.setattr(ops, "BATCHED_QKV_MIN_TOKENS", 24)
+    with ops.use(ops.Implementations(qkv_projection="dot_batched")):
+        assert ops.qkv_projection_batched(2, 24) and ops.qkv_projection_batched(3, 4096)
+        assert not ops.qkv_projection_batched(1, 4096) and not ops.qkv_projection_batched(2, 23)
+    with ops.use(ops.Implementations(qkv_projection="dot")):
+        assert not ops.qkv_projection_batched(2, 4096)
+    module = Attention(dim=80, heads=2)
+    x = jnp.asarray(rng.standard_normal((3, 24, 80)), jnp.float32)
+    params = module.init(jax.random.PRNGKey(2), x)
+    monkeypatch.setattr(ops, "packed_self_attention_plan", lambda s, d: ("flash_hopper", 48))
+    monkeypatch.setitem(
+        ops._ATTENTION_PACKED,
+        "flash_hopper",
+        lambda qkv, *, scale: ops.attention_reference(*(qkv[:, :, i] for i in range(3)), scale=scale),
+    )  # fmt: skip
+    plain = module.apply(params, x)
+    with ops.use(ops.Implementations(qkv_projection="dot_batched")):
+        w = module.apply(params, 80, 48, jnp.float32, method="packed_weights", batch=3)
+        assert w["qkv_kernel"].shape == (3, 80, 3 * 2 * 48)
+        got = module.apply({**params, CONDITIONING: w}, x)
+        one = module.apply({**params, CONDITIONING: w}, x[:1])
+    assert np.isfinite(np.asarray(got)).all()
+    assert rel(got, plain) < 1e-5 and rel(one, plain[:1]) < 1e-5
+    with ops.use(ops.Implementations(qkv_projection="dot_batched")):
+        block = BasicTransformerBlock(dim=80, heads=2)  # its own choice, by tokens and batch
+        bparams = block.init(jax.random.PRNGKey(3), x[:2], x[:2, :5])
+        cond = block.apply(bparams, 2, 24, jnp.float32, method="weight_conditioning")
+        assert cond["attn1"]["qkv_kernel"].shape == (2, 80, 3 * 2 * 48)
+        cond = block.apply(bparams, 2, 23, jnp.float32, method="weight_conditioning")
+        assert cond["attn1"]["qkv_kernel"].shape == (80, 3 * 2 * 48)
+
+
 @pytest.mark.gpu
 def test_qkv_product_with_a_bias_input_is_a_cublaslt_product_on_gpu(rng):
     """What `qkv_projection="dot_bias"` relies on: at SD1.5's 64x64 fused QKV shape (batch 2,

@@ -368,7 +368,13 @@ class Attention(nn.Module):
         return kernel if kernel.shape == (x.shape[-1], 3 * self.dim) else None
 
     def packed_weights(
-        self, in_features: int, padded: int, dtype, *, out_projection: bool = True
+        self,
+        in_features: int,
+        padded: int,
+        dtype,
+        *,
+        out_projection: bool = True,
+        batch: int | None = None,
     ) -> dict:
         """The fused projection's weights for `_packed_self_attention` with heads widened to
         `padded`: {"qkv_kernel" [in_features, 3 * heads * padded], "qkv_bias" [3 * heads *
@@ -377,7 +383,9 @@ class Attention(nn.Module):
         dim]}, in `dtype`. Each head's q, k and v get `padded - head_dim` zero columns, the
         output projection as many zero rows. This module's `conditioning` entry for a self-attention
         (`BasicTransformerBlock.conditioning` with a token count), so that the weights are
-        stacked once per generation rather than in every step."""
+        stacked once per generation rather than in every step. With `batch`, "qkv_kernel" is
+        broadcast to [batch, in_features, 3 * heads * padded] for a batched product (the
+        "dot_batched" form, `ops.qkv_projection_batched`)."""
         heads, head_dim = self.heads, self.dim // self.heads
         extra = padded - head_dim
         widen = ((0, 0), (0, 0), (0, extra))  # zero columns after each head's
@@ -388,6 +396,10 @@ class Attention(nn.Module):
             if bias is not None:
                 biases.append(jnp.pad(bias.astype(dtype).reshape(1, heads, head_dim), widen))
         out = {"qkv_kernel": jnp.stack(kernels, axis=1).reshape(-1, 3 * heads * padded)}
+        if batch is not None:  # one copy per sample: a batched product's right operand
+            out["qkv_kernel"] = jnp.broadcast_to(
+                out["qkv_kernel"], (batch, *out["qkv_kernel"].shape)
+            )
         if biases:  # Attention's q, k and v projections have biases together or not at all
             out["qkv_bias"] = jnp.stack(biases, axis=1).reshape(-1)
         elif out_projection and ops.qkv_projection_choice() == "dot_bias":  # a zero bias:
@@ -419,14 +431,18 @@ class Attention(nn.Module):
                 for n in ("qkv_kernel", "qkv_bias", "out_kernel")
                 if self.has_variable(CONDITIONING, n)
             }
-            bias = weights.get("qkv_bias")
-            if weights["qkv_kernel"].shape != (x.shape[-1], 3 * heads * padded) or (
+            bias, kernel = weights.get("qkv_bias"), weights["qkv_kernel"]
+            if kernel.shape[-2:] != (x.shape[-1], 3 * heads * padded) or (
                 bias is not None and bias.shape != (3 * heads * padded,)
             ):
                 weights = None  # stacked for another width (another size or kernel choice)
         if weights is None:
             weights = self.packed_weights(x.shape[-1], padded, x.dtype)
-        qkv = jnp.dot(x, weights["qkv_kernel"].astype(x.dtype))
+        kernel = weights["qkv_kernel"].astype(x.dtype)
+        if kernel.ndim == 3 and kernel.shape[0] == b:  # "dot_batched": a product per sample
+            qkv = jax.lax.dot_general(x, kernel, (((2,), (1,)), ((0,), (0,))))
+        else:  # the plain product (a batched form's copies serve fewer samples alike)
+            qkv = jnp.dot(x, kernel if kernel.ndim == 2 else kernel[0])
         if "qkv_bias" in weights:
             qkv = qkv + weights["qkv_bias"].astype(x.dtype)
         qkv = qkv.reshape(b, length, 3, heads, padded)
@@ -505,7 +521,8 @@ class BasicTransformerBlock(nn.Module):
         head_dim = self.dim // self.heads
         shape = (batch, tokens, self.heads, head_dim)
         if packed := ops.packed_self_attention_head_dim(shape, dtype):
-            return {"attn1": self.attn1.packed_weights(self.dim, packed, dtype)}
+            batched = batch if ops.qkv_projection_batched(batch, tokens) else None
+            return {"attn1": self.attn1.packed_weights(self.dim, packed, dtype, batch=batched)}
         # q, k and v stacked once here, not by XLA in every step (its dot merger)
         return {"attn1": self.attn1.packed_weights(self.dim, head_dim, dtype, out_projection=False)}
 
