@@ -110,6 +110,22 @@ class HopperConfig:
     # after its last. Measured slower on the H100 (+13% at SD1.5's 64x64 level, +18% at
     # 32x32, +2% at 16x16: `experiments/results/README.md`, twelfth session): off.
     bias_in_acc: bool = False
+    # Keep a program's 64 rows of x in shared memory for all of its tiles (one copy of them
+    # per program, instead of one per tile and step) and give each program one row block and
+    # `column_groups`' share of the column tiles (not persistent: one program per row block
+    # and group). At SD1.5's 64x64 and 32x32 levels the per-tile design reads x again for
+    # every column tile and w again for every row tile (halved by clusters of 2): ~157 MB of
+    # shared-memory fills from L2 a call, ~5.2 TB/s over its ~30 us, near the L2's bandwidth
+    # (results README, item 264). Resident x cuts that by ~30%, but measured slower on the
+    # H100 (64x64: 32.8 against 30.8-31.1 us; 32x32: 30.2 against 27.3; item 265): the L2
+    # does not bound the kernel. Off. Needs `shared_ring` (the consumers alternate the
+    # program's column tiles) and 64 x D of x in shared memory (D 1280, SD1.5's 16x16
+    # level, does not fit).
+    x_resident: bool = False
+    # With x_resident: the column tiles split into this many groups, one program per (row
+    # block, group); None: the most groups (a divisor of the column tiles) for which the
+    # programs fit one wave of the device's SMs.
+    column_groups: int | None = None
 
     def __post_init__(self):
         for f in ("block_n", "block_k"):
@@ -123,6 +139,10 @@ class HopperConfig:
             raise ValueError(f"cluster={self.cluster} must be one of {CLUSTER_SIZES}")
         if self.delay_release and self.stages < 2:
             raise ValueError("delay_release needs stages >= 2")
+        if self.x_resident and not self.shared_ring:
+            raise ValueError("x_resident needs shared_ring (one ring for both consumers)")
+        if self.column_groups is not None and (not self.x_resident or self.column_groups < 1):
+            raise ValueError(f"column_groups={self.column_groups} needs x_resident and >= 1")
 
 
 def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
@@ -131,10 +151,27 @@ def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
     over d."""
     rings, stages = _rings(config, d // config.block_k)
     step = TILE_M * config.block_k + 2 * config.block_k * config.block_n
+    resident = 0
+    if config.x_resident:  # x once for the program, only w tiles in the ring
+        step -= TILE_M * config.block_k
+        resident = TILE_M * d
     out = TILE_M * config.block_n
     bias = 2 * 2 * config.block_n  # two tile parities of hidden and gate slices
     itemsize = jnp.dtype(dtype).itemsize
-    return itemsize * (rings * stages * step + COMPUTE_WARPGROUPS * (out + bias))
+    return itemsize * (resident + rings * stages * step + COMPUTE_WARPGROUPS * (out + bias))
+
+
+def column_groups(config: HopperConfig, m: int, f: int, sms: int) -> int:
+    """With `config.x_resident`: how many groups the F / block_n column tiles split into (one
+    program per 64-row block and group): the config's, else the most that divide the tiles
+    and keep the programs within one wave of `sms`. 1 without x_resident."""
+    if not config.x_resident:
+        return 1
+    if config.column_groups is not None:
+        return config.column_groups
+    tiles_n, row_blocks = f // config.block_n, m // TILE_M
+    fits = [g for g in range(1, tiles_n + 1) if tiles_n % g == 0 and row_blocks * g <= sms]
+    return max(fits, default=1)
 
 
 def _rings(config: HopperConfig, k_steps: int) -> tuple[int, int]:
@@ -187,6 +224,9 @@ def supports(x_shape, w_shape, dtype, config: HopperConfig | None = None) -> str
         return f"D={d} is not a multiple of block_k={config.block_k}"
     if (f2 // 2) % config.block_n:
         return f"F={f2 // 2} is not a multiple of block_n={config.block_n}"
+    tiles_n = (f2 // 2) // config.block_n
+    if config.column_groups is not None and tiles_n % config.column_groups:
+        return f"{tiles_n} column tiles do not split into column_groups={config.column_groups}"
     if (smem := smem_bytes(config, d, dtype)) > SMEM_LIMIT_BYTES:
         return f"its tiles need {smem} bytes of shared memory (> {SMEM_LIMIT_BYTES})"
     return None
@@ -207,8 +247,8 @@ def _column_vector(ref, *, interpret: bool):
 
 def _kernel(
     x_ref, w_ref, b_ref, o_ref, x_smem, h_smem, g_smem, b_smem, o_smem, full, free, go, b_full,
-    *, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, cluster, interpret,
-    delay_release=False, shared_ring=False, bias_in_acc=False,
+    *x_full, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, cluster,
+    interpret, delay_release=False, shared_ring=False, bias_in_acc=False, groups=1,
 ):  # fmt: skip
     """One persistent program: tiles pid, pid + programs, ... of the output (with clusters:
     cluster tiles, of which this program takes rows 64 * (its index in the cluster)).
@@ -222,18 +262,35 @@ def _kernel(
     arrives on it in all the cluster's programs). go: [2], go[c] lets consumer c start its
     next tile's wgmmas. b_full: [2 * 2], consumer c's biases of a tile of parity q at 2 * c + q.
     `programs` and `tiles` count clusters and cluster tiles where cluster > 1.
+
+    With x resident (`x_full` given: one barrier for the program's k_steps copies of x):
+    program pid takes (cluster) row block pid // groups and the column tiles of group
+    pid % groups; x_smem is [k_steps, 64, block_k], the program's rows of x for all of its
+    tiles, and the one shared ring holds only w's tiles (full: two copies a slot).
     """
     wg = lax.axis_index("wg")
     pid = lax.axis_index("programs")
     rank = lax.axis_index("cluster") if cluster > 1 else 0  # this program's rows of a tile
-    n_local = (tiles - pid + programs - 1) // programs  # this program's tiles
+    x_resident = bool(x_full)
+    if x_resident:  # one row block; the group's column tiles
+        row_block, group = pid // groups, lax.rem(pid, groups)
+        n_local = tiles_n // groups
+    else:
+        n_local = (tiles - pid + programs - 1) // programs  # this program's tiles
     k_unroll = k_steps <= 32  # a short reduction: unrolled
     multicast = {"collective_axes": "cluster"} if cluster > 1 else {}
 
     def origin(j):
         """Rows and columns of this program's j-th tile."""
+        if x_resident:
+            rows = row_block * TILE_M * cluster + rank * TILE_M
+            return rows, (group * n_local + j) * block_n
         t = pid + j * programs
         return (t // tiles_n) * TILE_M * cluster + rank * TILE_M, (t % tiles_n) * block_n
+
+    def x_tile(r, slot, i):
+        """The x tile [64, block_k] of reduction step i (read from ring r's slot)."""
+        return x_smem.at[i] if x_resident else x_smem.at[r, slot]
 
     def position(c, u, i):
         """(ring, slot, the step's place along its ring) of step i of consumer c's u-th
@@ -257,7 +314,7 @@ def _kernel(
                 def step(i, acc):
                     r, slot, _ = position(wg, u, i)
                     plgpu.barrier_wait(full.at[wg * stages + slot])
-                    xt = x_smem.at[r, slot][...].astype(jnp.float32)
+                    xt = x_tile(r, slot, i)[...].astype(jnp.float32)
                     hidden = acc[0] + jnp.dot(xt, h_smem.at[r, slot][...].astype(jnp.float32))
                     gate = acc[1] + jnp.dot(xt, g_smem.at[r, slot][...].astype(jnp.float32))
                     release(wg, u, i)
@@ -272,7 +329,7 @@ def _kernel(
                 def _step(i):
                     r, slot, _ = position(wg, u, i)
                     plgpu.barrier_wait(full.at[wg * stages + slot])
-                    xt = x_smem.at[r, slot]
+                    xt = x_tile(r, slot, i)
                     plgpu.wgmma(h_acc, xt, h_smem.at[r, slot])
                     plgpu.wgmma(g_acc, xt, g_smem.at[r, slot])
                     if delay_release:  # step i's two products may run on; step i - 1's are done
@@ -327,6 +384,8 @@ def _kernel(
             plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[pl.ds(m0, TILE_M), pl.ds(n0, block_n)])
             return carry
 
+        if x_resident:  # the program's rows of x, once for all of its tiles
+            plgpu.barrier_wait(x_full[0].at[0])
         lax.fori_loop(0, (n_local - wg + 1) // 2, tile, 0)
         plgpu.wait_smem_to_gmem(0)
 
@@ -345,8 +404,9 @@ def _kernel(
                 # the slot's previous step must be consumed (none before the ring's first lap)
                 pl.when(g >= stages)(lambda: plgpu.barrier_wait(free.at[r * stages + slot]))
                 ks = pl.ds(i * block_k, block_k)
-                plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(m0, TILE_M), ks], x_smem.at[r, slot],
-                                        barrier)  # fmt: skip
+                if not x_resident:
+                    plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(m0, TILE_M), ks], x_smem.at[r, slot],
+                                            barrier)  # fmt: skip
                 # the same w tiles in every program of a cluster: one multicast copy
                 plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(n0, block_n)], h_smem.at[r, slot],
                                         barrier, **multicast)  # fmt: skip
@@ -355,6 +415,11 @@ def _kernel(
 
             return carry
 
+        if x_resident:  # the program's rows of x, every reduction step's columns
+            m0, _ = origin(0)
+            for i in range(k_steps):
+                plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(m0, TILE_M), pl.ds(i * block_k, block_k)],
+                                        x_smem.at[i], x_full[0].at[0])  # fmt: skip
         lax.fori_loop(0, n_local, tile, 0)
         # drain: the last `stages` steps of each ring are waited for once, as every phase is
         rings = [(0, n_local * k_steps)] if shared_ring else [
@@ -397,6 +462,9 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
     cl = config.cluster
     tiles = (m // (TILE_M * cl)) * tiles_n  # cluster tiles
     programs = min(tiles, (config.programs or num_sms()) // cl)  # clusters
+    groups = column_groups(config, m, inner, config.programs or num_sms())
+    if config.x_resident:  # one program (cluster) per row block and column group
+        programs = (m // (TILE_M * cl)) * groups
     cluster_kw = dict(cluster=(cl,), cluster_names=("cluster",)) if cl > 1 else {}
     slots = rings * stages
     free = (
@@ -407,17 +475,21 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
     dtype = x.dtype
     in_t, out_t = hopper_smem_transforms(config.block_k, dtype), hopper_smem_transforms(config.block_n, dtype)
     cw, bk, bn = COMPUTE_WARPGROUPS, config.block_k, config.block_n
+    x_shape = (k_steps, TILE_M, bk) if config.x_resident else (rings, stages, TILE_M, bk)
     scratch = [
-        plgpu.SMEM((rings, stages, TILE_M, bk), dtype, transforms=in_t),  # x
+        plgpu.SMEM(x_shape, dtype, transforms=in_t),  # x: resident, or a ring
         plgpu.SMEM((rings, stages, bk, bn), dtype, transforms=out_t),  # hidden columns of w
         plgpu.SMEM((rings, stages, bk, bn), dtype, transforms=out_t),  # gate columns of w
         plgpu.SMEM((cw, 2, 2, bn), dtype),  # biases: consumer, tile parity, hidden/gate
         plgpu.SMEM((cw, TILE_M, bn), dtype, transforms=out_t),  # output tiles
-        plgpu.Barrier(num_arrivals=3, num_barriers=cw * stages),  # full: x, hidden and gate
+        # full: x (unless resident), hidden and gate
+        plgpu.Barrier(num_arrivals=2 if config.x_resident else 3, num_barriers=cw * stages),
         free,  # free: the consumer (with clusters: every program's consumer) is done with it
         plgpu.Barrier(num_barriers=cw),  # go: the tensor cores are this consumer's
         plgpu.Barrier(num_arrivals=2, num_barriers=cw * 2),  # b_full: the two bias slices
     ]
+    if config.x_resident:  # x_full: the program's k_steps copies of x
+        scratch.append(plgpu.Barrier(num_arrivals=k_steps, num_barriers=1))
     kernel = functools.partial(
         _kernel,
         inner=inner,
@@ -433,6 +505,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         delay_release=config.delay_release,
         shared_ring=config.shared_ring,
         bias_in_acc=config.bias_in_acc,
+        groups=groups,
     )
     out = plgpu.kernel(
         kernel,

@@ -80,7 +80,7 @@ _SWEEP_GEGLU_HOPPER = flags.DEFINE_list(
     "kernel time (GPU)",
 )
 # The Hopper GEGLU sweep's grids (`hopper_geglu_candidates`).
-GEGLU_HOPPER_GRIDS = ("tiles", "issue", "deep", "ring", "ring_issue", "bias")
+GEGLU_HOPPER_GRIDS = ("tiles", "issue", "deep", "ring", "ring_issue", "bias", "resident")
 _HOPPER_GRID = flags.DEFINE_enum(
     "geglu_hopper_grid", "tiles", list(GEGLU_HOPPER_GRIDS),
     "the Hopper GEGLU sweep's grid (`hopper_geglu_candidates`)",
@@ -640,7 +640,10 @@ def hopper_geglu_candidates(m: int, d: int, f: int, dtype, grid: str = "tiles") 
     comparison in the same process.
     grid "ring_issue": the "ring" grid, each config also with `delay_release`.
     grid "bias": the heuristic's config without and with `bias_in_acc`, twice, alternating
-    (the second pair gives the run's spread)."""
+    (the second pair gives the run's spread).
+    grid "resident": the heuristic's config, then x resident in shared memory
+    (`x_resident`, groups for one wave) with tiles 128 wide (3-4 slots) or 64 (4-8), clusters
+    of 1 and 2, then the heuristic's config again (the run's spread)."""
     gh = importlib.import_module("custom_calls.geglu_hopper")
     if grid not in GEGLU_HOPPER_GRIDS:
         raise ValueError(
@@ -649,6 +652,17 @@ def hopper_geglu_candidates(m: int, d: int, f: int, dtype, grid: str = "tiles") 
     if grid == "bias":
         h = gh.heuristic_config(m, d, f)
         return [h, dataclasses.replace(h, bias_in_acc=True)] * 2
+    if grid == "resident":
+        h = gh.heuristic_config(m, d, f)
+        out = [h]
+        for cluster in (2, 1):
+            for block_n, slots in ((128, (3, 4)), (64, (4, 8))):
+                for stages in slots:
+                    cfg = gh.HopperConfig(block_n=block_n, stages=stages, cluster=cluster,
+                                          shared_ring=True, x_resident=True)  # fmt: skip
+                    if gh.supports((m, d), (d, 2 * f), dtype, cfg) is None:
+                        out.append(cfg)
+        return [*out, h]
     if grid in ("ring", "ring_issue"):
         out = [gh.heuristic_config(m, d, f)]
         for cluster in (1, 2):

@@ -61,6 +61,20 @@ CASES = [
     # the accumulators start at the biases (an odd tile count: both bias buffers in use)
     ((192, 256), 256, 128, jnp.bfloat16, HopperConfig(block_n=64, stages=3, shared_ring=True,
                                                       bias_in_acc=True, programs=2)),
+    # x resident in shared memory, one program per row block and column group: the groups
+    # chosen for 2 SMs (one group: three tiles a program, an odd count); three groups of one
+    # tile (the second consumer idle); groups of two with more ring slots than a tile's
+    # steps, steps released late; batch 3 in x's leading axes with the biases in the
+    # accumulators
+    ((128, 320), 320, 192, jnp.float16, HopperConfig(block_n=64, stages=3, shared_ring=True,
+                                                     x_resident=True, programs=2)),
+    ((128, 192), 192, 192, jnp.bfloat16, HopperConfig(block_n=64, stages=2, shared_ring=True,
+                                                      x_resident=True, column_groups=3)),
+    ((64, 256), 256, 256, jnp.float16, HopperConfig(block_n=64, stages=6, shared_ring=True,
+                                                    delay_release=True, x_resident=True,
+                                                    column_groups=2)),
+    ((3, 64, 128), 128, 256, jnp.bfloat16, HopperConfig(stages=2, shared_ring=True,
+                                                        bias_in_acc=True, x_resident=True)),
 ]
 
 
@@ -71,8 +85,9 @@ def _case_id(case):
     deep = f"k{c.block_k}" if c.block_k != 64 else ""
     shared = "r" if c.shared_ring else ""
     bias = "b" if c.bias_in_acc else ""
+    resident = f"x{c.column_groups or ''}" if c.x_resident else ""
     return (f"{shape}:{d}x{f}:{jnp.dtype(dt).name}:n{c.block_n}s{c.stages}p{c.programs}"
-            f"{late}{deep}{shared}{bias}")  # fmt: skip
+            f"{late}{deep}{shared}{bias}{resident}")  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -104,8 +119,13 @@ def test_columns_and_rows_land_in_place(rng):
         ((128, 64), (64, 160), jnp.float16, HopperConfig(), "F=80 is not a multiple of"),
         ((128, 64), (64, 256), jnp.float32, HopperConfig(), "fp16/bf16 only"),
         ((128, 512), (512, 1024), jnp.float16, HopperConfig(block_n=512, stages=8), "shared"),
+        # resident x: 64 rows of SD1.5's 16x16 level (D = 1280) leave no room for the ring
+        ((512, 1280), (1280, 10240), jnp.float16,
+         HopperConfig(stages=4, shared_ring=True, x_resident=True), "shared memory"),
+        ((128, 64), (64, 768), jnp.float16,
+         HopperConfig(shared_ring=True, x_resident=True, column_groups=2), "column tiles"),
     ],
-)
+)  # fmt: skip
 def test_supports_says_why(x_shape, w_shape, dtype, config, why):
     assert why in supports(x_shape, w_shape, dtype, config)
     x = jnp.zeros(x_shape, dtype)
@@ -143,7 +163,9 @@ def test_interpret_mode_runs_the_clustered_shapes_unclustered(rng):
 
 def test_rejects_bad_configs_and_inputs():
     for bad in (dict(block_n=96), dict(block_k=32), dict(stages=0), dict(programs=0),
-                dict(cluster=3), dict(cluster=8), dict(stages=1, delay_release=True)):  # fmt: skip
+                dict(cluster=3), dict(cluster=8), dict(stages=1, delay_release=True),
+                dict(x_resident=True), dict(column_groups=2),
+                dict(shared_ring=True, x_resident=True, column_groups=0)):  # fmt: skip
         with pytest.raises(ValueError):
             HopperConfig(**bad)
     x = jnp.zeros((128, 64), jnp.float16)
@@ -220,6 +242,14 @@ CLUSTER_CASES = [
                                                           shared_ring=True)),
     ((2, 4096, 320), 320, 1280, jnp.float16, HopperConfig(stages=4, cluster=2, shared_ring=True,
                                                           bias_in_acc=True)),
+    # x resident (each program's rows of x loaded once): SD1.5's 64x64 and 32x32 levels with
+    # the groups chosen for the device, and explicit groups, bf16
+    ((2, 4096, 320), 320, 1280, jnp.float16, HopperConfig(stages=4, cluster=2, shared_ring=True,
+                                                          x_resident=True)),
+    ((2, 1024, 640), 640, 2560, jnp.float16, HopperConfig(stages=3, cluster=2, shared_ring=True,
+                                                          x_resident=True)),
+    ((2, 1024, 640), 640, 2560, jnp.bfloat16, HopperConfig(stages=3, shared_ring=True,
+                                                           x_resident=True, column_groups=5)),
 ]
 
 
@@ -269,11 +299,15 @@ for label, grid, shape in (("tiles", "tiles", (8192, 320, 1280)),
                            ("deep_64", "deep", (8192, 320, 1280)),
                            ("ring", "ring", (8192, 320, 1280)),
                            ("ring_issue", "ring_issue", (8192, 320, 1280)),
-                           ("bias", "bias", (8192, 320, 1280))):
+                           ("bias", "bias", (8192, 320, 1280)),
+                           ("resident", "resident", (8192, 320, 1280)),
+                           ("resident_16", "resident", (512, 1280, 5120))):
     cfgs = bench_norm.hopper_geglu_candidates(*shape, jnp.float16, grid)
     out[label] = [[c.cluster, c.block_n, c.stages, c.delay_release, c.block_k] for c in cfgs]
     if grid.startswith("ring"):
         out[label + "_shared"] = [c.shared_ring for c in cfgs]
+    if grid == "resident":
+        out[label + "_x"] = [c.x_resident for c in cfgs]
     if grid == "bias":
         out["bias_flags"] = [c.bias_in_acc for c in cfgs]
         out["bias_same"] = all(c == cfgs[0] for c in cfgs[::2])
@@ -310,3 +344,9 @@ print(json.dumps(out))
     assert len(swept) == 2 * (len(out["ring"]) - 1)
     assert sorted(c for c in swept if not c[3]) == sorted(out["ring"][1:])
     assert sorted(c[:3] + c[4:] for c in swept if c[3]) == sorted(c[:3] + c[4:] for c in out["ring"][1:])
+    # resident: the heuristic's config first and last, x-resident configs between (each
+    # fitting shared memory); at SD1.5's 16x16 level (D = 1280) none fits
+    res = out["resident"]
+    assert res[0] == res[-1] == out["ring"][0] and out["resident_x"][0] is False
+    assert all(out["resident_x"][1:-1]) and len(res) == 2 + 2 * 4
+    assert out["resident_16_x"] == [False, False]
