@@ -57,8 +57,9 @@ Implementation names:
                  (s26a): cuBLASLt picks the same 64x64 kernel, memset included.
   dot_batched    (qkv_projection) the same product as a batched one, one per sample against
                  the weights broadcast (made per image with the conditioning), at the 64x64
-                 level only (`qkv_projection_batched`): a shape for which cuBLAS may pick a
-                 kernel without the 64x64 product's memset.
+                 level only (`qkv_projection_batched`): a shape for which cuBLAS might pick a
+                 kernel without the 64x64 product's memset. Measured no faster (s26b): its
+                 pick comes with a memset too.
   subpixel       (upsample_conv) nearest 2x + 3x3 conv as one 2x2 conv of the small map with
                  four phase kernels (plain XLA; exact; `auto` takes it from 16x16 inputs up).
   transposed     (upsample_conv) the same as one convolution of the zero-dilated small map
@@ -157,7 +158,8 @@ class Implementations:
     # measured faster (`qkv_projection_choice`). Only with prepared weights: a zero bias made
     # inside the program is a constant, and XLA folds the add away (s25d); measured slower
     # (s26a: the memset stays). "dot_batched": a batched product per sample at the 64x64
-    # level (`qkv_projection_batched`), the weights broadcast with the conditioning.
+    # level (`qkv_projection_batched`), the weights broadcast with the conditioning;
+    # measured no faster (s26b: another kernel, a memset again).
     qkv_projection: QkvProjectionImpl = "dot"
 
     def __post_init__(self):
@@ -1273,7 +1275,7 @@ BATCHED_QKV_MIN_TOKENS = 4096
 
 
 def _auto_qkv_projection() -> str:
-    """The plain product: "dot_bias" measured slower (s26a); "dot_batched" not yet ahead."""
+    """The plain product: "dot_bias" measured slower (s26a), "dot_batched" no faster (s26b)."""
     return "dot"
 
 
