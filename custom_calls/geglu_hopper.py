@@ -461,10 +461,12 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
     tiles_n = inner // config.block_n
     cl = config.cluster
     tiles = (m // (TILE_M * cl)) * tiles_n  # cluster tiles
-    programs = min(tiles, (config.programs or num_sms()) // cl)  # clusters
-    groups = column_groups(config, m, inner, config.programs or num_sms())
+    sms = config.programs or num_sms()
+    groups = column_groups(config, m, inner, sms)
     if config.x_resident:  # one program (cluster) per row block and column group
         programs = (m // (TILE_M * cl)) * groups
+    else:  # persistent: at most one program (cluster) per SM (SMs per cluster)
+        programs = min(tiles, sms // cl)
     cluster_kw = dict(cluster=(cl,), cluster_names=("cluster",)) if cl > 1 else {}
     slots = rings * stages
     free = (
