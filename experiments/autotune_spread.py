@@ -19,7 +19,11 @@ picks (`xla_gpu_load_autotune_results_from`): if the picks cause the spread, eac
 process reads its trial's step again.
 
 JAX's persistent compilation cache is off in every process (a cached executable would carry
-the first process's picks). Writes autotune_spread_<config>_<dtype><tag>.json and .md, and
+the first process's picks). The pinned processes run with XLA's command buffers off unless
+`--pinned_command_buffers`: on the H200 (jax 0.11.2, `experiments/results/README.md`, item
+269) a process that loads picks fails while XLA traces a loaded cuDNN convolution into a
+CUDA graph (`CUDNN_STATUS_EXECUTION_FAILED`), and runs, bit for bit as its trial, without
+them. Their step times then compare with each other, not with the trials'. Writes autotune_spread_<config>_<dtype><tag>.json and .md, and
 the trials' autotune files, to `common.results_dir()`.
 """
 
@@ -48,6 +52,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("trials", 4, "fresh processes that autotune for themselves")
     flags.DEFINE_integer("repeats", 7, "timed images per process (medians)")
     flags.DEFINE_bool("pin", True, "then pin the fastest and the slowest trial's picks")
+    flags.DEFINE_bool("pinned_command_buffers", False,
+                      "keep XLA's command buffers on in the pinned processes (off by default: "
+                      "loaded cuDNN picks fail in them on the H200, item 269)")  # fmt: skip
     flags.DEFINE_string("tag", "", "suffix of the output file names")
     flags.DEFINE_bool("summarize_only", False, "only summarize a finished run's files")
     # one process's own run (the parent starts these)
@@ -153,7 +160,7 @@ def run_child() -> dict:
 
     from experiments import common
     from sdjax import config as sd_config
-    from sdjax.pipeline import StableDiffusion, default_compiler_options
+    from sdjax.pipeline import COMMAND_BUFFER_OPTION, StableDiffusion, default_compiler_options
 
     jax.config.update("jax_enable_compilation_cache", False)
     options = default_compiler_options()
@@ -161,6 +168,8 @@ def run_child() -> dict:
         options["xla_gpu_dump_autotune_results_to"] = FLAGS.dump
     if FLAGS.load:
         options["xla_gpu_load_autotune_results_from"] = FLAGS.load
+        if not FLAGS.pinned_command_buffers and jax.default_backend() == "gpu":
+            options[COMMAND_BUFFER_OPTION] = ""  # none: see the module's docstring
     t0 = time.perf_counter()
     pipe = StableDiffusion.from_random(sd_config.preset(FLAGS.config), dtype=FLAGS.dtype,
                                        kernels=FLAGS.kernels, compiler_options=options)  # fmt: skip
@@ -179,6 +188,8 @@ def run_child() -> dict:
         "device": common.device_info(),
         "dump": FLAGS.dump,
         "load": FLAGS.load,
+        # the command buffer types compiled with (None: XLA's default, or XLA_FLAGS's)
+        "command_buffers": options.get(COMMAND_BUFFER_OPTION),
         "setup_s": setup_s,
         "compile_s": first.timings["end_to_end"]["compile_s"],
         "unet_step_ms": statistics.median(steps),
@@ -198,6 +209,7 @@ def _child(out: pathlib.Path, *, dump=None, load=None) -> dict:
             f"--steps={FLAGS.steps}", f"--repeats={FLAGS.repeats}"]  # fmt: skip
     args += [f"--dump={dump}"] if dump else []
     args += [f"--load={load}"] if load else []
+    args += ["--pinned_command_buffers"] if FLAGS.pinned_command_buffers else []
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     subprocess.run(args, check=True, env=env)
     return json.loads(out.read_text())
@@ -209,6 +221,15 @@ def _backend(pick: str) -> str:
         if marker in pick:
             return pick.split(marker, 1)[1].split()[0] if marker == "backend: " else marker[:-2]
     return "other"
+
+
+def _command_buffers(rec: dict) -> str:
+    """How a process's programs were compiled: command buffers off, the pipeline's types, or
+    (records that predate the field) not recorded."""
+    if "command_buffers" not in rec:
+        return "not recorded"
+    types = rec["command_buffers"]
+    return "off" if types == "" else ("XLA_FLAGS or XLA's default" if types is None else "on")
 
 
 def _same_latents(a: dict, b: dict) -> bool:
@@ -236,6 +257,7 @@ def summarize(out: pathlib.Path, stem: str) -> dict:
     rows = [{"process": f"trial {i}", "unet_step_ms": t["unet_step_ms"],
              "image_ms": t["image_ms"], "image_back_to_back_ms": t["image_back_to_back_ms"],
              "latents_sum": f"{t['latents_sum']:.4f}", "autotuned": len(t["picks"]),
+             "command_buffers": _command_buffers(t),
              "compile_s": t["compile_s"]} for i, t in enumerate(trials)]  # fmt: skip
     for p in pinned:
         k = p["pinned_trial"]
@@ -244,6 +266,7 @@ def summarize(out: pathlib.Path, stem: str) -> dict:
                      "image_back_to_back_ms": p["image_back_to_back_ms"],
                      "latents_sum": f"{p['latents_sum']:.4f}",
                      "same_latents_as_trial": _same_latents(p, trials[k]),
+                     "command_buffers": _command_buffers(p),
                      "compile_s": p["compile_s"]})  # fmt: skip
     steps = [t["unet_step_ms"] for t in trials]
     by_backend: dict[str, int] = {}
@@ -268,7 +291,8 @@ def summarize(out: pathlib.Path, stem: str) -> dict:
           "pinned to a trial's picks (`xla_gpu_load_autotune_results_from`).\n",
           common.markdown_table(rows, ["process", "unet_step_ms", "image_ms",
                                        "image_back_to_back_ms", "latents_sum",
-                                       "same_latents_as_trial", "autotuned", "compile_s"]),
+                                       "same_latents_as_trial", "command_buffers",
+                                       "autotuned", "compile_s"]),
           f"\nStep spread over the trials: {record['step_spread_ms']:.4f} ms. Of "
           f"{record['autotuned']} autotuned instructions, {len(differing)} got picks that "
           f"differ between the trials (by backend: {by_backend}).\n"]  # fmt: skip
