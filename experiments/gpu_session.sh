@@ -3,7 +3,9 @@
 #   env            versions, GPU, flax present (installs the carried .whl_flax wheels if not)
 #   anchors        put the carried diffusers 0.35.2 wheel (and its few needs) on PYTHONPATH
 #   tests          pytest -m gpu (every kernel's GPU path, and the HLO custom-call checks);
-#                  $TESTS_FILES and $TESTS_K (a -k expression) narrow it
+#                  $TESTS_FILES and $TESTS_K (a -k expression) narrow it; $TESTS_PROCS > 1 runs
+#                  that many pytest-xdist processes, each capped to its share of the card's
+#                  memory (unshared, eight ran out of it together: BUILD.md, version matrix)
 #   generate       experiments.generate at 512x512, 20 steps, fp16, kernels auto
 #   ablation       experiments.ablation sd15 fp16 with the anchors (extra flags: $ABLATION_ARGS)
 #   spread         experiments.autotune_spread: $SPREAD_TRIALS (4) fresh processes' own
@@ -98,8 +100,16 @@ for stage in "$@"; do
         --trials ${SPREAD_TRIALS:-4} --repeats ${SPREAD_REPEATS:-5} ${SPREAD_ARGS:-} 2>&1 | quiet | grep -v "^W" | tail -30 || status=1
       ;;
     tests)
-      limit python3 -m pytest -q -m gpu ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_geglu_hopper.py tests/test_norm_kernels.py tests/test_ops.py tests/test_subpixel.py} \
+      procs=${TESTS_PROCS:-1}; xdist=()
+      if [ "$procs" -gt 1 ]; then
+        # a share of the card each, 10% of it left over for the CUDA contexts
+        xdist=(-n "$procs" -p xdist)
+        export XLA_PYTHON_CLIENT_PREALLOCATE=false
+        export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $procs, 3))")
+      fi
+      limit python3 -m pytest -q -m gpu "${xdist[@]}" ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_geglu_hopper.py tests/test_norm_kernels.py tests/test_ops.py tests/test_subpixel.py} \
         ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -15 || status=1
+      unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_MEM_FRACTION
       ;;
     hopper)
       if limit python3 -m pytest -q -x -m gpu tests/test_flash_hopper.py 2>&1 | tail -25; then
