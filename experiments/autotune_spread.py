@@ -23,8 +23,9 @@ the first process's picks). The pinned processes run with XLA's command buffers 
 `--pinned_command_buffers`: on the H200 (jax 0.11.2, `experiments/results/README.md`, item
 269) a process that loads picks fails while XLA traces a loaded cuDNN convolution into a
 CUDA graph (`CUDNN_STATUS_EXECUTION_FAILED`), and runs, bit for bit as its trial, without
-them. Their step times then compare with each other, not with the trials'. Writes autotune_spread_<config>_<dtype><tag>.json and .md, and
-the trials' autotune files, to `common.results_dir()`.
+them. Their step times then compare with each other, not with the trials'. Writes
+autotune_spread_<config>_<dtype><tag>.json and .md, and the trials' autotune files, to
+`common.results_dir()`.
 """
 
 from __future__ import annotations

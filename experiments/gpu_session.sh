@@ -101,15 +101,15 @@ for stage in "$@"; do
       ;;
     tests)
       procs=${TESTS_PROCS:-1}; xdist=()
-      if [ "$procs" -gt 1 ]; then
-        # a share of the card each, 10% of it left over for the CUDA contexts
-        xdist=(-n "$procs" -p xdist)
-        export XLA_PYTHON_CLIENT_PREALLOCATE=false
-        export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $procs, 3))")
-      fi
-      limit python3 -m pytest -q -m gpu "${xdist[@]}" ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_geglu_hopper.py tests/test_norm_kernels.py tests/test_ops.py tests/test_subpixel.py} \
-        ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tail -15 || status=1
-      unset XLA_PYTHON_CLIENT_PREALLOCATE XLA_PYTHON_CLIENT_MEM_FRACTION
+      [ "$procs" -gt 1 ] && xdist=(-n "$procs" -p xdist)
+      (
+        if [ "$procs" -gt 1 ]; then  # a share of the card each, 10% left for the CUDA contexts
+          export XLA_PYTHON_CLIENT_PREALLOCATE=false
+          export XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $procs, 3))")
+        fi
+        limit python3 -m pytest -q -m gpu "${xdist[@]}" ${TESTS_FILES:-tests/test_attention_kernels.py tests/test_flash_hopper.py tests/test_geglu_hopper.py tests/test_norm_kernels.py tests/test_ops.py tests/test_subpixel.py} \
+          ${TESTS_K:+-k "$TESTS_K"}
+      ) 2>&1 | tail -15 || status=1
       ;;
     hopper)
       if limit python3 -m pytest -q -x -m gpu tests/test_flash_hopper.py 2>&1 | tail -25; then

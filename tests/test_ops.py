@@ -435,7 +435,7 @@ def test_qkv_product_with_a_bias_input_is_a_cublaslt_product_on_gpu(rng):
 
     Compiled with the pipeline's GPU options (Triton GEMMs off), as the pipeline compiles
     it: with XLA's defaults the autotuner may pick a Triton GEMM fusion instead (on the
-    H200 it did, at this shape: `experiments/results/README.md`, item 269)."""
+    H200 it did, at this shape: `experiments/results/README.md`, item 268)."""
     from sdjax.pipeline import default_compiler_options
 
     x = jnp.asarray(rng.standard_normal((8192, 320)), jnp.float16)
