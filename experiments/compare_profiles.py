@@ -84,8 +84,8 @@ def compare(a: dict, b: dict, *, program: str = "denoise_loop", top: int = 30) -
             "a_launches": fa.get(n, {}).get("launches"),
             "b_launches": fb.get(n, {}).get("launches"),
         })  # fmt: skip
-    total_a = total(a["programs"][program])
-    total_b = total(b["programs"][program])
+    total_a = sum(f["ms"] for f in fa.values())
+    total_b = sum(f["ms"] for f in fb.values())
 
     def side(p):
         prog = p["programs"][program]
@@ -102,11 +102,6 @@ def compare(a: dict, b: dict, *, program: str = "denoise_loop", top: int = 30) -
         "rows": rows[:top],
         "families": len(rows),
     }
-
-
-def total(program_record: dict) -> float:
-    """A program's kernel time per step (or call): its kernel table summed."""
-    return sum(k["ms"] for k in program_record["kernels"])
 
 
 def markdown(record: dict, label_a: str, label_b: str) -> str:

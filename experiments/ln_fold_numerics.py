@@ -56,6 +56,8 @@ def errors(rng, *, rows: int, d: int, inner: int, mean_scale: float, dtype: str,
     form, for one draw of x, gamma, beta, W, b."""
     import numpy as np
 
+    from experiments.common import relative_error
+
     x = _round(rng.standard_normal((rows, d)) + mean_scale * rng.standard_normal((rows, 1)),
                dtype)  # fmt: skip
     gamma = _round(1 + 0.1 * rng.standard_normal(d), dtype)
@@ -69,7 +71,7 @@ def errors(rng, *, rows: int, d: int, inner: int, mean_scale: float, dtype: str,
     ref = ((x64 - mu64) * rstd64 * gamma + beta) @ w.astype(np.float64) + b
 
     def rel(y):
-        return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+        return relative_error(y, ref)
 
     # today: the LayerNorm in float32, rounded to the compute dtype, then the product
     mu, var = x.mean(1, keepdims=True), x.var(1, keepdims=True)
