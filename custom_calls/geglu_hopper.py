@@ -39,6 +39,26 @@ the epilogue: the GELU's cheaper form (`group_norm._gelu_erf`: no division, no s
 the 64x64 and 32x32 levels to 33.9 and 29.6 us (twelfth session), and clusters of 2 the
 64x64 level to 31.2 us.
 
+*LayerNorm folded in* (`norm_scale`, item 272 of the results README): the transformer block's
+LayerNorm in front of its GEGLU, without its own launch. The normalization is linear per row,
+so with scale gamma and the row's mean mu and rstd,
+
+    LN(x) @ w = rstd (((x - m) gamma) @ w - (mu - m) colsum) + bias @ w,
+
+for any per-row shift m, with colsum = gamma @ w (float32; `layer_norm_fold` makes it and
+the folded bias b + bias @ w once per set of weights). Each consumer, before a reduction
+step's products (while the previous step's run), reads that step's x tile from shared
+memory, adds its rows' shifted values and squares into the row statistics, and writes
+(x - m) gamma back in place in x's dtype for the wgmmas; m is the row's mean over the tile's
+first step, so the products and sums see centred values (no cancellation when a row's mean
+is large against its spread: `experiments/ln_fold_numerics.py`). The epilogue applies
+rstd and the mean term with two multiply-adds an output. The statistics are made again by
+every column tile of a row block (F / block_n times), on the tensor cores' critical path.
+Measured much slower than the two launches it replaces (H200, device kernel time, results
+README items 273-274): 64x64 51.1 us against 35.9 for XLA's LayerNorm then this kernel,
+32x32 43.4 against 30.8, 16x16 76.5 against 34.3; at 64x64 the row sums cost 14 us and the
+write-back 11 us, each alone 3-4x the LayerNorm launch. Nothing in `sdjax.ops` uses it.
+
 Scope (`supports`): fp16/bf16; x's rows (M) a multiple of 64; D a multiple of block_k; F a
 multiple of block_n. Other shapes take the Triton kernel (`sdjax.ops`). Off GPU the kernel
 runs in Mosaic GPU's interpret mode (tests; slow, small shapes), where the products are plain
@@ -67,7 +87,9 @@ from custom_calls._common import (
     num_sms,
     resolve_interpret,
 )
+from custom_calls.geglu import geglu_reference
 from custom_calls.group_norm import activate
+from custom_calls.layer_norm import layer_norm_reference
 
 TILE_M = 64  # rows of a tile: one warpgroup's wgmma
 # Programs per cluster: Hopper's portable cluster sizes go to 8; a cluster tile of 64 * 4 rows
@@ -75,6 +97,7 @@ TILE_M = 64  # rows of a tile: one warpgroup's wgmma
 # against 164 KB of w per tile).
 CLUSTER_SIZES = (1, 2, 4)
 # A consumer's two accumulators of 64 x 128 float32 take 128 of its CONSUMER_REGISTERS (232).
+TMA_MAX_BOX = 256  # a TMA copy's box spans at most 256 elements along each dimension
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -145,10 +168,11 @@ class HopperConfig:
             raise ValueError(f"column_groups={self.column_groups} needs x_resident and >= 1")
 
 
-def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
+def smem_bytes(config: HopperConfig, d: int, dtype, norm: bool = False) -> int:
     """Shared memory of the rings (x, hidden and gate tiles: one per consumer, each of at
     most d / block_k steps, or one shared ring) and the two output tiles, for a reduction
-    over d."""
+    over d; with `norm` (the LayerNorm folded in) also its scale [d] and the colsum slices,
+    float32."""
     rings, stages = _rings(config, d // config.block_k)
     step = TILE_M * config.block_k + 2 * config.block_k * config.block_n
     resident = 0
@@ -158,7 +182,10 @@ def smem_bytes(config: HopperConfig, d: int, dtype) -> int:
     out = TILE_M * config.block_n
     bias = 2 * 2 * config.block_n  # two tile parities of hidden and gate slices
     itemsize = jnp.dtype(dtype).itemsize
-    return itemsize * (resident + rings * stages * step + COMPUTE_WARPGROUPS * (out + bias))
+    total = itemsize * (resident + rings * stages * step + COMPUTE_WARPGROUPS * (out + bias))
+    if norm:  # float32: the scale, and colsum slices as the biases'
+        total += 4 * (d + COMPUTE_WARPGROUPS * bias)
+    return total
 
 
 def column_groups(config: HopperConfig, m: int, f: int, sms: int) -> int:
@@ -208,9 +235,11 @@ def heuristic_config(m: int, d: int, f: int) -> HopperConfig:
     return HopperConfig(block_n=block_n)
 
 
-def supports(x_shape, w_shape, dtype, config: HopperConfig | None = None) -> str | None:
+def supports(
+    x_shape, w_shape, dtype, config: HopperConfig | None = None, norm: bool = False
+) -> str | None:
     """None if the kernel can run x [..., D] @ w [D, 2F] with `config` (default: the
-    heuristic), else the reason it cannot."""
+    heuristic; with `norm`, the LayerNorm folded in), else the reason it cannot."""
     d, f2 = w_shape
     m = 1
     for s in x_shape[:-1]:
@@ -227,9 +256,23 @@ def supports(x_shape, w_shape, dtype, config: HopperConfig | None = None) -> str
     tiles_n = (f2 // 2) // config.block_n
     if config.column_groups is not None and tiles_n % config.column_groups:
         return f"{tiles_n} column tiles do not split into column_groups={config.column_groups}"
-    if (smem := smem_bytes(config, d, dtype)) > SMEM_LIMIT_BYTES:
+    if norm and (config.delay_release or config.bias_in_acc or config.x_resident):
+        return "the folded LayerNorm runs without delay_release, bias_in_acc and x_resident"
+    if norm and config.stages < 2 and d > config.block_k:  # (`normalize_step`)
+        return "the folded LayerNorm needs stages >= 2 (a step's next tile is normalized first)"
+    if norm and d // config.block_k > TMA_MAX_BOX:
+        return f"the folded LayerNorm's scale takes D / block_k <= {TMA_MAX_BOX} rows"
+    if (smem := smem_bytes(config, d, dtype, norm)) > SMEM_LIMIT_BYTES:
         return f"its tiles need {smem} bytes of shared memory (> {SMEM_LIMIT_BYTES})"
     return None
+
+
+# Parts of the folded LayerNorm's per-step work that `bench_norm --ln_geglu_ablate` leaves out
+# to see what each costs (timing only: the results are wrong): "stats" (the row sums; the
+# shift is zero) and "store" (the write-back of the scaled tile and its fence). Read at trace
+# time; empty in every other use.
+_NORM_ABLATE: frozenset[str] = frozenset()
+NORM_ABLATABLE = ("stats", "store")
 
 
 def _column_vector(ref, *, interpret: bool):
@@ -246,12 +289,16 @@ def _column_vector(ref, *, interpret: bool):
 
 
 def _kernel(
-    x_ref, w_ref, b_ref, o_ref, x_smem, h_smem, g_smem, b_smem, o_smem, full, free, go, b_full,
-    *x_full, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, cluster,
+    *refs, inner, block_n, block_k, stages, k_steps, tiles_n, tiles, programs, cluster,
     interpret, delay_release=False, shared_ring=False, bias_in_acc=False, groups=1,
+    x_resident=False, norm_eps=None,
 ):  # fmt: skip
     """One persistent program: tiles pid, pid + programs, ... of the output (with clusters:
     cluster tiles, of which this program takes rows 64 * (its index in the cluster)).
+
+    refs: x_ref, w_ref, b_ref, (s_ref, c_ref,) o_ref, x_smem, h_smem, g_smem, b_smem, o_smem,
+    full, free, go, b_full, (x_full,) (s_smem, c_smem, s_full): the parenthesized ones with
+    x resident, and with the LayerNorm folded in (`norm_eps` given) respectively.
 
     x_ref [M, D]; w_ref [D, 2F] (hidden columns first); b_ref [2F]; o_ref [M, F].
     x_smem [R, stages, 64, block_k]; h_smem, g_smem [R, stages, block_k, block_n]: R = 2
@@ -263,15 +310,27 @@ def _kernel(
     next tile's wgmmas. b_full: [2 * 2], consumer c's biases of a tile of parity q at 2 * c + q.
     `programs` and `tiles` count clusters and cluster tiles where cluster > 1.
 
-    With x resident (`x_full` given: one barrier for the program's k_steps copies of x):
-    program pid takes (cluster) row block pid // groups and the column tiles of group
-    pid % groups; x_smem is [k_steps, 64, block_k], the program's rows of x for all of its
-    tiles, and the one shared ring holds only w's tiles (full: two copies a slot).
+    With x resident (`x_full`: one barrier for the program's k_steps copies of x): program
+    pid takes (cluster) row block pid // groups and the column tiles of group pid % groups;
+    x_smem is [k_steps, 64, block_k], the program's rows of x for all of its tiles, and the
+    one shared ring holds only w's tiles (full: two copies a slot).
+
+    With the LayerNorm folded in: s_ref [k_steps, block_k] its scale, float32, copied once
+    into s_smem (barrier s_full); c_ref [2F] colsum, float32, whose tile slices come into
+    c_smem [2, 2, 2, block_n] beside the biases (b_full then counts four copies).
     """
+    norm = norm_eps is not None
+    n_in = 5 if norm else 3
+    x_ref, w_ref, b_ref = refs[:3]
+    s_ref, c_ref = refs[3:5] if norm else (None, None)
+    o_ref = refs[n_in]
+    x_smem, h_smem, g_smem, b_smem, o_smem, full, free, go, b_full = refs[n_in + 1 : n_in + 10]
+    rest = refs[n_in + 10 :]
+    x_full = rest[:1] if x_resident else ()
+    s_smem, c_smem, s_full = rest[len(x_full) :] if norm else (None, None, None)
     wg = lax.axis_index("wg")
     pid = lax.axis_index("programs")
     rank = lax.axis_index("cluster") if cluster > 1 else 0  # this program's rows of a tile
-    x_resident = bool(x_full)
     if x_resident:  # one row block; the group's column tiles
         row_block, group = pid // groups, lax.rem(pid, groups)
         n_local = tiles_n // groups
@@ -305,6 +364,78 @@ def _kernel(
     @pl.when(wg < COMPUTE_WARPGROUPS)
     def _consumer():
         plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+
+        def normalize_step(u, i, shift):
+            """The folded LayerNorm's part of reduction step i (a Python int) of this
+            consumer's u-th tile: waits for the step's x tile, returns (shift, the row sums
+            of x - shift and of its squares) and writes (x - shift) * scale back over the
+            tile for the products. shift [64]: the rows' means over step 0's columns (made
+            here where None). Step i is waited for while step i - 1 still holds its slot,
+            so the two need different slots: stages >= 2 (`supports`)."""
+            r, slot, _ = position(wg, u, i)
+            plgpu.barrier_wait(full.at[wg * stages + slot])
+            tile_ref = x_tile(r, slot, i)
+            xt = tile_ref[...].astype(jnp.float32)
+            if "stats" in _NORM_ABLATE:  # (timing only) no sums, no shift
+                zero = jnp.zeros((TILE_M,), jnp.float32)
+                if not interpret:
+                    zero = plgpu.layout_cast(zero, plgpu.Layout.WGMMA.reduce(1))
+                shift, centred, sums = zero, xt, (zero, zero)
+            else:
+                if shift is None:
+                    shift = xt.sum(axis=1) * (1.0 / block_k)
+                centred = xt - lax.broadcast_in_dim(shift, xt.shape, [0])
+                sums = (centred.sum(axis=1), (centred * centred).sum(axis=1))
+            if "store" not in _NORM_ABLATE:
+                scale = _column_vector(s_smem.at[i], interpret=interpret)
+                tile_ref[...] = (centred * lax.broadcast_in_dim(scale, xt.shape, [1])).astype(
+                    tile_ref.dtype
+                )
+                plgpu.commit_smem()  # the writes reach the wgmmas' (async) view of smem
+            return shift, *sums
+
+        def normalized_products(u, first):
+            """hidden, gate [64, block_n] float32 of (x - shift) scale @ w for this
+            consumer's u-th tile, and the row sums of x - shift and of its squares over D;
+            `first` is `normalize_step(u, 0, None)`, made before the tensor cores' turn. Each
+            later step's tile is normalized while the step before it is multiplied. The steps
+            are unrolled (the statistics are carried as values)."""
+            shift, s1, s2 = first
+
+            def step_done(i, sums):
+                """Normalizes step i + 1's tile (while step i's products run), then frees
+                step i's slot once its products are done."""
+                if i + 1 < k_steps:
+                    _, a1, a2 = normalize_step(u, i + 1, shift)
+                    sums = (sums[0] + a1, sums[1] + a2)
+                if not interpret:
+                    plgpu.wgmma_wait(0)
+                release(wg, u, i)
+                return sums
+
+            if interpret:  # plain float32 dots of the same tiles (see the module doc)
+                hidden = gate = jnp.zeros((TILE_M, block_n), jnp.float32)
+                sums = (s1, s2)
+                for i in range(k_steps):
+                    r, slot, _ = position(wg, u, i)
+                    xf = x_tile(r, slot, i)[...].astype(jnp.float32)
+                    hidden = hidden + jnp.dot(xf, h_smem.at[r, slot][...].astype(jnp.float32))
+                    gate = gate + jnp.dot(xf, g_smem.at[r, slot][...].astype(jnp.float32))
+                    sums = step_done(i, sums)
+                return hidden, gate, *sums
+
+            def accumulate(h_acc, g_acc):
+                sums = (s1, s2)
+                for i in range(k_steps):
+                    r, slot, _ = position(wg, u, i)
+                    xt = x_tile(r, slot, i)
+                    plgpu.wgmma(h_acc, xt, h_smem.at[r, slot])
+                    plgpu.wgmma(g_acc, xt, g_smem.at[r, slot])
+                    sums = step_done(i, sums)
+                return h_acc[...], g_acc[...], *sums
+
+            acc = plgpu.ACC((TILE_M, block_n), jnp.float32)
+            return pl.run_scoped(accumulate, acc, acc)
 
         def products(u, init=None):
             """hidden, gate [64, block_n] float32 of this consumer's u-th tile, accumulated
@@ -360,18 +491,41 @@ def _kernel(
             biases, b_done = b_smem.at[wg, q], b_full.at[2 * wg + q]
             plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(n0, block_n)], biases.at[0], b_done)
             plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(inner + n0, block_n)], biases.at[1], b_done)
+            if norm:  # colsum's slices beside the biases, on the same barrier
+                colsums = c_smem.at[wg, q]
+                plgpu.copy_gmem_to_smem(c_ref.at[pl.ds(n0, block_n)], colsums.at[0], b_done)
+                plgpu.copy_gmem_to_smem(c_ref.at[pl.ds(inner + n0, block_n)], colsums.at[1],
+                                        b_done)  # fmt: skip
+                # the first step's statistics before the tensor cores are this consumer's
+                first = normalize_step(u, 0, None)
             pl.when(j > 0)(lambda: plgpu.barrier_wait(go.at[wg]))  # the tensor cores' turn
             shape = (TILE_M, block_n)
 
-            def bias_rows():  # the tile's bias slices broadcast over its rows, float32
-                plgpu.barrier_wait(b_done)
-                return tuple(lax.broadcast_in_dim(_column_vector(biases.at[i], interpret=interpret),
+            def columns(vectors):  # a tile's [2, block_n] slices broadcast over its rows
+                return tuple(lax.broadcast_in_dim(_column_vector(vectors.at[i], interpret=interpret),
                                                   shape, [1]) for i in (0, 1))  # fmt: skip
 
-            hidden, gate = products(u, bias_rows() if bias_in_acc else None)
+            def bias_rows():  # the tile's bias slices broadcast over its rows, float32
+                plgpu.barrier_wait(b_done)
+                return columns(biases)
+
+            if norm:
+                hidden, gate, s1, s2 = normalized_products(u, first)
+            else:
+                hidden, gate = products(u, bias_rows() if bias_in_acc else None)
             # hand the tensor cores over (where the other consumer has a tile left)
             pl.when(j + 1 < n_local)(lambda: plgpu.barrier_arrive(go.at[1 - wg]))
-            if not bias_in_acc:
+            if norm:  # rstd ((x - shift) scale @ w - (mean - shift) colsum) + bias
+                d = k_steps * block_k
+                offset = s1 * (1.0 / d)  # the rows' mean - shift
+                var = jnp.maximum(s2 * (1.0 / d) - offset * offset, 0.0)
+                rstd = lax.broadcast_in_dim(lax.rsqrt(var + norm_eps), shape, [0])
+                offset = lax.broadcast_in_dim(offset, shape, [0])
+                bias_h, bias_g = bias_rows()
+                col_h, col_g = columns(colsums)
+                hidden = rstd * (hidden - offset * col_h) + bias_h
+                gate = rstd * (gate - offset * col_g) + bias_g
+            elif not bias_in_acc:
                 bias_h, bias_g = bias_rows()
                 hidden, gate = hidden + bias_h, gate + bias_g
             # exact GELU through group_norm's written-out erf (A&S 7.1.26; Mosaic GPU has no
@@ -386,6 +540,8 @@ def _kernel(
 
         if x_resident:  # the program's rows of x, once for all of its tiles
             plgpu.barrier_wait(x_full[0].at[0])
+        if norm:  # the LayerNorm's scale, once for all of its tiles
+            plgpu.barrier_wait(s_full.at[0])
         lax.fori_loop(0, (n_local - wg + 1) // 2, tile, 0)
         plgpu.wait_smem_to_gmem(0)
 
@@ -415,6 +571,8 @@ def _kernel(
 
             return carry
 
+        if norm:  # the LayerNorm's scale [k_steps, block_k], one copy
+            plgpu.copy_gmem_to_smem(s_ref, s_smem, s_full.at[0])
         if x_resident:  # the program's rows of x, every reduction step's columns
             m0, _ = origin(0)
             for i in range(k_steps):
@@ -433,17 +591,50 @@ def _kernel(
                 )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None):
+def layer_norm_fold(scale, bias, w, b):
+    """The weights' part of a LayerNorm (scale, bias [D]) folded into the GEGLU after it
+    (w [D, 2F], b [2F]): (the folded bias b + bias @ w, colsum = scale @ w), both [2F] in
+    float32, for `geglu_hopper(x, w, folded_bias, norm_scale=scale, norm_colsum=colsum)`.
+    They depend on the weights alone: make them once per set of weights."""
+    hi = lax.Precision.HIGHEST
+    w32 = w.astype(jnp.float32)
+    folded = b.astype(jnp.float32) + jnp.dot(bias.astype(jnp.float32), w32, precision=hi)
+    return folded, jnp.dot(scale.astype(jnp.float32), w32, precision=hi)
+
+
+def layer_norm_geglu_reference(x, scale, bias, w, b, *, eps: float = 1e-5):
+    """What `geglu_hopper` with the LayerNorm folded in computes, unfused: the LayerNorm's
+    reference (its output in x's dtype), then the GEGLU's."""
+    return geglu_reference(layer_norm_reference(x, scale, bias, eps=eps), w, b)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret"))
+def geglu_hopper(
+    x, w, b, *, norm_scale=None, norm_colsum=None, eps: float = 1e-5,
+    config: HopperConfig | None = None, interpret=None,
+):  # fmt: skip
     """hidden * gelu(gate), [hidden, gate] = split(x @ w + b). x [..., D], w [D, 2F], b [2F]
     -> [..., F] in x's dtype (fp16/bf16); w and b are cast to it, products accumulate in
-    float32. Raises ValueError for shapes outside the kernel's scope (see `supports`)."""
+    float32. Raises ValueError for shapes outside the kernel's scope (see `supports`).
+
+    With norm_scale [D], x's rows are first layer-normalized over D (epsilon `eps`) and
+    scaled by it, without a bias of their own: pass a LayerNorm's bias folded into b, and
+    norm_colsum = norm_scale @ w [2F] in float32 (`layer_norm_fold` makes both; without
+    norm_colsum it is made here, a pass over w per call). Equals
+    `layer_norm_geglu_reference(x, norm_scale, bias, w, b_unfolded)` (module doc)."""
     if w.ndim != 2 or x.ndim < 1 or w.shape[0] != x.shape[-1] or w.shape[1] % 2:
         raise ValueError(
             f"geglu_hopper wants x [..., D] and w [D, 2F]; got {x.shape=} {w.shape=}"
         )
     if b.shape != (w.shape[1],):
         raise ValueError(f"geglu_hopper: bias must be [{w.shape[1]}]; got {b.shape=}")
+    norm = norm_scale is not None
+    if not norm and norm_colsum is not None:
+        raise ValueError("geglu_hopper: norm_colsum without norm_scale")
+    if norm and norm_scale.shape != (x.shape[-1],):
+        raise ValueError(f"geglu_hopper: norm_scale must be [{x.shape[-1]}]; got {norm_scale.shape}")
+    if norm and norm_colsum is not None and norm_colsum.shape != (w.shape[1],):
+        raise ValueError(f"geglu_hopper: norm_colsum must be [{w.shape[1]}]; got {norm_colsum.shape}")
     d, inner = x.shape[-1], w.shape[1] // 2
     x2 = x.reshape(-1, d)
     m = x2.shape[0]
@@ -452,7 +643,7 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         config = heuristic_config(m, d, inner)
         if interpret:  # interpret mode has no clusters: the same tiles, one program each
             config = dataclasses.replace(config, cluster=1)
-    if why := supports(x.shape, w.shape, x.dtype, config):
+    if why := supports(x.shape, w.shape, x.dtype, config, norm):
         raise ValueError(f"geglu_hopper cannot run {x.shape} @ {w.shape}: {why}")
     if config.cluster > 1 and interpret:
         raise ValueError("geglu_hopper: clusters (cluster > 1) need the GPU, not interpret mode")
@@ -488,10 +679,22 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         plgpu.Barrier(num_arrivals=2 if config.x_resident else 3, num_barriers=cw * stages),
         free,  # free: the consumer (with clusters: every program's consumer) is done with it
         plgpu.Barrier(num_barriers=cw),  # go: the tensor cores are this consumer's
-        plgpu.Barrier(num_arrivals=2, num_barriers=cw * 2),  # b_full: the two bias slices
+        # b_full: the two bias slices (and colsum's two with the LayerNorm folded in)
+        plgpu.Barrier(num_arrivals=4 if norm else 2, num_barriers=cw * 2),
     ]
     if config.x_resident:  # x_full: the program's k_steps copies of x
         scratch.append(plgpu.Barrier(num_arrivals=k_steps, num_barriers=1))
+    inputs = [x2, w.astype(dtype), b.astype(dtype)]
+    if norm:
+        if norm_colsum is None:
+            _, norm_colsum = layer_norm_fold(norm_scale, jnp.zeros_like(norm_scale), w, b)
+        inputs += [norm_scale.astype(jnp.float32).reshape(k_steps, bk),
+                   norm_colsum.astype(jnp.float32)]  # fmt: skip
+        scratch += [
+            plgpu.SMEM((k_steps, bk), jnp.float32),  # the scale, a row per reduction step
+            plgpu.SMEM((cw, 2, 2, bn), jnp.float32),  # colsum slices, as the biases'
+            plgpu.Barrier(num_barriers=1),  # s_full: the scale's copy
+        ]
     kernel = functools.partial(
         _kernel,
         inner=inner,
@@ -508,6 +711,8 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         shared_ring=config.shared_ring,
         bias_in_acc=config.bias_in_acc,
         groups=groups,
+        x_resident=config.x_resident,
+        norm_eps=float(eps) if norm else None,
     )
     out = plgpu.kernel(
         kernel,
@@ -521,5 +726,5 @@ def geglu_hopper(x, w, b, *, config: HopperConfig | None = None, interpret=None)
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=mosaic_interpret_params(interpret),
         kernel_name="sdjax_geglu_hopper",
-    )(x2, w.astype(dtype), b.astype(dtype))
+    )(*inputs)
     return out.reshape(*x.shape[:-1], inner)

@@ -71,6 +71,18 @@ _LN = flags.DEFINE_list(
     "LayerNorm shape names: XLA's LayerNorm against our kernel over a small block grid (default: "
     "none)",
 )  # fmt: skip
+_LN_GEGLU = flags.DEFINE_list(
+    "ln_geglu_shapes", [],
+    "GEGLU shape names at which the LayerNorm before the GEGLU runs apart (XLA's, then our "
+    "Hopper GEGLU) and folded into our Hopper GEGLU (`norm_scale`), by device kernel time "
+    "and wall time (GPU; default: none)",
+)  # fmt: skip
+_LN_GEGLU_ABLATE = flags.DEFINE_list(
+    "ln_geglu_ablate", [],
+    "with --ln_geglu_shapes, also the folded kernel with these parts of its per-step "
+    "normalization left out (timing only: wrong results), each a '+'-joined subset of "
+    "`geglu_hopper.NORM_ABLATABLE`, e.g. store,stats,store+stats",
+)  # fmt: skip
 _SWEEP = flags.DEFINE_list("sweep", [], "GroupNorm shapes whose block configs are swept")
 _SWEEP_GEGLU = flags.DEFINE_list("sweep_geglu", [], "GEGLU shapes whose tiles are swept")
 _SWEEP_GEGLU_HOPPER = flags.DEFINE_list(
@@ -600,6 +612,62 @@ def benchmark_geglu(dtype: str = "float16", names=None, *, configs=None) -> list
     return rows
 
 
+def benchmark_layer_norm_geglu(dtype, names) -> list[dict]:
+    """One row per GEGLU shape: the transformer block's LayerNorm then GEGLU, apart (XLA's
+    LayerNorm, what `auto` runs, then our Hopper GEGLU: two launches) and folded into our
+    Hopper GEGLU (one launch; the folded bias and colsum made once, outside the timing, as
+    the pipeline prepares them). Each with its error against the float32 reference on rows
+    whose mean is large against their spread, its wall time and device kernel time."""
+    gh = importlib.import_module("custom_calls.geglu_hopper")
+    rows, rng = [], np.random.default_rng(5)
+    for name in names:
+        s = GEGLU_SHAPES[name]
+        d, f = s.x_shape[-1], s.inner
+        x = (_normal(rng, s.x_shape, jnp.float32, 2.0)
+             + _normal(rng, (*s.x_shape[:-1], 1), jnp.float32, 8.0)).astype(dtype)  # fmt: skip
+        sc, b0 = 1.0 + _normal(rng, (d,), dtype, 0.5), _normal(rng, (d,), dtype)
+        w, b = _normal(rng, s.w_shape, dtype, d**-0.5), _normal(rng, (2 * f,), dtype, 0.5)
+        folded_bias, colsum = jax.jit(gh.layer_norm_fold)(sc, b0, w, b)
+        ref = np.asarray(jax.jit(gh.layer_norm_geglu_reference)(x, sc, b0, w, b), np.float32)
+        forms = {
+            "apart": lambda x, sc, b0, w, b: geglu_hopper(ops._layer_norm_xla(x, sc, b0, eps=1e-5),
+                                                          w, b),  # fmt: skip
+            "folded": lambda x, sc, fb, w, cs: geglu_hopper(x, w, fb, norm_scale=sc,
+                                                            norm_colsum=cs),  # fmt: skip
+        }
+        args = {"apart": (sc, b0, w, b), "folded": (sc, folded_bias, w, colsum)}
+        row = {"shape": name, "m": math.prod(s.x_shape[:-1]), "d": d, "f": f}
+        xs = _variants(x, _CALLS.value)
+        for form, fn in forms.items():
+            try:
+                row[f"{form}_err"] = relative_error(jax.jit(fn)(x, *args[form]), ref)
+                sets = [(v, *args[form]) for v in xs]
+                row[f"{form}_ms"] = _time(fn, sets)
+                row[f"{form}_kernel_us"] = _kernel_us(fn, sets)
+            except Exception as e:
+                row[f"{form}_error"] = _error_text(e)
+        if row.get("folded_kernel_us") and row.get("apart_kernel_us"):
+            row["saved_kernel_us"] = row["apart_kernel_us"] - row["folded_kernel_us"]
+        for ablate in _LN_GEGLU_ABLATE.value:
+            parts = frozenset(ablate.split("+"))
+            if not parts <= set(gh.NORM_ABLATABLE):
+                raise ValueError(f"--ln_geglu_ablate {ablate!r}: parts of {gh.NORM_ABLATABLE}")
+            gh._NORM_ABLATE = parts  # the un-jitted entry point: no cached trace replayed
+            try:
+                fn = lambda x, sc, fb, w, cs: gh.geglu_hopper.__wrapped__(  # noqa: E731
+                    x, w, fb, norm_scale=sc, norm_colsum=cs, interpret=False)
+                sets = [(v, *args["folded"]) for v in xs]
+                row[f"without_{ablate}_kernel_us"] = _kernel_us(fn, sets)
+            except Exception as e:
+                row[f"without_{ablate}_error"] = _error_text(e)
+            finally:
+                gh._NORM_ABLATE = frozenset()
+        rows.append(row)
+        print(f"ln_geglu {name:10s} " + " ".join(
+            f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)  # fmt: skip
+    return rows
+
+
 def sweep_geglu(dtype, names, deadline) -> list[dict]:
     cands = [GegluConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=st)
              for bm, bn, bk, nw, st in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
@@ -763,6 +831,8 @@ GEGLU_COLUMNS = ["shape", "m", "d", "f", "fused_ms", "hopper_ms", "best_swept_ms
                  "xla_mm_bias+ours_kernel_us", "hopper_kernel_tflops", "xla/fused",
                  "xla/xla_mm+ours", "fused_tflops", "fused_err", "hopper_err", "xla_mm+ours_err",
                  "xla_err"]  # fmt: skip
+LN_GEGLU_COLUMNS = ["shape", "m", "d", "f", "apart_kernel_us", "folded_kernel_us",
+                    "saved_kernel_us", "apart_ms", "folded_ms", "apart_err", "folded_err"]
 
 
 def _best(sweep_rows, name):
@@ -788,6 +858,10 @@ def write_reports(record: dict, stem) -> str:
     if record.get("layer_norm"):
         md += (f"\n## LayerNorm (XLA's against our kernel's fastest config; xla/ours by kernel "
                f"time on GPU)\n\n{markdown_table(record['layer_norm'], LN_COLUMNS)}")  # fmt: skip
+    if record.get("layer_norm_geglu"):
+        md += ("\n## LayerNorm then GEGLU: apart (XLA's LayerNorm, our Hopper GEGLU) and folded "
+               "into our Hopper GEGLU\n\n"
+               f"{markdown_table(record['layer_norm_geglu'], LN_GEGLU_COLUMNS)}")  # fmt: skip
     stem.with_suffix(".md").write_text(md)
     _chart(record["group_norm"], record["geglu"], stem.with_suffix(".png"), title)
     return md
@@ -819,6 +893,10 @@ def main(argv):
         save()
     record["layer_norm"] = benchmark_layer_norm(_DTYPE.value, _LN.value, deadline)
     save()
+    record["layer_norm_geglu"] = []
+    for name in _LN_GEGLU.value:  # saved after each shape (a call's limit may cut the next)
+        record["layer_norm_geglu"] += benchmark_layer_norm_geglu(_DTYPE.value, [name])
+        save()
     if _TIMING_CHECK.value:
         record["timing_check"] = timing_check()
         print("timing check", record["timing_check"], flush=True)

@@ -29,6 +29,10 @@
 #   geglu          experiments.bench_norm: the GEGLU kernels (Triton, Hopper) against XLA, by
 #                  device kernel time, and the Triton block sweep on $GEGLU_SHAPES (default:
 #                  SD1.5's four), within $GEGLU_BUDGET seconds; extra flags $GEGLU_ARGS
+#   ln_geglu       experiments.bench_norm: the LayerNorm before the GEGLU apart (XLA's, then our
+#                  Hopper GEGLU) and folded into our Hopper GEGLU, by device kernel time, at
+#                  $LN_GEGLU_SHAPES (default: SD1.5's 64x64, 32x32 and 16x16 levels); extra flags
+#                  $LN_GEGLU_ARGS (e.g. --ln_geglu_ablate store,stats,store+stats)
 #   conv           experiments/bench_conv.py: the UNet's 3x3 convs as cuDNN, taps and im2col
 #                  ($CONV_SHAPES, default all; extra flags $CONV_ARGS, e.g. --chain)
 #   concat         experiments/bench_concat.py: the skip concatenates written or not
@@ -162,6 +166,10 @@ for stage in "$@"; do
       g=${GEGLU_SHAPES:-sd15_64,sd15_32,sd15_16,sd15_8}
       limit python3 experiments/bench_norm.py --gn_shapes unet_64x64x320 --geglu_shapes $g \
         --sweep_geglu $g --budget_s ${GEGLU_BUDGET:-100} ${GEGLU_ARGS:-} 2>&1 | quiet | tail -30 || status=1
+      ;;
+    ln_geglu)
+      limit python3 experiments/bench_norm.py --gn_shapes unet_32x32x320 --geglu_shapes sd15_8 \
+        --ln_geglu_shapes ${LN_GEGLU_SHAPES:-sd15_64,sd15_32,sd15_16} ${LN_GEGLU_ARGS:-} 2>&1 | quiet | tail -12 || status=1
       ;;
     conv)
       limit python3 experiments/bench_conv.py ${CONV_SHAPES:+--shapes $CONV_SHAPES} $CONV_ARGS 2>&1 | quiet | tail -14 || status=1

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from custom_calls.geglu import geglu_reference
-from custom_calls.geglu_hopper import HopperConfig, geglu_hopper, heuristic_config, supports
+from custom_calls.geglu_hopper import (
+    HopperConfig,
+    geglu_hopper,
+    heuristic_config,
+    layer_norm_fold,
+    layer_norm_geglu_reference,
+    supports,
+)
 from sdjax.shapes import GEGLU_SHAPES
 from tests._subprocess import last_json_line, run_python
 
@@ -350,3 +357,134 @@ print(json.dumps(out))
     assert res[0] == res[-1] == out["ring"][0] and out["resident_x"][0] is False
     assert all(out["resident_x"][1:-1]) and len(res) == 2 + 2 * 4
     assert out["resident_16_x"] == [False, False]
+
+
+# ---- the LayerNorm folded in (`norm_scale`) ----------------------------------------------
+
+
+def _norm_inputs(rng, x_shape, d, f, dtype, mean=30.0):
+    """x whose rows have means ~`mean` against a spread of 2 (the folded form's hard case:
+    its statistics must not cancel), a LayerNorm's scale and bias, and the GEGLU's w, b."""
+    lead = x_shape[:-1]
+    x = 2.0 * rng.standard_normal(x_shape) + mean * rng.standard_normal((*lead, 1))
+    scale = 1.0 + 0.5 * rng.standard_normal(d)
+    bias = rng.standard_normal(d)
+    _, w, b = _inputs(rng, (1, d), d, f, dtype)
+    return jnp.asarray(x, dtype), jnp.asarray(scale, dtype), jnp.asarray(bias, dtype), w, b
+
+
+def _folded(x, scale, bias, w, b, *, jitted=True, **kw):
+    """The folded kernel on a LayerNorm's weights (jitted=False: its un-jitted entry point,
+    traced afresh)."""
+    folded_bias, colsum = layer_norm_fold(scale, bias, w, b)
+    fn = geglu_hopper if jitted else geglu_hopper.__wrapped__
+    return fn(x, w, folded_bias, norm_scale=scale, norm_colsum=colsum, **kw)
+
+
+# Covering set: several column tiles per row block (the statistics made again by each), a
+# ring refilled within a tile (two stages, four steps), one shared ring, steps of 128 columns,
+# batch 3 in x's leading axes, both dtypes.
+NORM_CASES = [
+    ((128, 128), 128, 128, jnp.float16, HopperConfig(block_n=64, programs=2)),
+    ((3, 64, 192), 192, 128, jnp.bfloat16, HopperConfig(block_n=64, stages=2, shared_ring=True,
+                                                        programs=2)),
+    ((192, 256), 256, 64, jnp.float16, HopperConfig(block_n=64, stages=2, programs=3)),
+    ((128, 256), 256, 64, jnp.float16, HopperConfig(block_n=64, block_k=128, programs=2)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", NORM_CASES, ids=_case_id)
+def test_folded_layer_norm_matches_reference(case, rng):
+    x_shape, d, f, dtype, config = case
+    x, scale, bias, w, b = _norm_inputs(rng, x_shape, d, f, dtype)
+    out = _folded(x, scale, bias, w, b, config=config, interpret=True)
+    assert out.shape == (*x_shape[:-1], f) and out.dtype == dtype
+    ref = layer_norm_geglu_reference(x, scale, bias, w, b)
+    assert _relative_error(out, ref) <= TOLERANCE[dtype]
+
+
+def test_folded_layer_norm_makes_colsum_itself_and_takes_eps(rng):
+    """Without norm_colsum the kernel's caller makes it; eps reaches the epilogue (rows of
+    spread ~0.1, where eps = 0.1 changes the output by far more than the tolerance)."""
+    x, scale, bias, w, b = _norm_inputs(rng, (128, 128), 128, 64, jnp.float16, mean=1.0)
+    x = (x * 0.05).astype(jnp.float16)
+    folded_bias, _ = layer_norm_fold(scale, bias, w, b)
+    config = HopperConfig(block_n=64, programs=2)
+    for eps in (1e-5, 1e-1):
+        out = geglu_hopper(x, w, folded_bias, norm_scale=scale, eps=eps, config=config,
+                           interpret=True)  # fmt: skip
+        ref = layer_norm_geglu_reference(x, scale, bias, w, b, eps=eps)
+        assert _relative_error(out, ref) <= TOLERANCE[jnp.float16]
+    other = layer_norm_geglu_reference(x, scale, bias, w, b, eps=1e-5)
+    assert _relative_error(out, other) > 10 * TOLERANCE[jnp.float16]
+
+
+def test_folded_layer_norm_scope_and_bad_inputs():
+    assert "without delay_release" in supports(
+        (128, 128), (128, 256), jnp.float16, HopperConfig(delay_release=True, stages=2), norm=True
+    )
+    assert "stages >= 2" in supports((128, 128), (128, 256), jnp.float16,
+                                     HopperConfig(stages=1), norm=True)  # fmt: skip
+    # one reduction step: no next tile to normalize early, so one stage will do
+    assert supports((128, 64), (64, 256), jnp.float16, HopperConfig(stages=1), norm=True) is None
+    assert supports((128, 128), (128, 256), jnp.float16, HopperConfig(), norm=True) is None
+    x, w, b = jnp.ones((128, 128), jnp.float16), jnp.ones((128, 256), jnp.float16), jnp.ones(256)
+    with pytest.raises(ValueError, match="norm_scale must be"):
+        geglu_hopper(x, w, b, norm_scale=jnp.ones(64), interpret=True)
+    with pytest.raises(ValueError, match="norm_colsum must be"):
+        geglu_hopper(x, w, b, norm_scale=jnp.ones(128), norm_colsum=jnp.ones(128),
+                     interpret=True)  # fmt: skip
+    with pytest.raises(ValueError, match="norm_colsum without norm_scale"):
+        geglu_hopper(x, w, b, norm_colsum=jnp.ones(256), interpret=True)
+    with pytest.raises(ValueError, match="geglu_hopper cannot run"):
+        geglu_hopper(x, w, b, norm_scale=jnp.ones(128), interpret=True,
+                     config=HopperConfig(stages=2, bias_in_acc=True))  # fmt: skip
+
+
+def test_folded_layer_norm_ablations_run_and_are_wrong(rng, monkeypatch):
+    """The timing-only ablations (`_NORM_ABLATE`, for `bench_norm --ln_geglu_ablate`) trace
+    and run, and their outputs are not the LayerNorm's (so nothing mistakes them for it)."""
+    import importlib
+
+    # (the package's `geglu_hopper` attribute is the function: the module by its name)
+    gh = importlib.import_module("custom_calls.geglu_hopper")
+    x, scale, bias, w, b = _norm_inputs(rng, (64, 128), 128, 64, jnp.float16, mean=3.0)
+    ref = layer_norm_geglu_reference(x, scale, bias, w, b)
+    for parts in (("stats",), ("store",), ("stats", "store")):
+        monkeypatch.setattr(gh, "_NORM_ABLATE", frozenset(parts))
+        out = _folded(x, scale, bias, w, b, jitted=False, config=HopperConfig(block_n=64),
+                      interpret=True)  # fmt: skip
+        assert out.shape == ref.shape
+        # (without the statistics rstd is 1 / sqrt(eps): outputs overflow to inf)
+        assert not np.allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                               rtol=0.1, atol=0.1), parts  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n in GEGLU_SHAPES if n.startswith("sd15")])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
+def test_gpu_folded_layer_norm_sd_shapes(name, dtype, rng):
+    """SD1.5's levels with the heuristic's configs (clusters of 2, one shared ring); the same
+    output twice (no slot rewritten before its products read it)."""
+    assert _on_hopper(), "the Hopper kernel's GPU tests need compute capability 9.0"
+    s = GEGLU_SHAPES[name]
+    x, scale, bias, w, b = _norm_inputs(rng, s.x_shape, s.x_shape[-1], s.inner, dtype)
+    out = _folded(x, scale, bias, w, b)
+    ref = layer_norm_geglu_reference(x, scale, bias, w, b)
+    assert _relative_error(out, ref) <= TOLERANCE[dtype]
+    np.testing.assert_array_equal(np.asarray(_folded(x, scale, bias, w, b)), out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config",
+    [HopperConfig(block_n=64), HopperConfig(stages=2), HopperConfig(block_n=64, stages=3),
+     HopperConfig(block_n=64, block_k=128, stages=2),
+     HopperConfig(block_n=64, stages=8, shared_ring=True),
+     HopperConfig(stages=4, cluster=2, shared_ring=True, programs=14)],
+)  # fmt: skip
+def test_gpu_folded_layer_norm_configs(config, rng):
+    x, scale, bias, w, b = _norm_inputs(rng, (3, 256, 640), 640, 2560, jnp.float16)
+    out = _folded(x, scale, bias, w, b, config=config)
+    ref = layer_norm_geglu_reference(x, scale, bias, w, b)
+    assert _relative_error(out, ref) <= TOLERANCE[jnp.float16]
