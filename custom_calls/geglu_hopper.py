@@ -596,10 +596,13 @@ def layer_norm_fold(scale, bias, w, b):
     (w [D, 2F], b [2F]): (the folded bias b + bias @ w, colsum = scale @ w), both [2F] in
     float32, for `geglu_hopper(x, w, folded_bias, norm_scale=scale, norm_colsum=colsum)`.
     They depend on the weights alone: make them once per set of weights."""
-    hi = lax.Precision.HIGHEST
-    w32 = w.astype(jnp.float32)
-    folded = b.astype(jnp.float32) + jnp.dot(bias.astype(jnp.float32), w32, precision=hi)
-    return folded, jnp.dot(scale.astype(jnp.float32), w32, precision=hi)
+    folded = b.astype(jnp.float32) + _row_times_w(bias, w)
+    return folded, _row_times_w(scale, w)
+
+
+def _row_times_w(v, w):
+    """v [D] @ w [D, 2F] in float32 at full precision."""
+    return jnp.dot(v.astype(jnp.float32), w.astype(jnp.float32), precision=lax.Precision.HIGHEST)
 
 
 def layer_norm_geglu_reference(x, scale, bias, w, b, *, eps: float = 1e-5):
@@ -687,7 +690,7 @@ def geglu_hopper(
     inputs = [x2, w.astype(dtype), b.astype(dtype)]
     if norm:
         if norm_colsum is None:
-            _, norm_colsum = layer_norm_fold(norm_scale, jnp.zeros_like(norm_scale), w, b)
+            norm_colsum = _row_times_w(norm_scale, w)
         inputs += [norm_scale.astype(jnp.float32).reshape(k_steps, bk),
                    norm_colsum.astype(jnp.float32)]  # fmt: skip
         scratch += [

@@ -619,6 +619,13 @@ def benchmark_layer_norm_geglu(dtype, names) -> list[dict]:
     the pipeline prepares them). Each with its error against the float32 reference on rows
     whose mean is large against their spread, its wall time and device kernel time."""
     gh = importlib.import_module("custom_calls.geglu_hopper")
+    ablations = [frozenset(a.split("+")) for a in _LN_GEGLU_ABLATE.value]
+    if bad := [a for a in ablations if not a <= set(gh.NORM_ABLATABLE)]:
+        raise ValueError(f"--ln_geglu_ablate {bad}: '+'-joined parts of {gh.NORM_ABLATABLE}")
+
+    def folded(entry):  # the folded kernel through `entry` on (x, scale, folded bias, w, colsum)
+        return lambda x, sc, fb, w, cs: entry(x, w, fb, norm_scale=sc, norm_colsum=cs)
+
     rows, rng = [], np.random.default_rng(5)
     for name in names:
         s = GEGLU_SHAPES[name]
@@ -632,8 +639,7 @@ def benchmark_layer_norm_geglu(dtype, names) -> list[dict]:
         forms = {
             "apart": lambda x, sc, b0, w, b: geglu_hopper(ops._layer_norm_xla(x, sc, b0, eps=1e-5),
                                                           w, b),  # fmt: skip
-            "folded": lambda x, sc, fb, w, cs: geglu_hopper(x, w, fb, norm_scale=sc,
-                                                            norm_colsum=cs),  # fmt: skip
+            "folded": folded(geglu_hopper),
         }
         args = {"apart": (sc, b0, w, b), "folded": (sc, folded_bias, w, colsum)}
         row = {"shape": name, "m": math.prod(s.x_shape[:-1]), "d": d, "f": f}
@@ -648,18 +654,15 @@ def benchmark_layer_norm_geglu(dtype, names) -> list[dict]:
                 row[f"{form}_error"] = _error_text(e)
         if row.get("folded_kernel_us") and row.get("apart_kernel_us"):
             row["saved_kernel_us"] = row["apart_kernel_us"] - row["folded_kernel_us"]
-        for ablate in _LN_GEGLU_ABLATE.value:
-            parts = frozenset(ablate.split("+"))
-            if not parts <= set(gh.NORM_ABLATABLE):
-                raise ValueError(f"--ln_geglu_ablate {ablate!r}: parts of {gh.NORM_ABLATABLE}")
-            gh._NORM_ABLATE = parts  # the un-jitted entry point: no cached trace replayed
+        # the un-jitted entry point, traced afresh: no cached trace of another form replayed
+        unjitted = folded(functools.partial(gh.geglu_hopper.__wrapped__, interpret=False))
+        for parts, label in zip(ablations, _LN_GEGLU_ABLATE.value, strict=True):
+            gh._NORM_ABLATE = parts
             try:
-                fn = lambda x, sc, fb, w, cs: gh.geglu_hopper.__wrapped__(  # noqa: E731
-                    x, w, fb, norm_scale=sc, norm_colsum=cs, interpret=False)
                 sets = [(v, *args["folded"]) for v in xs]
-                row[f"without_{ablate}_kernel_us"] = _kernel_us(fn, sets)
+                row[f"without_{label}_kernel_us"] = _kernel_us(unjitted, sets)
             except Exception as e:
-                row[f"without_{ablate}_error"] = _error_text(e)
+                row[f"without_{label}_error"] = _error_text(e)
             finally:
                 gh._NORM_ABLATE = frozenset()
         rows.append(row)
